@@ -1,0 +1,2 @@
+"""Experiments: configs (one per experiment), the one CLI (``experiments.train``),
+benchmarks and notebooks."""

@@ -1,0 +1,39 @@
+"""The one training CLI: any experiment is a config file.
+
+  python -m experiments.train --config=experiments/configs/gpt_bytes.py \\
+      --workdir=runs/gpt_bytes [--config.train.num_steps=500 ...]
+
+Rerunning with the same ``--workdir`` resumes from its newest checkpoint (model state and
+data position). SIGTERM saves a checkpoint and exits with status 0. Everything this does
+is ``jaxformer.training.loop.train(config, workdir)``, importable from a notebook.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from jaxformer.training import loop
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a module with get_config()).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Directory for checkpoints and metrics (resumes).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  loop.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,414 @@
+"""Scaled dot-product attention: one function, four implementations.
+
+``dot_product_attention`` validates its inputs, picks an implementation and calls it:
+
+| name        | where             | memory    | can do                                          |
+|-------------|-------------------|-----------|-------------------------------------------------|
+| ``"xla"``     | everywhere        | O(N^2)    | everything (the readable reference, below)      |
+| ``"chunked"`` | everywhere        | O(N·block)| causal, segment ids, GQA, Dv != Dqk (chunked.py) |
+| ``"pallas"``  | GPU / TPU         | O(N)      | what ``kernels.flash_attention.supports`` says  |
+| ``"cudnn"``   | NVIDIA GPU        | O(N)      | via ``jax.nn.dot_product_attention``; no hard /  |
+|             |                   |           | weights / dropout, bf16/fp16 only              |
+
+An option that the chosen path cannot do never changes the math: with
+``implementation=None`` the dispatcher falls back to a path that can (and logs why at
+INFO level); when the caller names a path, it raises ``ValueError`` instead.
+
+Layout: ``query [B, Lq, H, Dqk]``, ``key [B, Lk, Hkv, Dqk]``, ``value [B, Lk, Hkv, Dv]``
+with ``H % Hkv == 0`` (grouped-query attention: query head ``h`` reads key/value head
+``h // (H // Hkv)``); output ``[B, Lq, H, Dv]`` in the query dtype; weights
+``[B, H, Lq, Lk]`` float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer.attention import chunked as chunked_lib
+
+Array = jax.Array
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = (None, "xla", "chunked", "pallas", "cudnn")
+
+# On the CPU, "chunked" replaces "xla" once Lq * Lk reaches this many scores (see the
+# measurements in chunked.py: below it the N^2 einsum is as fast and simpler).
+CPU_CHUNKED_MIN_SCORES = 1024 * 1024
+
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    is_causal: bool = False,
+    segment_ids: Array | tuple[Array, Array] | None = None,
+    scale: float | None = None,
+    hard: bool = False,
+    return_weights: bool = False,
+    implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array | tuple[Array, Array]:
+  """Multi-head scaled dot-product attention, ``softmax(scale * q k^T + bias) v``.
+
+  Args:
+    query: ``[B, Lq, H, Dqk]``.
+    key: ``[B, Lk, Hkv, Dqk]``, ``H % Hkv == 0``.
+    value: ``[B, Lk, Hkv, Dv]``.
+    mask: bool, True = may attend, broadcastable to ``[B, H, Lq, Lk]``.
+    bias: float, added to the scaled logits, broadcastable to ``[B, H, Lq, Lk]``.
+    is_causal: query ``i`` attends to keys ``<= i + Lk - Lq`` (bottom-right aligned, the
+      decoding convention when ``Lq < Lk``).
+    segment_ids: int ``[B, L]`` (self attention, ``Lq == Lk == L``) or a pair
+      ``(q_ids [B, Lq], kv_ids [B, Lk])``; attend iff the ids are equal (0 is not
+      special).
+    scale: multiplies the logits (inverse temperature); default ``1 / sqrt(Dqk)``.
+    hard: arg-max attention: the weights are the one-hot of the best allowed key (first
+      on ties) and the output is that key's value. Gradients reach ``value`` only.
+    return_weights: also return the ``[B, H, Lq, Lk]`` float32 weights (xla path).
+    implementation: ``None`` (pick), ``"xla"``, ``"chunked"``, ``"pallas"``, ``"cudnn"``.
+    dropout_rate: dropout on the attention weights (xla path); needs ``dropout_rng``.
+    dropout_rng: PRNG key for the dropout; dropout is off when this is None.
+  Returns:
+    ``out [B, Lq, H, Dv]`` in the dtype of ``query``; with ``return_weights`` the pair
+    ``(out, weights)``. A query with no allowed key gets zeros (and zero gradients).
+  Raises:
+    ValueError / TypeError: bad shapes, dtypes or options, before any tracing.
+  """
+  _validate(query, key, value, mask, bias, segment_ids, implementation, scale,
+            dropout_rate)
+  q_seg, kv_seg = _split_segment_ids(segment_ids)
+  if mask is not None:
+    mask = _to_rank4(jnp.asarray(mask))
+  if bias is not None:
+    bias = _to_rank4(jnp.asarray(bias))
+  scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+  use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+  opts = dict(has_mask=mask is not None, has_bias=bias is not None, hard=hard,
+              return_weights=return_weights, dropout=use_dropout)
+
+  impl = implementation
+  if impl is None:
+    impl = _choose_implementation(query, key, value, q_seg, kv_seg, is_causal, **opts)
+  else:
+    reason = _cannot(impl, query, key, value, q_seg, kv_seg, is_causal, **opts)
+    if reason is not None:
+      raise ValueError(f"dot_product_attention: implementation={impl!r} cannot be used: "
+                       f"{reason}. Use implementation=None to fall back automatically, "
+                       f"or 'xla', which supports every option.")
+
+  if impl == "xla":
+    out, weights = xla_attention(query, key, value, mask=mask, bias=bias,
+                                 is_causal=is_causal, q_segment_ids=q_seg,
+                                 kv_segment_ids=kv_seg, scale=scale, hard=hard,
+                                 dropout_rate=dropout_rate if use_dropout else 0.0,
+                                 dropout_rng=dropout_rng)
+    return (out, weights) if return_weights else out
+  if impl == "chunked":
+    return chunked_lib.chunked_attention(query, key, value, is_causal=is_causal,
+                                         q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                         scale=scale)
+  if impl == "pallas":
+    flash_attention, _ = _load_pallas()
+    seg = None if q_seg is None else (q_seg, kv_seg)
+    return flash_attention(query, key, value, is_causal=is_causal, segment_ids=seg,
+                           scale=scale)
+  if impl == "cudnn":
+    return _cudnn_attention(query, key, value, mask=mask, bias=bias, is_causal=is_causal,
+                            q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale)
+  raise AssertionError(impl)  # unreachable: _validate checked the name
+
+
+# --------------------------------------------------------------------------------------
+# The reference path.
+# --------------------------------------------------------------------------------------
+
+
+def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None = None,
+                  bias: Array | None = None, is_causal: bool = False,
+                  q_segment_ids: Array | None = None,
+                  kv_segment_ids: Array | None = None, scale: float = 1.0,
+                  hard: bool = False, dropout_rate: float = 0.0,
+                  dropout_rng: Array | None = None) -> tuple[Array, Array]:
+  """Readable einsum attention with a float32 softmax (inputs already validated).
+
+  Query heads are reshaped into ``[Hkv, G]`` groups so that key/value are never
+  repeated. ``mask``/``bias`` are rank 4, broadcastable to ``[B, H, Lq, Lk]``.
+
+  Returns:
+    ``(out [B, Lq, H, Dv] in query dtype, weights [B, H, Lq, Lk] float32)``.
+  """
+  batch, q_len, num_heads, _ = query.shape
+  _, kv_len, num_kv_heads, v_dim = value.shape
+  groups = num_heads // num_kv_heads
+  q_BQKGD = query.reshape(batch, q_len, num_kv_heads, groups, query.shape[-1])
+
+  logits_BKGQS = jnp.einsum("bqhgd,bshd->bhgqs", q_BQKGD, key,
+                            preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits_BKGQS = logits_BKGQS + _group_heads(bias.astype(jnp.float32), num_kv_heads)
+  allowed = _combined_mask(mask, is_causal, q_segment_ids, kv_segment_ids, q_len, kv_len)
+  if allowed is not None:
+    allowed = _group_heads(allowed, num_kv_heads)
+    big_neg = jnp.finfo(jnp.float32).min
+    logits_BKGQS = jnp.where(allowed, logits_BKGQS, big_neg)
+
+  if hard:
+    best_BKGQ = jnp.argmax(logits_BKGQS, axis=-1)
+    weights_BKGQS = jax.nn.one_hot(best_BKGQ, kv_len, dtype=jnp.float32)
+  else:
+    weights_BKGQS = jax.nn.softmax(logits_BKGQS, axis=-1)
+  if allowed is not None:
+    # Rows with no allowed key: softmax over all-equal logits is uniform; zero it. The
+    # logits there are a finite constant, so the gradients stay finite (and zero).
+    any_BKGQ1 = jnp.any(allowed, axis=-1, keepdims=True)
+    weights_BKGQS = weights_BKGQS * any_BKGQ1.astype(jnp.float32)
+
+  probs_BKGQS = weights_BKGQS
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("xla_attention: dropout_rate > 0 needs dropout_rng")
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BKGQS.shape)
+    probs_BKGQS = jnp.where(keep, probs_BKGQS / (1.0 - dropout_rate), 0.0)
+
+  out_BQKGD = jnp.einsum("bhgqs,bshd->bqhgd", probs_BKGQS.astype(value.dtype), value,
+                         preferred_element_type=jnp.float32)
+  out_BQHD = out_BQKGD.reshape(batch, q_len, num_heads, v_dim).astype(query.dtype)
+  weights_BHQS = weights_BKGQS.reshape(batch, num_heads, q_len, kv_len)
+  return out_BQHD, weights_BHQS
+
+
+def _combined_mask(mask: Array | None, is_causal: bool, q_seg: Array | None,
+                   kv_seg: Array | None, q_len: int, kv_len: int) -> Array | None:
+  """The conjunction of the explicit, causal and segment masks, rank 4 (or None)."""
+  allowed = None if mask is None else mask.astype(bool)
+  if is_causal:
+    q_pos_Q = jnp.arange(q_len) + (kv_len - q_len)
+    causal_11QS = (q_pos_Q[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
+    allowed = causal_11QS if allowed is None else jnp.logical_and(allowed, causal_11QS)
+  if q_seg is not None:
+    seg_B1QS = (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+    allowed = seg_B1QS if allowed is None else jnp.logical_and(allowed, seg_B1QS)
+  return allowed
+
+
+def _group_heads(x_BHQS: Array, num_kv_heads: int) -> Array:
+  """``[B, H|1, Q, S]`` -> ``[B, Hkv|1, G|1, Q, S]`` without materialising broadcasts."""
+  b, h, q, s = x_BHQS.shape
+  if h == 1:
+    return x_BHQS[:, :, None]
+  return x_BHQS.reshape(b, num_kv_heads, h // num_kv_heads, q, s)
+
+
+def _to_rank4(x: Array) -> Array:
+  return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+# --------------------------------------------------------------------------------------
+# cuDNN through jax.nn.dot_product_attention.
+# --------------------------------------------------------------------------------------
+
+
+def _cudnn_attention(query, key, value, *, mask, bias, is_causal, q_segment_ids,
+                     kv_segment_ids, scale) -> Array:
+  q_len, kv_len = query.shape[1], key.shape[1]
+  # jax.nn's causal flag is top-left aligned: express bottom-right as a mask when needed.
+  native_causal = is_causal and q_len == kv_len
+  allowed = _combined_mask(mask, is_causal and not native_causal, q_segment_ids,
+                           kv_segment_ids, q_len, kv_len)
+  out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=allowed,
+                                     scale=scale, is_causal=native_causal,
+                                     implementation="cudnn")
+  if allowed is not None:
+    # Keep the contract for rows with no allowed key: zeros.
+    row_ok = jnp.any(jnp.logical_and(allowed, native_causal_mask(native_causal, q_len,
+                                                                 kv_len)), axis=-1)
+    out = out * jnp.swapaxes(row_ok, 1, 2)[..., None].astype(out.dtype)
+  return out
+
+
+def native_causal_mask(is_causal: bool, q_len: int, kv_len: int) -> Array:
+  """``[1, 1, Lq, Lk]`` causal mask (all True when ``is_causal`` is False)."""
+  if not is_causal:
+    return jnp.ones((1, 1, q_len, kv_len), bool)
+  q_pos_Q = jnp.arange(q_len) + (kv_len - q_len)
+  return (q_pos_Q[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch.
+# --------------------------------------------------------------------------------------
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def _load_pallas():
+  """Imports the Pallas kernel lazily; returns ``(flash_attention, supports)`` or raises."""
+  try:
+    from kernels.flash_attention import flash_attention, supports  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"the Pallas kernel (kernels.flash_attention) could not be "
+                      f"imported: {e}") from e
+  return flash_attention, supports
+
+
+def _cannot(impl: str, query, key, value, q_seg, kv_seg, is_causal, *, has_mask,
+            has_bias, hard, return_weights, dropout) -> str | None:
+  """Why ``impl`` cannot compute this attention here, or None if it can."""
+  if impl == "xla":
+    return None
+  extras = [name for name, on in (("hard", hard), ("return_weights", return_weights),
+                                  ("dropout", dropout)) if on]
+  if impl in ("chunked", "pallas"):
+    extras += [name for name, on in (("mask", has_mask), ("bias", has_bias)) if on]
+  if extras:
+    return f"it does not support {', '.join(extras)}"
+  platform = _platform()
+  if impl == "chunked":
+    return None
+  if impl == "cudnn":
+    if platform not in _GPU_PLATFORMS:
+      return f"cuDNN needs an NVIDIA GPU; the default backend is {platform!r}"
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+      return f"cuDNN attention needs bfloat16/float16 inputs, got {query.dtype}"
+    if query.shape[-1] != value.shape[-1]:
+      return (f"cuDNN attention needs Dqk == Dv, got {query.shape[-1]} and "
+              f"{value.shape[-1]}")
+    if query.shape[-1] > 128 or query.shape[-1] % 8:
+      return f"cuDNN attention needs head_dim <= 128 and a multiple of 8, got {query.shape[-1]}"
+    return None
+  if impl == "pallas":
+    try:
+      _, supports = _load_pallas()
+    except ImportError as e:
+      return str(e)
+    seg = None if q_seg is None else (q_seg, kv_seg)
+    # On the CPU the kernel runs in Pallas interpret mode (for tests): only ask whether it
+    # handles these inputs. (The automatic choice never picks pallas on the CPU.)
+    check_on = platform if platform in _GPU_PLATFORMS + ("tpu",) else "gpu"
+    return supports(query, key, value, segment_ids=seg, platform=check_on)
+  raise AssertionError(impl)
+
+
+def _choose_implementation(query, key, value, q_seg, kv_seg, is_causal, **opts) -> str:
+  """The fastest path that computes exactly this attention on the default backend."""
+  platform = _platform()
+  if platform in _GPU_PLATFORMS:
+    candidates = ["pallas", "cudnn"]
+  elif platform == "tpu":
+    candidates = ["pallas"]
+  else:
+    candidates = []
+  if query.shape[1] * key.shape[1] >= CPU_CHUNKED_MIN_SCORES or platform != "cpu":
+    candidates.append("chunked")
+  reasons = []
+  for impl in candidates:
+    reason = _cannot(impl, query, key, value, q_seg, kv_seg, is_causal, **opts)
+    if impl == "cudnn" and reason is None and (opts["has_mask"] or q_seg is not None
+                                               or (is_causal and
+                                                   query.shape[1] != key.shape[1])):
+      reason = "an explicit mask would be materialised (slow); not chosen automatically"
+    if reason is None:
+      if reasons:
+        logger.info("dot_product_attention: using %r (%s)", impl, "; ".join(reasons))
+      return impl
+    reasons.append(f"not {impl!r}: {reason}")
+  if reasons:
+    logger.info("dot_product_attention: using 'xla' (%s)", "; ".join(reasons))
+  return "xla"
+
+
+# --------------------------------------------------------------------------------------
+# Validation (shapes and dtypes only: runs before any tracing).
+# --------------------------------------------------------------------------------------
+
+
+def _validate(query, key, value, mask, bias, segment_ids, implementation, scale,
+              dropout_rate) -> None:
+  fn = "dot_product_attention"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{fn}: implementation={implementation!r}; expected one of "
+                     f"{IMPLEMENTATIONS}")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if not hasattr(x, "shape") or len(x.shape) != 4:
+      raise ValueError(f"{fn}: {name} must be rank 4 [batch, length, heads, head_dim]; "
+                       f"got shape {getattr(x, 'shape', type(x))}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{fn}: {name} must be floating point, got dtype {x.dtype}")
+  if not query.dtype == key.dtype == value.dtype:
+    raise TypeError(f"{fn}: query, key and value must share a dtype; got {query.dtype}, "
+                    f"{key.dtype}, {value.dtype}")
+  b, q_len, h, d = query.shape
+  bk, kv_len, hkv, dk = key.shape
+  bv, v_len, hv, _ = value.shape
+  if not b == bk == bv:
+    raise ValueError(f"{fn}: batch sizes differ: query {query.shape}, key {key.shape}, "
+                     f"value {value.shape}")
+  if kv_len != v_len:
+    raise ValueError(f"{fn}: key length {kv_len} != value length {v_len} (key "
+                     f"{key.shape}, value {value.shape})")
+  if hkv != hv:
+    raise ValueError(f"{fn}: key heads {hkv} != value heads {hv}")
+  if hkv == 0 or h % hkv:
+    raise ValueError(f"{fn}: query heads {h} must be a multiple of key/value heads {hkv}")
+  if d != dk:
+    raise ValueError(f"{fn}: query head_dim {d} != key head_dim {dk}")
+  target = (b, h, q_len, kv_len)
+  for name, x, kind in (("mask", mask, "bool"), ("bias", bias, "float")):
+    if x is None:
+      continue
+    shape = tuple(np.shape(x))
+    if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+      raise ValueError(f"{fn}: {name} of shape {shape} does not broadcast to "
+                       f"[batch, heads, q_len, kv_len] = {target}")
+    dtype = jnp.result_type(x)
+    if kind == "bool" and dtype != jnp.bool_:
+      raise TypeError(f"{fn}: mask must be bool (True = may attend), got dtype {dtype}")
+    if kind == "float" and not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{fn}: bias must be floating point, got dtype {dtype}")
+  if segment_ids is not None:
+    if isinstance(segment_ids, Sequence):
+      if len(segment_ids) != 2:
+        raise ValueError(f"{fn}: segment_ids must be [B, L] or a pair (q_ids, kv_ids); "
+                         f"got a sequence of {len(segment_ids)}")
+      pairs = (("segment_ids[0]", segment_ids[0], q_len),
+               ("segment_ids[1]", segment_ids[1], kv_len))
+    else:
+      if q_len != kv_len:
+        raise ValueError(f"{fn}: a single segment_ids array needs Lq == Lk, got Lq="
+                         f"{q_len}, Lk={kv_len}; pass a pair (q_ids, kv_ids)")
+      pairs = (("segment_ids", segment_ids, q_len),)
+    for name, ids, length in pairs:
+      shape = tuple(np.shape(ids))
+      if shape != (b, length):
+        raise ValueError(f"{fn}: {name} has shape {shape}; expected (batch, length) = "
+                         f"{(b, length)}")
+      if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+        raise TypeError(f"{fn}: {name} must be integer, got {jnp.result_type(ids)}")
+  if scale is not None and not isinstance(scale, (int, float, np.floating)):
+    raise TypeError(f"{fn}: scale must be a Python float or None, got {type(scale)}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"{fn}: dropout_rate={dropout_rate}; expected 0 <= rate < 1")
+
+
+def _split_segment_ids(segment_ids: Any) -> tuple[Array | None, Array | None]:
+  if segment_ids is None:
+    return None, None
+  if isinstance(segment_ids, Sequence):
+    return jnp.asarray(segment_ids[0]), jnp.asarray(segment_ids[1])
+  ids = jnp.asarray(segment_ids)
+  return ids, ids

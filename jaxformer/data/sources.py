@@ -1,0 +1,160 @@
+"""Random-access data sources: TFDS (without TensorFlow), local text files, a registry.
+
+A source is anything with ``__len__`` and ``__getitem__(i) -> dict`` (the interface of
+``tfds.data_source``); the pipelines of :mod:`jaxformer.data.pipeline` read them.
+
+:func:`get_source` maps a name to a source through the plain dict :data:`SOURCES`:
+
+==================  ==============================================  ===================
+name                records                                         splits
+==================  ==============================================  ===================
+stdlib              ``{"text": bytes}`` (embedded, no download)     train, validation
+text_files          ``{"text": bytes}`` (``path=`` file/dir/glob)   (ignored)
+tiny_shakespeare    ``{"text"}`` (TFDS, one record per split)       train, validation, test
+lm1b                ``{"text"}`` (TFDS)                             train, test
+imdb_reviews        ``{"text", "label"}`` (TFDS)                    train, test, unsupervised
+wmt14_translate/de-en  ``{"de", "en"}`` (TFDS)                      train, validation, test
+mnist               ``{"image" uint8 [28,28,1], "label"}`` (TFDS)   train, test
+cifar10             ``{"image" uint8 [32,32,3], "label", "id"}``    train, test
+reversal            ``{"source", "target"}`` (synthetic)            train, validation, test
+shapes              ``{"image" uint8 [H,W,1], "label"}`` (synth.)   train, validation, test
+==================  ==============================================  ===================
+
+TFDS data are read with ``tfds.data_source`` from a ``data_dir`` prepared in the
+``array_record`` format (preparing needs TensorFlow once, on any machine; reading does
+not): ``tfds build NAME --file_format=array_record --data_dir=DIR``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import functools
+import glob as glob_lib
+import os
+from typing import Any
+
+from jaxformer.data import embedded
+from jaxformer.data import synthetic
+
+TFDS_DATASETS = ("tiny_shakespeare", "lm1b", "imdb_reviews", "wmt14_translate/de-en",
+                 "mnist", "cifar10")
+
+
+def _prepare_hint(name: str, data_dir: str | None) -> str:
+  target = data_dir or "~/tensorflow_datasets"
+  return (
+      f"Prepare it once (needs TensorFlow, on any machine) in the array_record format:\n"
+      f"  pip install tensorflow tensorflow-datasets\n"
+      f"  tfds build {name} --file_format=array_record --data_dir={target}\n"
+      f"or in Python: tfds.builder({name!r}, data_dir={target!r}, "
+      f"file_format='array_record').download_and_prepare()\n"
+      f"then pass data_dir={target!r} (reading needs no TensorFlow).")
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None):
+  """``tfds.data_source(name, split=split, data_dir=data_dir)``, without TensorFlow.
+
+  Args:
+    name: a TFDS name, e.g. one of :data:`TFDS_DATASETS` (``"wmt14_translate/de-en"``
+      imports its builder module first).
+    split: a TFDS split string (``"train"``, ``"test[:10%]"``, ...).
+    data_dir: the TFDS data directory; None = TFDS's default.
+
+  Returns:
+    The TFDS random-access source (records are dicts of numpy arrays / bytes).
+
+  Raises:
+    ValueError: the data set is not prepared (in array_record format) under
+      ``data_dir``; the message says how to prepare it.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"name must be a TFDS data set name, got {name!r}.")
+  if name.startswith("wmt14_translate"):
+    import tensorflow_datasets.translate.wmt14  # pylint: disable=g-import-not-at-top,unused-import
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    root = os.path.expanduser(
+        data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+    if not os.path.isdir(os.path.join(root, name)):
+      reason = f"no prepared data at {os.path.join(root, name)}"
+    else:
+      text = str(e).strip()
+      reason = (f"{type(e).__name__}: {text.splitlines()[0]}" if text
+                else type(e).__name__)
+    raise ValueError(
+        f"Cannot read TFDS data set {name!r} (split {split!r}) from data_dir="
+        f"{data_dir!r}: {reason}.\n"
+        + _prepare_hint(name, data_dir)) from None
+
+
+class TextFilesSource:
+  """Local text files as ``{"text": bytes}`` records, one per file (sorted paths).
+
+  Attributes:
+    paths: the files read, sorted.
+  """
+
+  def __init__(self, path_or_glob: str | os.PathLike[str]):
+    """Args: path_or_glob: a file, a directory (all files under it) or a glob."""
+    pattern = os.fspath(path_or_glob)
+    if os.path.isdir(pattern):
+      paths = [os.path.join(root, f) for root, _, files in os.walk(pattern)
+               for f in files]
+    elif os.path.isfile(pattern):
+      paths = [pattern]
+    else:
+      paths = [p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)]
+    self.paths = tuple(sorted(paths))
+    if not self.paths:
+      raise ValueError(f"path_or_glob={pattern!r} matches no files.")
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    with open(self.paths[int(index)], "rb") as f:
+      return {"text": f.read()}
+
+  def __repr__(self) -> str:
+    return f"TextFilesSource(files={len(self.paths)})"
+
+
+def text_files_source(path_or_glob: str | os.PathLike[str]) -> TextFilesSource:
+  """See :class:`TextFilesSource`."""
+  return TextFilesSource(path_or_glob)
+
+
+def _stdlib(split: str, **options):
+  return embedded.stdlib_text_source(split, **options)
+
+
+def _text_files(split: str, *, path: str):
+  del split  # a folder of files is one split
+  return text_files_source(path)
+
+
+# name -> factory(split, **options). Plain dict: add entries here.
+SOURCES: dict[str, Callable[..., Any]] = {
+    "stdlib": _stdlib,
+    "text_files": _text_files,
+    **{name: functools.partial(tfds_source, name) for name in TFDS_DATASETS},
+    "reversal": synthetic.reversal_source,
+    "shapes": synthetic.shapes_source,
+}
+
+
+def get_source(name: str, split: str = "train", **options: Any):
+  """The source registered as ``name`` in :data:`SOURCES`.
+
+  Args:
+    name: a key of :data:`SOURCES`.
+    split: the split to read.
+    **options: passed to the factory (``data_dir=`` for TFDS names, ``path=`` for
+      ``text_files``, ``num_examples=``/``seed=`` for synthetic ones).
+  """
+  if name not in SOURCES:
+    raise ValueError(f"Unknown source name {name!r}; valid: {sorted(SOURCES)}.")
+  return SOURCES[name](split, **options)
+

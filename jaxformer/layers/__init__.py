@@ -1,0 +1,13 @@
+"""Building blocks: embeddings, MLP, norms, transformer blocks and the layer stack."""
+
+from jaxformer.layers.embeddings import (POSITION_KINDS, Embed, LearnedPositionEmbed,
+                                         PatchEmbed, SinusoidalPositionEmbed,
+                                         TokenTypeEmbed, apply_rotary_embedding,
+                                         check_position_kind, default_positions,
+                                         positions_from_segment_ids,
+                                         sinusoidal_embedding)
+from jaxformer.layers.mlp import ACTIVATIONS, MLP, check_activation
+from jaxformer.layers.norms import NORM_TYPES, check_norm, make_norm
+
+from jaxformer.layers.blocks import (BlockConfig, DecoderBlock, EncoderBlock, Stack,
+                                     stack_layer_params, unstack_layer_params)

@@ -1,0 +1,42 @@
+"""LayerNorm / RMSNorm chosen by name, with logical axis names on scale and bias."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxformer import axes
+
+Dtype = Any
+NORM_TYPES = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post")
+
+
+def check_norm(norm: str, norm_type: str) -> None:
+  """Raises ValueError for an unknown placement (``norm``) or kind (``norm_type``)."""
+  if norm not in NORM_PLACEMENTS:
+    raise ValueError(f"norm={norm!r}; expected one of {NORM_PLACEMENTS} "
+                     "(pre-LN: x + f(LN(x)), GPT-2/ViT; post-LN: LN(x + f(x)), BERT)")
+  if norm_type not in NORM_TYPES:
+    raise ValueError(f"norm_type={norm_type!r}; expected one of {NORM_TYPES}")
+
+
+def make_norm(norm_type: str = "layernorm", *, eps: float = 1e-5,
+              dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+              name: str | None = None) -> nn.Module:
+  """A LayerNorm (scale + bias) or RMSNorm (scale) over the last axis.
+
+  Statistics are computed in float32 by Flax whatever ``dtype`` is.
+  """
+  if norm_type not in NORM_TYPES:
+    raise ValueError(f"norm_type={norm_type!r}; expected one of {NORM_TYPES}")
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,))
+  if norm_type == "layernorm":
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)),
+        name=name)
+  return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                    scale_init=scale_init, name=name)

@@ -1,0 +1,228 @@
+"""BERT: a bidirectional post-LN encoder with token-type embeddings and optional heads.
+
+```python
+cfg = bert_base(mlm_head=True, nsp_head=True)
+model = BERT(cfg)
+variables = model.init(rng, input_ids_BL)
+out = model.apply(variables, input_ids_BL, token_type_ids=types_BL,
+                  attention_mask=valid_BL)          # 1/True = real token, 0 = padding
+out["sequence"]    # [B, L, D] final hidden states
+out["pooled"]      # [B, D]   tanh(dense(h[CLS])) ("cls"), or masked mean / max of h
+out["mlm_logits"]  # [B, L, V] float32 (or [B, P, V] with mlm_positions [B, P])  if mlm_head
+out["nsp_logits"]  # [B, 2]    float32                                           if nsp_head
+out["logits"]      # [B, num_classes] float32                               if num_classes
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxformer import axes
+from jaxformer.layers import embeddings
+from jaxformer.layers.blocks import BlockConfig, EncoderBlock, Stack
+from jaxformer.layers.mlp import ACTIVATIONS, check_activation, dense
+from jaxformer.layers.norms import make_norm
+from jaxformer.models import common
+
+Array = jax.Array
+POOLINGS = ("cls", "mean", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class BERTConfig:
+  """BERT hyper-parameters (defaults: BERT-base, no heads).
+
+  Attributes:
+    vocab_size / max_len / type_vocab_size: embedding table sizes.
+    num_layers / embed_dim / num_heads / mlp_dim / num_kv_heads / head_dim: the encoder.
+    activation: "gelu_exact" (BERT's erf GELU) or any MLP activation.
+    norm: "post" (BERT: LN after each residual, LN on the embeddings) or "pre" (final LN,
+      no embedding LN); norm_type, norm_eps (1e-12 as BERT).
+    positions: "learned" (BERT) | "sinusoidal" | "rotary" | "none".
+    mlm_head: masked-LM head (dense + GELU + LN transform, tied decoder + output bias).
+    nsp_head: next-sentence head on the pooled output -> [B, 2].
+    num_classes: > 0 adds a classifier on the pooled output -> [B, num_classes].
+    pooling: "cls" (BERT pooler, tanh(dense(h[CLS]))) | "mean" | "max" over real tokens.
+    dropout_rate / attention_dropout_rate: 0.1 / 0.1 in BERT.
+    attention_impl, remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
+  """
+  vocab_size: int = 30522
+  max_len: int = 512
+  type_vocab_size: int = 2
+  num_layers: int = 12
+  embed_dim: int = 768
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  activation: str = "gelu_exact"
+  norm: str = "post"
+  norm_type: str = "layernorm"
+  norm_eps: float = 1e-12
+  positions: str = "learned"
+  rotary_base: float = 10_000.0
+  use_bias: bool = True
+  mlm_head: bool = False
+  nsp_head: bool = False
+  num_classes: int = 0
+  pooling: str = "cls"
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  init_stddev: float = 0.02
+  attention_impl: str | None = None
+  remat: bool = False
+  scan_layers: bool = False
+  return_weights: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    common.check_common(self)
+    check_activation(self.activation, field="BERTConfig.activation")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"BERTConfig.pooling={self.pooling!r}; expected one of {POOLINGS}")
+    if not isinstance(self.num_classes, int) or self.num_classes < 0:
+      raise ValueError(f"BERTConfig.num_classes={self.num_classes!r}; expected an int >= 0")
+
+  def block_config(self) -> BlockConfig:
+    return BlockConfig(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, activation=self.activation, norm=self.norm,
+        norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        rotary_base=self.rotary_base if self.positions == "rotary" else None,
+        attention_impl=self.attention_impl, return_weights=self.return_weights,
+        init_stddev=self.init_stddev, dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+def masked_pool(x_BLD: Array, valid_BL: Array, kind: str) -> Array:
+  """Mean or max of ``x [B, L, D]`` over positions where ``valid [B, L]`` is True.
+
+  Rows without any valid position give zeros. Computed in float32.
+  """
+  valid_BL1 = valid_BL.astype(bool)[:, :, None]
+  x_BLD = x_BLD.astype(jnp.float32)
+  if kind == "mean":
+    count_B1 = jnp.maximum(valid_BL1.sum(axis=1), 1).astype(jnp.float32)
+    return jnp.where(valid_BL1, x_BLD, 0.0).sum(axis=1) / count_B1
+  if kind == "max":
+    pooled_BD = jnp.where(valid_BL1, x_BLD, -jnp.inf).max(axis=1)
+    return jnp.where(valid_BL1.any(axis=1), pooled_BD, 0.0)
+  raise ValueError(f"masked_pool: kind={kind!r}; expected 'mean' or 'max'")
+
+
+class BERT(nn.Module):
+  """Encoder with heads; returns a dict (see the module docstring).
+
+  Params: ``token_embedding``, ``position_embedding``, ``token_type_embedding``,
+  ``embedding_norm`` (post-LN), ``encoder``, ``pooler`` (pooling="cls"), ``mlm_transform``,
+  ``mlm_norm``, ``mlm_bias``, ``nsp``, ``classifier``.
+  """
+  config: BERTConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BL: Array, token_type_ids: Array | None = None,
+               attention_mask: Array | None = None, positions: Array | None = None,
+               mlm_positions: Array | None = None, deterministic: bool = True,
+               padding_mask: Array | None = None) -> dict[str, Array]:
+    """Args:
+      input_ids_BL: int [batch, length].
+      token_type_ids: int [batch, length] segment A/B ids (default zeros).
+      attention_mask: [batch, length], non-zero/True = real token (default: all real).
+      positions: int [batch, length] (default arange).
+      mlm_positions: int [batch, P] positions to run the MLM head on (default: all).
+      deterministic: False enables dropout (rngs={'dropout': key}).
+      padding_mask: alias of attention_mask (pass one of them).
+    Returns:
+      dict with "sequence", "pooled" and the enabled heads' float32 logits.
+    """
+    cfg = self.config
+    common.check_tokens("input_ids", input_ids_BL, max_length=cfg.max_len)
+    if attention_mask is not None and padding_mask is not None:
+      raise ValueError("BERT: pass attention_mask or padding_mask, not both")
+    valid_BL = attention_mask if attention_mask is not None else padding_mask
+    if valid_BL is not None and valid_BL.shape != input_ids_BL.shape:
+      raise ValueError(f"attention_mask shape {valid_BL.shape} != input_ids shape "
+                       f"{input_ids_BL.shape}")
+    if valid_BL is None:
+      valid_BL = jnp.ones(input_ids_BL.shape, bool)
+    valid_BL = valid_BL.astype(bool)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids_BL)
+    if positions is None:
+      positions = embeddings.default_positions(input_ids_BL)
+    init = nn.initializers.normal(cfg.init_stddev)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+    embed = embeddings.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=init,
+                             name="token_embedding", **kw)
+    x_BLD = embed(input_ids_BL)
+    x_BLD = common.add_positions(x_BLD, positions, cfg, cfg.max_len)
+    x_BLD = x_BLD + embeddings.TokenTypeEmbed(
+        cfg.type_vocab_size, cfg.embed_dim, embedding_init=init,
+        name="token_type_embedding", **kw)(token_type_ids)
+    if cfg.norm == "post":
+      x_BLD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="embedding_norm", **kw)(x_BLD)
+    x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
+    x_BLD = common.constrain(x_BLD)
+
+    mask_B11L = valid_BL[:, None, None, :]          # keys: real tokens only
+    h_BLD = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, remat=cfg.remat,
+                  scan=cfg.scan_layers, name="encoder")(
+                      x_BLD, mask_B11L, None, positions, deterministic=deterministic)
+    out = {"sequence": h_BLD}
+
+    if cfg.pooling == "cls":
+      pooled_BD = jnp.tanh(dense(cfg.embed_dim, axes.EMBED, axes.MLP, use_bias=True,
+                                 kernel_init=init, name="pooler", **kw)(h_BLD[:, 0]))
+    else:
+      pooled_BD = masked_pool(h_BLD, valid_BL, cfg.pooling).astype(cfg.dtype)
+    out["pooled"] = pooled_BD
+
+    if cfg.mlm_head:
+      m_BPD = h_BLD
+      if mlm_positions is not None:
+        common.check_tokens("mlm_positions", mlm_positions)
+        m_BPD = jnp.take_along_axis(h_BLD, mlm_positions[:, :, None], axis=1)
+      m_BPD = dense(cfg.embed_dim, axes.EMBED, axes.MLP, use_bias=True, kernel_init=init,
+                    name="mlm_transform", **kw)(m_BPD)
+      m_BPD = ACTIVATIONS[cfg.activation][0](m_BPD)
+      m_BPD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="mlm_norm", **kw)(m_BPD)
+      bias_V = self.param("mlm_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, (axes.VOCAB,)), (cfg.vocab_size,), cfg.param_dtype)
+      out["mlm_logits"] = embed.attend(m_BPD) + bias_V.astype(jnp.float32)[None, None, :]
+    pooled_BD = nn.Dropout(cfg.dropout_rate)(pooled_BD, deterministic=deterministic)
+    if cfg.nsp_head:
+      out["nsp_logits"] = dense(2, axes.EMBED, None, use_bias=True, kernel_init=init,
+                                name="nsp", **kw)(pooled_BD).astype(jnp.float32)
+    if cfg.num_classes:
+      out["logits"] = dense(cfg.num_classes, axes.EMBED, axes.VOCAB, use_bias=True,
+                            kernel_init=init, name="classifier",
+                            **kw)(pooled_BD).astype(jnp.float32)
+    return out
+
+
+# --- presets ----------------------------------------------------------------------------
+
+def bert_base(**overrides: Any) -> BERTConfig:
+  """BERT-base (110M): 12 x 768, 12 heads, vocab 30522, 512 positions, 2 token types."""
+  return common.replace(BERTConfig(), **overrides)
+
+
+def bert_large(**overrides: Any) -> BERTConfig:
+  """BERT-large (340M): 24 x 1024, 16 heads."""
+  sizes = dict(num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096)
+  return common.replace(BERTConfig(), **{**sizes, **overrides})
+
+
+def bert_tiny(**overrides: Any) -> BERTConfig:
+  """Test-sized: 2 layers x 32 wide, 2 heads, 16 positions, vocab 64, no dropout."""
+  cfg = BERTConfig(vocab_size=64, max_len=16, num_layers=2, embed_dim=32, num_heads=2,
+                   mlp_dim=64, dropout_rate=0.0, attention_dropout_rate=0.0)
+  return common.replace(cfg, **overrides)

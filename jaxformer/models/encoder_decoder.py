@@ -1,0 +1,242 @@
+"""EncoderDecoder: the original Transformer ("Attention Is All You Need").
+
+```python
+cfg = transformer_base()                    # 6 + 6 layers, 512 wide, 8 heads, FFN 2048
+model = EncoderDecoder(cfg)
+variables = model.init(rng, source_BS, target_inputs_BT)
+logits_BTV = model.apply(variables, source_BS, target_inputs_BT, source_mask=src_valid_BS)
+# separately (e.g. for generation):
+encoded_BSD = model.apply(variables, source_BS, source_mask=src_valid_BS,
+                          method=EncoderDecoder.encode)
+logits_BTV = model.apply(variables, encoded_BSD, target_inputs_BT,
+                         source_mask=src_valid_BS, method=EncoderDecoder.decode)
+```
+KV-cache decoding: ``EncoderDecoder(replace(cfg, decode=True))``; ``init`` with a
+full-length target sizes the cache; then call ``decode`` with one target token per step
+and ``mutable=['cache']`` (cross attention recomputes its keys from ``encoded``).
+``target_inputs`` are the targets shifted right (BOS first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxformer import axes
+from jaxformer.layers import embeddings
+from jaxformer.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
+from jaxformer.layers.mlp import check_activation, dense
+from jaxformer.models import common
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig:
+  """Encoder-decoder hyper-parameters (defaults: Transformer base).
+
+  Attributes:
+    vocab_size: shared vocabulary (used when source/target sizes are None).
+    source_vocab_size / target_vocab_size: None = vocab_size.
+    share_embeddings: one table for source and target tokens (needs equal vocabularies).
+    tie_output: output projection = target embedding transposed.
+    max_len: longest source/target (learned positions; the error check for inputs).
+    num_encoder_layers / num_decoder_layers / embed_dim / num_heads / mlp_dim.
+    activation: "relu" (paper) or any MLP activation.
+    norm: "post" (paper, no final LN) | "pre" (final LN in encoder and decoder).
+    positions: "sinusoidal" (paper) | "learned" | "rotary" | "none".
+    scale_embeddings: multiply embeddings by sqrt(embed_dim) (paper; init stddev d^-0.5).
+    dropout_rate (0.1 in the paper: embeddings + every sublayer), attention_dropout_rate.
+    decode: KV-cache decoding in the decoder's self attention.
+    attention_impl, remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
+  """
+  vocab_size: int = 32000
+  source_vocab_size: int | None = None
+  target_vocab_size: int | None = None
+  share_embeddings: bool = True
+  tie_output: bool = True
+  max_len: int = 256
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  embed_dim: int = 512
+  num_heads: int = 8
+  mlp_dim: int = 2048
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  activation: str = "relu"
+  norm: str = "post"
+  norm_type: str = "layernorm"
+  norm_eps: float = 1e-6
+  positions: str = "sinusoidal"
+  rotary_base: float = 10_000.0
+  scale_embeddings: bool = True
+  use_bias: bool = True
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.0
+  attention_impl: str | None = None
+  remat: bool = False
+  scan_layers: bool = False
+  decode: bool = False
+  return_weights: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    common.check_common(self)
+    check_activation(self.activation, field="EncoderDecoderConfig.activation")
+    if self.share_embeddings and self.src_vocab != self.tgt_vocab:
+      raise ValueError(
+          f"EncoderDecoderConfig.share_embeddings=True needs equal vocabularies, got "
+          f"source_vocab_size={self.src_vocab}, target_vocab_size={self.tgt_vocab}")
+
+  @property
+  def src_vocab(self) -> int:
+    return self.source_vocab_size or self.vocab_size
+
+  @property
+  def tgt_vocab(self) -> int:
+    return self.target_vocab_size or self.vocab_size
+
+  def block_config(self, decode: bool = False) -> BlockConfig:
+    return BlockConfig(
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, activation=self.activation, norm=self.norm,
+        norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        rotary_base=self.rotary_base if self.positions == "rotary" else None,
+        attention_impl=self.attention_impl, decode=decode,
+        return_weights=self.return_weights, dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class EncoderDecoder(nn.Module):
+  """``(source [B, S], target_inputs [B, T]) -> float32 logits [B, T, target_vocab]``.
+
+  Params: ``source_embedding`` (also the target table when shared),
+  ``target_embedding`` (separate), ``encoder``, ``decoder``, ``output`` (untied).
+  """
+  config: EncoderDecoderConfig
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    init = nn.initializers.normal(cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02)
+    self.source_embedding = embeddings.Embed(
+        cfg.src_vocab, cfg.embed_dim, scale_by_sqrt_dim=cfg.scale_embeddings,
+        embedding_init=init, **kw)
+    if cfg.share_embeddings:
+      self.target_embedding = self.source_embedding
+    else:
+      self.target_embedding = embeddings.Embed(
+          cfg.tgt_vocab, cfg.embed_dim, scale_by_sqrt_dim=cfg.scale_embeddings,
+          embedding_init=init, **kw)
+    if cfg.positions == "learned":
+      self.source_positions = embeddings.LearnedPositionEmbed(cfg.max_len, cfg.embed_dim,
+                                                              **kw)
+      self.target_positions = embeddings.LearnedPositionEmbed(cfg.max_len, cfg.embed_dim,
+                                                              **kw)
+    self.encoder = Stack(EncoderBlock, cfg.block_config(), cfg.num_encoder_layers,
+                         remat=cfg.remat, scan=cfg.scan_layers)
+    self.decoder = Stack(DecoderBlock, cfg.block_config(decode=cfg.decode),
+                         cfg.num_decoder_layers, remat=cfg.remat, scan=cfg.scan_layers,
+                         block_kwargs={"cross_attention": True})
+    if not cfg.tie_output:
+      self.output = dense(cfg.tgt_vocab, axes.EMBED, axes.VOCAB, use_bias=False,
+                          kernel_init=nn.initializers.xavier_uniform(), **kw)
+    self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
+    if cfg.decode:
+      self.decode_positions = common.DecodePositions()
+
+  def _add_positions(self, x_BLD: Array, positions_BL: Array, learned) -> Array:
+    cfg = self.config
+    if cfg.positions == "learned":
+      return x_BLD + learned(positions_BL).astype(x_BLD.dtype)
+    if cfg.positions == "sinusoidal":
+      return x_BLD + embeddings.sinusoidal_embedding(positions_BL, cfg.embed_dim,
+                                                     dtype=x_BLD.dtype)
+    return x_BLD
+
+  def encode(self, source_BS: Array, source_mask: Array | None = None,
+             source_positions: Array | None = None,
+             source_segment_ids: Array | None = None,
+             deterministic: bool = True) -> Array:
+    """source: int [B, S]; source_mask: [B, S] True = real token -> encoded [B, S, D]."""
+    cfg = self.config
+    common.check_tokens("source", source_BS, max_length=cfg.max_len)
+    if source_positions is None:
+      source_positions = (embeddings.default_positions(source_BS)
+                          if source_segment_ids is None
+                          else embeddings.positions_from_segment_ids(source_segment_ids))
+    x_BSD = self._add_positions(self.source_embedding(source_BS), source_positions,
+                                getattr(self, "source_positions", None))
+    x_BSD = common.constrain(self.embedding_dropout(x_BSD, deterministic=deterministic))
+    mask = None if source_mask is None else source_mask.astype(bool)[:, None, None, :]
+    return self.encoder(x_BSD, mask, source_segment_ids, source_positions,
+                        deterministic=deterministic)
+
+  def decode(self, encoded_BSD: Array, target_inputs_BT: Array,
+             source_mask: Array | None = None, target_positions: Array | None = None,
+             target_segment_ids: Array | None = None,
+             source_segment_ids: Array | None = None,
+             deterministic: bool = True) -> Array:
+    """encoded [B, S, D], target_inputs int [B, T] -> float32 logits [B, T, V]."""
+    cfg = self.config
+    common.check_tokens("target_inputs", target_inputs_BT, max_length=cfg.max_len)
+    if cfg.decode and target_segment_ids is not None:
+      raise ValueError("EncoderDecoder: target_segment_ids are not supported with decode")
+    if target_positions is None:
+      if cfg.decode:
+        target_positions = self.decode_positions(target_inputs_BT)
+      elif target_segment_ids is not None:
+        target_positions = embeddings.positions_from_segment_ids(target_segment_ids)
+      else:
+        target_positions = embeddings.default_positions(target_inputs_BT)
+    y_BTD = self._add_positions(self.target_embedding(target_inputs_BT), target_positions,
+                                getattr(self, "target_positions", None))
+    y_BTD = common.constrain(self.embedding_dropout(y_BTD, deterministic=deterministic))
+    cross_mask = (None if source_mask is None
+                  else source_mask.astype(bool)[:, None, None, :])
+    y_BTD = self.decoder(y_BTD, encoded_BSD, None, cross_mask, target_segment_ids,
+                         source_segment_ids, target_positions,
+                         deterministic=deterministic)
+    if cfg.tie_output:
+      logits_BTV = self.target_embedding.attend(y_BTD)
+    else:
+      logits_BTV = self.output(y_BTD).astype(jnp.float32)
+    return common.constrain(logits_BTV, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_VOCAB))
+
+  def __call__(self, source_BS: Array, target_inputs_BT: Array,
+               source_mask: Array | None = None, source_positions: Array | None = None,
+               target_positions: Array | None = None,
+               source_segment_ids: Array | None = None,
+               target_segment_ids: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """Encodes then decodes; logits [B, T, target_vocab] float32."""
+    encoded_BSD = self.encode(source_BS, source_mask, source_positions, source_segment_ids,
+                              deterministic=deterministic)
+    return self.decode(encoded_BSD, target_inputs_BT, source_mask, target_positions,
+                       target_segment_ids, source_segment_ids, deterministic=deterministic)
+
+
+# --- presets ----------------------------------------------------------------------------
+
+def transformer_base(**overrides: Any) -> EncoderDecoderConfig:
+  """Transformer base (Vaswani et al. 2017): 6 + 6 layers, 512 wide, 8 heads, FFN 2048."""
+  return common.replace(EncoderDecoderConfig(), **overrides)
+
+
+def transformer_big(**overrides: Any) -> EncoderDecoderConfig:
+  """Transformer big: 1024 wide, 16 heads, FFN 4096, dropout 0.3."""
+  sizes = dict(embed_dim=1024, num_heads=16, mlp_dim=4096, dropout_rate=0.3)
+  return common.replace(EncoderDecoderConfig(), **{**sizes, **overrides})
+
+
+def transformer_tiny(**overrides: Any) -> EncoderDecoderConfig:
+  """Test-sized: 2 + 2 layers x 32 wide, 2 heads, vocab 64, max_len 16, no dropout."""
+  cfg = EncoderDecoderConfig(vocab_size=64, max_len=16, num_encoder_layers=2,
+                             num_decoder_layers=2, embed_dim=32, num_heads=2, mlp_dim=64,
+                             dropout_rate=0.0)
+  return common.replace(cfg, **overrides)

@@ -1,0 +1,236 @@
+"""Checkpoints with orbax: train state + data iterator state + config, and preemption.
+
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``; written asynchronously
+by ``ocp.CheckpointManager`` (keep the newest ``max_to_keep``). Unfinished saves live in
+``*.orbax-checkpoint-tmp-*`` directories, which orbax never lists as steps, so a run
+killed mid-save resumes from the last complete checkpoint.
+
+* ``state``: the ``TrainState`` (``StandardSave``; restored into an abstract target of
+  ``jax.ShapeDtypeStruct(..., sharding=...)`` leaves, so it lands directly sharded).
+* ``data``: the data iterator's ``get_state()`` (``JsonSave``; bytes are base64-coded).
+  With several processes, each reads its own shard in lockstep; the saved state is
+  process 0's position, which is the same for all processes.
+* ``config``: the run's config as JSON. Restoring compares its ``model`` section with
+  the current one and raises a ``ValueError`` naming every mismatching field.
+
+SIGTERM (preemption, ``scancel``, ``kill``) only sets a flag (:class:`Preemption`); the
+loop notices it between steps, saves, waits for the write to finish and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+_BYTES_KEY = "__bytes_b64__"
+
+
+def _to_json(value: Any) -> Any:
+  """JSON-safe copy: bytes -> {"__bytes_b64__": ...}, tuples -> lists, numpy -> py."""
+  if isinstance(value, bytes):
+    return {_BYTES_KEY: base64.b64encode(value).decode("ascii")}
+  if isinstance(value, Mapping):
+    return {str(k): _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+    return value.item()
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  return value
+
+
+def _from_json(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    if set(value) == {_BYTES_KEY}:
+      return base64.b64decode(value[_BYTES_KEY])
+    return {k: _from_json(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_from_json(v) for v in value]
+  return value
+
+
+def config_mismatches(stored: Mapping[str, Any], current: Mapping[str, Any],
+                      prefix: str = "") -> list[str]:
+  """Human-readable differences ``"name: checkpoint X != config Y"`` (recursive)."""
+  stored = _to_json(stored)
+  current = _to_json(current)
+  out = []
+  for key in sorted(set(stored) | set(current)):
+    name = f"{prefix}{key}"
+    if key not in stored:
+      out.append(f"{name}: missing in checkpoint, config {current[key]!r}")
+    elif key not in current:
+      out.append(f"{name}: checkpoint {stored[key]!r}, missing in config")
+    elif isinstance(stored[key], Mapping) and isinstance(current[key], Mapping):
+      out.extend(config_mismatches(stored[key], current[key], f"{name}."))
+    elif stored[key] != current[key]:
+      out.append(f"{name}: checkpoint {stored[key]!r} != config {current[key]!r}")
+  return out
+
+
+class Checkpointer:
+  """Saves / restores ``(state, data iterator state, config)`` under ``directory``.
+
+  Args:
+    directory: where step directories go (created if missing).
+    max_to_keep: newest checkpoints kept (``None`` = all).
+    save_every: save when ``step % save_every == 0`` (``force=True`` saves anyway).
+    async_save: write in a background thread (call :meth:`wait` before reading or
+      exiting; :meth:`close` waits too).
+    check_sections: top-level config sections that must match on restore.
+  """
+
+  def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int | None = 3,
+               save_every: int = 1, async_save: bool = True,
+               check_sections: tuple[str, ...] = ("model",)):
+    if save_every < 1:
+      raise ValueError(f"save_every={save_every!r} must be >= 1")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep={max_to_keep!r} must be >= 1 or None")
+    self.directory = epath.Path(directory)
+    self.check_sections = check_sections
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_every,
+            enable_async_checkpointing=async_save,
+            create=True,
+        ),
+        item_names=("state", "data", "config"),
+    )
+
+  def latest_step(self) -> int | None:
+    """Newest *complete* checkpoint step (tmp dirs of unfinished saves are ignored)."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, *, data_state: Any = None,
+           config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+    """Starts saving (asynchronously); returns whether a save was started."""
+    if not force and not self._manager.should_save(step):
+      return False
+    if step in self._manager.all_steps():
+      return False
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_to_json({"iterator": data_state})),
+            config=ocp.args.JsonSave(_to_json(config or {})),
+        ),
+        force=True,
+    )
+
+  def stored_config(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(restored["config"] or {})
+
+  def check_config(self, step: int, config: Mapping[str, Any]) -> None:
+    """Raises ValueError naming fields where the stored config's checked sections
+    differ from ``config``'s."""
+    stored = self.stored_config(step)
+    current = _to_json(config)
+    diffs = []
+    for section in self.check_sections:
+      diffs += config_mismatches({section: stored.get(section, {})},
+                                 {section: current.get(section, {})})
+    if diffs:
+      raise ValueError(
+          f"checkpoint {self.directory / str(step)} was written with a different "
+          "config; mismatching fields:\n  " + "\n  ".join(diffs) +
+          "\nUse another --workdir, or the checkpoint's values.")
+
+  def restore(self, step: int, abstract_state: Any, *,
+              config: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """Restores ``(state, data_state)`` from ``step``.
+
+    Args:
+      step: checkpoint step.
+      abstract_state: pytree of ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``.
+      config: when given, checked against the stored config first (ValueError).
+    """
+    if config is not None:
+      self.check_config(step, config)
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
+    data = _from_json(restored["data"] or {})
+    return restored["state"], data.get("iterator")
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+class Preemption:
+  """A SIGTERM flag: the handler only records the request; the loop acts on it.
+
+  Usage::
+
+    with Preemption() as preempt:
+      for step in ...:
+        ...
+        if preempt.requested:   # (agreed across processes by the loop)
+          save; break
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self._event = threading.Event()
+    self._signals = signals
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def request(self) -> None:
+    self._event.set()
+
+  def _handler(self, signum, frame):
+    del frame
+    log.warning("received signal %d: will save a checkpoint and exit", signum)
+    self._event.set()
+
+  def __enter__(self) -> Preemption:
+    if threading.current_thread() is threading.main_thread():
+      for s in self._signals:
+        self._previous[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+    self._previous.clear()
+
+
+def any_process(flag: bool) -> bool:
+  """True if ``flag`` is set on any process (a collective: every process must call)."""
+  if jax.process_count() == 1:
+    return flag
+  flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+  return bool(np.asarray(flags).any())

@@ -1,0 +1,206 @@
+"""Training metrics: progress bar or plain lines, ``metrics.jsonl``, TensorBoard, MFU.
+
+Only process 0 writes (``enabled=False`` elsewhere). Every logged row goes to
+``<workdir>/metrics.jsonl`` as one JSON object (``{"step": 100, "loss": 2.31, ...}``;
+eval rows carry ``eval_loss``, ``eval_bits_per_byte``, ...) and to TensorBoard event
+files in ``<workdir>/tensorboard``. On a terminal a tqdm bar shows step, loss, tokens/s
+and ETA; otherwise (CI, log files) one plain line per log step.
+
+MFU (model FLOP utilisation) = achieved model FLOP/s / peak FLOP/s of the devices, with
+model FLOPs per token ``6 N + 12 n_layers d_model L`` (PaLM, appendix B: the matmul
+FLOPs of forward + backward, plus attention scores). Peak numbers are dense bf16
+tensor-core figures; on devices not in :data:`PEAK_FLOPS` (e.g. CPUs) MFU is omitted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import jax
+
+# device_kind substring (lower case) -> dense bf16 peak FLOP/s per device.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("gh200", 989e12),
+    ("a100", 312e12),
+    ("l4", 121e12),
+    ("tpu v6 lite", 918e12),
+    ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+    ("tpu v4", 275e12),
+)
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+  """Dense bf16 peak FLOP/s of ``device`` (default: the first device), or None."""
+  device = jax.devices()[0] if device is None else device
+  if device.platform == "cpu":
+    return None
+  kind = device.device_kind.lower()
+  for key, flops in PEAK_FLOPS:
+    if key in kind:
+      return flops
+  return None
+
+
+def flops_per_token(*, num_params: int, num_layers: int, width: int,
+                    seq_len: int) -> float:
+  """Training FLOPs per token: ``6 N + 12 n_layers d_model L`` (fwd + bwd)."""
+  return 6.0 * num_params + 12.0 * num_layers * width * seq_len
+
+
+def _format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class MetricsLogger:
+  """Writes training and eval metrics (see module docstring).
+
+  Args:
+    workdir: output directory (``metrics.jsonl``, ``tensorboard/``).
+    total_steps: the run's last step (for the bar / ETA).
+    start_step: step the run (re)starts from.
+    tokens_per_step: global tokens per ``train_step`` (for tokens/s).
+    flops_per_step: model FLOPs per ``train_step`` (None -> no MFU).
+    peak_flops: total peak FLOP/s of all devices (None -> no MFU).
+    enabled: write anything at all (False on processes other than 0).
+    progress: tqdm bar (True), plain lines (False), or None = bar iff stdout is a TTY.
+    tensorboard: write TensorBoard events.
+    stream: where plain lines go (default stdout).
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+               tokens_per_step: int = 0, flops_per_step: float | None = None,
+               peak_flops: float | None = None, enabled: bool = True,
+               progress: bool | None = None, tensorboard: bool = True,
+               stream: TextIO | None = None):
+    self.workdir = workdir
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self.enabled = enabled
+    self._stream = stream or sys.stdout
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+    self._jsonl = None
+    self._tb = None
+    self._bar = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a",
+                       encoding="utf-8")
+    if tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if progress is None:
+      progress = self._stream.isatty()
+    if progress:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, file=self._stream)
+
+  def reset_timer(self, step: int) -> None:
+    """Restarts throughput timing at ``step`` (e.g. after compilation or eval)."""
+    self._last_step = step
+    self._last_time = time.perf_counter()
+
+  def _write(self, row: Mapping[str, Any], prefix: str = "") -> None:
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+    if self._tb is not None:
+      step = int(row["step"])
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(prefix + k, v, step)
+
+  def _print(self, text: str) -> None:
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, file=self._stream, flush=True)
+
+  def log_train(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Logs host metrics at ``step`` (steps completed); adds throughput and MFU.
+
+    Returns the row written (also on disabled processes).
+    """
+    now = time.perf_counter()
+    steps = step - self._last_step
+    seconds = now - self._last_time
+    row: dict[str, Any] = {"step": int(step)}
+    row.update({k: float(v) for k, v in metrics.items()})
+    if steps > 0 and seconds > 0:
+      row["step_time_ms"] = 1000.0 * seconds / steps
+      if self.tokens_per_step:
+        row["tokens_per_sec"] = self.tokens_per_step * steps / seconds
+      if self.flops_per_step and self.peak_flops:
+        row["mfu"] = self.flops_per_step * steps / seconds / self.peak_flops
+    self._last_step, self._last_time = step, now
+    if not self.enabled:
+      return row
+    self._write(row, "train/")
+    eta = (self.total_steps - step) * row.get("step_time_ms", math.nan) / 1000.0
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      post = {"loss": f"{row.get('loss', math.nan):.4f}"}
+      if "tokens_per_sec" in row:
+        post["tok/s"] = f"{row['tokens_per_sec']:,.0f}"
+      if "mfu" in row:
+        post["mfu"] = f"{100 * row['mfu']:.1f}%"
+      self._bar.set_postfix(post, refresh=True)
+    else:
+      parts = [f"step {step}/{self.total_steps}",
+               f"loss {row.get('loss', math.nan):.4f}"]
+      if "step_time_ms" in row:
+        parts.append(f"{row['step_time_ms']:.1f} ms/step")
+      if "tokens_per_sec" in row:
+        parts.append(f"{row['tokens_per_sec']:,.0f} tok/s")
+      if "mfu" in row:
+        parts.append(f"MFU {100 * row['mfu']:.1f}%")
+      if row.get("skipped_steps"):
+        parts.append(f"skipped {int(row['skipped_steps'])}")
+      parts.append(f"ETA {_format_duration(eta)}")
+      self._print(" | ".join(parts))
+    return row
+
+  def log_eval(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Logs eval metrics; keys are prefixed ``eval_`` (``eval_loss``, ...)."""
+    row: dict[str, Any] = {"step": int(step)}
+    row.update({(k if k.startswith("eval_") else f"eval_{k}"): float(v)
+                for k, v in metrics.items()})
+    if self.enabled:
+      self._write(row)
+      text = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step")
+      self._print(f"eval @ step {step}: {text}")
+    return row
+
+  def log_text(self, text: str) -> None:
+    if self.enabled:
+      self._print(text)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None

@@ -1,0 +1,130 @@
+"""Device mesh, logical-axis rules and the shardings of state and batches.
+
+The mesh always has the three axes ``("data", "fsdp", "tensor")``; the config's
+``mesh_shape`` sizes them (one entry may be -1 = the remaining devices). One device,
+data parallel, FSDP and tensor parallel are the same code with different shapes::
+
+  mesh_shape=(1, 1, 1)     one device
+  mesh_shape=(-1, 1, 1)    data parallel (params replicated)
+  mesh_shape=(1, -1, 1)    FSDP (params' embed axis sharded, batch sharded too)
+  mesh_shape=(1, -1, 2)    FSDP x tensor parallel (heads / mlp / vocab over tensor)
+
+Batches are sharded over ``("data", "fsdp")`` along their leading axis. The model's
+``nn.with_logical_constraint`` calls need the mesh and rules in context while tracing:
+wrap tracing/calls in :func:`activate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxformer import axes
+
+MESH_AXES = axes.MESH_AXES
+BATCH_AXES = ("data", "fsdp")
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int],
+                       num_devices: int) -> tuple[int, ...]:
+  """Replaces a -1 in ``mesh_shape`` by the remaining device count; validates.
+
+  Args:
+    mesh_shape: sizes of ``("data", "fsdp", "tensor")``; at most one -1.
+    num_devices: devices available.
+  Returns:
+    Concrete sizes whose product is ``num_devices``.
+  """
+  shape = tuple(int(s) for s in mesh_shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh_shape={tuple(mesh_shape)!r} needs {len(MESH_AXES)} "
+                     f"entries, one per mesh axis {MESH_AXES}")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh_shape={shape!r}: entries must be positive, with at "
+                     "most one -1 (= the remaining devices)")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh_shape={shape!r}: {num_devices} devices are not "
+                       f"divisible by the fixed axes' product {known}")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh_shape={shape!r} uses {math.prod(shape)} devices but "
+                     f"{num_devices} are available; use -1 for one axis")
+  return shape
+
+
+def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over all (given) devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_shape, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def make_rules(*, fsdp: bool = True, tensor: bool = True) -> axes.Rules:
+  """Logical-axis rules for the mesh (see :func:`jaxformer.axes.rules_for`)."""
+  return axes.rules_for(fsdp=fsdp, tensor=tensor)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: axes.Rules) -> Iterator[None]:
+  """Mesh + logical rules in context, for tracing models with logical constraints."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over ``("data", "fsdp")``, everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """The global batch size must be a multiple of this."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: axes.Rules) -> Any:
+  """NamedShardings for a tree of (possibly ``nn.LogicallyPartitioned``) leaves.
+
+  Leaves without logical metadata (optimizer counters, rng keys) are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays sharded over the batch axes.
+
+  Each process passes its own slice (``global_batch / process_count`` rows); on one
+  process this is just a sharded ``device_put``.
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in batch.items()
+  }
+
+
+def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
+  """``with_sharding_constraint`` with a mesh-bound spec (inside jit)."""
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def constrain_batch(tree: Any, mesh: Mesh) -> Any:
+  """Constrains every leaf's leading axis to the batch axes (inside jit)."""
+  return jax.tree.map(lambda x: constrain(x, mesh, P(BATCH_AXES)), tree)

@@ -1,0 +1,18 @@
+"""Fused flash attention: Triton (GPU) and Mosaic (TPU) Pallas kernels.
+
+    from kernels.flash_attention import flash_attention, supports, BlockSizes
+    out_BLHD = flash_attention(q_BLHD, k_BLKD, v_BLKD, is_causal=True)
+
+Files: api.py (entry point, dispatch, custom_vjp), reference.py (einsum
+reference), gpu.py / gpu_vjp.py (Triton forward / backward), tpu.py (Mosaic),
+common.py (masks and tile ranges), block_sizes.py, autotune.py.
+"""
+
+from kernels.flash_attention.api import flash_attention
+from kernels.flash_attention.api import supports
+from kernels.flash_attention.autotune import autotune
+from kernels.flash_attention.block_sizes import BlockSizes
+from kernels.flash_attention.reference import attention_reference
+
+__all__ = ["flash_attention", "supports", "BlockSizes", "autotune",
+           "attention_reference"]

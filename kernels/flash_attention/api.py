@@ -1,0 +1,350 @@
+"""Entry point: validation, padding, custom_vjp wiring, platform dispatch.
+
+One jitted `flash_attention` lowers to the Triton kernel on cuda/rocm, to the
+Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
+(CPU), via `jax.lax.platform_dependent` inside the custom_vjp's forward and
+backward rules. The custom_vjp's residuals are the *unpadded* operands, output
+and log-sum-exp, so every platform branch has the same residual shapes and
+does its own padding:
+  * lengths are padded to a multiple of the tiles; padded keys are masked in
+    the kernels (`common.allowed`), padded query rows are sliced off (their
+    cotangent is zero, their lse +inf so they contribute nothing to dK/dV);
+  * head dims are zero-padded to what the hardware wants (a power of two >= 16
+    for Triton, a multiple of 128 lanes for Mosaic); zeros change no dot
+    product and the extra output columns are sliced off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.flash_attention import common
+from kernels.flash_attention import gpu
+from kernels.flash_attention import gpu_vjp
+from kernels.flash_attention import tpu
+from kernels.flash_attention.block_sizes import BlockSizes
+from kernels.flash_attention.block_sizes import lcm_block
+from kernels.flash_attention.block_sizes import next_power_of_2
+from kernels.flash_attention.block_sizes import round_up
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# Platforms with a compiled kernel, per backend.
+NATIVE_PLATFORMS = {"triton": ("cuda", "rocm"), "mosaic": ("tpu",)}
+_KERNELS = {"triton": (gpu.forward, gpu_vjp.backward),
+            "mosaic": (tpu.forward, tpu.backward)}
+
+# Filled by autotune.autotune(); consulted when block_sizes is None.
+# key -> BlockSizes, see `tuning_key`.
+TUNED_BLOCK_SIZES: dict[tuple[Any, ...], BlockSizes] = {}
+
+
+def tuning_key(query, key, value, *, is_causal: bool, has_segments: bool,
+               backend: str) -> tuple[Any, ...]:
+  """Cache key of the autotuner: shapes, dtype, causal, segments, backend."""
+  return (tuple(query.shape), tuple(key.shape), tuple(value.shape),
+          jnp.dtype(query.dtype).name, bool(is_causal), bool(has_segments),
+          backend)
+
+
+# -------------------------------------------------------------- validation --
+
+
+def _split_segment_ids(segment_ids, q_len: int, kv_len: int):
+  if segment_ids is None:
+    return None, None
+  if isinstance(segment_ids, (tuple, list)):
+    if len(segment_ids) != 2:
+      raise ValueError("segment_ids must be one [batch, length] array or a"
+                       f" (q_ids, kv_ids) pair, got {len(segment_ids)} items.")
+    return segment_ids[0], segment_ids[1]
+  if q_len != kv_len:
+    raise ValueError(
+        "a single segment_ids array needs q_len == kv_len (self attention),"
+        f" got q_len={q_len}, kv_len={kv_len}; pass (q_ids, kv_ids) instead.")
+  return segment_ids, segment_ids
+
+
+def check_inputs(query, key, value, segment_ids=None):
+  """Returns (exception type, message) for unsupported inputs, else None."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if getattr(x, "ndim", None) != 4:
+      return ValueError, (f"{name} must be [batch, length, heads, head_dim],"
+                          f" got shape {getattr(x, 'shape', type(x))}.")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+      return TypeError, (f"{name}.dtype must be bfloat16, float16 or float32,"
+                         f" got {x.dtype}.")
+  if not query.dtype == key.dtype == value.dtype:
+    return TypeError, ("query, key and value must share a dtype, got"
+                       f" {query.dtype}, {key.dtype}, {value.dtype}.")
+  batch, q_len, num_heads, head_dim = query.shape
+  if key.shape[0] != batch or value.shape[0] != batch:
+    return ValueError, (f"batch sizes differ: query {query.shape}, key"
+                        f" {key.shape}, value {value.shape}.")
+  if key.shape[:3] != value.shape[:3]:
+    return ValueError, ("key and value must agree on [batch, length, heads],"
+                        f" got key {key.shape}, value {value.shape}.")
+  if key.shape[-1] != head_dim:
+    return ValueError, (f"key head_dim {key.shape[-1]} != query head_dim"
+                        f" {head_dim}.")
+  num_kv_heads = key.shape[2]
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    return ValueError, (f"query heads ({num_heads}) must be a multiple of"
+                        f" key/value heads ({num_kv_heads}).")
+  for name, d in (("query/key head_dim", head_dim),
+                  ("value head_dim", value.shape[-1])):
+    if not 1 <= d <= MAX_HEAD_DIM:
+      return ValueError, (f"{name} = {d} is not supported: the kernel keeps a"
+                          f" [block, head_dim] tile on chip; valid: 1 to"
+                          f" {MAX_HEAD_DIM}.")
+  if q_len == 0 or key.shape[1] == 0:
+    return ValueError, f"empty sequence: query {query.shape}, key {key.shape}."
+  try:
+    q_ids, kv_ids = _split_segment_ids(segment_ids, q_len, key.shape[1])
+  except ValueError as e:
+    return ValueError, str(e)
+  for name, ids, length in (("q segment ids", q_ids, q_len),
+                            ("kv segment ids", kv_ids, key.shape[1])):
+    if ids is None:
+      continue
+    if tuple(getattr(ids, "shape", ())) != (batch, length):
+      return ValueError, (f"{name} must have shape (batch, length) ="
+                          f" {(batch, length)}, got"
+                          f" {getattr(ids, 'shape', type(ids))}.")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      return TypeError, f"{name} must be integers, got {ids.dtype}."
+  return None
+
+
+def supports(query, key, value, *, segment_ids=None,
+             platform: str | None = None) -> str | None:
+  """Whether the kernel handles these inputs on `platform` with compiled code.
+
+  Args:
+    query, key, value, segment_ids: as for `flash_attention` (arrays or
+      jax.ShapeDtypeStruct).
+    platform: "cuda", "gpu", "rocm", "tpu", "cpu"; None = jax.default_backend().
+  Returns:
+    None if supported, else a human-readable reason. On the CPU the kernel
+    runs only in interpret mode (tests), which is reported as unsupported.
+  """
+  problem = check_inputs(query, key, value, segment_ids)
+  if problem is not None:
+    return problem[1]
+  platform = (platform or jax.default_backend()).lower()
+  if platform in ("gpu", "cuda", "rocm", "tpu"):
+    return None
+  return (f"no compiled flash attention kernel for platform {platform!r}"
+          " (only cuda/rocm via Triton and tpu via Mosaic); it runs there only"
+          " in interpret mode, which is for testing.")
+
+
+# ------------------------------------------------------------- the kernel --
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static (hashable) arguments of the custom_vjp."""
+  is_causal: bool
+  scale: float
+  block_sizes: BlockSizes | None
+  interpret: bool | None
+  backend: str | None
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _plan(cfg: _Config, backend: str, interpret: bool, q_shape, k_shape,
+          v_shape, dtype, has_segments: bool):
+  """Tiles, padded sizes and the static Problem for one backend."""
+  batch, q_len, num_heads, head_dim = q_shape
+  kv_len, num_kv_heads, head_dim_v = k_shape[1], k_shape[2], v_shape[3]
+  blocks = cfg.block_sizes
+  if blocks is None:
+    blocks = TUNED_BLOCK_SIZES.get(tuning_key(
+        jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(k_shape,
+                                                                   dtype),
+        jax.ShapeDtypeStruct(v_shape, dtype), is_causal=cfg.is_causal,
+        has_segments=has_segments, backend=backend))
+  if blocks is not None:
+    blocks = blocks.fit(q_len, kv_len, backend)
+    try:
+      blocks.validate(backend, interpret=interpret)
+    except ValueError:
+      # Tiles meant for another platform's branch (validated eagerly in
+      # flash_attention for the platform that runs): use this one's defaults.
+      blocks = None
+  if blocks is None:
+    blocks = BlockSizes.get_default(backend, max(head_dim, head_dim_v)).fit(
+        q_len, kv_len, backend)
+  if backend == "triton":
+    pad_dim = lambda d: next_power_of_2(max(d, 16))  # noqa: E731
+  else:
+    pad_dim = lambda d: round_up(d, 128)  # noqa: E731
+  q_len_padded = round_up(q_len, lcm_block(blocks.q_blocks()))
+  kv_len_padded = round_up(kv_len, lcm_block(blocks.k_blocks()))
+  problem = common.Problem(
+      q_len=q_len, kv_len=kv_len, q_len_padded=q_len_padded,
+      kv_len_padded=kv_len_padded, causal=cfg.is_causal, scale=cfg.scale,
+      has_segments=has_segments, group=num_heads // num_kv_heads)
+  del batch
+  return blocks, problem, pad_dim(head_dim), pad_dim(head_dim_v)
+
+
+def _run_forward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
+                 kv_ids):
+  blocks, p, dqk, dv = _plan(cfg, backend, interpret, q.shape, k.shape,
+                             v.shape, q.dtype, q_ids is not None)
+  q_len, head_dim_v = q.shape[1], v.shape[3]
+  out, lse = _KERNELS[backend][0](
+      _pad_axis(_pad_axis(q, 1, p.q_len_padded), 3, dqk),
+      _pad_axis(_pad_axis(k, 1, p.kv_len_padded), 3, dqk),
+      _pad_axis(_pad_axis(v, 1, p.kv_len_padded), 3, dv),
+      _pad_axis(q_ids, 1, p.q_len_padded),
+      _pad_axis(kv_ids, 1, p.kv_len_padded),
+      p=p, block_sizes=blocks, interpret=interpret)
+  return out[:, :q_len, :, :head_dim_v], lse[:, :, :q_len]
+
+
+def _run_backward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
+                  kv_ids, out, lse, dout):
+  blocks, p, dqk, dv = _plan(cfg, backend, interpret, q.shape, k.shape,
+                             v.shape, q.dtype, q_ids is not None)
+  pad_q = lambda x, d: _pad_axis(_pad_axis(x, 1, p.q_len_padded), 3, d)  # noqa
+  pad_k = lambda x, d: _pad_axis(_pad_axis(x, 1, p.kv_len_padded), 3, d)  # noqa
+  dq, dk, dv_ = _KERNELS[backend][1](
+      pad_q(q, dqk), pad_k(k, dqk), pad_k(v, dv),
+      _pad_axis(q_ids, 1, p.q_len_padded),
+      _pad_axis(kv_ids, 1, p.kv_len_padded),
+      pad_q(out, dv), _pad_axis(lse, 2, p.q_len_padded, value=np.inf),
+      pad_q(dout.astype(q.dtype), dv),
+      p=p, block_sizes=blocks, interpret=interpret)
+  q_len, kv_len = q.shape[1], k.shape[1]
+  return (dq[:, :q_len, :, :q.shape[3]], dk[:, :kv_len, :, :k.shape[3]],
+          dv_[:, :kv_len, :, :v.shape[3]])
+
+
+def _dispatch(run, cfg: _Config, *args):
+  """Calls `run(backend, interpret, cfg, *args)` on the right kernel."""
+  if cfg.backend is not None:
+    backends = {plat: cfg.backend for plat in NATIVE_PLATFORMS[cfg.backend]}
+    default = cfg.backend
+  else:
+    backends = {"cuda": "triton", "rocm": "triton", "tpu": "mosaic"}
+    default = "triton"
+  if cfg.interpret:  # everywhere in interpret mode: no dispatch needed
+    if cfg.backend is None:
+      return jax.lax.platform_dependent(
+          *args, tpu=functools.partial(run, "mosaic", True, cfg),
+          default=functools.partial(run, "triton", True, cfg))
+    return run(default, True, cfg, *args)
+  branches = {plat: functools.partial(run, b, False, cfg)
+              for plat, b in backends.items()}
+  # interpret=None: interpret where there is no compiler; False: never.
+  default_interpret = cfg.interpret is None
+  return jax.lax.platform_dependent(
+      *args, default=functools.partial(run, default, default_interpret, cfg),
+      **branches)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_ids, kv_ids, cfg: _Config):
+  return _dispatch(_run_forward, cfg, q, k, v, q_ids, kv_ids)[0]
+
+
+def _flash_fwd(q, k, v, q_ids, kv_ids, cfg: _Config):
+  out, lse = _dispatch(_run_forward, cfg, q, k, v, q_ids, kv_ids)
+  return out, (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _flash_bwd(cfg: _Config, residuals, dout):
+  q, k, v, q_ids, kv_ids, out, lse = residuals
+  dq, dk, dv = _dispatch(_run_backward, cfg, q, k, v, q_ids, kv_ids, out, lse,
+                         dout)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
+                    is_causal: bool = False, segment_ids=None,
+                    scale: float | None = None,
+                    block_sizes: BlockSizes | None = None,
+                    interpret: bool | None = None,
+                    backend: str | None = None) -> jax.Array:
+  """Fused, memory-efficient softmax attention (FlashAttention-2 algorithm).
+
+  Never materialises the [Lq, Lk] score matrix; differentiable (custom VJP
+  with fused backward kernels). Same semantics as jaxformer's
+  `dot_product_attention`.
+
+  Args:
+    query: [batch, q_len, heads, head_dim] bfloat16/float16/float32.
+    key: [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0
+      (grouped-query attention, no K/V repeat).
+    value: [batch, kv_len, kv_heads, head_dim_v] (head_dim_v may differ).
+    is_causal: causal mask, bottom-right aligned when q_len != kv_len (query
+      row r sees keys c <= r + kv_len - q_len, as in decoding with a cache).
+    segment_ids: int [batch, length] for self attention, or a pair
+      (q_ids [batch, q_len], kv_ids [batch, kv_len]); a query attends a key
+      iff their ids are equal (0 is not special).
+    scale: logits multiplier; default 1/sqrt(head_dim).
+    block_sizes: tiles; None = the autotuned entry for this shape if
+      `autotune` ran, else `BlockSizes.get_default(backend, head_dim)`.
+    interpret: None = compiled on GPU/TPU, Pallas interpret mode elsewhere
+      (CPU); True = interpret mode everywhere; False = never interpret.
+    backend: None = Triton on GPU, Mosaic on TPU; "triton" or "mosaic" forces
+      one kernel (e.g. to test the Mosaic kernel in interpret mode on a CPU).
+  Returns:
+    [batch, q_len, heads, head_dim_v] in query's dtype (float32 accumulation);
+    rows with no allowed key are zeros.
+  Raises:
+    ValueError/TypeError for unsupported shapes, dtypes, head_dim > 256 or
+    segment ids, before any tracing.
+  """
+  problem = check_inputs(query, key, value, segment_ids)
+  if problem is not None:
+    raise problem[0](problem[1])
+  if backend not in (None, *NATIVE_PLATFORMS):
+    raise ValueError(f"backend must be None, 'triton' or 'mosaic', got"
+                     f" {backend!r}.")
+  if interpret not in (None, True, False):
+    raise ValueError(f"interpret must be None, True or False, got"
+                     f" {interpret!r}.")
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes or None, got"
+                    f" {type(block_sizes).__name__}.")
+  if block_sizes is not None:
+    # The tiles must suit the kernel that runs on the default device; other
+    # platforms' branches of the dispatch fall back to their default tiles.
+    platform = jax.default_backend()
+    runs = backend or ("mosaic" if platform == "tpu" else "triton")
+    block_sizes.fit(query.shape[1], key.shape[1], runs).validate(
+        runs, interpret=bool(interpret) or (
+            interpret is None and platform not in NATIVE_PLATFORMS[runs]))
+  if scale is None:
+    scale = 1.0 / math.sqrt(query.shape[-1])
+  elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    raise ValueError(f"scale must be a finite Python number (it is static),"
+                     f" got {scale!r}.")
+  q_ids, kv_ids = _split_segment_ids(segment_ids, query.shape[1],
+                                     key.shape[1])
+  if q_ids is not None:
+    q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+  cfg = _Config(is_causal=bool(is_causal), scale=float(scale),
+                block_sizes=block_sizes, interpret=interpret, backend=backend)
+  return _flash(query, key, value, q_ids, kv_ids, cfg)

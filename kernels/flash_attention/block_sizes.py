@@ -1,0 +1,156 @@
+"""Tile sizes for the flash attention kernels, with per-backend defaults.
+
+A `BlockSizes` is a frozen (hashable) dataclass so that it can be a static
+argument of `jax.jit` and a key of the autotuner's cache.
+
+Backend rules (checked by `BlockSizes.validate`):
+  * "triton" (GPU): every block a power of two >= 16 (Triton tensors must have
+    power-of-two sizes and `tl.dot` wants >= 16 rows).
+  * "mosaic" (TPU): block_q/block_*_dq/block_q_dkv multiples of 8 (sublanes),
+    key blocks multiples of 128 (lanes). In interpret mode multiples of 8 are
+    enough everywhere, so tests can use small tiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+BACKENDS = ("triton", "mosaic")
+
+
+def next_power_of_2(x: int) -> int:
+  """Smallest power of two >= max(x, 1)."""
+  return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-int(x) // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes of the forward, dK/dV and dQ kernels.
+
+  Attributes:
+    block_q: query rows per program of the forward kernel.
+    block_k: key rows per inner-loop step of the forward kernel.
+    block_q_dkv: query rows per inner-loop step of the dK/dV kernel
+      (None: block_q // 4, at least the backend minimum).
+    block_k_dkv: key rows per program of the dK/dV kernel (None: block_q).
+    block_q_dq: query rows per program of the dQ kernel (None: block_q).
+    block_k_dq: key rows per inner-loop step of the dQ kernel
+      (None: block_q_dkv).
+    num_warps: Triton warps per program (None: heuristic from head dim).
+    num_stages: Triton software-pipelining stages (None: 2).
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dkv: int | None = None
+  block_k_dkv: int | None = None
+  block_q_dq: int | None = None
+  block_k_dq: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if value is None and field.name not in ("block_q", "block_k"):
+        continue
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f"BlockSizes.{field.name} must be a positive int"
+            f"{'' if field.name in ('block_q', 'block_k') else ' or None'},"
+            f" got {value!r}.")
+
+  # The backward tiles, with the documented fallbacks resolved.
+  @property
+  def dkv(self) -> tuple[int, int]:
+    """(block_q_dkv, block_k_dkv)."""
+    bq = self.block_q_dkv or max(self.block_q // 4, 16)
+    return bq, self.block_k_dkv or self.block_q
+
+  @property
+  def dq(self) -> tuple[int, int]:
+    """(block_q_dq, block_k_dq)."""
+    return self.block_q_dq or self.block_q, self.block_k_dq or self.dkv[0]
+
+  def q_blocks(self) -> tuple[int, ...]:
+    """Every tile along the query axis (all must divide the padded Lq)."""
+    return (self.block_q, self.dkv[0], self.dq[0])
+
+  def k_blocks(self) -> tuple[int, ...]:
+    """Every tile along the key axis (all must divide the padded Lk)."""
+    return (self.block_k, self.dkv[1], self.dq[1])
+
+  def validate(self, backend: str, *, interpret: bool = False) -> None:
+    """Raises ValueError if a tile breaks `backend`'s rules (module docstring)."""
+    if backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    names = ("block_q", "block_q_dkv", "block_q_dq",
+             "block_k", "block_k_dkv", "block_k_dq")
+    values = self.q_blocks() + self.k_blocks()
+    for i, (name, value) in enumerate(zip(names, values)):
+      if backend == "triton":
+        ok, rule = value >= 16 and value & (value - 1) == 0, "a power of 2 >= 16"
+      elif interpret or i < 3:
+        ok, rule = value % 8 == 0, "a multiple of 8"
+      else:
+        ok, rule = value % 128 == 0, "a multiple of 128"
+      if not ok:
+        raise ValueError(
+            f"BlockSizes.{name} (resolved) = {value} must be {rule} for the"
+            f" {backend!r} backend{' in interpret mode' if interpret else ''};"
+            f" got {self}.")
+
+  def fit(self, q_len: int, kv_len: int, backend: str) -> BlockSizes:
+    """Shrinks tiles that exceed the (minimally padded) sequence lengths.
+
+    So a length-1 decode step pads to 16 rows, not to 128. Keeps the backend
+    rules: halves powers of two (triton) or rounds up to the minimum multiple.
+    """
+    def shrink(block: int, length: int, minimum: int) -> int:
+      if backend == "triton":
+        return max(min(block, next_power_of_2(length)), minimum)
+      return min(block, round_up(length, minimum))
+
+    q_min = 16 if backend == "triton" else 8
+    k_min = 16 if backend == "triton" else 8
+    dkv_q, dkv_k = self.dkv
+    dq_q, dq_k = self.dq
+    return dataclasses.replace(
+        self,
+        block_q=shrink(self.block_q, q_len, q_min),
+        block_k=shrink(self.block_k, kv_len, k_min),
+        block_q_dkv=shrink(dkv_q, q_len, q_min),
+        block_k_dkv=shrink(dkv_k, kv_len, k_min),
+        block_q_dq=shrink(dq_q, q_len, q_min),
+        block_k_dq=shrink(dq_k, kv_len, k_min),
+    )
+
+  @classmethod
+  def get_default(cls, backend: str, head_dim: int) -> BlockSizes:
+    """Starting points (FlashAttention-2 Triton tutorial tiles); see autotune."""
+    if backend == "mosaic":
+      return cls(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
+                 block_q_dq=128, block_k_dq=128)
+    if backend != "triton":
+      raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if head_dim <= 64:
+      return cls(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=128,
+                 block_q_dq=128, block_k_dq=32, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+      return cls(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=64,
+                 block_q_dq=64, block_k_dq=32, num_warps=8, num_stages=3)
+    return cls(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=32,
+               block_q_dq=32, block_k_dq=16, num_warps=8, num_stages=2)
+
+
+def lcm_block(blocks: tuple[int, ...]) -> int:
+  """Least common multiple of the tiles along one axis (the padding unit)."""
+  out = 1
+  for b in blocks:
+    out = out * b // math.gcd(out, b)
+  return out

@@ -1,0 +1,337 @@
+"""dot_product_attention: every CPU implementation vs a float64 NumPy reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from unittest import mock
+
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformer.attention import chunked as chunked_lib
+from jaxformer.attention import core
+from jaxformer.attention import dot_product_attention, make_causal_mask
+
+import attention_reference as ref
+
+ATOL, RTOL = 2e-5, 2e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  q_len: int
+  kv_len: int | None = None          # None = q_len
+  heads: int = 2
+  kv_heads: int = 2
+  dqk: int = 8
+  dv: int = 8
+  batch: int = 2
+  is_causal: bool = False
+  segments: str | None = None        # None | "single" | "pair"
+
+
+CASES = {
+    "len1": Case(1),
+    "len7_causal": Case(7, is_causal=True),
+    "len77_gqa_causal": Case(77, heads=4, kv_heads=2, is_causal=True),
+    "len130_segments_causal": Case(130, segments="single", is_causal=True),
+    "cross_gqa_dv": Case(7, 77, heads=4, kv_heads=1, dv=6),
+    "decode_alignment": Case(7, 130, is_causal=True),
+    "segment_pair": Case(77, 130, heads=4, kv_heads=2, segments="pair"),
+    "segment_pair_causal_long_q": Case(130, 77, segments="pair", is_causal=True),
+}
+
+
+def make_inputs(case: Case, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  kv_len = case.kv_len or case.q_len
+  q = rng.normal(size=(case.batch, case.q_len, case.heads, case.dqk))
+  k = rng.normal(size=(case.batch, kv_len, case.kv_heads, case.dqk))
+  v = rng.normal(size=(case.batch, kv_len, case.kv_heads, case.dv))
+  d_out = rng.normal(size=(case.batch, case.q_len, case.heads, case.dv))
+  seg = None
+  if case.segments == "single":
+    seg = np.sort(rng.integers(0, 3, (case.batch, case.q_len)), axis=-1)
+  elif case.segments == "pair":
+    # id 3 never occurs among the keys: those queries have no allowed key at all.
+    seg = (rng.integers(0, 4, (case.batch, case.q_len)),
+           rng.integers(0, 3, (case.batch, kv_len)))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(q), cast(k), cast(v), d_out, seg
+
+
+def ref_segments(seg):
+  if seg is None:
+    return None, None
+  if isinstance(seg, tuple):
+    return seg
+  return seg, seg
+
+
+def small_blocks():
+  """Tiny chunk blocks so that the blocking logic runs at test sizes."""
+  return mock.patch.multiple(chunked_lib, DEFAULT_BLOCK_Q=16, DEFAULT_BLOCK_K=32)
+
+
+class ImplementationsTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(implementation=("xla", "chunked"), case=tuple(CASES))
+  def test_forward_and_gradients_match_reference(self, implementation, case):
+    c = CASES[case]
+    q, k, v, d_out, seg = make_inputs(c)
+    q_seg, kv_seg = ref_segments(seg)
+    seg_arg = None if seg is None else (
+        tuple(map(jnp.asarray, seg)) if isinstance(seg, tuple) else jnp.asarray(seg))
+
+    def loss(q, k, v):
+      out = dot_product_attention(q, k, v, is_causal=c.is_causal, segment_ids=seg_arg,
+                                  implementation=implementation)
+      return jnp.sum(out * d_out.astype(np.float32)), out
+
+    with small_blocks():
+      (_, out), grads = self.variant(jax.value_and_grad(loss, argnums=(0, 1, 2),
+                                                        has_aux=True))(q, k, v)
+    want_out, _, want_grads = ref.attention(q, k, v, is_causal=c.is_causal, q_seg=q_seg,
+                                            kv_seg=kv_seg, d_out=d_out)
+    np.testing.assert_allclose(out, want_out, atol=ATOL, rtol=RTOL)
+    for name, got, want in zip("qkv", grads, want_grads):
+      np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+
+  @parameterized.parameters("xla", "chunked")
+  def test_bfloat16_within_one_percent(self, implementation):
+    c = Case(77, 130, heads=4, kv_heads=2, is_causal=True)
+    q, k, v, _, _ = make_inputs(c, dtype=jnp.bfloat16)
+    with small_blocks():
+      out = dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    want, _ = ref.attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                            v.astype(jnp.float32), is_causal=True)
+    err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
+    self.assertLess(err, 1e-2)
+
+  @parameterized.parameters("xla", "chunked")
+  def test_custom_scale(self, implementation):
+    q, k, v, _, _ = make_inputs(Case(33, is_causal=True))
+    with small_blocks():
+      out = dot_product_attention(q, k, v, is_causal=True, scale=0.7,
+                                  implementation=implementation)
+    want, _ = ref.attention(q, k, v, is_causal=True, scale=0.7)
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+
+  def test_implementation_none_matches_xla(self):
+    q, k, v, _, seg = make_inputs(CASES["len130_segments_causal"])
+    got = dot_product_attention(q, k, v, is_causal=True, segment_ids=jnp.asarray(seg))
+    want = dot_product_attention(q, k, v, is_causal=True, segment_ids=jnp.asarray(seg),
+                                 implementation="xla")
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+class XlaOnlyOptionsTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mask_and_bias(self):
+    c = Case(7, 77, heads=4, kv_heads=2, dv=6)
+    q, k, v, d_out, _ = make_inputs(c)
+    rng = np.random.default_rng(1)
+    mask = rng.random((2, 1, 7, 77)) < 0.7            # broadcast over heads
+    bias = rng.normal(size=(4, 7, 77)).astype(np.float32)   # rank 3: broadcast over batch
+
+    def loss(q, k, v):
+      out = dot_product_attention(q, k, v, mask=jnp.asarray(mask), bias=jnp.asarray(bias),
+                                  implementation="xla")
+      return jnp.sum(out * d_out.astype(np.float32)), out
+
+    (_, out), grads = self.variant(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        q, k, v)
+    want, _, want_grads = ref.attention(q, k, v, mask=mask, bias=bias[None], d_out=d_out)
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+    for got, w in zip(grads, want_grads):
+      np.testing.assert_allclose(got, w, atol=ATOL, rtol=RTOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_fully_masked_rows_are_zero_with_finite_gradients(self):
+    q, k, v, d_out, _ = make_inputs(Case(7, 9))
+    mask = np.ones((1, 1, 7, 9), bool)
+    mask[..., 2, :] = False
+    mask[..., 5, :] = False
+
+    def loss(q, k, v):
+      out = dot_product_attention(q, k, v, mask=jnp.asarray(mask))
+      return jnp.sum(out * d_out.astype(np.float32)), out
+
+    (_, out), grads = self.variant(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(
+        q, k, v)
+    np.testing.assert_array_equal(out[:, 2], 0.0)
+    np.testing.assert_array_equal(out[:, 5], 0.0)
+    for g in grads:
+      self.assertTrue(np.all(np.isfinite(g)))
+    np.testing.assert_array_equal(grads[0][:, 2], 0.0)
+    _, _, want_grads = ref.attention(q, k, v, mask=mask, d_out=d_out)
+    for got, w in zip(grads, want_grads):
+      np.testing.assert_allclose(got, w, atol=ATOL, rtol=RTOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_hard_attention_picks_the_best_allowed_key(self):
+    q, k, v, d_out, _ = make_inputs(Case(7, 11, heads=4, kv_heads=2, dv=5, is_causal=True))
+
+    def loss(q, k, v):
+      out, w = dot_product_attention(q, k, v, is_causal=True, hard=True,
+                                     return_weights=True)
+      return jnp.sum(out * d_out.astype(np.float32)), (out, w)
+
+    (_, (out, w)), grads = self.variant(
+        jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    want, want_w, want_grads = ref.attention(q, k, v, is_causal=True, hard=True,
+                                             d_out=d_out)
+    np.testing.assert_array_equal(w, want_w)
+    np.testing.assert_allclose(out, want, atol=ATOL)
+    # The output is exactly one value row.
+    best = np.argmax(np.asarray(w), -1)                         # [B, H, Lq]
+    v_rep = np.repeat(np.asarray(v), 2, axis=2)
+    picked = np.take_along_axis(v_rep.transpose(0, 2, 1, 3), best[..., None], axis=2)
+    np.testing.assert_array_equal(out, picked.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(grads[0], 0.0)
+    np.testing.assert_array_equal(grads[1], 0.0)
+    np.testing.assert_allclose(grads[2], want_grads[2], atol=ATOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_return_weights(self):
+    c = Case(7, 13, heads=4, kv_heads=2, segments="pair")
+    q, k, v, _, seg = make_inputs(c)
+    out, w = self.variant(lambda q, k, v: dot_product_attention(
+        q, k, v, segment_ids=tuple(map(jnp.asarray, seg)), return_weights=True))(q, k, v)
+    want, want_w = ref.attention(q, k, v, q_seg=seg[0], kv_seg=seg[1])
+    self.assertEqual(w.shape, (2, 4, 7, 13))
+    self.assertEqual(w.dtype, jnp.float32)
+    np.testing.assert_allclose(w, want_w, atol=1e-6)
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+    row_ok = want_w.sum(-1) > 0
+    np.testing.assert_allclose(np.asarray(w).sum(-1)[row_ok], 1.0, atol=1e-6)
+
+  def test_dropout_on_weights(self):
+    q, k, v, _, _ = make_inputs(Case(7))
+    base = dot_product_attention(q, k, v)
+    same = dot_product_attention(q, k, v, dropout_rate=0.5)     # no rng: dropout off
+    np.testing.assert_array_equal(base, same)
+    a = dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+    b = dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(1))
+    self.assertFalse(np.allclose(a, base))
+    self.assertFalse(np.allclose(a, b))
+    # Unbiased: the mean over many dropout draws approaches the deterministic output.
+    keys = jax.random.split(jax.random.key(2), 2000)
+    mean = jax.vmap(lambda r: dot_product_attention(q, k, v, dropout_rate=0.5,
+                                                    dropout_rng=r))(keys).mean(0)
+    np.testing.assert_allclose(mean, base, atol=0.1)
+
+  def test_explicit_causal_mask_equals_flag(self):
+    q, k, v, _, _ = make_inputs(Case(7, 12))
+    a = dot_product_attention(q, k, v, is_causal=True)
+    b = dot_product_attention(q, k, v, mask=make_causal_mask(7, 12))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+class DispatchTest(parameterized.TestCase):
+
+  def _shapes(self, q_len, kv_len):
+    return (jax.ShapeDtypeStruct((1, q_len, 2, 8), jnp.float32),
+            jax.ShapeDtypeStruct((1, kv_len, 2, 8), jnp.float32),
+            jax.ShapeDtypeStruct((1, kv_len, 2, 8), jnp.float32))
+
+  def _choose(self, q_len, kv_len, **opts):
+    defaults = dict(has_mask=False, has_bias=False, hard=False, return_weights=False,
+                    dropout=False)
+    defaults.update(opts)
+    return core._choose_implementation(*self._shapes(q_len, kv_len), None, None, True,
+                                       **defaults)
+
+  def test_cpu_choice(self):
+    self.assertEqual(jax.default_backend(), "cpu")
+    self.assertEqual(self._choose(128, 128), "xla")
+    self.assertEqual(self._choose(2048, 2048), "chunked")
+    # Options the chunked path does not have keep the math: xla.
+    for opt in ("has_mask", "has_bias", "hard", "return_weights", "dropout"):
+      self.assertEqual(self._choose(2048, 2048, **{opt: True}), "xla", opt)
+
+  def test_fallback_is_logged(self):
+    with self.assertLogs(core.logger, "INFO") as logs:
+      self._choose(2048, 2048, has_mask=True)
+    self.assertIn("does not support mask", "\n".join(logs.output))
+
+  def test_named_path_that_cannot_raises(self):
+    q, k, v, _, _ = make_inputs(Case(7))
+    with self.assertRaisesRegex(ValueError, "'chunked' cannot be used.*mask"):
+      dot_product_attention(q, k, v, mask=jnp.ones((7, 7), bool), implementation="chunked")
+    with self.assertRaisesRegex(ValueError, "'chunked' cannot be used.*return_weights"):
+      dot_product_attention(q, k, v, return_weights=True, implementation="chunked")
+    with self.assertRaisesRegex(ValueError, "cuDNN needs an NVIDIA GPU"):
+      dot_product_attention(q, k, v, implementation="cudnn")
+
+  def test_pallas(self):
+    q, k, v, _, seg = make_inputs(Case(77, heads=4, kv_heads=2, segments="single",
+                                       is_causal=True))
+    if importlib.util.find_spec("kernels.flash_attention") is None:
+      self.skipTest("kernels.flash_attention is not importable")
+    try:
+      from kernels.flash_attention import supports  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      # The error for an explicit request must say what is missing.
+      with self.assertRaisesRegex(ValueError, "kernels.flash_attention"):
+        dot_product_attention(q, k, v, implementation="pallas")
+      return
+    seg = jnp.asarray(seg)
+    reason = supports(q, k, v, segment_ids=(seg, seg), platform="cpu")
+    if reason is not None:
+      self.skipTest(f"pallas does not support this case on cpu: {reason}")
+    out = dot_product_attention(q, k, v, is_causal=True, segment_ids=seg,
+                                implementation="pallas")
+    want, _ = ref.attention(q, k, v, is_causal=True, q_seg=seg, kv_seg=seg)
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-3)
+
+
+class ValidationTest(parameterized.TestCase):
+
+  def _qkv(self, q_shape=(2, 5, 4, 8), k_shape=(2, 6, 2, 8), v_shape=(2, 6, 2, 3),
+           dtypes=(jnp.float32,) * 3):
+    return (jnp.zeros(q_shape, dtypes[0]), jnp.zeros(k_shape, dtypes[1]),
+            jnp.zeros(v_shape, dtypes[2]))
+
+  @parameterized.named_parameters(
+      ("rank", dict(q_shape=(2, 5, 32)), {}, ValueError, "query must be rank 4"),
+      ("batch", dict(k_shape=(3, 6, 2, 8), v_shape=(3, 6, 2, 3)), {}, ValueError,
+       "batch sizes differ"),
+      ("heads", dict(k_shape=(2, 6, 3, 8), v_shape=(2, 6, 3, 3)), {}, ValueError,
+       "query heads 4 must be a multiple of key/value heads 3"),
+      ("head_dim", dict(k_shape=(2, 6, 2, 7)), {}, ValueError,
+       "query head_dim 8 != key head_dim 7"),
+      ("kv_len", dict(v_shape=(2, 7, 2, 3)), {}, ValueError,
+       "key length 6 != value length 7"),
+      ("dtype", dict(dtypes=(jnp.float32, jnp.bfloat16, jnp.float32)), {}, TypeError,
+       "share a dtype"),
+      ("mask_shape", {}, dict(mask=jnp.ones((2, 1, 5, 5), bool)), ValueError,
+       r"mask of shape \(2, 1, 5, 5\) does not broadcast to .* \(2, 4, 5, 6\)"),
+      ("mask_dtype", {}, dict(mask=jnp.ones((5, 6), jnp.float32)), TypeError,
+       "mask must be bool"),
+      ("bias_shape", {}, dict(bias=jnp.ones((3, 5, 6))), ValueError,
+       r"bias of shape \(3, 5, 6\) does not broadcast"),
+      ("implementation", {}, dict(implementation="flash"), ValueError,
+       "implementation='flash'; expected one of"),
+      ("segment_single_cross", {}, dict(segment_ids=jnp.zeros((2, 5), jnp.int32)),
+       ValueError, "single segment_ids array needs Lq == Lk"),
+      ("segment_pair_shape", {},
+       dict(segment_ids=(jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 5), jnp.int32))),
+       ValueError, r"segment_ids\[1\] has shape \(2, 5\); expected .* \(2, 6\)"),
+      ("segment_dtype", {},
+       dict(segment_ids=(jnp.zeros((2, 5)), jnp.zeros((2, 6), jnp.int32))),
+       TypeError, "must be integer"),
+      ("dropout", {}, dict(dropout_rate=1.0), ValueError, "dropout_rate=1.0"),
+  )
+  def test_errors(self, shapes, kwargs, error, match):
+    q, k, v = self._qkv(**shapes)
+    with pytest.raises(error, match=match):
+      dot_product_attention(q, k, v, **kwargs)

@@ -1,0 +1,173 @@
+"""MLP, norms, blocks and the layer stack (pre/post-LN structure, remat/scan equivalence)."""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+from scipy import special as sp_special
+
+from jaxformer.layers import (BlockConfig, DecoderBlock, EncoderBlock, MLP, Stack,
+                              make_norm, stack_layer_params, unstack_layer_params)
+
+_NP_ACT = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "gelu_exact": lambda x: 0.5 * x * (1.0 + sp_special.erf(x / np.sqrt(2.0))),
+    "gelu": lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    "swiglu": lambda x: x / (1.0 + np.exp(-x)),
+}
+
+
+def _unbox(tree):
+  return nn.meta.unbox(tree)
+
+
+class MLPTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True)
+  @parameterized.parameters("relu", "gelu", "gelu_exact", "swiglu")
+  def test_matches_numpy(self, activation):
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    module = MLP(8, activation=activation)
+    variables = module.init(jax.random.key(0), x)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), _unbox(variables))["params"]
+    self.assertEqual(variables["params"]["wi"]["kernel"].names, ("embed", "mlp"))
+    self.assertEqual(variables["params"]["wo"]["kernel"].names, ("mlp", "embed"))
+    got = self.variant(module.apply)(variables, x)
+    act = _NP_ACT[activation]
+    h = x @ params["wi"]["kernel"] + params["wi"]["bias"]
+    if activation == "swiglu":
+      h = act(x @ params["wi_gate"]["kernel"] + params["wi_gate"]["bias"]) * h
+    else:
+      h = act(h)
+    want = h @ params["wo"]["kernel"] + params["wo"]["bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_bad_activation(self):
+    with self.assertRaisesRegex(ValueError, "activation='tanh'"):
+      MLP(4, activation="tanh").init(jax.random.key(0), jnp.zeros((1, 2, 4)))
+
+
+class NormTest(parameterized.TestCase):
+
+  def test_layernorm_and_rmsnorm(self):
+    x = np.random.default_rng(1).normal(size=(2, 3, 8)).astype(np.float32) * 3 + 1
+    ln = make_norm("layernorm", eps=1e-6)
+    v = ln.init(jax.random.key(0), x)
+    self.assertEqual(v["params"]["scale"].names, ("norm",))
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(ln.apply(v, x), want, rtol=1e-4, atol=1e-4)
+    rms = make_norm("rmsnorm", eps=1e-6)
+    v = rms.init(jax.random.key(0), x)
+    self.assertNotIn("bias", v["params"])
+    want = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(rms.apply(v, x), want, rtol=1e-4, atol=1e-4)
+    with self.assertRaisesRegex(ValueError, "norm_type='batchnorm'"):
+      make_norm("batchnorm")
+
+
+_CFG = BlockConfig(num_heads=2, mlp_dim=16, dropout_rate=0.0)
+_X = np.random.default_rng(2).normal(size=(2, 5, 8)).astype(np.float32)
+
+
+class BlockConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(dict(norm="middle"), dict(norm_type="groupnorm"),
+                            dict(activation="tanh"), dict(num_heads=0),
+                            dict(dropout_rate=1.0))
+  def test_invalid(self, **kwargs):
+    with self.assertRaises(ValueError):
+      BlockConfig(**{"num_heads": 2, "mlp_dim": 4, **kwargs})
+
+
+class StructureTest(parameterized.TestCase):
+
+  def test_post_ln_output_is_normalized_and_has_no_final_norm(self):
+    cfg = BlockConfig(num_heads=2, mlp_dim=16, norm="post")
+    stack = Stack(EncoderBlock, cfg, 2)
+    v = stack.init(jax.random.key(0), _X, None, None, None)
+    self.assertNotIn("final_norm", v["params"])
+    y = stack.apply(v, _X, None, None, None)
+    # post-LN: the last op is a LayerNorm with scale 1, bias 0 at init.
+    np.testing.assert_allclose(np.mean(y, -1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(np.std(y, -1), 1.0, atol=1e-3)
+
+  def test_pre_ln_has_final_norm_and_residual_path(self):
+    cfg = BlockConfig(num_heads=2, mlp_dim=16, norm="pre")
+    v = Stack(EncoderBlock, cfg, 2).init(jax.random.key(0), _X, None, None, None)
+    self.assertIn("final_norm", v["params"])
+    # Without the final norm, zeroing every sublayer's output projection leaves x as is.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if any(
+            getattr(k, "key", None) in ("out", "wo") for k in path) else a,
+        _unbox(v["params"]))
+    y = Stack(EncoderBlock, cfg, 2, final_norm=False).apply(
+        {"params": {k: p for k, p in params.items() if k != "final_norm"}}, _X, None,
+        None, None)
+    np.testing.assert_allclose(y, _X, atol=1e-6)
+
+  def test_decoder_block_cross_attention_params_and_causality(self):
+    enc = np.ones((2, 3, 8), np.float32)
+    block = DecoderBlock(_CFG, cross_attention=True)
+    v = block.init(jax.random.key(0), _X, enc)
+    self.assertEqual(set(v["params"]), {"attention_norm", "self_attention",
+                                        "cross_attention_norm", "cross_attention",
+                                        "mlp_norm", "mlp"})
+    y = block.apply(v, _X, enc)
+    y2 = block.apply(v, _X.at[:, 3:].set(5.0) if hasattr(_X, "at") else
+                     np.concatenate([_X[:, :3], np.full((2, 2, 8), 5.0, np.float32)], 1),
+                     enc)
+    np.testing.assert_allclose(y[:, :3], y2[:, :3], atol=1e-6)
+    self.assertGreater(np.abs(y[:, 3:] - y2[:, 3:]).max(), 1e-3)
+    with self.assertRaisesRegex(ValueError, "encoded"):
+      block.apply(v, _X)
+
+
+class StackTest(chex.TestCase):
+
+  @chex.variants(with_jit=True)
+  def test_scan_and_remat_match_plain_loop(self):
+    mask = np.ones((2, 1, 1, 5), bool)
+    mask[0, ..., 3:] = False
+    plain = Stack(EncoderBlock, _CFG, 3)
+    v = _unbox(plain.init(jax.random.key(0), _X, mask, None, None))
+    scanned_params = stack_layer_params(v)
+    self.assertEqual(scanned_params["params"]["layers"]["mlp"]["wi"]["kernel"].shape,
+                     (3, 8, 16))
+    chex.assert_trees_all_equal(unstack_layer_params(scanned_params), v)
+
+    def loss(module, params):
+      return lambda p: jnp.sum(module.apply(p, _X, mask, None, None) ** 2)
+
+    want, want_grad = self.variant(jax.value_and_grad(loss(plain, v)))(v)
+    for remat, scan in ((True, False), (False, True), (True, True)):
+      module = Stack(EncoderBlock, _CFG, 3, remat=remat, scan=scan)
+      params = scanned_params if scan else v
+      # The scanned init has the same structure as the converted plain params.
+      init = _unbox(module.init(jax.random.key(0), _X, mask, None, None))
+      chex.assert_trees_all_equal_shapes(init, params)
+      got, grad = self.variant(jax.value_and_grad(loss(module, params)))(params)
+      np.testing.assert_allclose(got, want, rtol=1e-5)
+      if scan:
+        grad = unstack_layer_params(grad)
+      chex.assert_trees_all_close(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+  def test_scanned_params_carry_layers_axis(self):
+    module = Stack(EncoderBlock, _CFG, 2, scan=True)
+    v = jax.eval_shape(module.init, jax.random.key(0), _X, None, None, None)
+    names = v["params"]["layers"]["self_attention"]["qkv"]["kernel"].names
+    self.assertEqual(names[0], "layers")
+
+  def test_dropout_is_active_only_when_not_deterministic(self):
+    cfg = BlockConfig(num_heads=2, mlp_dim=16, dropout_rate=0.5)
+    module = Stack(EncoderBlock, cfg, 1)
+    v = module.init(jax.random.key(0), _X, None, None, None)
+    a = module.apply(v, _X, None, None, None, deterministic=True)
+    b = module.apply(v, _X, None, None, None, deterministic=True)
+    c = module.apply(v, _X, None, None, None, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})
+    np.testing.assert_array_equal(a, b)
+    self.assertGreater(np.abs(a - c).max(), 1e-3)
