@@ -10,11 +10,11 @@ is ``jaxformer.training.loop.train(config, workdir)``, importable from a noteboo
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from jaxformer.training import loop
@@ -30,7 +30,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  std_logging.getLogger("absl").setLevel(std_logging.WARNING)
+  logging.set_verbosity(logging.WARNING)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   loop.train(_CONFIG.value, _WORKDIR.value)
 

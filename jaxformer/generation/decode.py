@@ -6,6 +6,8 @@ position ``t`` and gets the distribution of position ``t + 1``; while ``t + 1`` 
 inside a row's prompt the prompt token is kept (the prefill is "forced decoding"),
 afterwards the sampled token is written. A row therefore never attends to padding, positions
 need no shifting, and the result for a row equals generating from that prompt alone.
+Before the loop, the prefix that every row shares as prompt (the shortest prompt length
+minus one, rounded down to a power of two) is fed in one multi-token call.
 
 The loop is one ``lax.while_loop`` over positions that stops as soon as every row has
 emitted ``eos_id`` or ``max_new_tokens`` tokens; positions after a row's end hold
@@ -93,7 +95,7 @@ def init_cache(model: nn.Module, *init_args: Any, **init_kwargs: Any) -> PyTree:
     The cache pytree.
   """
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), *init_args, **init_kwargs))
+      lambda: model.init(jax.random.key(0), *init_args, **init_kwargs))
   if "cache" not in shapes:
     raise TypeError(f"{type(model).__name__}.init in decode mode created no 'cache' "
                     "collection")
@@ -158,7 +160,8 @@ def sample_loop(step_fn: StepFn, cache: PyTree, prompt_BL: Array, prompt_lengths
   Args:
     step_fn: ``(cache, tokens_BL, positions_BL) -> (logits_BV, cache)``, the logits of
       the last of the ``L`` appended positions (``L = 1`` except for the prefill).
-    cache: the initial cache, sized for ``L + max_new_tokens`` positions.
+    cache: the initial cache, sized for ``L + max_new_tokens - 1`` positions (the last
+      token is never fed back).
     prompt_BL: int [batch, L], right-padded.
     prompt_lengths_B: int [batch], each in ``[1, L]``.
     max_new_tokens: Python int >= 1: the most tokens generated per row.
@@ -271,8 +274,8 @@ def _check_max_len(model: Any, total: int, field: str = "max_len") -> None:
   cfg = getattr(model, "config", None)
   max_len = getattr(cfg, field, None)
   if isinstance(max_len, int) and total > max_len:
-    raise ValueError(f"prompt length + max_new_tokens = {total} exceeds the model's "
-                     f"{type(cfg).__name__}.{field}={max_len}")
+    raise ValueError(f"prompt length + max_new_tokens - 1 = {total} (the positions fed to "
+                     f"the model) exceeds {type(cfg).__name__}.{field}={max_len}")
 
 
 def _is_greedy(temperature) -> bool:
@@ -291,7 +294,8 @@ def _generate_jit(model, params, prompt_BL, prompt_lengths_B, rng, temperature, 
                   max_new_tokens, top_k, eos_id, pad_id, greedy, use_top_p, pass_positions,
                   prefill_len):
   batch, prompt_len = prompt_BL.shape
-  cache = init_cache(model, jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32))
+  # The last token is never fed back, so the cache holds one position less.
+  cache = init_cache(model, jnp.zeros((batch, prompt_len + max_new_tokens - 1), jnp.int32))
   step = flax_step_fn(model, params, pass_positions=pass_positions)
   return sample_loop(step, cache, prompt_BL, prompt_lengths_B,
                      max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
@@ -327,8 +331,8 @@ def generate(model: nn.Module, params: PyTree, prompt_BL: Array, *, max_new_toke
       here, so pass the training-mode module.
     params: its ``params`` collection (or ``{'params': ...}``).
     prompt_BL: int [batch, L]: prompts, right-padded (see ``prompt_lengths``).
-    max_new_tokens: >= 1; the cache holds ``L + max_new_tokens`` positions, which must not
-      exceed the model's maximum length.
+    max_new_tokens: >= 1; the cache holds ``L + max_new_tokens - 1`` positions (the last
+      token is never fed back), which must not exceed the model's ``max_len``.
     rng: one PRNG key or one per row; may be None only for greedy decoding.
     temperature: >= 0; 0 is greedy.
     top_k: keep the k most likely tokens (Python int) or None.
@@ -346,12 +350,12 @@ def generate(model: nn.Module, params: PyTree, prompt_BL: Array, *, max_new_toke
   """
   lengths_B = _check_generate_args(prompt_BL, prompt_lengths, max_new_tokens, temperature,
                                    top_k, top_p, eos_id, pad_id)
-  _check_max_len(model, prompt_BL.shape[1] + max_new_tokens)
+  _check_max_len(model, prompt_BL.shape[1] + max_new_tokens - 1)
   greedy = _is_greedy(temperature)
   if rng is None:
     if not greedy:
       raise ValueError("rng is required unless temperature == 0 (greedy decoding)")
-    rng = jax.random.PRNGKey(0)
+    rng = jax.random.key(0)
   return _generate_jit(
       decoding_module(model), params, jnp.asarray(prompt_BL), lengths_B, rng,
       jnp.asarray(1.0 if greedy else temperature, jnp.float32),

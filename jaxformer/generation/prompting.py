@@ -18,12 +18,11 @@ sub-word tokenizers it is the usual convention (and why verbalizers start with a
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import Any, Hashable
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.generation import metrics

@@ -262,10 +262,27 @@ class Stack(nn.Module):
 _LAYER_KEY = re.compile(r"^layers_(\d+)$")
 
 
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def _stack_leaves(*xs: Any) -> Any:
+  if _is_box(xs[0]):  # keep logical names: prepend the LAYERS axis
+    return xs[0].replace(value=jnp.stack([x.value for x in xs]),
+                         names=(axes.LAYERS, *xs[0].names))
+  return jnp.stack(xs)
+
+
+def _index_leaf(x: Any, i: int) -> Any:
+  if _is_box(x):
+    return x.replace(value=x.value[i], names=tuple(x.names[1:]))
+  return x[i]
+
+
 def stack_layer_params(tree: Any) -> Any:
   """Plain-loop variables -> scanned layout (``layers_i`` dicts -> one stacked ``layers``).
 
-  Works on any (unboxed) nested dict, e.g. a whole ``variables`` tree; every dict holding
+  Works on any nested dict (boxed ``nn.Partitioned`` leaves get the ``layers`` axis name), e.g. a whole ``variables`` tree; every dict holding
   ``layers_0 .. layers_{n-1}`` is rewritten, other keys are kept.
   """
   if not isinstance(tree, Mapping):
@@ -281,8 +298,9 @@ def stack_layer_params(tree: Any) -> Any:
   if layer_items:
     if sorted(layer_items) != list(range(len(layer_items))):
       raise ValueError(f"layer keys are not contiguous: {sorted(layer_items)}")
-    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs),
-                                 *[layer_items[i] for i in range(len(layer_items))])
+    out["layers"] = jax.tree.map(_stack_leaves,
+                                 *[layer_items[i] for i in range(len(layer_items))],
+                                 is_leaf=_is_box)
   return out
 
 
@@ -294,8 +312,10 @@ def unstack_layer_params(tree: Any) -> Any:
   for key, value in tree.items():
     if key == "layers" and isinstance(value, Mapping):
       n = jax.tree.leaves(value)[0].shape[0]
+      inner = unstack_layer_params(value)
       for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], unstack_layer_params(value))
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: _index_leaf(x, i), inner,
+                                          is_leaf=_is_box)
     else:
       out[key] = unstack_layer_params(value)
   return out

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxformer import axes
 from jaxformer.layers import embeddings
+from jaxformer.layers.norms import check_norm
 
 Array = jax.Array
 
@@ -21,6 +22,7 @@ def check_common(cfg: Any) -> None:
   """Validates the fields every model config shares; raises ValueError naming the field."""
   name = type(cfg).__name__
   embeddings.check_position_kind(cfg.positions, field=f"{name}.positions")
+  check_norm(cfg.norm, cfg.norm_type)
   if cfg.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"{name}.attention_impl={cfg.attention_impl!r}; expected one of "
                      f"{ATTENTION_IMPLS}")
@@ -31,7 +33,8 @@ def check_common(cfg: Any) -> None:
   if cfg.embed_dim % cfg.num_heads and getattr(cfg, "head_dim", None) is None:
     raise ValueError(f"{name}.embed_dim={cfg.embed_dim} is not divisible by "
                      f"num_heads={cfg.num_heads}; set head_dim or change one of them")
-  if cfg.positions == "rotary" and (cfg.head_dim or cfg.embed_dim // cfg.num_heads) % 2:
+  head_dim = getattr(cfg, "head_dim", None) or cfg.embed_dim // cfg.num_heads
+  if cfg.positions == "rotary" and head_dim % 2:
     raise ValueError(f"{name}.positions='rotary' needs an even head_dim")
   if cfg.positions == "sinusoidal" and cfg.embed_dim % 2:
     raise ValueError(f"{name}.positions='sinusoidal' needs an even embed_dim, "

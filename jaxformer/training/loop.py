@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -128,13 +128,16 @@ def sample_text(model: Any, params: Any, tokenizer: Any, *, prompt: str,
   return tokenizer.decode(np.asarray(tokens_BT[0, 1:int(lengths_B[0])]).tolist())
 
 
-def train(config: Any, workdir: str) -> dict[str, Any]:
+def train(config: Any, workdir: str, *,
+          should_stop: Callable[[int], bool] | None = None) -> dict[str, Any]:
   """Trains (or resumes training) as described by ``config``; returns a summary.
 
   Args:
     config: an ``ml_collections.ConfigDict`` (see ``experiments/configs/gpt_bytes.py``
       for the sections and fields).
     workdir: checkpoints, ``metrics.jsonl``, TensorBoard events, ``summary.json``.
+    should_stop: optional ``steps_done -> bool``, checked after every step; True
+      stops like a SIGTERM does (checkpoint, then return with ``preempted=True``).
   Returns:
     ``{"step", "loss", "eval_loss", "eval_bits_per_byte" (byte tokenizers),
     "step_time_ms", "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
@@ -260,7 +263,7 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
         run_eval()
       checkpointer.save(step, state, data_state=train_it.get_state(),
                         config=config_json)
-      stop = preempt.requested
+      stop = preempt.requested or (should_stop is not None and should_stop(step))
       if multi:
         stop = ckpt_lib.any_process(stop) if is_log else False
       if stop and step < num_steps:

@@ -147,6 +147,7 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     offset = max(warmup, 1)
 
     def decay(count):
+      count = jnp.maximum(jnp.asarray(count, jnp.float32), 0.0)
       return peak * jnp.sqrt(offset / (count + offset))
   else:  # constant
     decay = optax.constant_schedule(peak)

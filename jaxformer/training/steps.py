@@ -75,12 +75,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     return task(model, params, batch, rng, False)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
 
   finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            & jnp.isfinite(optax.global_norm(updates)))
+            & jnp.isfinite(optax.tree.norm(updates)))
   loss_f32 = loss.astype(jnp.float32)
   if opt_config.spike_factor is not None:
     spike = ((state.step >= opt_config.spike_warmup_steps)

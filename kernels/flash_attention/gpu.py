@@ -59,7 +59,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
           p, rows[:, None], cols[None, :],
           None if q_ids is None else q_ids[:, None],
           None if q_ids is None else kv_ids_ref[ks][None, :])
-      s = jnp.where(mask, s, common.MASK_VALUE)
+      if mask is not None:  # None: nothing to mask for this problem
+        s = jnp.where(mask, s, common.MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_next)
     probs = jnp.exp2(s - m_next[:, None])

@@ -82,7 +82,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
                                                       kv_tile * block_k),
           q_ids_ref[:, 0:1] if p.has_segments else None,
           kv_ids_ref[0:1, :] if p.has_segments else None)
-      s = jnp.where(mask, s, common.MASK_VALUE)
+      if mask is not None:  # None: nothing to mask for this problem
+        s = jnp.where(mask, s, common.MASK_VALUE)
     m_prev = m_scr[:, 0:1]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_next)
@@ -187,7 +188,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
                                                       kv_tile * block_k),
           q_ids_ref[0:1, :] if p.has_segments else None,
           kv_ids_ref[:, 0:1] if p.has_segments else None)
-      probs_t = jnp.where(mask_t, probs_t, 0.0)
+      if mask_t is not None:
+        probs_t = jnp.where(mask_t, probs_t, 0.0)
     dv_scr[...] += common.dot(probs_t.astype(do.dtype), do)
     dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
     ds_t = probs_t * (dp_t - delta_ref[...])
@@ -228,7 +230,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
                                                       kv_tile * block_k),
           q_ids_ref[:, 0:1] if p.has_segments else None,
           kv_ids_ref[0:1, :] if p.has_segments else None)
-      probs = jnp.where(mask, probs, 0.0)
+      if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)
     dp = common.dot(do_ref[...], v_ref[...], trans_b=True)
     ds = probs * (dp - delta_ref[:, 0:1])
     dq_scr[...] += common.dot(ds.astype(k.dtype), k)

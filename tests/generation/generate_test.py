@@ -94,6 +94,13 @@ class SampleLoopTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_array_equal(la, lb)
     c, _ = run(prompt, lengths, rng=jax.random.split(jax.random.PRNGKey(7), 2))
     self.assertFalse(np.array_equal(a, c))
+    # One key (raw or typed) means `split(key, batch)` row keys.
+    for key in (jax.random.PRNGKey(42), jax.random.key(42)):
+      one, _ = run(prompt, lengths, rng=key)
+      many, _ = run(prompt, lengths, rng=jax.random.split(key, 2))
+      np.testing.assert_array_equal(one, many)
+    with self.assertRaisesRegex(ValueError, "rng"):
+      run(prompt, lengths, rng=jax.random.split(jax.random.PRNGKey(0), 3))
     # Row 1 alone with its own key gives the same tokens as inside the batch.
     single, ls = run(prompt[1:, :2], lengths[1:], rng=keys[1:])
     np.testing.assert_array_equal(np.asarray(single[0, :int(ls[0])]),
@@ -119,13 +126,13 @@ def _tiny_gpt(**overrides):
 VOCAB_GPT = 32
 
 
-def _full_recompute_greedy(model, params, prompt, max_new, eos_id=None):
+def _full_recompute_greedy(model, params, prompt, max_new, eos_id=None, max_len=None):
   """Arg-max of a full forward on the growing sequence, one step at a time.
 
   The sequence is right-padded to the model's max_len (one compilation); causal attention
   makes the padding invisible to the position that is read.
   """
-  max_len = model.config.max_len
+  max_len = max_len or model.config.max_len
   apply = jax.jit(lambda x: model.apply({"params": params}, x))
   seq = list(prompt)
   for _ in range(max_new):
@@ -203,8 +210,28 @@ class GenerateGPTTest(parameterized.TestCase):
   def test_too_long_for_the_model(self):
     model, params = _tiny_gpt()
     with self.assertRaisesRegex(ValueError, "max_len"):
-      decode.generate(model, params, np.zeros((1, 10), np.int32), max_new_tokens=7,
+      decode.generate(model, params, np.zeros((1, 10), np.int32), max_new_tokens=8,
                       temperature=0.0)
+
+  def test_image_gpt_full_image(self):
+    """ImageGPT: from SOS, all H*W clusters; the cache fills the model's max_len exactly."""
+    from jaxformer.models.image_gpt import (  # pylint: disable=g-import-not-at-top
+        ImageGPT, image_gpt_tiny)
+    cfg = image_gpt_tiny(init_stddev=0.3)
+    model = ImageGPT(cfg)
+    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, cfg.seq_len), jnp.int32)))(
+        jax.random.PRNGKey(2))["params"]
+    prompt = np.full((2, 1), cfg.sos_id, np.int32)
+    tokens, lengths = decode.generate(model, params, prompt, max_new_tokens=cfg.seq_len,
+                                      temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(lengths), [1 + cfg.seq_len] * 2)
+    ref = _full_recompute_greedy(model, params, [cfg.sos_id], cfg.seq_len,
+                                 max_len=cfg.seq_len)
+    np.testing.assert_array_equal(np.asarray(tokens)[0], ref)
+    sampled, _ = decode.generate(model, params, prompt, max_new_tokens=cfg.seq_len,
+                                 rng=jax.random.PRNGKey(0), top_k=4)
+    sampled = np.asarray(sampled)[:, 1:]
+    self.assertTrue(np.all((sampled >= 0) & (sampled < cfg.num_clusters)))
 
 
 class GenerateArgsTest(parameterized.TestCase):

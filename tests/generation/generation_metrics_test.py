@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized

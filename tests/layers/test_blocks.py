@@ -117,9 +117,8 @@ class StructureTest(parameterized.TestCase):
                                         "cross_attention_norm", "cross_attention",
                                         "mlp_norm", "mlp"})
     y = block.apply(v, _X, enc)
-    y2 = block.apply(v, _X.at[:, 3:].set(5.0) if hasattr(_X, "at") else
-                     np.concatenate([_X[:, :3], np.full((2, 2, 8), 5.0, np.float32)], 1),
-                     enc)
+    later_changed = np.concatenate([_X[:, :3], np.full((2, 2, 8), 5.0, np.float32)], 1)
+    y2 = block.apply(v, later_changed, enc)
     np.testing.assert_allclose(y[:, :3], y2[:, :3], atol=1e-6)
     self.assertGreater(np.abs(y[:, 3:] - y2[:, 3:]).max(), 1e-3)
     with self.assertRaisesRegex(ValueError, "encoded"):
@@ -132,11 +131,11 @@ class StackTest(chex.TestCase):
   def test_scan_and_remat_match_plain_loop(self):
     mask = np.ones((2, 1, 1, 5), bool)
     mask[0, ..., 3:] = False
-    plain = Stack(EncoderBlock, _CFG, 3)
+    plain = Stack(EncoderBlock, _CFG, 2)
     v = _unbox(plain.init(jax.random.key(0), _X, mask, None, None))
     scanned_params = stack_layer_params(v)
     self.assertEqual(scanned_params["params"]["layers"]["mlp"]["wi"]["kernel"].shape,
-                     (3, 8, 16))
+                     (2, 8, 16))
     chex.assert_trees_all_equal(unstack_layer_params(scanned_params), v)
 
     def loss(module, params):
@@ -144,10 +143,10 @@ class StackTest(chex.TestCase):
 
     want, want_grad = self.variant(jax.value_and_grad(loss(plain, v)))(v)
     for remat, scan in ((True, False), (False, True), (True, True)):
-      module = Stack(EncoderBlock, _CFG, 3, remat=remat, scan=scan)
+      module = Stack(EncoderBlock, _CFG, 2, remat=remat, scan=scan)
       params = scanned_params if scan else v
       # The scanned init has the same structure as the converted plain params.
-      init = _unbox(module.init(jax.random.key(0), _X, mask, None, None))
+      init = _unbox(jax.eval_shape(module.init, jax.random.key(0), _X, mask, None, None))
       chex.assert_trees_all_equal_shapes(init, params)
       got, grad = self.variant(jax.value_and_grad(loss(module, params)))(params)
       np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -160,6 +159,15 @@ class StackTest(chex.TestCase):
     v = jax.eval_shape(module.init, jax.random.key(0), _X, None, None, None)
     names = v["params"]["layers"]["self_attention"]["qkv"]["kernel"].names
     self.assertEqual(names[0], "layers")
+    # Converting boxed plain params gives the same names (and back).
+    plain = jax.eval_shape(Stack(EncoderBlock, _CFG, 2).init, jax.random.key(0), _X,
+                           None, None, None)
+    converted = jax.eval_shape(stack_layer_params, plain)
+    self.assertEqual(converted["params"]["layers"]["self_attention"]["qkv"]["kernel"].names,
+                     names)
+    back = jax.eval_shape(unstack_layer_params, converted)
+    self.assertEqual(back["params"]["layers_1"]["mlp"]["wo"]["kernel"].names,
+                     ("mlp", "embed"))
 
   def test_dropout_is_active_only_when_not_deterministic(self):
     cfg = BlockConfig(num_heads=2, mlp_dim=16, dropout_rate=0.5)

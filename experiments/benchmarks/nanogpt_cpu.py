@@ -1,0 +1,923 @@
+"""nanoGPT (PyTorch) vs. jaxformer's GPT on the CPU: same model, same batches.
+
+The project's bar: PyTorch nanoGPT at 4 layers x 128 wide, 4 heads, context 64, batch 12
+trains at about 32 ms/step on a 2-core CPU and reaches a validation loss of about 1.88
+on character-level Shakespeare in 2,000 steps; jaxformer's GPT must be no slower and
+learn no worse. Shakespeare is not available offline, so both trainers here see the
+SAME data and the SAME batches: the embedded default data set (the Python standard
+library's source, byte-level, :mod:`jaxformer.data.embedded`) through the project's own
+pipeline (``jaxformer.training.builders.train_iterator`` / ``eval_iterator`` with the
+config's data section and seed), so every train and eval batch is identical by
+construction.
+
+Run (on a quiet machine; the full comparison takes a few minutes per side)::
+
+  python -m experiments.benchmarks.nanogpt_cpu --steps 2000 \\
+      --out experiments/benchmarks/results
+
+  # a smoke run (timings meaningless on a busy machine):
+  python -m experiments.benchmarks.nanogpt_cpu --steps 30 --eval_every 15 --out /tmp/nb
+
+The two sides:
+
+* **PyTorch**: a faithful re-implementation of Karpathy's nanoGPT ``model.py`` (pre-LN
+  blocks, exact-erf GELU MLP 4x, learned positions, tied embeddings, biases,
+  ``F.scaled_dot_product_attention(is_causal=True)``, dropout 0, init normal(0.02) and
+  normal(0.02 / sqrt(2 n_layer)) for both ``c_proj`` weights) and of ``train.py``'s loop
+  (AdamW with weight decay on >= 2-D parameters only, nanoGPT's ``get_lr``: linear
+  warmup ``lr (it+1) / (warmup+1)`` then cosine to ``min_lr`` at the last step, grad
+  clip, float32, ``torch.set_num_threads(2)``, ``torch.manual_seed(1337)``). Hyper-
+  parameters are read from the same config file as ours (``gpt_bytes.py``):
+  ``min_lr = learning_rate * end_lr_fraction``. Differences from nanoGPT, all forced by
+  feeding the same packed batches: the loss is the ``weights``-weighted mean
+  cross-entropy (identical to ours; the weights are 0 only on padding, which the
+  endless training stream almost never has), and the batches come from our pipeline
+  instead of random 64-byte windows. By default (``--torch_attention causal``) the
+  torch model ignores ``segment_ids``/``positions``, exactly like nanoGPT: positions
+  are ``arange(L)`` and a row that holds the end of one document and the start of the
+  next attends across the boundary (rows are contiguous 64-token chunks of one
+  document stream, so this happens about once per document, i.e. rarely).
+  ``--torch_attention segments`` instead feeds the batch's positions and a
+  causal-and-same-segment mask (the exact function our GPT computes, at the cost of
+  SDPA's ``is_causal`` fast path).
+* **jaxformer**: ``python -m experiments.train --config=experiments/configs/gpt_bytes.py``
+  in a subprocess with ``num_steps``, ``log_every``, ``eval_every``, ``eval_batches``
+  overridden, checkpoints only at the end, TensorBoard and the final sample off; its
+  ``metrics.jsonl`` and ``summary.json`` are read back.
+
+What is measured, the same way for both: ms/step = median over ``--log_every``-step
+windows of the mean step time (data fetch + forward + backward + update, i.e. what
+``experiments.train`` logs), excluding the first window (compilation / warm-up) and
+all evaluation time; tokens/s = batch x length / (ms/step); the validation loss
+(nats per token) on the same ``eval_batches`` held-out batches (default 20, nanoGPT's
+``eval_iters``: the first 20 batches of the unshuffled validation split, the same
+batches at every evaluation; nanoGPT draws 20 random ones instead) at every
+``eval_every`` steps and at the end; parameter counts (all parameters, tied embedding
+counted once, position table included; nanoGPT's own ``get_num_params`` leaves the
+position table out). Known differences between the two models that the config cannot
+express (reported, not hidden): ours uses the tanh-approximate GELU, plain normal(0.02)
+for the output projections, and no weight decay on the embedding tables.
+
+Results go to ``--out`` as ``nanogpt_cpu-<UTC time>.json`` and ``.md`` with the date,
+CPU model, core count, load average and the torch / jax versions. Without torch the
+PyTorch side is skipped with a message (torch is not a project dependency:
+``pip install torch`` with a CPU wheel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+try:
+  import torch
+except ImportError:  # torch is optional: only the PyTorch side needs it.
+  torch = None
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "experiments/configs/gpt_bytes.py"
+TORCH_ATTENTION = ("causal", "segments")
+SIDES = ("torch", "ours")
+# The bar, from nanoGPT's README (shakespeare_char, CPU): for context only; the loss is
+# on other data and is not comparable to the losses measured here.
+NANOGPT_REFERENCE = {"ms_per_step": 32.0, "tokens_per_sec": 24_000,
+                     "val_loss_shakespeare_char": 1.88}
+
+Batch = Mapping[str, np.ndarray]
+_TorchModule = torch.nn.Module if torch is not None else object
+
+
+def torch_available() -> bool:
+  """Whether the PyTorch side can run."""
+  return torch is not None
+
+
+def _require_torch() -> None:
+  if torch is None:
+    raise ImportError("the PyTorch side needs torch: pip install torch (CPU wheel)")
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def load_config(spec: str = DEFAULT_CONFIG) -> Any:
+  """``get_config(arg)`` of a config file; ``spec`` is ``path[:arg]`` as for the CLI."""
+  path, _, arg = spec.partition(":")
+  full = pathlib.Path(path)
+  if not full.is_absolute():
+    full = REPO_ROOT / full
+  if not full.is_file():
+    raise ValueError(f"config={spec!r}: no file {full}")
+  module_spec = importlib.util.spec_from_file_location("_nanogpt_cpu_config", full)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class NanoGPTConfig:
+  """nanoGPT's ``GPTConfig`` (``model.py``), plus the GELU flavour.
+
+  Attributes:
+    vocab_size / block_size / n_layer / n_head / n_embd / bias: as in nanoGPT.
+    gelu: "none" = exact erf GELU (nanoGPT's ``nn.GELU()``); "tanh" = the tanh
+      approximation (GPT-2's, and ours), for checking equivalence with our GPT.
+  """
+  vocab_size: int = 263
+  block_size: int = 64
+  n_layer: int = 4
+  n_head: int = 4
+  n_embd: int = 128
+  bias: bool = True
+  gelu: str = "none"
+
+  def __post_init__(self):
+    if self.n_embd % self.n_head:
+      raise ValueError(f"NanoGPTConfig.n_embd={self.n_embd} is not divisible by "
+                       f"n_head={self.n_head}")
+    if self.gelu not in ("none", "tanh"):
+      raise ValueError(f"NanoGPTConfig.gelu={self.gelu!r} must be 'none' or 'tanh'")
+
+  @classmethod
+  def from_model_section(cls, model: Mapping[str, Any], **overrides: Any
+                         ) -> NanoGPTConfig:
+    """The nanoGPT equivalent of a ``config.model`` section of ours.
+
+    Raises a ValueError naming the field if ours is something nanoGPT cannot express
+    (its MLP is always 4x wide, positions learned, norms pre-LN, no dropout here).
+    """
+    expected = {"name": "gpt", "positions": "learned",
+                "mlp_dim": 4 * model["embed_dim"], "dropout_rate": 0.0,
+                "attention_dropout_rate": 0.0}
+    for key, want in expected.items():
+      got = model.get(key, want)
+      if got != want:
+        raise ValueError(f"model.{key}={got!r}: the nanoGPT comparison needs {want!r}")
+    for key in ("norm", "num_kv_heads", "head_dim"):
+      if model.get(key) not in (None, "pre"):
+        raise ValueError(f"model.{key}={model.get(key)!r} has no nanoGPT equivalent")
+    fields = dict(vocab_size=model["vocab_size"], block_size=model["max_len"],
+                  n_layer=model["num_layers"], n_head=model["num_heads"],
+                  n_embd=model["embed_dim"], bias=model.get("use_bias", True))
+    fields.update(overrides)
+    return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """nanoGPT ``train.py`` settings for the PyTorch trainer.
+
+  Attributes:
+    steps: optimizer steps (nanoGPT's ``max_iters``; also ``lr_decay_iters``).
+    learning_rate / min_lr / warmup_steps: nanoGPT's ``get_lr`` schedule.
+    b1 / b2 / eps / weight_decay: AdamW (decay on >= 2-D parameters only).
+    grad_clip: global-norm clip (0 = none).
+    log_every: window length for the step-time statistics (and log lines).
+    eval_every: evaluate after every ``eval_every`` steps and after the last.
+    threads: ``torch.set_num_threads``.
+    attention: "causal" (nanoGPT) or "segments" (positions + segment mask).
+    seed: ``torch.manual_seed`` (nanoGPT: 1337).
+  """
+  steps: int = 2000
+  learning_rate: float = 1e-3
+  min_lr: float = 1e-4
+  warmup_steps: int = 100
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  log_every: int = 10
+  eval_every: int = 250
+  threads: int = 2
+  attention: str = "causal"
+  seed: int = 1337
+
+  def __post_init__(self):
+    for name in ("steps", "log_every", "eval_every", "threads"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TrainSettings.{name}={value!r} must be an int >= 1")
+    if self.attention not in TORCH_ATTENTION:
+      raise ValueError(f"TrainSettings.attention={self.attention!r} is not one of "
+                       f"{TORCH_ATTENTION}")
+
+  @classmethod
+  def from_config(cls, config: Any, **overrides: Any) -> TrainSettings:
+    """From our config's ``optimizer``/``train`` sections (same numbers as ours)."""
+    opt, train = config["optimizer"], config["train"]
+    if opt.get("schedule", "cosine") != "cosine":
+      raise ValueError(f"optimizer.schedule={opt['schedule']!r}: nanoGPT's schedule is "
+                       "cosine")
+    if opt.get("grad_accum_steps", 1) != 1:
+      raise ValueError(f"optimizer.grad_accum_steps={opt['grad_accum_steps']!r}: the "
+                       "comparison needs 1")
+    fields = dict(
+        steps=train["num_steps"], learning_rate=opt["learning_rate"],
+        min_lr=opt["learning_rate"] * opt["end_lr_fraction"],
+        warmup_steps=opt["warmup_steps"], b1=opt["b1"], b2=opt["b2"], eps=opt["eps"],
+        weight_decay=opt["weight_decay"], grad_clip=opt["grad_clip_norm"] or 0.0,
+        eval_every=train["eval_every"])
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def nanogpt_lr(it: int, *, learning_rate: float, min_lr: float, warmup_steps: int,
+               decay_steps: int) -> float:
+  """nanoGPT's ``get_lr(it)`` (0-based iteration): linear warmup, cosine to min_lr."""
+  if it < warmup_steps:
+    return learning_rate * (it + 1) / (warmup_steps + 1)
+  if it > decay_steps:
+    return min_lr
+  ratio = (it - warmup_steps) / max(decay_steps - warmup_steps, 1)
+  coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+  return min_lr + coeff * (learning_rate - min_lr)
+
+
+# --- nanoGPT's model (PyTorch) ------------------------------------------------------------
+
+
+class CausalSelfAttention(_TorchModule):
+  """nanoGPT's attention: fused c_attn, SDPA, c_proj."""
+
+  def __init__(self, cfg: NanoGPTConfig):
+    super().__init__()
+    self.n_head, self.n_embd = cfg.n_head, cfg.n_embd
+    self.c_attn = torch.nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+    self.c_proj = torch.nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+  def forward(self, x_BLD, attn_mask=None):
+    """x: [batch, length, n_embd]; attn_mask: None (causal) or bool [B, 1, L, L]."""
+    b, l, d = x_BLD.shape
+    q, k, v = self.c_attn(x_BLD).split(self.n_embd, dim=2)
+    q_BHLK, k_BHLK, v_BHLK = (t.view(b, l, self.n_head, d // self.n_head).transpose(1, 2)
+                              for t in (q, k, v))
+    if attn_mask is None:
+      y_BHLK = torch.nn.functional.scaled_dot_product_attention(
+          q_BHLK, k_BHLK, v_BHLK, attn_mask=None, dropout_p=0.0, is_causal=True)
+    else:
+      y_BHLK = torch.nn.functional.scaled_dot_product_attention(
+          q_BHLK, k_BHLK, v_BHLK, attn_mask=attn_mask, dropout_p=0.0)
+    return self.c_proj(y_BHLK.transpose(1, 2).contiguous().view(b, l, d))
+
+
+class MLP(_TorchModule):
+  """nanoGPT's MLP: c_fc (4x), GELU, c_proj."""
+
+  def __init__(self, cfg: NanoGPTConfig):
+    super().__init__()
+    self.c_fc = torch.nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+    self.gelu = torch.nn.GELU(approximate=cfg.gelu)
+    self.c_proj = torch.nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+
+  def forward(self, x_BLD):
+    return self.c_proj(self.gelu(self.c_fc(x_BLD)))
+
+
+class Block(_TorchModule):
+  """Pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+  def __init__(self, cfg: NanoGPTConfig):
+    super().__init__()
+    self.ln_1 = torch.nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+    self.attn = CausalSelfAttention(cfg)
+    self.ln_2 = torch.nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+    self.mlp = MLP(cfg)
+
+  def forward(self, x_BLD, attn_mask=None):
+    x_BLD = x_BLD + self.attn(self.ln_1(x_BLD), attn_mask)
+    return x_BLD + self.mlp(self.ln_2(x_BLD))
+
+
+class NanoGPT(_TorchModule):
+  """nanoGPT's ``GPT``: tokens ``[B, L]`` -> logits ``[B, L, V]`` (float32)."""
+
+  def __init__(self, cfg: NanoGPTConfig):
+    _require_torch()
+    super().__init__()
+    self.config = cfg
+    self.transformer = torch.nn.ModuleDict(dict(
+        wte=torch.nn.Embedding(cfg.vocab_size, cfg.n_embd),
+        wpe=torch.nn.Embedding(cfg.block_size, cfg.n_embd),
+        h=torch.nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+        ln_f=torch.nn.LayerNorm(cfg.n_embd, bias=cfg.bias)))
+    self.lm_head = torch.nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+    self.transformer.wte.weight = self.lm_head.weight  # weight tying
+    self.apply(self._init_weights)
+    for name, p in self.named_parameters():
+      if name.endswith("c_proj.weight"):
+        torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+  @staticmethod
+  def _init_weights(module) -> None:
+    if isinstance(module, torch.nn.Linear):
+      torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+      if module.bias is not None:
+        torch.nn.init.zeros_(module.bias)
+    elif isinstance(module, torch.nn.Embedding):
+      torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+  def num_params(self) -> int:
+    """All parameters (the tied embedding once, the position table included)."""
+    return sum(p.numel() for p in self.parameters())
+
+  def forward(self, idx_BL, positions_BL=None, attn_mask=None):
+    """idx: int64 [B, L]; positions: None (arange) or [B, L]; attn_mask: see Block."""
+    if positions_BL is None:
+      positions_BL = torch.arange(idx_BL.shape[1], dtype=torch.long)[None, :]
+    x_BLD = self.transformer.wte(idx_BL) + self.transformer.wpe(positions_BL)
+    for block in self.transformer.h:
+      x_BLD = block(x_BLD, attn_mask)
+    return self.lm_head(self.transformer.ln_f(x_BLD))
+
+  def configure_optimizer(self, settings: TrainSettings):
+    """nanoGPT's ``configure_optimizers``: decay >= 2-D params, not biases / norms."""
+    params = [p for p in self.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2],
+               "weight_decay": settings.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.learning_rate,
+                             betas=(settings.b1, settings.b2), eps=settings.eps)
+
+
+def load_jax_params(model: NanoGPT, params: Mapping[str, Any]) -> None:
+  """Copies our GPT's Flax ``params`` into ``model`` (for equivalence checks).
+
+  Our layout: ``token_embedding/embedding [V, D]``, ``position_embedding/embedding``,
+  ``decoder/layers_i/{attention_norm, self_attention/{qkv [D, 3, H, K], out [H, K,
+  D]}, mlp_norm, mlp/{wi, wo}}``, ``decoder/final_norm``.
+  """
+  _require_torch()
+
+  def arr(x):  # unboxes nn.LogicallyPartitioned leaves
+    return np.asarray(x.unbox() if hasattr(x, "unbox") else x, np.float32)
+
+  def t(x):
+    return torch.from_numpy(np.array(arr(x), copy=True))
+
+  def norm(dst, src):
+    dst.weight.data.copy_(t(src["scale"]))
+    if dst.bias is not None:
+      dst.bias.data.copy_(t(src["bias"]))
+
+  def linear(dst, kernel, bias):
+    # Flax kernels are [in, ...out] (qkv: [D, 3, H, K], out: [H, K, D]); torch's
+    # weight is [out, in], with the same flattening order (q|k|v, then heads).
+    kernel_io = arr(kernel).reshape(dst.in_features, dst.out_features)
+    dst.weight.data.copy_(t(kernel_io.T))
+    if dst.bias is not None:
+      dst.bias.data.copy_(t(arr(bias).reshape(-1)))
+
+  tr = model.transformer
+  tr.wte.weight.data.copy_(t(params["token_embedding"]["embedding"]))
+  tr.wpe.weight.data.copy_(t(params["position_embedding"]["embedding"]))
+  dec = params["decoder"]
+  for i, block in enumerate(tr.h):
+    p = dec[f"layers_{i}"]
+    norm(block.ln_1, p["attention_norm"])
+    norm(block.ln_2, p["mlp_norm"])
+    attn = p["self_attention"]
+    linear(block.attn.c_attn, attn["qkv"]["kernel"], attn["qkv"].get("bias"))
+    linear(block.attn.c_proj, attn["out"]["kernel"], attn["out"].get("bias"))
+    linear(block.mlp.c_fc, p["mlp"]["wi"]["kernel"], p["mlp"]["wi"].get("bias"))
+    linear(block.mlp.c_proj, p["mlp"]["wo"]["kernel"], p["mlp"]["wo"].get("bias"))
+  norm(tr.ln_f, dec["final_norm"])
+
+
+def segment_attention_mask(segment_ids_BL):
+  """bool ``[B, 1, L, L]``: causal and same segment (our GPT's packed attention)."""
+  l = segment_ids_BL.shape[1]
+  causal_LL = torch.ones(l, l, dtype=torch.bool).tril()
+  same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  return (same_BLL & causal_LL[None])[:, None]
+
+
+def to_torch_batch(batch: Batch, attention: str) -> dict[str, Any]:
+  """numpy LM batch -> torch tensors the model and loss take."""
+  out = {"inputs": torch.from_numpy(np.asarray(batch["inputs"], np.int64)),
+         "targets": torch.from_numpy(np.asarray(batch["targets"], np.int64)),
+         "weights": torch.from_numpy(np.array(batch["weights"], np.float32)),
+         "positions": None, "attn_mask": None}
+  if attention == "segments":
+    out["positions"] = torch.from_numpy(np.asarray(batch["positions"], np.int64))
+    out["attn_mask"] = segment_attention_mask(
+        torch.from_numpy(np.asarray(batch["segment_ids"], np.int64)))
+  return out
+
+
+def weighted_loss_sums(logits_BLV, targets_BL, weights_BL):
+  """``(sum(w * ce), sum(w))`` — the numerator and denominator of our causal-LM loss."""
+  ce_BL = torch.nn.functional.cross_entropy(
+      logits_BLV.reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
+      reduction="none").view_as(weights_BL)
+  return (ce_BL * weights_BL).sum(), weights_BL.sum()
+
+
+def weighted_loss(logits_BLV, targets_BL, weights_BL):
+  """``sum(w * ce) / sum(w)`` (0 when no weight), as ``causal_lm.loss``."""
+  total, count = weighted_loss_sums(logits_BLV, targets_BL, weights_BL)
+  return total / count.clamp_min(1e-9)  # no weight -> total is 0 -> 0
+
+
+def evaluate_torch(model: NanoGPT, batches: Sequence[Batch], attention: str) -> float:
+  """Token-weighted mean loss over ``batches`` (as our ``Evaluator``)."""
+  model.eval()
+  total, count = 0.0, 0.0
+  with torch.no_grad():
+    for batch in batches:
+      tb = to_torch_batch(batch, attention)
+      logits = model(tb["inputs"], tb["positions"], tb["attn_mask"])
+      s, n = weighted_loss_sums(logits, tb["targets"], tb["weights"])
+      total += float(s)
+      count += float(n)
+  model.train()
+  return total / max(count, 1e-9)
+
+
+def train_torch(model_cfg: NanoGPTConfig, settings: TrainSettings,
+                train_batches: Iterator[Batch], eval_batches: Sequence[Batch], *,
+                log: Callable[[str], None] | None = print) -> dict[str, Any]:
+  """nanoGPT's training loop on the given batches.
+
+  Args:
+    model_cfg: the model.
+    settings: optimizer, schedule, eval and threading settings.
+    train_batches: yields numpy LM batches (``inputs``/``targets``/``weights`` and,
+      for ``attention="segments"``, ``segment_ids``/``positions``), one per step.
+    eval_batches: the held-out batches, evaluated after every ``eval_every`` steps and
+      after the last step.
+    log: where progress lines go (None: silent).
+  Returns:
+    ``{"num_params", "step_ms": [per step], "losses": [per step], "evals": [{"step",
+    "eval_loss"}], "wall_time_s"}``. Step times cover fetching the batch, forward,
+    backward, clipping and the update; evaluation is outside them.
+  """
+  _require_torch()
+  torch.set_num_threads(settings.threads)
+  torch.manual_seed(settings.seed)
+  model = NanoGPT(model_cfg)
+  model.train()
+  optimizer = model.configure_optimizer(settings)
+  step_ms, losses, evals = [], [], []
+  t_begin = time.perf_counter()
+  for it in range(settings.steps):
+    t0 = time.perf_counter()
+    tb = to_torch_batch(next(train_batches), settings.attention)
+    lr = nanogpt_lr(it, learning_rate=settings.learning_rate, min_lr=settings.min_lr,
+                    warmup_steps=settings.warmup_steps, decay_steps=settings.steps)
+    for group in optimizer.param_groups:
+      group["lr"] = lr
+    logits = model(tb["inputs"], tb["positions"], tb["attn_mask"])
+    loss = weighted_loss(logits, tb["targets"], tb["weights"])
+    loss.backward()
+    if settings.grad_clip:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_value = loss.item()
+    step_ms.append(1000.0 * (time.perf_counter() - t0))
+    losses.append(loss_value)
+    step = it + 1
+    if log is not None and (step % settings.log_every == 0 or step == settings.steps):
+      window = step_ms[-settings.log_every:]
+      log(f"[torch] step {step}/{settings.steps} | loss {loss_value:.4f} | "
+          f"{statistics.fmean(window):.1f} ms/step | lr {lr:.2e}")
+    if step % settings.eval_every == 0 or step == settings.steps:
+      evals.append({"step": step,
+                    "eval_loss": evaluate_torch(model, eval_batches, settings.attention)})
+      if log is not None:
+        log(f"[torch] eval @ step {step}: eval_loss {evals[-1]['eval_loss']:.4f}")
+  return {"num_params": model.num_params(), "step_ms": step_ms, "losses": losses,
+          "evals": evals, "wall_time_s": time.perf_counter() - t_begin}
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def window_means(step_ms: Sequence[float], window: int) -> list[float]:
+  """Mean step time of consecutive ``window``-step blocks (the last may be shorter)."""
+  if window < 1:
+    raise ValueError(f"window={window!r} must be >= 1")
+  return [statistics.fmean(step_ms[i:i + window])
+          for i in range(0, len(step_ms), window)]
+
+
+def timing_summary(window_ms: Sequence[float], *, tokens_per_step: int,
+                   skip_windows: int = 1) -> dict[str, float | None]:
+  """``ms_per_step`` (median window after ``skip_windows``) and ``tokens_per_sec``."""
+  kept = list(window_ms[skip_windows:]) or list(window_ms)
+  if not kept:
+    return {"ms_per_step": None, "tokens_per_sec": None, "ms_per_step_min": None,
+            "ms_per_step_max": None, "windows": 0}
+  ms = statistics.median(kept)
+  return {"ms_per_step": ms, "tokens_per_sec": 1000.0 * tokens_per_step / ms,
+          "ms_per_step_min": min(kept), "ms_per_step_max": max(kept),
+          "windows": len(kept)}
+
+
+def summarize_torch(result: Mapping[str, Any], *, tokens_per_step: int,
+                    log_every: int) -> dict[str, Any]:
+  """The torch side's row of the comparison."""
+  step_ms = result["step_ms"]
+  out = timing_summary(window_means(step_ms, log_every),
+                       tokens_per_step=tokens_per_step)
+  timed = step_ms[log_every:] or step_ms
+  out.update(
+      num_params=result["num_params"],
+      ms_per_step_single_median=statistics.median(timed) if timed else None,
+      ms_per_step_mean=statistics.fmean(timed) if timed else None,
+      final_train_loss=result["losses"][-1] if result["losses"] else None,
+      final_eval_loss=result["evals"][-1]["eval_loss"] if result["evals"] else None,
+      evals=list(result["evals"]), steps=len(step_ms),
+      wall_time_s=result["wall_time_s"])
+  return out
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize_ours(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], *,
+                   tokens_per_step: int) -> dict[str, Any]:
+  """Our side's row, from ``metrics.jsonl`` rows and ``summary.json``.
+
+  Train rows (``step_time_ms`` = mean over the steps since the previous log row; the
+  loop restarts that clock after compilation and after every eval) give the windows;
+  eval rows (``eval_loss``) the curve.
+  """
+  train = [r for r in rows if "step_time_ms" in r and "eval_loss" not in r]
+  evals = [{"step": int(r["step"]), "eval_loss": float(r["eval_loss"])}
+           for r in rows if "eval_loss" in r]
+  out = timing_summary([float(r["step_time_ms"]) for r in train],
+                       tokens_per_step=tokens_per_step)
+  out.update(
+      num_params=summary.get("num_params"),
+      ms_per_step_mean=summary.get("step_time_ms"),
+      final_train_loss=train[-1]["loss"] if train and "loss" in train[-1] else
+      summary.get("loss"),
+      final_eval_loss=evals[-1]["eval_loss"] if evals else summary.get("eval_loss"),
+      evals=evals, steps=summary.get("step"),
+      wall_time_s=summary.get("wall_time_s"))
+  return out
+
+
+# --- the two sides ------------------------------------------------------------------------
+
+
+def data_iterators(config: Any) -> tuple[Iterator[Batch], list[Batch]]:
+  """Our training stream and the fixed eval batches, exactly as ``experiments.train``."""
+  from jaxformer.training import builders  # pylint: disable=g-import-not-at-top
+  data = config["data"]
+  tokenizer = builders.build_tokenizer(data)
+  train_it = builders.train_iterator(data, tokenizer, batch_size=data["batch_size"],
+                                     seed=config["train"]["seed"])
+  eval_it = builders.eval_iterator(data, tokenizer, batch_size=data["eval_batch_size"])
+  eval_batches = [next(eval_it) for _ in range(config["train"]["eval_batches"])]
+  return train_it, eval_batches
+
+
+def ours_param_count(config: Any) -> int:
+  """Our GPT's parameter count for ``config.model`` (shape-only init, no FLOPs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxformer.training import builders  # pylint: disable=g-import-not-at-top
+  _, model = builders.build_model(config["model"])
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, config["data"]["seq_len"]), jnp.int32))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+
+
+def ours_command(config_spec: str, workdir: str, *, steps: int, log_every: int,
+                 eval_every: int, eval_batches: int,
+                 extra: Sequence[str] = ()) -> list[str]:
+  """The ``experiments.train`` command line for our side."""
+  return [sys.executable, "-m", "experiments.train", f"--config={config_spec}",
+          f"--workdir={workdir}", f"--config.train.num_steps={steps}",
+          f"--config.train.log_every={log_every}",
+          f"--config.train.eval_every={eval_every}",
+          f"--config.train.eval_batches={eval_batches}",
+          f"--config.train.checkpoint_every={steps}",
+          "--config.train.tensorboard=False", "--config.train.sample_tokens=0",
+          "--config.train.progress=False", *extra]
+
+
+def ours_available() -> str | None:
+  """None if ``experiments.train`` can run here, else why not."""
+  for module in ("experiments.train", "jaxformer.training.loop"):
+    try:
+      if importlib.util.find_spec(module) is None:
+        return f"{module} does not exist yet"
+    except ImportError as e:
+      return f"{module} cannot be found: {e}"
+  return None
+
+
+def run_ours(cmd: Sequence[str], workdir: str, *, log_path: str | None = None
+             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Runs our trainer; returns its metrics rows and summary (RuntimeError on failure)."""
+  if os.path.exists(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"ours workdir {workdir!r} already has checkpoints (the run would "
+                     "resume); give a fresh directory")
+  lines: list[str] = []
+  with subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    for line in proc.stdout:
+      lines.append(line)
+      print("[ours] " + line, end="", flush=True)
+    code = proc.wait()
+  if log_path:
+    with open(log_path, "w", encoding="utf-8") as f:
+      f.writelines(lines)
+  if code != 0:
+    tail = "".join(lines[-30:])
+    raise RuntimeError(f"experiments.train exited with status {code}:\n{tail}")
+  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  return rows, summary
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def system_info() -> dict[str, Any]:
+  """Date, CPU model, cores, load, library versions."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+      if line.lower().startswith("model name:"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+              timespec="seconds"),
+          "cpu": cpu, "nproc": len(os.sched_getaffinity(0))
+          if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+          "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+          "python": platform.python_version(),
+          "torch": torch.__version__ if torch is not None else None}
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
+    try:
+      info[name] = __import__(name).__version__
+    except ImportError:
+      info[name] = None
+  return info
+
+
+def _fmt(value: Any, spec: str) -> str:
+  return "—" if value is None else format(value, spec)
+
+
+def verdict(torch_row: Mapping[str, Any] | None, ours_row: Mapping[str, Any] | None, *,
+            speed_tolerance: float, loss_tolerance: float) -> dict[str, Any]:
+  """Whether ours is no slower (ms ratio <= 1 + tol) and learns no worse (loss delta
+  <= tol); None where a side or a number is missing."""
+  out: dict[str, Any] = {"speed_tolerance": speed_tolerance,
+                         "loss_tolerance": loss_tolerance, "speed_ratio": None,
+                         "loss_delta": None, "no_slower": None, "no_worse": None}
+  if not torch_row or not ours_row:
+    return out
+  if torch_row.get("ms_per_step") and ours_row.get("ms_per_step"):
+    out["speed_ratio"] = ours_row["ms_per_step"] / torch_row["ms_per_step"]
+    out["no_slower"] = out["speed_ratio"] <= 1.0 + speed_tolerance
+  if torch_row.get("final_eval_loss") is not None and (
+      ours_row.get("final_eval_loss") is not None):
+    out["loss_delta"] = ours_row["final_eval_loss"] - torch_row["final_eval_loss"]
+    out["no_worse"] = out["loss_delta"] <= loss_tolerance
+  return out
+
+
+def markdown_report(results: Mapping[str, Any]) -> str:
+  """The results as a markdown page (table, eval curves, setup, caveats)."""
+  rows = results["sides"]
+  t, o = rows.get("torch") or {}, rows.get("ours") or {}
+  s, sysinfo = results["settings"], results["system"]
+  v = results["verdict"]
+  lines = [
+      f"# nanoGPT (PyTorch) vs. jaxformer GPT on the CPU — {sysinfo['date_utc']}", "",
+      f"{s['steps']} steps, batch {s['batch_size']} x {s['seq_len']} "
+      f"({s['tokens_per_step']} tokens/step), data: {s['data']}, same batches for both; "
+      f"eval: the same {s['eval_batches']} held-out batches, every {s['eval_every']} "
+      f"steps; torch attention mode: `{s['torch_attention']}`.", "",
+      f"| | PyTorch nanoGPT | jaxformer GPT | jaxformer / torch |",
+      "|---|---|---|---|"]
+
+  def ratio(a, b):
+    return f"{a / b:.3f}" if a and b else "—"
+
+  lines += [
+      f"| parameters | {_fmt(t.get('num_params'), ',')} | "
+      f"{_fmt(o.get('num_params'), ',')} | — |",
+      f"| ms/step (median of {s['log_every']}-step windows) | "
+      f"{_fmt(t.get('ms_per_step'), '.2f')} | {_fmt(o.get('ms_per_step'), '.2f')} | "
+      f"{ratio(o.get('ms_per_step'), t.get('ms_per_step'))} |",
+      f"| tokens/s | {_fmt(t.get('tokens_per_sec'), ',.0f')} | "
+      f"{_fmt(o.get('tokens_per_sec'), ',.0f')} | "
+      f"{ratio(o.get('tokens_per_sec'), t.get('tokens_per_sec'))} |",
+      f"| ms/step (mean, all timed steps) | {_fmt(t.get('ms_per_step_mean'), '.2f')} | "
+      f"{_fmt(o.get('ms_per_step_mean'), '.2f')} | "
+      f"{ratio(o.get('ms_per_step_mean'), t.get('ms_per_step_mean'))} |",
+      f"| final eval loss (nats/token) | {_fmt(t.get('final_eval_loss'), '.4f')} | "
+      f"{_fmt(o.get('final_eval_loss'), '.4f')} | "
+      f"Δ {_fmt(v.get('loss_delta'), '+.4f')} |",
+      f"| final train loss (last batch) | {_fmt(t.get('final_train_loss'), '.4f')} | "
+      f"{_fmt(o.get('final_train_loss'), '.4f')} | — |",
+      f"| wall time (s) | {_fmt(t.get('wall_time_s'), '.1f')} | "
+      f"{_fmt(o.get('wall_time_s'), '.1f')} | — |", ""]
+
+  def yes_no(x):
+    return "—" if x is None else ("yes" if x else "NO")
+
+  lines += [f"- no slower (ms/step ratio <= {1 + v['speed_tolerance']:.2f}): "
+            f"**{yes_no(v['no_slower'])}**",
+            f"- learns no worse (eval loss Δ <= {v['loss_tolerance']}): "
+            f"**{yes_no(v['no_worse'])}**", ""]
+  steps = sorted({e["step"] for side in (t, o) for e in side.get("evals", [])})
+  if steps:
+    lines += ["| step | torch eval loss | jaxformer eval loss |", "|---|---|---|"]
+    te = {e["step"]: e["eval_loss"] for e in t.get("evals", [])}
+    oe = {e["step"]: e["eval_loss"] for e in o.get("evals", [])}
+    lines += [f"| {k} | {_fmt(te.get(k), '.4f')} | {_fmt(oe.get(k), '.4f')} |"
+              for k in steps]
+    lines.append("")
+  lines += [
+      f"Machine: {sysinfo['cpu']}, {sysinfo['nproc']} cores, load average at start "
+      f"{sysinfo['load_avg_1_5_15']}; Python {sysinfo['python']}, torch "
+      f"{sysinfo['torch']}, jax {sysinfo['jax']}, flax {sysinfo['flax']}; torch threads "
+      f"{s['threads']}.", ""]
+  lines += [f"- {note}" for note in results.get("notes", [])]
+  lines += ["", "Reference (nanoGPT README, shakespeare_char — other data, loss not "
+            f"comparable): ≈{NANOGPT_REFERENCE['ms_per_step']:.0f} ms/step, "
+            f"val loss ≈{NANOGPT_REFERENCE['val_loss_shakespeare_char']}.",
+            "", "Command: `" + results["command"] + "`", ""]
+  return "\n".join(lines)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      prog="python -m experiments.benchmarks.nanogpt_cpu",
+      description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", default=DEFAULT_CONFIG,
+                 help="our config file (path[:arg]); both sides use its numbers")
+  p.add_argument("--steps", type=int, default=2000)
+  p.add_argument("--out", default="experiments/benchmarks/results",
+                 help="directory for nanogpt_cpu-<time>.json/.md")
+  p.add_argument("--log_every", type=int, default=10,
+                 help="window length for the step-time median")
+  p.add_argument("--eval_every", type=int, default=None,
+                 help="default: the config's train.eval_every")
+  p.add_argument("--eval_batches", type=int, default=None,
+                 help="held-out batches per eval; default: the config's (20)")
+  p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+  p.add_argument("--torch_attention", choices=TORCH_ATTENTION, default="causal")
+  p.add_argument("--sides", default="torch,ours",
+                 help="comma-separated subset of torch,ours")
+  p.add_argument("--ours_workdir", default=None,
+                 help="workdir for experiments.train (default: a temporary one)")
+  p.add_argument("--ours_override", action="append", default=[],
+                 help="extra flag for experiments.train, e.g. "
+                      "--ours_override=--config.model.attention_impl=xla")
+  p.add_argument("--speed_tolerance", type=float, default=0.05)
+  p.add_argument("--loss_tolerance", type=float, default=0.02)
+  args = p.parse_args(argv)
+  sides = tuple(x.strip() for x in args.sides.split(",") if x.strip())
+  bad = [x for x in sides if x not in SIDES]
+  if bad or not sides:
+    p.error(f"--sides={args.sides!r}: each must be one of {SIDES}")
+  args.sides = sides
+  for name in ("steps", "log_every", "threads"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  config = load_config(args.config)
+  eval_every = args.eval_every or config.train.eval_every
+  eval_batches = args.eval_batches or config.train.eval_batches
+  with config.unlocked():
+    config.train.num_steps = args.steps
+    config.train.eval_every = eval_every
+    config.train.eval_batches = eval_batches
+  data = config.data
+  tokens_per_step = data.batch_size * data.seq_len
+  system = system_info()
+  load1 = (system["load_avg_1_5_15"] or [0.0])[0]
+  notes = [
+      "ms/step: median over log_every-step windows of (batch fetch + forward + "
+      "backward + update), first window (compile / warm-up) and evals excluded.",
+      "Eval: the first eval_batches batches of the unshuffled validation split of "
+      "the embedded data set, identical for both sides and at every eval.",
+      "Known model differences: ours uses tanh-GELU (nanoGPT: exact), normal(0.02) "
+      "for output projections (nanoGPT: 0.02/sqrt(2 n_layer) for c_proj) and no "
+      "weight decay on embeddings (nanoGPT decays every >= 2-D parameter).",
+      "The torch side uses biases (as our config); nanoGPT's train.py default is "
+      "bias=False."]
+  if args.torch_attention == "causal":
+    notes.append("Torch ignores segment_ids/positions (nanoGPT: is_causal=True, "
+                 "positions arange(L)); ours keeps attention inside documents.")
+  if load1 > 0.5:
+    msg = (f"WARNING: load average {load1:.2f} at start: other work is running, "
+           "timings are unreliable.")
+    print(msg, flush=True)
+    notes.append(msg)
+
+  sides: dict[str, Any] = {}
+  errors: dict[str, str] = {}
+  if "torch" in args.sides:
+    if not torch_available():
+      errors["torch"] = "torch is not installed: PyTorch side skipped"
+      print("[torch] " + errors["torch"], flush=True)
+    else:
+      model_cfg = NanoGPTConfig.from_model_section(config.model)
+      settings = TrainSettings.from_config(
+          config, steps=args.steps, log_every=args.log_every, eval_every=eval_every,
+          threads=args.threads, attention=args.torch_attention)
+      train_it, evals = data_iterators(config)
+      print(f"[torch] nanoGPT {model_cfg}, {settings}", flush=True)
+      try:
+        result = train_torch(model_cfg, settings, train_it, evals)
+      finally:
+        getattr(train_it, "close", lambda: None)()  # stop its prefetch thread
+      sides["torch"] = summarize_torch(result, tokens_per_step=tokens_per_step,
+                                       log_every=args.log_every)
+  if "ours" in args.sides:
+    why_not = ours_available()
+    if why_not:
+      errors["ours"] = f"jaxformer side skipped: {why_not}"
+      print("[ours] " + errors["ours"], flush=True)
+    else:
+      workdir = args.ours_workdir or tempfile.mkdtemp(prefix="nanogpt_cpu_ours_")
+      cmd = ours_command(args.config, workdir, steps=args.steps,
+                         log_every=args.log_every, eval_every=eval_every,
+                         eval_batches=eval_batches, extra=args.ours_override)
+      print("[ours] " + " ".join(cmd), flush=True)
+      try:
+        rows, summary = run_ours(cmd, workdir,
+                                 log_path=os.path.join(workdir, "train.log"))
+        sides["ours"] = summarize_ours(rows, summary, tokens_per_step=tokens_per_step)
+      except (RuntimeError, OSError, ValueError) as e:
+        errors["ours"] = f"jaxformer side failed: {e}"
+        print("[ours] " + errors["ours"], flush=True)
+      finally:
+        if args.ours_workdir is None:
+          shutil.rmtree(workdir, ignore_errors=True)
+  if "ours" in sides and not sides["ours"].get("num_params"):
+    sides["ours"]["num_params"] = ours_param_count(config)
+
+  notes += [f"{k}: {v}" for k, v in errors.items()]
+  results = {
+      "command": "python -m experiments.benchmarks.nanogpt_cpu " + " ".join(
+          sys.argv[1:] if argv is None else argv),
+      "system": system,
+      "settings": {"config": args.config, "steps": args.steps,
+                   "batch_size": data.batch_size, "seq_len": data.seq_len,
+                   "tokens_per_step": tokens_per_step,
+                   "data": f"{data.source} ({data.tokenizer} tokenizer)",
+                   "eval_every": eval_every, "eval_batches": eval_batches,
+                   "log_every": args.log_every, "threads": args.threads,
+                   "torch_attention": args.torch_attention},
+      "sides": sides, "errors": errors,
+      "verdict": verdict(sides.get("torch"), sides.get("ours"),
+                         speed_tolerance=args.speed_tolerance,
+                         loss_tolerance=args.loss_tolerance),
+      "notes": notes,
+  }
+  report = markdown_report(results)
+  print("\n" + report, flush=True)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+  (out / f"nanogpt_cpu-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n",
+                                                  encoding="utf-8")
+  (out / f"nanogpt_cpu-{stamp}.md").write_text(report, encoding="utf-8")
+  print(f"wrote {out / f'nanogpt_cpu-{stamp}'}.{{json,md}}", flush=True)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,151 @@
+"""GPT: shapes/dtypes, causality, packing, KV-cache decoding, scan/remat, backends."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from jaxformer.layers import stack_layer_params
+from jaxformer.models import GPT, GPTConfig, gpt_nano, gpt_tiny
+
+_B, _L = 2, 8
+_TOKENS = np.random.default_rng(0).integers(0, 64, (_B, _L)).astype(np.int32)
+
+
+@functools.cache
+def _params(**overrides):
+  cfg = gpt_tiny(num_layers=1, **overrides)
+  return cfg, jax.jit(GPT(cfg).init)(jax.random.key(0), _TOKENS)
+
+
+class GPTTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shapes_and_float32_logits(self):
+    cfg, variables = _params()
+    logits = self.variant(GPT(cfg).apply)(variables, _TOKENS)
+    chex.assert_shape(logits, (_B, _L, 64))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+
+  def test_bfloat16_compute_keeps_float32_params_and_logits(self):
+    cfg = gpt_tiny(num_layers=1, dtype=jnp.bfloat16)
+    variables = jax.eval_shape(GPT(cfg).init, jax.random.key(0), _TOKENS)
+    self.assertTrue(all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables)))
+    out = jax.eval_shape(GPT(cfg).apply, variables, _TOKENS)
+    self.assertEqual(out.dtype, jnp.float32)
+
+  @parameterized.parameters("learned", "rotary", "sinusoidal")
+  def test_causal_via_gradients(self, positions):
+    """d logits[t] / d (input embedding at s) == 0 exactly for s > t, != 0 for s <= t."""
+    cfg, variables = _params(positions=positions)
+    model = GPT(cfg)
+    proj_V = jax.random.normal(jax.random.key(1), (64,))
+
+    def scores(offset_BLD):
+      def add_offset(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.module.name == "token_embedding" and context.method_name == "__call__":
+          out = out + offset_BLD
+        return out
+      with nn.intercept_methods(add_offset):
+        return model.apply(variables, _TOKENS) @ proj_V          # [B, L]
+
+    jac = jax.jit(jax.jacrev(scores))(jnp.zeros((_B, _L, cfg.embed_dim)))
+    # jac[b, t, b', s, d]; same-example block, summed |.| over features -> [B, t, s]
+    dep_BTS = np.abs(np.asarray(jac)[np.arange(_B), :, np.arange(_B)]).sum(-1)
+    future = np.triu(np.ones((_L, _L), bool), 1)
+    self.assertEqual(dep_BTS[:, future].max(), 0.0)
+    self.assertGreater(dep_BTS[:, ~future].min(), 0.0)
+    # Examples in a batch do not interact.
+    other = np.asarray(jac)[0, :, 1]
+    self.assertEqual(np.abs(other).max(), 0.0)
+
+  def test_packed_segments_equal_separate_sequences(self):
+    cfg, variables = _params()
+    apply = jax.jit(GPT(cfg).apply)
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 2]] * _B, np.int32)
+    packed = apply(variables, _TOKENS, segment_ids=seg)     # positions from segment_ids
+    first = apply(variables, np.pad(_TOKENS[:, :3], ((0, 0), (0, 5))))[:, :3]
+    second = apply(variables, np.pad(_TOKENS[:, 3:], ((0, 0), (0, 3))))[:, :5]
+    np.testing.assert_allclose(packed[:, :3], first, atol=1e-5)
+    np.testing.assert_allclose(packed[:, 3:], second, atol=1e-5)
+
+  @parameterized.parameters("learned", "rotary")
+  def test_kv_cache_decoding_matches_full_forward(self, positions):
+    cfg, variables = _params(positions=positions)
+    full = jax.jit(GPT(cfg).apply)(variables, _TOKENS)
+    decoder = GPT(cfg, decode=True)
+    cache = jax.jit(decoder.init)(jax.random.key(0), _TOKENS)["cache"]
+    step = jax.jit(lambda c, tok: decoder.apply({**variables, "cache": c}, tok,
+                                                mutable=["cache"]))
+    for t in range(_L):
+      logits, mutated = step(cache, _TOKENS[:, t:t + 1])
+      cache = mutated["cache"]
+      np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+  def test_scan_and_remat_match_plain(self):
+    cfg = gpt_tiny()
+    variables = nn.meta.unbox(jax.jit(GPT(cfg).init)(jax.random.key(0), _TOKENS))
+    want = jax.jit(GPT(cfg).apply)(variables, _TOKENS)
+    scanned = GPT(gpt_tiny(scan_layers=True, remat=True))
+    got = jax.jit(scanned.apply)(stack_layer_params(variables), _TOKENS)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+  def test_attention_implementations_agree(self):
+    cfg, variables = _params()
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 2]] * _B, np.int32)
+    outs = [jax.jit(GPT(gpt_tiny(num_layers=1, attention_impl=impl)).apply)(
+        variables, _TOKENS, segment_ids=seg) for impl in ("xla", "chunked")]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+  def test_return_weights_in_intermediates(self):
+    cfg, variables = _params()
+    model = GPT(gpt_tiny(num_layers=1, return_weights=True))
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
+        variables, _TOKENS)
+    (w,) = state["intermediates"]["decoder"]["layers_0"]["self_attention"][
+        "attention_weights"]
+    chex.assert_shape(w, (_B, 2, _L, _L))
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.triu(w, 1), 0.0, atol=1e-7)  # causal
+
+  def test_dropout_needs_rng_and_changes_output(self):
+    _, variables = _params()
+    cfg = gpt_tiny(num_layers=1, dropout_rate=0.5)
+    apply = jax.jit(GPT(cfg).apply, static_argnames="deterministic")
+    a = apply(variables, _TOKENS)
+    b = apply(variables, _TOKENS, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    self.assertGreater(np.abs(a - b).max(), 1e-4)
+
+  def test_untied_head_and_presets(self):
+    cfg = gpt_tiny(num_layers=1, tie_embeddings=False)
+    shapes = jax.eval_shape(GPT(cfg).init, jax.random.key(0), _TOKENS)
+    self.assertEqual(shapes["params"]["lm_head"]["kernel"].value.shape, (32, 64))
+    nano = gpt_nano()
+    self.assertEqual((nano.num_layers, nano.embed_dim, nano.num_heads, nano.max_len),
+                     (4, 128, 4, 64))
+
+  @parameterized.parameters(
+      dict(positions="alibi"), dict(attention_impl="flash"), dict(activation="tanh"),
+      dict(embed_dim=30, num_heads=4), dict(norm="sandwich"),
+      dict(tie_embeddings=True, output_vocab_size=10))
+  def test_config_errors(self, **kwargs):
+    with self.assertRaises(ValueError):
+      GPTConfig(**{**dict(vocab_size=8, max_len=8, num_layers=1, embed_dim=8,
+                          num_heads=2, mlp_dim=8), **kwargs})
+
+  def test_input_errors(self):
+    cfg, variables = _params()
+    with self.assertRaisesRegex(ValueError, "max_len=16"):
+      GPT(cfg).apply(variables, np.zeros((1, 17), np.int32))
+    with self.assertRaisesRegex(TypeError, "integer"):
+      GPT(cfg).apply(variables, np.zeros((1, 4), np.float32))
+    with self.assertRaises(TypeError):
+      gpt_tiny(num_layer=3)
