@@ -591,6 +591,7 @@ def data_iterators(config: Any) -> tuple[Iterator[Batch], list[Batch]]:
                                      seed=config["train"]["seed"])
   eval_it = builders.eval_iterator(data, tokenizer, batch_size=data["eval_batch_size"])
   eval_batches = [next(eval_it) for _ in range(config["train"]["eval_batches"])]
+  getattr(eval_it, "close", lambda: None)()
   return train_it, eval_batches
 
 
@@ -837,6 +838,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "weight decay on embeddings (nanoGPT decays every >= 2-D parameter).",
       "The torch side uses biases (as our config); nanoGPT's train.py default is "
       "bias=False."]
+  if args.steps < 10 * config.optimizer.warmup_steps:
+    notes.append("Short run: ours clamps warmup to min(warmup_steps, num_steps) and "
+                 "decays over num_steps; nanoGPT's get_lr does the same decay but not "
+                 "the clamp, so losses of runs much shorter than the full 2000 steps "
+                 "are not comparable.")
   if args.torch_attention == "causal":
     notes.append("Torch ignores segment_ids/positions (nanoGPT: is_causal=True, "
                  "positions arange(L)); ours keeps attention inside documents.")

@@ -135,7 +135,7 @@ def _num_k_blocks_for(cfg: _Config, i: Array) -> Array:
   """Number of key blocks that query block ``i`` can see (all, or up to the diagonal)."""
   if not cfg.is_causal:
     return jnp.asarray(cfg.num_k_blocks, jnp.int32)
-  last_q = (i + 1) * cfg.block_q - 1 + cfg.offset
+  last_q = jnp.minimum((i + 1) * cfg.block_q, cfg.q_len) - 1 + cfg.offset
   return jnp.clip(last_q // cfg.block_k + 1, 0, cfg.num_k_blocks).astype(jnp.int32)
 
 

@@ -38,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = (None, "xla", "chunked", "pallas", "cudnn")
 
-# On the CPU, "chunked" replaces "xla" once Lq * Lk reaches this many scores (see the
-# measurements in chunked.py: below it the N^2 einsum is as fast and simpler).
-CPU_CHUNKED_MIN_SCORES = 1024 * 1024
+# "chunked" replaces "xla" (when no fused kernel applies) once Lq * Lk reaches this many
+# scores; below it the N^2 einsum is as fast and its memory is small (see chunked.py).
+CHUNKED_MIN_SCORES = 1024 * 1024
 
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
@@ -233,18 +233,11 @@ def _cudnn_attention(query, key, value, *, mask, bias, is_causal, q_segment_ids,
                                      implementation="cudnn")
   if allowed is not None:
     # Keep the contract for rows with no allowed key: zeros.
-    row_ok = jnp.any(jnp.logical_and(allowed, native_causal_mask(native_causal, q_len,
-                                                                 kv_len)), axis=-1)
-    out = out * jnp.swapaxes(row_ok, 1, 2)[..., None].astype(out.dtype)
+    if native_causal:
+      allowed = _combined_mask(allowed, True, None, None, q_len, kv_len)
+    row_ok_BHQ = jnp.any(allowed, axis=-1)
+    out = out * jnp.swapaxes(row_ok_BHQ, 1, 2)[..., None].astype(out.dtype)
   return out
-
-
-def native_causal_mask(is_causal: bool, q_len: int, kv_len: int) -> Array:
-  """``[1, 1, Lq, Lk]`` causal mask (all True when ``is_causal`` is False)."""
-  if not is_causal:
-    return jnp.ones((1, 1, q_len, kv_len), bool)
-  q_pos_Q = jnp.arange(q_len) + (kv_len - q_len)
-  return (q_pos_Q[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -313,7 +306,7 @@ def _choose_implementation(query, key, value, q_seg, kv_seg, is_causal, **opts) 
     candidates = ["pallas"]
   else:
     candidates = []
-  if query.shape[1] * key.shape[1] >= CPU_CHUNKED_MIN_SCORES or platform != "cpu":
+  if query.shape[1] * key.shape[1] >= CHUNKED_MIN_SCORES:
     candidates.append("chunked")
   reasons = []
   for impl in candidates:

@@ -281,6 +281,33 @@ class DispatchTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "cuDNN needs an NVIDIA GPU"):
       dot_product_attention(q, k, v, implementation="cudnn")
 
+  @parameterized.named_parameters(("causal_decode", Case(7, 13, heads=4, kv_heads=2,
+                                                      is_causal=True)),
+                                  ("causal_square_pairs", Case(9, heads=4, kv_heads=2,
+                                                               is_causal=True,
+                                                               segments="pair")))
+  def test_cudnn_wrapper_logic(self, c):
+    """The cuDNN path's mask translation, run through jax.nn's xla implementation."""
+    q, k, v, _, seg = make_inputs(c)
+    q_seg, kv_seg = ref_segments(seg)
+    original = jax.nn.dot_product_attention
+    calls = []
+
+    def fake(*args, implementation=None, **kwargs):
+      calls.append((implementation, kwargs["is_causal"], kwargs["mask"] is not None))
+      return original(*args, implementation="xla", **kwargs)
+
+    with mock.patch.object(jax.nn, "dot_product_attention", fake):
+      out = core._cudnn_attention(
+          q, k, v, mask=None, bias=None, is_causal=c.is_causal,
+          q_segment_ids=None if seg is None else jnp.asarray(q_seg),
+          kv_segment_ids=None if seg is None else jnp.asarray(kv_seg), scale=8 ** -0.5)
+    # Square causal uses cuDNN's own causal flag; bottom-right needs a mask.
+    self.assertEqual(calls, [("cudnn", c.kv_len is None, c.kv_len is not None
+                              or seg is not None)])
+    want, _ = ref.attention(q, k, v, is_causal=c.is_causal, q_seg=q_seg, kv_seg=kv_seg)
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+
   def test_pallas(self):
     """The Pallas kernel through the dispatcher (interpret mode on the CPU)."""
     c = Case(33, heads=4, kv_heads=2, segments="single", is_causal=True)
