@@ -40,10 +40,11 @@ The two sides:
   ``--torch_attention segments`` instead feeds the batch's positions and a
   causal-and-same-segment mask (the exact function our GPT computes, at the cost of
   SDPA's ``is_causal`` fast path).
-* **jaxformer**: ``python -m experiments.train --config=experiments/configs/gpt_bytes.py``
-  in a subprocess with ``num_steps``, ``log_every``, ``eval_every``, ``eval_batches``
-  overridden, checkpoints only at the end, TensorBoard and the final sample off; its
-  ``metrics.jsonl`` and ``summary.json`` are read back.
+* **jaxformer**: ``python -m experiments.train
+  --config=experiments/configs/gpt_bytes.py`` in a subprocess with ``num_steps``,
+  ``log_every``, ``eval_every``, ``eval_batches`` overridden, checkpoints only at the
+  end, TensorBoard and the final sample off; its ``metrics.jsonl`` and
+  ``summary.json`` are read back.
 
 What is measured, the same way for both: ms/step = median over ``--log_every``-step
 windows of the mean step time (data fetch + forward + backward + update, i.e. what
@@ -81,7 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,7 +115,7 @@ def _require_torch() -> None:
     raise ImportError("the PyTorch side needs torch: pip install torch (CPU wheel)")
 
 
-# --- configuration ------------------------------------------------------------------------
+# --- configuration --------------------------------------------------------------------
 
 
 def load_config(spec: str = DEFAULT_CONFIG) -> Any:
@@ -251,7 +252,7 @@ def nanogpt_lr(it: int, *, learning_rate: float, min_lr: float, warmup_steps: in
   return min_lr + coeff * (learning_rate - min_lr)
 
 
-# --- nanoGPT's model (PyTorch) ------------------------------------------------------------
+# --- nanoGPT's model (PyTorch) --------------------------------------------------------
 
 
 class CausalSelfAttention(_TorchModule):
@@ -267,8 +268,8 @@ class CausalSelfAttention(_TorchModule):
     """x: [batch, length, n_embd]; attn_mask: None (causal) or bool [B, 1, L, L]."""
     b, l, d = x_BLD.shape
     q, k, v = self.c_attn(x_BLD).split(self.n_embd, dim=2)
-    q_BHLK, k_BHLK, v_BHLK = (t.view(b, l, self.n_head, d // self.n_head).transpose(1, 2)
-                              for t in (q, k, v))
+    q_BHLK, k_BHLK, v_BHLK = (
+        t.view(b, l, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))
     if attn_mask is None:
       y_BHLK = torch.nn.functional.scaled_dot_product_attention(
           q_BHLK, k_BHLK, v_BHLK, attn_mask=None, dropout_p=0.0, is_causal=True)
@@ -423,7 +424,7 @@ def to_torch_batch(batch: Batch, attention: str) -> dict[str, Any]:
 
 
 def weighted_loss_sums(logits_BLV, targets_BL, weights_BL):
-  """``(sum(w * ce), sum(w))`` — the numerator and denominator of our causal-LM loss."""
+  """``(sum(w * ce), sum(w))``: numerator and denominator of our causal-LM loss."""
   ce_BL = torch.nn.functional.cross_entropy(
       logits_BLV.reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
       reduction="none").view_as(weights_BL)
@@ -500,15 +501,15 @@ def train_torch(model_cfg: NanoGPTConfig, settings: TrainSettings,
       log(f"[torch] step {step}/{settings.steps} | loss {loss_value:.4f} | "
           f"{statistics.fmean(window):.1f} ms/step | lr {lr:.2e}")
     if step % settings.eval_every == 0 or step == settings.steps:
-      evals.append({"step": step,
-                    "eval_loss": evaluate_torch(model, eval_batches, settings.attention)})
+      eval_loss = evaluate_torch(model, eval_batches, settings.attention)
+      evals.append({"step": step, "eval_loss": eval_loss})
       if log is not None:
         log(f"[torch] eval @ step {step}: eval_loss {evals[-1]['eval_loss']:.4f}")
   return {"num_params": model.num_params(), "step_ms": step_ms, "losses": losses,
           "evals": evals, "wall_time_s": time.perf_counter() - t_begin}
 
 
-# --- statistics ---------------------------------------------------------------------------
+# --- statistics -----------------------------------------------------------------------
 
 
 def window_means(step_ms: Sequence[float], window: int) -> list[float]:
@@ -579,11 +580,11 @@ def summarize_ours(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
   return out
 
 
-# --- the two sides ------------------------------------------------------------------------
+# --- the two sides --------------------------------------------------------------------
 
 
 def data_iterators(config: Any) -> tuple[Iterator[Batch], list[Batch]]:
-  """Our training stream and the fixed eval batches, exactly as ``experiments.train``."""
+  """Our training stream and fixed eval batches, exactly as ``experiments.train``."""
   from jaxformer.training import builders  # pylint: disable=g-import-not-at-top
   data = config["data"]
   tokenizer = builders.build_tokenizer(data)
@@ -633,7 +634,8 @@ def ours_available() -> str | None:
 
 def run_ours(cmd: Sequence[str], workdir: str, *, log_path: str | None = None
              ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """Runs our trainer; returns its metrics rows and summary (RuntimeError on failure)."""
+  """Runs our trainer; returns its metrics rows and summary (RuntimeError if it
+  fails)."""
   if os.path.exists(os.path.join(workdir, "checkpoints")):
     raise ValueError(f"ours workdir {workdir!r} already has checkpoints (the run would "
                      "resume); give a fresh directory")
@@ -656,7 +658,7 @@ def run_ours(cmd: Sequence[str], workdir: str, *, log_path: str | None = None
   return rows, summary
 
 
-# --- report -------------------------------------------------------------------------------
+# --- report ---------------------------------------------------------------------------
 
 
 def system_info() -> dict[str, Any]:
@@ -674,7 +676,8 @@ def system_info() -> dict[str, Any]:
               timespec="seconds"),
           "cpu": cpu, "nproc": len(os.sched_getaffinity(0))
           if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-          "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+          "load_avg_1_5_15": (list(os.getloadavg()) if hasattr(os, "getloadavg")
+                              else None),
           "python": platform.python_version(),
           "torch": torch.__version__ if torch is not None else None}
   for name in ("jax", "jaxlib", "flax", "optax", "numpy"):
@@ -717,9 +720,9 @@ def markdown_report(results: Mapping[str, Any]) -> str:
   lines = [
       f"# nanoGPT (PyTorch) vs. jaxformer GPT on the CPU — {sysinfo['date_utc']}", "",
       f"{s['steps']} steps, batch {s['batch_size']} x {s['seq_len']} "
-      f"({s['tokens_per_step']} tokens/step), data: {s['data']}, same batches for both; "
-      f"eval: the same {s['eval_batches']} held-out batches, every {s['eval_every']} "
-      f"steps; torch attention mode: `{s['torch_attention']}`.", "",
+      f"({s['tokens_per_step']} tokens/step), data: {s['data']}, same batches for "
+      f"both; eval: the same {s['eval_batches']} held-out batches, every "
+      f"{s['eval_every']} steps; torch attention mode: `{s['torch_attention']}`.", "",
       f"| | PyTorch nanoGPT | jaxformer GPT | jaxformer / torch |",
       "|---|---|---|---|"]
 
@@ -764,8 +767,8 @@ def markdown_report(results: Mapping[str, Any]) -> str:
   lines += [
       f"Machine: {sysinfo['cpu']}, {sysinfo['nproc']} cores, load average at start "
       f"{sysinfo['load_avg_1_5_15']}; Python {sysinfo['python']}, torch "
-      f"{sysinfo['torch']}, jax {sysinfo['jax']}, flax {sysinfo['flax']}; torch threads "
-      f"{s['threads']}.", ""]
+      f"{sysinfo['torch']}, jax {sysinfo['jax']}, flax {sysinfo['flax']}; torch "
+      f"threads {s['threads']}.", ""]
   lines += [f"- {note}" for note in results.get("notes", [])]
   lines += ["", "Reference (nanoGPT README, shakespeare_char — other data, loss not "
             f"comparable): ≈{NANOGPT_REFERENCE['ms_per_step']:.0f} ms/step, "
@@ -774,7 +777,7 @@ def markdown_report(results: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-# --- main ---------------------------------------------------------------------------------
+# --- main -----------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

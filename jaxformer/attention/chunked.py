@@ -14,8 +14,10 @@ kernel, so that it runs (and is differentiable) everywhere:
 
 Supports ``is_causal`` (bottom-right aligned), segment ids, grouped-query attention (the
 query heads of a group are stacked in one block), ``Dv != Dqk``, ``Lq != Lk`` and
-lengths that are not multiples of the block (padded, padded keys masked). An explicit
-mask or bias is not supported: ``dot_product_attention`` falls back to ``"xla"``.
+lengths that are not multiples of the block (padded, padded keys masked), and an
+explicit boolean mask broadcastable to ``[B, H, Lq, Lk]`` (sliced blockwise, so a
+``[B, 1, 1, Lk]`` padding mask costs O(N)). A bias is not supported (it would need its
+own gradient): ``dot_product_attention`` falls back to ``"xla"`` for it.
 
 Measured on the 2-core CI CPU (float32, causal, batch 1, 4 heads x 64, see the
 attention helper's report): at 8k tokens, block 512 is the best of {256, 512, 1024}.
@@ -62,8 +64,9 @@ class _Config:
 
 def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool = False,
                       q_segment_ids: Array | None = None,
-                      kv_segment_ids: Array | None = None, scale: float | None = None,
-                      block_q: int | None = None, block_k: int | None = None) -> Array:
+                      kv_segment_ids: Array | None = None, mask: Array | None = None,
+                      scale: float | None = None, block_q: int | None = None,
+                      block_k: int | None = None) -> Array:
   """Blockwise attention with a recomputing backward pass.
 
   Args:
@@ -74,6 +77,7 @@ def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool
       diagonal are skipped (forward and backward).
     q_segment_ids: int ``[B, Lq]``; with ``kv_segment_ids [B, Lk]``, attend iff equal.
     kv_segment_ids: int ``[B, Lk]``.
+    mask: bool, rank 4, broadcastable to ``[B, H, Lq, Lk]`` (True = may attend).
     scale: logit multiplier, default ``1 / sqrt(Dqk)``.
     block_q: query rows per block (default 512, capped at the padded length).
     block_k: keys per block (default 512, capped at the padded length).
@@ -109,7 +113,10 @@ def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool
   else:
     qs_NBQ = ks_NBS = None
 
-  out_NBKGQD = _flash(cfg, q_NBKGQD, k_NBKSD, v_NBKSD, qs_NBQ, ks_NBS)
+  mask_BKGQS = None
+  if mask is not None:
+    mask_BKGQS = _prepare_mask(jnp.asarray(mask), num_kv_heads, nq * bq, nk * bk)
+  out_NBKGQD = _flash(cfg, q_NBKGQD, k_NBKSD, v_NBKSD, qs_NBQ, ks_NBS, mask_BKGQS)
   out = out_NBKGQD.transpose(1, 0, 4, 2, 3, 5).reshape(batch, nq * bq, num_heads, v_dim)
   return out[:, :q_len]
 
@@ -120,6 +127,19 @@ def _block_size(block: int | None, default: int, length: int, name: str) -> int:
   if not isinstance(block, int) or block < 1:
     raise ValueError(f"chunked_attention: {name}={block!r}; expected a positive int")
   return min(block, max(8, -(-length // 8) * 8))
+
+
+def _prepare_mask(mask: Array, num_kv_heads: int, q_size: int, k_size: int) -> Array:
+  """``[B|1, H|1, Lq|1, Lk|1]`` -> ``[B|1, Hkv|1, G|1, q_size|1, k_size|1]`` (padded)."""
+  if mask.ndim != 4 or mask.dtype != jnp.bool_:
+    raise ValueError(f"chunked_attention: mask must be a rank-4 bool array, got "
+                     f"{mask.dtype}{list(mask.shape)}")
+  mask = mask if mask.shape[2] == 1 else _pad_axis(mask, 2, q_size)
+  mask = mask if mask.shape[3] == 1 else _pad_axis(mask, 3, k_size)
+  b, h, q, k = mask.shape
+  if h == 1:
+    return mask[:, :, None]
+  return mask.reshape(b, num_kv_heads, h // num_kv_heads, q, k)
 
 
 def _pad_axis(x: Array, axis: int, size: int) -> Array:
@@ -148,8 +168,12 @@ def _first_q_block_for(cfg: _Config, j: Array) -> Array:
 
 
 def _block_mask(cfg: _Config, i: Array, j: Array, qs_BQ: Array | None,
-                ks_BS: Array | None) -> Array | None:
-  """Allowed ``[B|1, 1, 1, bq, bk]`` for query block ``i`` x key block ``j`` (or None)."""
+                ks_BS: Array | None, explicit: Array | None) -> Array | None:
+  """Allowed ``[B|1, Hkv|1, G|1, bq, bk]`` for query block ``i`` x key block ``j``.
+
+  ``explicit`` is the prepared ``[B|1, Hkv|1, G|1, Lq|1, Lk|1]`` mask, or None; returns
+  None when nothing is masked.
+  """
   mask = None
   if cfg.pads_keys or cfg.is_causal:
     k_pos_S = j * cfg.block_k + jnp.arange(cfg.block_k)
@@ -162,6 +186,12 @@ def _block_mask(cfg: _Config, i: Array, j: Array, qs_BQ: Array | None,
     seg_BQS = qs_BQ[:, :, None] == ks_BS[:, None, :]
     seg = seg_BQS[:, None, None]
     mask = seg if mask is None else jnp.logical_and(mask, seg)
+  if explicit is not None:
+    if explicit.shape[-2] > 1:
+      explicit = lax.dynamic_slice_in_dim(explicit, i * cfg.block_q, cfg.block_q, axis=-2)
+    if explicit.shape[-1] > 1:
+      explicit = lax.dynamic_slice_in_dim(explicit, j * cfg.block_k, cfg.block_k, axis=-1)
+    mask = explicit if mask is None else jnp.logical_and(mask, explicit)
   return mask
 
 
@@ -170,7 +200,7 @@ def _scores(cfg: _Config, q_BKGQD: Array, k_BKSD: Array) -> Array:
                     preferred_element_type=jnp.float32) * cfg.scale
 
 
-def _forward(cfg: _Config, q, k, v, qs, ks) -> tuple[Array, Array]:
+def _forward(cfg: _Config, q, k, v, qs, ks, explicit) -> tuple[Array, Array]:
   """Returns ``out [N, B, Hkv, G, bq, Dv]`` (query dtype) and ``lse [N, B, Hkv, G, bq]``."""
   _, batch, num_kv_heads, groups, bq, _ = q.shape
   v_dim = v.shape[-1]
@@ -184,7 +214,7 @@ def _forward(cfg: _Config, q, k, v, qs, ks) -> tuple[Array, Array]:
       v_BKSD = lax.dynamic_index_in_dim(v, j, keepdims=False)
       ks_BS = None if ks is None else lax.dynamic_index_in_dim(ks, j, keepdims=False)
       s_BKGQS = _scores(cfg, q_BKGQD, k_BKSD)
-      mask = _block_mask(cfg, i, j, qs_BQ, ks_BS)
+      mask = _block_mask(cfg, i, j, qs_BQ, ks_BS, explicit)
       if mask is not None:
         s_BKGQS = jnp.where(mask, s_BKGQS, _NEG)
       m_new = jnp.maximum(m_BKGQ, jnp.max(s_BKGQS, axis=-1))
@@ -211,17 +241,17 @@ def _forward(cfg: _Config, q, k, v, qs, ks) -> tuple[Array, Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, qs, ks) -> Array:
-  return _forward(cfg, q, k, v, qs, ks)[0]
+def _flash(cfg: _Config, q, k, v, qs, ks, explicit) -> Array:
+  return _forward(cfg, q, k, v, qs, ks, explicit)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, qs, ks):
-  out, lse = _forward(cfg, q, k, v, qs, ks)
-  return out, (q, k, v, qs, ks, out, lse)
+def _flash_fwd(cfg: _Config, q, k, v, qs, ks, explicit):
+  out, lse = _forward(cfg, q, k, v, qs, ks, explicit)
+  return out, (q, k, v, qs, ks, explicit, out, lse)
 
 
 def _flash_bwd(cfg: _Config, residuals, d_out):
-  q, k, v, qs, ks, out, lse = residuals
+  q, k, v, qs, ks, explicit, out, lse = residuals
   # delta_i = sum_d dO_id O_id = sum_s P_is dP_is (the softmax Jacobian's diagonal term).
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
@@ -237,7 +267,7 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
       qs_BQ = None if qs is None else lax.dynamic_index_in_dim(qs, i, keepdims=False)
       s_BKGQS = _scores(cfg, q_BKGQD, k_BKSD)
       p_BKGQS = jnp.exp(s_BKGQS - lse_BKGQ[..., None])
-      mask = _block_mask(cfg, i, j, qs_BQ, ks_BS)
+      mask = _block_mask(cfg, i, j, qs_BQ, ks_BS, explicit)
       if mask is not None:
         p_BKGQS = jnp.where(mask, p_BKGQS, 0.0)
       dv_BKSD = dv_BKSD + jnp.einsum("bhgqs,bhgqd->bhsd", p_BKGQS.astype(d_out.dtype),
@@ -259,7 +289,7 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
   idx = jnp.arange(cfg.num_k_blocks, dtype=jnp.int32)
   dq, (dk, dv) = lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32),
                           (idx, k, v, ks))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

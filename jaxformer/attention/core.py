@@ -5,7 +5,7 @@
 | name        | where             | memory    | can do                                          |
 |-------------|-------------------|-----------|-------------------------------------------------|
 | ``"xla"``     | everywhere        | O(N^2)    | everything (the readable reference, below)      |
-| ``"chunked"`` | everywhere        | O(N·block)| causal, segment ids, GQA, Dv != Dqk (chunked.py) |
+| ``"chunked"`` | everywhere        | O(N·block)| all but bias / hard / weights / dropout         |
 | ``"pallas"``  | GPU / TPU         | O(N)      | what ``kernels.flash_attention.supports`` says  |
 | ``"cudnn"``   | NVIDIA GPU        | O(N)      | via ``jax.nn.dot_product_attention``; no hard /  |
 |             |                   |           | weights / dropout, bf16/fp16 only              |
@@ -119,7 +119,7 @@ def dot_product_attention(
   if impl == "chunked":
     return chunked_lib.chunked_attention(query, key, value, is_causal=is_causal,
                                          q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                         scale=scale)
+                                         mask=mask, scale=scale)
   if impl == "pallas":
     flash_attention, _ = _load_pallas()
     seg = None if q_seg is None else (q_seg, kv_seg)
@@ -267,7 +267,8 @@ def _cannot(impl: str, query, key, value, q_seg, kv_seg, is_causal, *, has_mask,
   extras = [name for name, on in (("hard", hard), ("return_weights", return_weights),
                                   ("dropout", dropout)) if on]
   if impl in ("chunked", "pallas"):
-    extras += [name for name, on in (("mask", has_mask), ("bias", has_bias)) if on]
+    extras += [name for name, on in (("mask", has_mask and impl == "pallas"),
+                                     ("bias", has_bias)) if on]
   if extras:
     return f"it does not support {', '.join(extras)}"
   platform = _platform()

@@ -27,6 +27,7 @@ from jaxformer.generation import decode as generation
 from jaxformer.training import builders
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import distributed
+from jaxformer.training import finetune as finetune_lib
 from jaxformer.training import metrics_logger
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import sharding as sharding_lib
@@ -53,13 +54,14 @@ def validate_config(config: Mapping[str, Any]) -> None:
                        f"{sorted(config.keys())}")
   _check_positive(config["train"], ("num_steps", "log_every", "eval_every",
                                     "eval_batches", "checkpoint_every"), "train")
-  _check_positive(config["data"], ("seq_len", "batch_size", "eval_batch_size"),
+  _check_positive(config["data"], ("batch_size", "eval_batch_size") + tuple(
+      k for k in ("seq_len", "source_len", "target_len") if k in config["data"]),
                   "data")
   max_len = config["model"].get("max_len")
-  if max_len is not None and config["data"]["seq_len"] > max_len:
+  if max_len is not None and config["data"].get("seq_len", 0) > max_len:
     raise ValueError(f"data.seq_len={config['data']['seq_len']} exceeds "
                      f"model.max_len={max_len}")
-  tasks_lib.get_task(config["task"])
+  tasks_lib.get_task(config["task"], config.get("task_options"))
 
 
 def _config_json(config: Any) -> dict[str, Any]:
@@ -99,7 +101,8 @@ class Evaluator:
     self._mesh = mesh
     self._num_batches = config["train"]["eval_batches"]
     self._batch = builders.per_process_batch(self._data["eval_batch_size"], divisor)
-    self._bytes = self._data.get("tokenizer") in BYTE_TOKENIZERS
+    self._bytes = (self._data.get("tokenizer") in BYTE_TOKENIZERS
+                   and config["task"] == "causal_lm")
 
   def __call__(self, params: Any) -> dict[str, float]:
     it = builders.eval_iterator(self._data, self._tokenizer,
@@ -156,20 +159,20 @@ def train(config: Any, workdir: str, *,
   model_cfg, model = builders.build_model(config["model"])
   tokenizer = builders.build_tokenizer(dc)
   vocab = getattr(model_cfg, "vocab_size", None)
-  if vocab is not None and vocab < tokenizer.vocab_size:
+  if vocab is not None and tokenizer is not None and vocab < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size})")
-  task = tasks_lib.get_task(config["task"])
+  task = tasks_lib.get_task(config["task"], config.get("task_options"),
+                            tokenizer=tokenizer)
+  finetune_cfg = config.get("finetune")
   opt_cfg = opt_lib.OptimizerConfig.from_mapping(config["optimizer"])
-  tx = opt_lib.make_optimizer(opt_cfg, num_steps)
+  tx = finetune_lib.wrap_optimizer(opt_lib.make_optimizer(opt_cfg, num_steps),
+                                  finetune_cfg)
   schedule = opt_lib.make_schedule(opt_cfg,
                                    max(num_steps // opt_cfg.grad_accum_steps, 1))
   divisor = sharding_lib.batch_divisor(mesh)
   local_batch = builders.per_process_batch(dc["batch_size"], divisor)
-  seq_len = dc["seq_len"]
-
-  def init_fn(rng):
-    return model.init(rng, jnp.zeros((divisor, seq_len), jnp.int32))
+  seq_len = builders.example_length(dc, model_cfg)
 
   config_json = _config_json(config)
   checkpointer = ckpt_lib.Checkpointer(
@@ -177,11 +180,20 @@ def train(config: Any, workdir: str, *,
       save_every=tc["checkpoint_every"], async_save=tc["async_checkpoint"])
   train_it = builders.train_iterator(dc, tokenizer, batch_size=local_batch,
                                      seed=tc["seed"])
+  # Shapes for init: the first batch, then rewind (the data position is unchanged).
+  data_start = train_it.get_state()
+  init_batch = jax.tree.map(lambda x: np.zeros((divisor, *x.shape[1:]), x.dtype),
+                            next(train_it))
+  train_it.set_state(data_start)
+
+  def init_fn(rng):
+    return tasks_lib.init_variables(model, task, init_batch, rng)
   start = checkpointer.latest_step()
   if start is None:
     start = 0
     state, shardings = state_lib.create_train_state(
         init_fn, tx, jax.random.key(tc["seed"]), mesh, rules)
+    state = finetune_lib.init_from_pretrained(state, shardings.params, finetune_cfg)
   else:
     checkpointer.check_config(start, config_json)
     shardings = state_lib.state_shardings(init_fn, tx, mesh, rules)

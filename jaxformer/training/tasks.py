@@ -9,12 +9,16 @@ objective and add it to :data:`TASKS`.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 
 from jaxformer.objectives import causal_lm
+from jaxformer.training import task_library
 from jaxformer.training.steps import Batch, Metrics, TaskFn
 
 
@@ -44,13 +48,63 @@ def causal_lm_task(model: nn.Module, params: Any, batch: Batch,
 
 TASKS: dict[str, TaskFn] = {
     "causal_lm": causal_lm_task,
+    **task_library.TASKS,   # masked_lm, seq2seq, classification, image_lm, axial_lm
 }
 
 
-def get_task(name: str) -> TaskFn:
-  """The task registered as ``name`` (ValueError listing the known ones)."""
+def get_task(name: str, options: Mapping[str, Any] | None = None, *,
+             tokenizer: Any = None) -> TaskFn:
+  """The task registered as ``name`` (ValueError listing the known ones).
+
+  Args:
+    name: a key of :data:`TASKS` (``config.task``).
+    options: the task's keyword options (``config.task_options``); a ValueError
+      names any the task does not take.
+    tokenizer: passed as the ``tokenizer`` keyword to tasks that take one.
+  Returns:
+    The task with its options bound: a :class:`~jaxformer.training.steps.TaskFn`.
+  """
   try:
-    return TASKS[name]
+    fn = TASKS[name]
   except KeyError:
     raise ValueError(
         f"task={name!r} is not a known task; known: {sorted(TASKS)}") from None
+  options = dict(options or {})
+  accepted = {p.name for p in inspect.signature(fn).parameters.values()
+              if p.kind == inspect.Parameter.KEYWORD_ONLY}
+  unknown = sorted(set(options) - (accepted - {"tokenizer"}))
+  if unknown:
+    raise ValueError(f"task_options {unknown} are not options of task={name!r}; "
+                     f"valid: {sorted(accepted - {'tokenizer'})}")
+  if "tokenizer" in accepted:
+    options["tokenizer"] = tokenizer
+  return functools.partial(fn, **options) if options else fn
+
+
+class _InitRecorder:
+  """Stands in for the model while a task runs once: ``apply`` initialises instead."""
+
+  def __init__(self, model: nn.Module, rng: jax.Array):
+    self._model, self._rng = model, rng
+    self.variables: Any = None
+    self.config = getattr(model, "config", None)
+
+  def apply(self, variables, *args, rngs=None, **kwargs):
+    del variables, rngs  # init draws params from self._rng; tasks init deterministic
+    if self.variables is not None:
+      raise ValueError("init_variables: the task calls model.apply more than once")
+    out, self.variables = self._model.init_with_output(self._rng, *args, **kwargs)
+    return out
+
+
+def init_variables(model: nn.Module, task: TaskFn, batch: Batch,
+                   rng: jax.Array) -> dict[str, Any]:
+  """``model.init`` with exactly the inputs ``task`` gives the model for ``batch``.
+
+  Runs the task once (deterministic) with ``model.apply`` replaced by
+  ``model.init_with_output(rng, ...)``, so every task initialises its model without a
+  separate description of the model's inputs. Only shapes of ``batch`` matter.
+  """
+  recorder = _InitRecorder(model, rng)
+  task(recorder, None, batch, None, True)
+  return recorder.variables

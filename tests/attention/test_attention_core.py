@@ -234,9 +234,9 @@ class XlaOnlyOptionsTest(chex.TestCase, parameterized.TestCase):
     self.assertFalse(np.allclose(a, base))
     self.assertFalse(np.allclose(a, b))
     # Unbiased: the mean over many dropout draws approaches the deterministic output.
-    keys = jax.random.split(jax.random.key(2), 1000)
+    keys = jax.random.split(jax.random.key(2), 400)
     mean = jax.jit(jax.vmap(attend))(keys).mean(0)
-    np.testing.assert_allclose(mean, base, atol=0.15)
+    np.testing.assert_allclose(mean, base, atol=0.25)
 
   def test_explicit_causal_mask_equals_flag(self):
     q, k, v, _, _ = make_inputs(Case(7, 12))
@@ -263,19 +263,22 @@ class DispatchTest(parameterized.TestCase):
     self.assertEqual(jax.default_backend(), "cpu")
     self.assertEqual(self._choose(128, 128), "xla")
     self.assertEqual(self._choose(2048, 2048), "chunked")
+    self.assertEqual(self._choose(2048, 2048, has_mask=True), "chunked")
     # Options the chunked path does not have keep the math: xla.
-    for opt in ("has_mask", "has_bias", "hard", "return_weights", "dropout"):
+    for opt in ("has_bias", "hard", "return_weights", "dropout"):
       self.assertEqual(self._choose(2048, 2048, **{opt: True}), "xla", opt)
 
   def test_fallback_is_logged(self):
     with self.assertLogs(core.logger, "INFO") as logs:
-      self._choose(2048, 2048, has_mask=True)
-    self.assertIn("does not support mask", "\n".join(logs.output))
+      self._choose(2048, 2048, has_bias=True)
+    self.assertIn("does not support bias", "\n".join(logs.output))
 
   def test_named_path_that_cannot_raises(self):
     q, k, v, _, _ = make_inputs(Case(7))
-    with self.assertRaisesRegex(ValueError, "'chunked' cannot be used.*mask"):
-      dot_product_attention(q, k, v, mask=jnp.ones((7, 7), bool), implementation="chunked")
+    with self.assertRaisesRegex(ValueError, "'chunked' cannot be used.*bias"):
+      dot_product_attention(q, k, v, bias=jnp.ones((7, 7)), implementation="chunked")
+    with self.assertRaisesRegex(ValueError, "'pallas' cannot be used.*mask"):
+      dot_product_attention(q, k, v, mask=jnp.ones((7, 7), bool), implementation="pallas")
     with self.assertRaisesRegex(ValueError, "'chunked' cannot be used.*return_weights"):
       dot_product_attention(q, k, v, return_weights=True, implementation="chunked")
     with self.assertRaisesRegex(ValueError, "cuDNN needs an NVIDIA GPU"):

@@ -93,6 +93,30 @@ class ChunkedTest(chex.TestCase, parameterized.TestCase):
       self.assertTrue(np.all(np.isfinite(got)))
       np.testing.assert_allclose(got, w, atol=2e-5, rtol=2e-4)
 
+  @parameterized.named_parameters(
+      ("full", (2, 4, 45, 70), True),
+      ("padding", (2, 1, 1, 70), False),
+      ("per_query", (1, 1, 45, 1), True),
+  )
+  def test_explicit_mask(self, mask_shape, causal):
+    q, k, v, d_out = _qkv(2, 45, 70, 4, 2, 8, 6)
+    mask = np.random.default_rng(3).random(mask_shape) < 0.6
+    seg = np.random.default_rng(4)
+    q_seg, kv_seg = seg.integers(0, 2, (2, 45)), seg.integers(0, 2, (2, 70))
+
+    def loss(q, k, v):
+      out = chunked_attention(q, k, v, is_causal=causal, mask=jnp.asarray(mask),
+                              q_segment_ids=jnp.asarray(q_seg),
+                              kv_segment_ids=jnp.asarray(kv_seg), block_q=16, block_k=32)
+      return jnp.sum(out * d_out.astype(np.float32)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    want, _, want_grads = ref.attention(q, k, v, mask=mask, is_causal=causal, q_seg=q_seg,
+                                        kv_seg=kv_seg, d_out=d_out)
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-4)
+    for got, w in zip(grads, want_grads):
+      np.testing.assert_allclose(got, w, atol=2e-5, rtol=2e-4)
+
   def test_bfloat16_gradients(self):
     q, k, v, d_out = _qkv(1, 40, 40, 4, 2, 8, 8)
     f = lambda q, k, v: jnp.sum(chunked_attention(q, k, v, is_causal=True, block_q=16,

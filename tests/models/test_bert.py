@@ -27,7 +27,7 @@ def _model(**overrides):
 
 class BERTTest(chex.TestCase, parameterized.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True)
   def test_outputs(self):
     model, variables, _ = _model()
     types = np.array([[0] * 4 + [1] * 4] * _B, np.int32)

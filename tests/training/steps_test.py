@@ -84,8 +84,9 @@ class TrainStepTest(chex.TestCase):
       # finite loss, infinite gradient: d/dx sqrt(x) at 0
       return loss + jnp.sqrt(jnp.abs(params["norm_scale"][0] - 1.0)), metrics
 
-    state, metrics = steps.train_step(state, _jnp_batch(0), model=model,
-                                      task=inf_grad_task, tx=tx, opt_config=cfg)
+    step = jax.jit(functools.partial(steps.train_step, model=model,
+                                     task=inf_grad_task, tx=tx, opt_config=cfg))
+    state, metrics = step(state, _jnp_batch(0))
     self.assertTrue(math.isfinite(float(metrics["loss"])))
     self.assertEqual(int(state.skipped_steps), 1)
 
@@ -107,8 +108,9 @@ class TrainStepTest(chex.TestCase):
   def test_no_spike_check_by_default(self):
     model, cfg, tx, _, _, state, _ = _setup()
     state = state.replace(loss_ema=jnp.float32(0.1))
-    state, metrics = steps.train_step(state, _jnp_batch(0), model=model,
-                                      task=th.tiny_task, tx=tx, opt_config=cfg)
+    step = jax.jit(functools.partial(steps.train_step, model=model,
+                                     task=th.tiny_task, tx=tx, opt_config=cfg))
+    state, metrics = step(state, _jnp_batch(0))
     self.assertEqual(float(metrics["skipped"]), 0.0)
     # the running mean follows accepted losses
     want = 0.99 * 0.1 + 0.01 * float(metrics["loss"])

@@ -1,0 +1,82 @@
+"""ImageGPT: autoregressive pixels (palette ids in raster order) with a GPT decoder.
+
+Pixels in [0, 1] (``data.mean=0, data.std=1``) are rounded per channel to
+``task_options.levels`` evenly spaced values; the palette ids (``levels ** channels``
+= ``model.num_clusters``) are modelled as a causal LM. Eval reports ``nll`` and
+``bits_per_token`` (bits per pixel) on held-out images.
+
+Tiny (CPU, about a minute, no download): 8 x 8 grey ``shapes``, 4 grey levels::
+
+  python -m experiments.train --config=experiments/configs/image_gpt_shapes.py:tiny \\
+      --workdir=runs/image_gpt_shapes_tiny
+
+Real size (accelerators): iGPT-S (24 x 512, 8 heads, the ``image_gpt_small`` preset)
+on ``cifar10`` 32 x 32 with 8 levels per channel = 512 colors (iGPT's palette size;
+iGPT's own palette is k-means, this one a regular grid); prepare once with
+``tfds build cifar10 --file_format=array_record``::
+
+  python -m experiments.train --config=experiments/configs/image_gpt_shapes.py \\
+      --workdir=runs/image_gpt_cifar10 \\
+      [--config.data.source_options.data_dir=~/tensorflow_datasets]
+"""
+
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+from experiments.configs import common
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  """The config; ``arg="tiny"`` (alias ``"runlocal"``) is the CPU variant."""
+  tiny = common.variant(arg, "image_gpt_shapes") == "tiny"
+  c = config_dict.ConfigDict()
+  c.task = "image_lm"
+  c.task_options = config_dict.ConfigDict(dict(levels=8))
+
+  c.model = config_dict.ConfigDict(dict(
+      name="image_gpt",      # = image_gpt_small()
+      image_size=32,
+      num_clusters=512,      # levels ** channels
+      num_layers=24,
+      embed_dim=512,
+      num_heads=8,
+      mlp_dim=2048,
+      dropout_rate=0.0,
+      attention_impl=config_dict.placeholder(str),
+      remat=True,
+      scan_layers=False,
+      dtype="bfloat16",
+      param_dtype="float32",
+  ))
+
+  c.data = config_dict.ConfigDict(dict(
+      source="cifar10",
+      source_options=config_dict.ConfigDict(dict(
+          data_dir=config_dict.placeholder(str))),
+      pipeline="image",
+      train_split="train",
+      eval_split="test",
+      mean=(0.0,),           # keep pixels in [0, 1] for the palette
+      std=(1.0,),
+      batch_size=128,
+      eval_batch_size=128,
+      prefetch=2,
+  ))
+
+  c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=5000,
+                                 weight_decay=0.0, b2=0.95, end_lr_fraction=0.0)
+  c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
+                         eval_batches=20, checkpoint_every=5000)
+
+  if tiny:
+    c.task_options.levels = 4
+    c.model.update(dict(image_size=8, num_clusters=4, num_layers=2, embed_dim=64,
+                        num_heads=4, mlp_dim=128, remat=False, dtype="float32"))
+    c.data.update(dict(source="shapes", eval_split="validation", batch_size=32,
+                       eval_batch_size=64))
+    c.data.source_options = config_dict.ConfigDict()
+    c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=20, end_lr_fraction=0.1))
+    c.train.update(dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
+                        checkpoint_every=300))
+  return common.finish(c)

@@ -1,0 +1,13 @@
+"""Looking inside trained models: attention maps per layer/head, rollout, axial maps."""
+
+from jaxformer.analysis.attention_maps import (attention_rollout, attention_weights,
+                                               axial_attention_maps, axial_pixel_map,
+                                               capture_attention, collect_weights,
+                                               layer_weights, override_attention,
+                                               to_numpy, unfold_axial, vit_rollout)
+
+__all__ = [
+    "attention_rollout", "attention_weights", "axial_attention_maps", "axial_pixel_map",
+    "capture_attention", "collect_weights", "layer_weights", "override_attention",
+    "to_numpy", "unfold_axial", "vit_rollout",
+]

@@ -1,0 +1,166 @@
+"""Fine-tuning: a pretrained body from a training workdir, a fresh head, optional freezing.
+
+A config with a ``finetune`` section turns an ordinary run into fine-tuning::
+
+  finetune.pretrained_workdir = "runs/bert_mlm"   # a workdir written by the loop
+  finetune.step = None          # None: its newest checkpoint
+  finetune.head = ("classifier",)   # top-level param names that start fresh
+  finetune.freeze_body = False  # True: body params get zero updates (set_to_zero)
+
+At step 0 every *body* parameter (everything not under a ``head`` name) is replaced by
+the pretrained value at the same path, which must exist with the same shape; only the
+``params`` of the pretrained state are read (orbax partial restore: no optimizer state).
+Pretrained params the new model does not have (e.g. BERT's MLM and NSP heads) are
+ignored. With ``freeze_body`` the optimizer is
+``optax.multi_transform({"head": tx, "body": set_to_zero()})``, so the body stays
+bit-identical to the checkpoint; gradient clipping then sees only the head's gradients.
+Resuming a fine-tuning run restores its own checkpoint, not the pretrained one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from jaxformer.training import checkpoint as ckpt_lib
+
+HEAD, BODY = "head", "body"
+
+
+def _check_head(head: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(head, str) or not all(isinstance(h, str) for h in head):
+    raise TypeError(f"finetune.head={head!r} must be a sequence of top-level "
+                    "parameter names, e.g. ('classifier',)")
+  return tuple(head)
+
+
+def param_labels(params: Any, head: Sequence[str]) -> Any:
+  """A tree like ``params`` of ``"head"`` (top-level name in ``head``) / ``"body"``."""
+  head = _check_head(head)
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {path: HEAD if path[0] in head else BODY for path in flat})
+
+
+def pretrained_step(workdir: str, step: int | None = None) -> int:
+  """The checkpoint step to read in ``workdir`` (newest when ``step`` is None)."""
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=None, async_save=False)
+  try:
+    steps = checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+  if not steps:
+    raise ValueError(f"finetune.pretrained_workdir={workdir!r} has no checkpoint "
+                     f"under {os.path.join(workdir, 'checkpoints')}; train the "
+                     "pretrained model there first")
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise ValueError(f"finetune.step={step!r} is not a checkpoint of {workdir!r}; "
+                     f"it has {sorted(steps)}")
+  return step
+
+
+def load_pretrained_params(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """The ``params`` of a loop checkpoint as host numpy arrays (nothing else is read).
+
+  Args:
+    workdir: a training workdir (``<workdir>/checkpoints/<step>/state``).
+    step: the checkpoint step; None = the newest.
+  """
+  step = pretrained_step(workdir, step)
+  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(path)
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    if "params" not in tree:
+      raise ValueError(f"checkpoint {path} has no 'params' (it has {sorted(tree)})")
+    item = {"params": tree["params"]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                item)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  return restored["params"]
+
+
+def merge_pretrained(params: Any, pretrained: Any, *, head: Sequence[str]) -> Any:
+  """``params`` with every body leaf replaced by ``pretrained``'s leaf at its path.
+
+  Args:
+    params: the fine-tuning model's (freshly initialised) parameters.
+    pretrained: the pretrained model's parameters (may have more entries).
+    head: top-level names of ``params`` kept as initialised.
+  Returns:
+    The merged tree (body leaves as numpy arrays of the pretrained values, with the
+    dtype of ``params``).
+  Raises:
+    ValueError: a body parameter is missing from ``pretrained`` or has another shape
+      (every offending path is named).
+  """
+  head = _check_head(head)
+  flat = traverse_util.flatten_dict(params)
+  flat_pre = traverse_util.flatten_dict(pretrained)
+  missing, mismatched, merged = [], [], {}
+  for path, value in flat.items():
+    if path[0] in head:
+      merged[path] = value
+      continue
+    name = "/".join(path)
+    if path not in flat_pre:
+      missing.append(name)
+    elif tuple(np.shape(flat_pre[path])) != tuple(np.shape(value)):
+      mismatched.append(f"{name}: pretrained {tuple(np.shape(flat_pre[path]))} != "
+                        f"model {tuple(np.shape(value))}")
+    else:
+      merged[path] = np.asarray(flat_pre[path], dtype=value.dtype)
+  if missing or mismatched:
+    raise ValueError(
+        "the pretrained checkpoint does not match the fine-tuning model's body "
+        f"(head={head}):\n  missing: {missing}\n  shape mismatches: {mismatched}\n"
+        "Use the pretrained model's sizes in config.model, or list new top-level "
+        "parameters in finetune.head.")
+  unknown_head = sorted(set(head) - {path[0] for path in flat})
+  if unknown_head:
+    raise ValueError(f"finetune.head names {unknown_head} that are not top-level "
+                     f"parameters of the model; it has {sorted({p[0] for p in flat})}")
+  return traverse_util.unflatten_dict(merged)
+
+
+def freeze_body(tx: optax.GradientTransformation,
+                head: Sequence[str]) -> optax.GradientTransformation:
+  """``tx`` on the head's parameters, zero updates (and no state) for the body."""
+  head = _check_head(head)
+  return optax.multi_transform({HEAD: tx, BODY: optax.set_to_zero()},
+                               lambda params: param_labels(params, head))
+
+
+def wrap_optimizer(tx: optax.GradientTransformation,
+                   section: Mapping[str, Any] | None) -> optax.GradientTransformation:
+  """``tx``, or :func:`freeze_body` of it when ``section.freeze_body`` is set."""
+  if section and section.get("freeze_body", False):
+    return freeze_body(tx, section["head"])
+  return tx
+
+
+def init_from_pretrained(state: Any, param_shardings: Any,
+                         section: Mapping[str, Any] | None) -> Any:
+  """A fresh ``TrainState`` with its body replaced by the pretrained params.
+
+  Does nothing unless ``section.pretrained_workdir`` is set. The optimizer state
+  need not change: it was initialised from the shapes only (zero moments).
+  """
+  if not section or not section.get("pretrained_workdir"):
+    return state
+  pretrained = load_pretrained_params(section["pretrained_workdir"],
+                                      section.get("step"))
+  host_params = jax.device_get(state.params)
+  merged = merge_pretrained(host_params, pretrained, head=section["head"])
+  return state.replace(params=jax.device_put(merged, param_shardings))

@@ -1,0 +1,160 @@
+"""Mesh shapes and shardings; multi-device equivalence (DP / FSDP / TP) in a subprocess
+with 8 CPU devices; two processes on localhost (slow)."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from jax.sharding import PartitionSpec as P
+
+from jaxformer import axes
+from jaxformer.training import sharding
+
+import training_helpers as th
+
+
+class MeshShapeTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ((-1, 1, 1), 8, (8, 1, 1)),
+      ((1, -1, 2), 8, (1, 4, 2)),
+      ((2, 2, 2), 8, (2, 2, 2)),
+      ((1, 1, 1), 1, (1, 1, 1)),
+      ((1, -1, 1), 1, (1, 1, 1)),
+  )
+  def test_resolve(self, shape, n, want):
+    self.assertEqual(sharding.resolve_mesh_shape(shape, n), want)
+
+  @parameterized.parameters(
+      ((-1, -1, 1), 8, "at most one -1"),
+      ((1, 1), 8, "needs 3 entries"),
+      ((3, -1, 1), 8, "not divisible"),
+      ((2, 2, 1), 8, "uses 4 devices but 8"),
+      ((0, 1, 1), 1, "positive"),
+  )
+  def test_errors_name_the_value(self, shape, n, msg):
+    with self.assertRaisesRegex(ValueError, msg):
+      sharding.resolve_mesh_shape(shape, n)
+
+  def test_make_mesh_axes_and_batch_sharding(self):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    self.assertEqual(mesh.axis_names, ("data", "fsdp", "tensor"))
+    self.assertEqual(sharding.batch_sharding(mesh).spec, P(("data", "fsdp")))
+    self.assertEqual(sharding.batch_divisor(mesh), 1)
+    batch = th.make_batch(0)
+    out = sharding.shard_batch(batch, mesh)
+    np.testing.assert_array_equal(np.asarray(out["inputs"]), batch["inputs"])
+    self.assertEqual(out["inputs"].sharding.spec, P(("data", "fsdp")))
+
+  def test_logical_shardings_follow_rules(self):
+    model = th.TinyLM()
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    abstract = jax.eval_shape(th.tiny_init_fn(model), jax.random.key(0))
+    specs = jax.tree.map(lambda s: s.spec, sharding.logical_shardings(
+        abstract["params"], mesh, sharding.make_rules()))
+    self.assertEqual(specs["hidden"]["kernel"], P("fsdp", "tensor"))
+    self.assertEqual(specs["embedding"], P("tensor", "fsdp"))
+    no_fsdp = jax.tree.map(lambda s: s.spec, sharding.logical_shardings(
+        abstract["params"], mesh, sharding.make_rules(fsdp=False, tensor=False)))
+    self.assertEqual(no_fsdp["hidden"]["kernel"], P(None, None))
+
+  def test_constrain_batch_inside_jit(self):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    f = jax.jit(lambda t: sharding.constrain_batch(t, mesh))
+    x = jnp.arange(8.0).reshape(4, 2)
+    np.testing.assert_array_equal(np.asarray(f({"x": x})["x"]), np.asarray(x))
+
+  def test_activate_sets_rules(self):
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.activate(mesh, sharding.make_rules()):
+      self.assertEqual(dict(nn.get_logical_axis_rules())[axes.EMBED], "fsdp")
+    self.assertEqual(tuple(nn.get_logical_axis_rules()), ())
+
+
+@pytest.mark.slow
+def test_dp_fsdp_tp_match_one_device():
+  """Same 3 GPT-tiny steps on 1 device and on 8 CPU devices under 5 layouts.
+
+  Tolerance: rtol 1e-5 on the losses (float32; only reduction order differs).
+  """
+  proc = th.run_python(["tests/training/multidevice_worker.py", "meshes", "8"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  out = json.loads(line[len("RESULT "):])
+  want = out["single"]["losses"]
+  assert want[-1] < want[0]
+  for name in ("dp", "fsdp", "tp", "fsdp_tp", "dp_fsdp_tp"):
+    np.testing.assert_allclose(out[name]["losses"], want, rtol=1e-5, err_msg=name)
+
+  def sharded(name):
+    return {k for k, v in out[name]["params"].items()
+            if v["shard_shape"] != v["shape"]}
+
+  assert not sharded("single") and not sharded("dp")   # replicated parameters
+  assert out["dp"]["mu_sharded"] == 0
+  emb = "['token_embedding']['embedding']"
+  # FSDP: the embed axis (here the table's columns) is split 8 ways
+  assert out["fsdp"]["params"][emb]["shard_shape"] == [64, 4]
+  assert len(sharded("fsdp")) >= 8 and out["fsdp"]["mu_sharded"] >= 8
+  # TP: the vocab axis split 2 ways, embed axis whole
+  assert out["tp"]["params"][emb]["shard_shape"] == [32, 32]
+  assert out["fsdp_tp"]["params"][emb]["shard_shape"] == [32, 8]
+  assert sharded("tp") < sharded("fsdp_tp")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree(tmp_path):
+  """Two processes x 2 CPU devices (gloo collectives on localhost): FSDP steps equal
+  the one-device losses (rtol 1e-5), and a short `loop.train` run with checkpoints
+  gives the same summary on both processes."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  env = dict(os.environ)
+  env["PYTHONPATH"] = th.REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  procs = [subprocess.Popen(
+      [sys.executable, "tests/training/multidevice_worker.py", "process", str(i),
+       str(port), str(tmp_path / "run")], cwd=th.REPO_ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      stdout, stderr = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    assert p.returncode == 0, stderr[-3000:]
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+    outs.append(json.loads(line[len("RESULT "):]))
+  ref = th.run_python(["-c", (
+      "import sys, json; sys.path.insert(0, 'tests/training');"
+      "import multidevice_worker as w, jax;"
+      "print('RESULT ' + json.dumps(w._steps((1, 1, 1), jax.devices()[:1])))")])
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  want = json.loads(ref.stdout.split("RESULT ")[-1])["losses"]
+  for out in outs:
+    np.testing.assert_allclose(out["fsdp_steps"]["losses"], want, rtol=1e-5)
+  assert outs[0]["train"] == outs[1]["train"]
+  assert outs[0]["train"]["step"] == 4
+  assert np.isfinite(outs[0]["train"]["eval_loss"])
+  assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
