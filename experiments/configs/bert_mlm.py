@@ -74,7 +74,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       train_split="unsupervised",
       eval_split="test",
       segment_separator=". ",  # sentences
-      max_documents=2000,      # documents pairs are drawn from (NSPSource scans them)
+      max_documents=2000,      # documents pairs are drawn from (NSPSource scans
+      max_segments=20,         # all their segments per example: keep the total small)
       num_pairs=10_000_000,
       num_eval_pairs=10_000,
       seq_len=512,
@@ -95,7 +96,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                         dtype="float32"))
     c.data.update(dict(source="stdlib_text", train_split="train",
                        eval_split="validation", segment_separator="\n\n",
-                       max_documents=300, num_pairs=100_000, num_eval_pairs=256,
+                       max_documents=300, max_segments=8, num_pairs=100_000,
+                       num_eval_pairs=256,
                        seq_len=64, batch_size=32, eval_batch_size=32))
     c.data.source_options = config_dict.ConfigDict()
     c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=20, schedule="cosine",

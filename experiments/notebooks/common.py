@@ -15,10 +15,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 from ml_collections import config_dict
 
 from experiments import plotting
+from jaxformer.training import builders
 from jaxformer.training import loop
+from jaxformer.training import tasks as tasks_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -38,9 +41,12 @@ def out_dir(name: str) -> pathlib.Path:
 
 def with_overrides(config: config_dict.ConfigDict,
                    overrides: Mapping[str, Any] | None = None) -> config_dict.ConfigDict:
-  """A copy of ``config`` with ``{"model.norm": "post", ...}`` applied (ValueError on a
-  field the config does not have)."""
-  config = copy.deepcopy(config)   # keeps field references (model.nsp_head -> task_options.nsp)
+  """A copy of ``config`` with ``{"model.norm": "post", ...}`` applied.
+
+  Sections must exist (ValueError otherwise); leaves may be new, e.g. a model field the
+  config file leaves at its dataclass default (``train`` rejects unknown model fields).
+  """
+  config = copy.deepcopy(config)  # keeps references (model.nsp_head -> task_options.nsp)
   for key, value in (overrides or {}).items():
     node = config
     *parents, leaf = key.split(".")
@@ -48,10 +54,7 @@ def with_overrides(config: config_dict.ConfigDict,
       if part not in node:
         raise ValueError(f"override {key!r}: the config has no section {part!r}")
       node = node[part]
-    if leaf not in node:
-      raise ValueError(f"override {key!r}: {'.'.join(parents) or 'config'} has no field "
-                       f"{leaf!r}; it has {sorted(node.keys())}")
-    node[leaf] = value
+    node[leaf] = value   # a new leaf is fine: train() checks model fields by name
   return config
 
 
@@ -97,3 +100,53 @@ def final_train_loss(workdir: str | os.PathLike[str], last: int = 3) -> float:
   """Mean of the last ``last`` logged train losses (less noisy than the final one)."""
   _, losses = plotting.series(plotting.read_metrics(workdir), "loss")
   return float(losses[-last:].mean())
+
+
+def load_params(workdir: str | os.PathLike[str]) -> Any:
+  """The parameters of the newest checkpoint in ``<workdir>/checkpoints`` (host arrays)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(pathlib.Path(workdir).resolve() / "checkpoints",
+                                  item_names=("state",))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"load_params: no checkpoint under {workdir}/checkpoints")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))
+  manager.close()
+  return restored["state"]["params"]
+
+
+def trained_model(config: config_dict.ConfigDict, workdir: str | os.PathLike[str]
+                  ) -> tuple[Any, Any]:
+  """``(model, params)`` of a finished run of ``config`` in ``workdir``."""
+  _, model = builders.build_model(config.model)
+  return model, load_params(workdir)
+
+
+def evaluate(config: config_dict.ConfigDict, params: Any, *,
+             task_options: Mapping[str, Any] | None = None,
+             num_batches: int | None = None) -> dict[str, float]:
+  """Held-out metrics of ``params`` under ``config`` with some task options changed.
+
+  E.g. every masked-LM run scored at the same 15% mask rate
+  (``task_options={"mask_rate": 0.15}``). Uses the run's own eval pipeline and task;
+  metrics are averaged over ``num_batches`` (default ``train.eval_batches``) batches,
+  weighted by their ``num_tokens``.
+  """
+  _, model = builders.build_model(config.model)
+  tokenizer = builders.build_tokenizer(config.data)
+  options = {**dict(config.get("task_options") or {}), **dict(task_options or {})}
+  task = tasks_lib.get_task(config.task, options, tokenizer=tokenizer)
+  step = jax.jit(lambda p, b: task(model, p, b, None, True)[1])
+  batches = builders.eval_iterator(config.data, tokenizer,
+                                   batch_size=config.data.eval_batch_size)
+  totals: dict[str, float] = {}
+  weight = 0.0
+  for _ in range(num_batches or config.train.eval_batches):
+    metrics = jax.device_get(step(params, next(batches)))
+    n = float(metrics["num_tokens"])
+    weight += n
+    for key, value in metrics.items():
+      if key != "num_tokens":
+        totals[key] = totals.get(key, 0.0) + float(value) * n
+  return {key: value / max(weight, 1e-9) for key, value in totals.items()}

@@ -8,7 +8,7 @@ every other one in ``len(axes)`` steps at ``O(N * sum(L_axis))`` cost.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -42,10 +42,17 @@ class AxialAttention(nn.Module):
   implementation: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: Callable[..., Array] = nn.initializers.xavier_uniform()
+  bias_init: Callable[..., Array] = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
-    """``x [B, *axes, D]`` -> ``[B, *axes, out_features]``."""
+  def __call__(self, x: Array, *, deterministic: bool = True,
+               return_weights: bool = False) -> Array | tuple[Array, Array]:
+    """``x [B, *axes, D]`` -> ``[B, *axes, out_features]``.
+
+    With ``return_weights`` also returns the weights ``[B, *other_axes, H, L, L]``
+    (``L`` the length of ``axis``; the other axes in their original order).
+    """
     axis = _normalize_axis(self.axis, x.ndim)
     x_moved = jnp.moveaxis(x, axis, -2)                   # [B, *others, L, D]
     folded_shape = x_moved.shape
@@ -55,10 +62,16 @@ class AxialAttention(nn.Module):
         out_features=self.out_features, use_bias=self.use_bias,
         dropout_rate=self.dropout_rate, rotary_base=self.rotary_base,
         implementation=self.implementation, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="attention")(
-            x_NLD, is_causal=self.is_causal, deterministic=deterministic)
-    y = y_NLO.reshape(folded_shape[:-1] + y_NLO.shape[-1:])
-    return jnp.moveaxis(y, -2, axis)
+        param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+        bias_init=self.bias_init, name="attention")(
+            x_NLD, is_causal=self.is_causal, deterministic=deterministic,
+            return_weights=return_weights)
+    if return_weights:
+      y_NLO, weights_NHLL = y_NLO
+    y = jnp.moveaxis(y_NLO.reshape(folded_shape[:-1] + y_NLO.shape[-1:]), -2, axis)
+    if not return_weights:
+      return y
+    return y, weights_NHLL.reshape(folded_shape[:-2] + weights_NHLL.shape[1:])
 
 
 class AxialAttentionStack(nn.Module):

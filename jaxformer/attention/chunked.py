@@ -19,8 +19,13 @@ explicit boolean mask broadcastable to ``[B, H, Lq, Lk]`` (sliced blockwise, so 
 ``[B, 1, 1, Lk]`` padding mask costs O(N)). A bias is not supported (it would need its
 own gradient): ``dot_product_attention`` falls back to ``"xla"`` for it.
 
-Measured on the 2-core CI CPU (float32, causal, batch 1, 4 heads x 64, see the
-attention helper's report): at 8k tokens, block 512 is the best of {256, 512, 1024}.
+Measured ad hoc on the shared 2-core CPU (float32, causal, batch 1, 4 heads x 64; the
+machine was loaded ~4x by other jobs, so times are +-50%): at 8k tokens fwd 0.6-1.6 s,
+fwd+bwd 5-6 s, peak process RSS 0.45-0.49 GB, against 16 s / 31 s / 7.6 GB for the XLA
+path under the same load (experiments/benchmarks/results/cpu-2026-11-25.md); 16k
+fwd+bwd 12-19 s at 0.57 GB RSS; 32k fwd+bwd ran (80 s, 0.68 GB). Block 512 was the best
+of {256, 512, 1024}. Merging the group and query axes before each matmul (below) made
+the backward ~1.5-2x faster.
 """
 
 from __future__ import annotations
@@ -195,9 +200,33 @@ def _block_mask(cfg: _Config, i: Array, j: Array, qs_BQ: Array | None,
   return mask
 
 
+# The block matmuls. The group and query axes are merged (a free reshape) so that each
+# product is a plain batched matmul with one contracting axis: XLA's CPU backend is
+# several times slower on the equivalent two-axis contractions (measured).
+
+
 def _scores(cfg: _Config, q_BKGQD: Array, k_BKSD: Array) -> Array:
-  return jnp.einsum("bhgqd,bhsd->bhgqs", q_BKGQD, k_BKSD,
-                    preferred_element_type=jnp.float32) * cfg.scale
+  """``scale * q k^T``: ``[B, K, G, Q, D] x [B, K, S, D] -> [B, K, G, Q, S]`` float32."""
+  b, h, g, q, d = q_BKGQD.shape
+  s_BKNS = jnp.einsum("bhnd,bhsd->bhns", q_BKGQD.reshape(b, h, g * q, d), k_BKSD,
+                      preferred_element_type=jnp.float32)
+  return s_BKNS.reshape(b, h, g, q, k_BKSD.shape[2]) * cfg.scale
+
+
+def _rows_times(x_BKGQS: Array, y_BKSD: Array) -> Array:
+  """``x y``: ``[B, K, G, Q, S] x [B, K, S, D] -> [B, K, G, Q, D]`` float32."""
+  b, h, g, q, s = x_BKGQS.shape
+  out_BKND = jnp.einsum("bhns,bhsd->bhnd", x_BKGQS.reshape(b, h, g * q, s), y_BKSD,
+                        preferred_element_type=jnp.float32)
+  return out_BKND.reshape(b, h, g, q, y_BKSD.shape[-1])
+
+
+def _cols_times(x_BKGQS: Array, y_BKGQD: Array) -> Array:
+  """``x^T y`` summed over groups: ``[B, K, G, Q, S] x [B, K, G, Q, D] -> [B, K, S, D]``."""
+  b, h, g, q, s = x_BKGQS.shape
+  return jnp.einsum("bhns,bhnd->bhsd", x_BKGQS.reshape(b, h, g * q, s),
+                    y_BKGQD.reshape(b, h, g * q, y_BKGQD.shape[-1]),
+                    preferred_element_type=jnp.float32)
 
 
 def _forward(cfg: _Config, q, k, v, qs, ks, explicit) -> tuple[Array, Array]:
@@ -223,8 +252,7 @@ def _forward(cfg: _Config, q, k, v, qs, ks, explicit) -> tuple[Array, Array]:
       if mask is not None:
         p_BKGQS = jnp.where(mask, p_BKGQS, 0.0)   # all-masked-so-far rows stay at 0
       l_new = l_BKGQ * correction + jnp.sum(p_BKGQS, axis=-1)
-      pv = jnp.einsum("bhgqs,bhsd->bhgqd", p_BKGQS.astype(v.dtype), v_BKSD,
-                      preferred_element_type=jnp.float32)
+      pv = _rows_times(p_BKGQS.astype(v.dtype), v_BKSD)
       return m_new, l_new, acc_BKGQD * correction[..., None] + pv
 
     stats_shape = (batch, num_kv_heads, groups, bq)
@@ -270,16 +298,13 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
       mask = _block_mask(cfg, i, j, qs_BQ, ks_BS, explicit)
       if mask is not None:
         p_BKGQS = jnp.where(mask, p_BKGQS, 0.0)
-      dv_BKSD = dv_BKSD + jnp.einsum("bhgqs,bhgqd->bhsd", p_BKGQS.astype(d_out.dtype),
-                                     do_BKGQD, preferred_element_type=jnp.float32)
-      dp_BKGQS = jnp.einsum("bhgqd,bhsd->bhgqs", do_BKGQD, v_BKSD,
-                            preferred_element_type=jnp.float32)
+      dv_BKSD = dv_BKSD + _cols_times(p_BKGQS.astype(d_out.dtype), do_BKGQD)
+      dp_BKGQS = _scores(dataclasses.replace(cfg, scale=1.0), do_BKGQD, v_BKSD)
       ds_BKGQS = p_BKGQS * (dp_BKGQS - delta_BKGQ[..., None]) * cfg.scale
-      dq_i = jnp.einsum("bhgqs,bhsd->bhgqd", ds_BKGQS, k_BKSD.astype(jnp.float32))
+      dq_i = _rows_times(ds_BKGQS, k_BKSD.astype(jnp.float32))
       dq = lax.dynamic_update_index_in_dim(
           dq, lax.dynamic_index_in_dim(dq, i, keepdims=False) + dq_i, i, 0)
-      dk_BKSD = dk_BKSD + jnp.einsum("bhgqs,bhgqd->bhsd", ds_BKGQS,
-                                     q_BKGQD.astype(jnp.float32))
+      dk_BKSD = dk_BKSD + _cols_times(ds_BKGQS, q_BKGQD.astype(jnp.float32))
       return dq, dk_BKSD, dv_BKSD
 
     init = (dq, jnp.zeros(k_BKSD.shape, jnp.float32), jnp.zeros(v_BKSD.shape, jnp.float32))

@@ -231,9 +231,10 @@ class Stack(nn.Module):
     block_cls = self.block
     args = (*block_args, deterministic)
     if self.remat:
-      # static_argnums counts `self` as 0: x is 1, deterministic is the last argument.
+      # static_argnums counts `self` as 0 and x as 1, so deterministic (the last of
+      # `args`) is at 1 + len(args).
       block_cls = nn.remat(block_cls, prevent_cse=not self.scan,
-                           static_argnums=(len(args),))
+                           static_argnums=(1 + len(args),))
     if self.scan and self.num_layers > 0:
       def body(module, carry, *xs):
         return module(carry, *xs), None
@@ -282,7 +283,8 @@ def _index_leaf(x: Any, i: int) -> Any:
 def stack_layer_params(tree: Any) -> Any:
   """Plain-loop variables -> scanned layout (``layers_i`` dicts -> one stacked ``layers``).
 
-  Works on any nested dict (boxed ``nn.Partitioned`` leaves get the ``layers`` axis name), e.g. a whole ``variables`` tree; every dict holding
+  Works on any nested dict, e.g. a whole ``variables`` tree (boxed ``nn.Partitioned``
+  leaves get the ``layers`` axis name prepended); every dict holding
   ``layers_0 .. layers_{n-1}`` is rewritten, other keys are kept.
   """
   if not isinstance(tree, Mapping):

@@ -36,7 +36,7 @@ def check_position_kind(positions: str, *, field: str = "positions") -> None:
 
 
 def default_positions(inputs_BL: Array) -> Array:
-  """``[batch, length]`` int32 positions 0..length-1 for a ``[batch, length, ...]`` input."""
+  """int32 positions ``[batch, length]`` = 0..length-1 for a ``[batch, length, ...]`` input."""
   batch, length = inputs_BL.shape[:2]
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32)[None, :], (batch, length))
 
@@ -102,7 +102,7 @@ class TokenTypeEmbed(nn.Module):
 
 
 class LearnedPositionEmbed(nn.Module):
-  """Learned absolute positions: table ``[max_length, features]`` (axes ``position, embed``).
+  """Learned absolute positions: a ``[max_length, features]`` table (``position, embed``).
 
   ``__call__(positions [B, L]) -> [B, L, features]``. Positions must be < max_length
   (out-of-range gathers are clamped by XLA, so validate lengths at the model level).

@@ -76,7 +76,8 @@ class MLP(nn.Module):
       h_BLF = act(gate_BLF) * h_BLF
     else:
       h_BLF = act(h_BLF)
-    h_BLF = nn.with_logical_constraint(h_BLF, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
+    h_BLF = nn.with_logical_constraint(h_BLF,
+                                       (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
     h_BLF = nn.Dropout(self.dropout_rate)(h_BLF, deterministic=deterministic)
     out_init = self.out_kernel_init or self.kernel_init
     return dense(features, axes.MLP, axes.EMBED, kernel_init=out_init, name="wo",

@@ -176,7 +176,8 @@ class AxialClassifier(nn.Module):
                               **kw)(images_BHWC)
     x_BHWD = _add_axial_positions(x.reshape(b, gh, gw, cfg.embed_dim), cfg, "position")
     x_BHWD = nn.Dropout(cfg.dropout_rate)(x_BHWD, deterministic=deterministic)
-    x_BHWD = _axial_stack(cfg, x_BHWD, cfg.num_layers, (ALONG_ROW, ALONG_COLUMN), (False, False),
+    x_BHWD = _axial_stack(cfg, x_BHWD, cfg.num_layers, (ALONG_ROW, ALONG_COLUMN),
+                          (False, False),
                           "layers", deterministic)
     x_BHWD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="final_norm", **kw)(x_BHWD)
     pooled_BD = x_BHWD.mean(axis=(1, 2))
@@ -208,14 +209,16 @@ class AxialTransformer(nn.Module):
     u_BHWD = jnp.pad(e_BHWD[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0)))
     u_BHWD = drop(_add_axial_positions(u_BHWD, cfg, "outer_position"),
                   deterministic=deterministic)
-    u_BHWD = _axial_stack(cfg, u_BHWD, cfg.num_layers, (ALONG_ROW, ALONG_COLUMN), (False, True),
+    u_BHWD = _axial_stack(cfg, u_BHWD, cfg.num_layers, (ALONG_ROW, ALONG_COLUMN),
+                          (False, True),
                           "outer", deterministic)
     # Inner: pixels (i, < j) plus the context; causal attention along the row.
     h_BHWD = jnp.pad(e_BHWD[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
     h_BHWD = drop(_add_axial_positions(h_BHWD, cfg, "inner_position"),
                   deterministic=deterministic) + u_BHWD
     num_inner = cfg.num_layers if cfg.num_inner_layers is None else cfg.num_inner_layers
-    h_BHWD = _axial_stack(cfg, h_BHWD, num_inner, (ALONG_ROW,), (True,), "inner", deterministic)
+    h_BHWD = _axial_stack(cfg, h_BHWD, num_inner, (ALONG_ROW,), (True,), "inner",
+                          deterministic)
     h_BHWD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="final_norm", **kw)(h_BHWD)
     return dense(cfg.num_clusters, axes.EMBED, axes.VOCAB, use_bias=True,
                  kernel_init=nn.initializers.lecun_normal(), name="head",

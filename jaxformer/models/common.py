@@ -19,8 +19,17 @@ ATTENTION_IMPLS = (None, "xla", "chunked", "pallas", "cudnn")
 
 
 def check_common(cfg: Any) -> None:
-  """Validates the fields every model config shares; raises ValueError naming the field."""
+  """Validates the fields every model config shares; raises ValueError naming the field.
+
+  Also normalises ``dtype`` / ``param_dtype`` given as strings (``"bfloat16"``, e.g. from
+  an ``ml_collections`` command-line override) to NumPy dtypes.
+  """
   name = type(cfg).__name__
+  for field in ("dtype", "param_dtype"):
+    try:
+      object.__setattr__(cfg, field, jnp.dtype(getattr(cfg, field)))
+    except TypeError as e:
+      raise TypeError(f"{name}.{field}={getattr(cfg, field)!r} is not a dtype") from e
   embeddings.check_position_kind(cfg.positions, field=f"{name}.positions")
   check_norm(cfg.norm, cfg.norm_type)
   if cfg.attention_impl not in ATTENTION_IMPLS:

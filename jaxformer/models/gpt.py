@@ -117,12 +117,16 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_BL: Array, segment_ids: Array | None = None,
-               positions: Array | None = None, deterministic: bool = True) -> Array:
+               positions: Array | None = None, deterministic: bool = True,
+               mask: Array | None = None) -> Array:
     """Args:
       inputs_BL: int token ids [batch, length].
       segment_ids: int [batch, length] document ids of packed rows (or None).
       positions: int [batch, length] (None: from segment_ids / arange / the cache).
       deterministic: False enables dropout (needs rngs={'dropout': key}).
+      mask: optional extra bool self-attention mask, broadcastable to
+        [batch, heads, length, kv_length] (kv_length = max_len of the cache when
+        decoding), e.g. to hide the left padding of batched prompts; ANDed with causality.
     Returns:
       float32 logits [batch, length, vocab].
     """
@@ -148,7 +152,7 @@ class GPT(nn.Module):
 
     x_BLD = Stack(DecoderBlock, cfg.block_config(decode), cfg.num_layers,
                   remat=cfg.remat, scan=cfg.scan_layers, name="decoder")(
-                      x_BLD, None, None, None, segment_ids, None, positions,
+                      x_BLD, None, mask, None, segment_ids, None, positions,
                       deterministic=deterministic)
     if cfg.tie_embeddings:
       logits_BLV = embed.attend(x_BLD)

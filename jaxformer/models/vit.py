@@ -136,9 +136,10 @@ class ViT(nn.Module):
     pooled_BD = h_BND[:, 0] if cfg.pooling == "cls" else h_BND.mean(axis=1)
     if not cfg.num_classes:
       return pooled_BD.astype(jnp.float32)
+    head_init = (nn.initializers.zeros if cfg.head_zero_init
+                 else nn.initializers.lecun_normal())
     logits = dense(cfg.num_classes, axes.EMBED, axes.VOCAB, use_bias=True,
-                   kernel_init=(nn.initializers.zeros if cfg.head_zero_init
-                                else nn.initializers.lecun_normal()), name="head", **kw)(pooled_BD)
+                   kernel_init=head_init, name="head", **kw)(pooled_BD)
     return logits.astype(jnp.float32)
 
 

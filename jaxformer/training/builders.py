@@ -222,7 +222,8 @@ def nsp_pairs_iterator(section: Mapping[str, Any],
   """BERT pre-training pairs ``[CLS] A [SEP] B [SEP]`` with ``nsp_label`` (half "next").
 
   Documents: the first ``data.max_documents`` records of the split, cut at
-  ``data.segment_separator`` into segments of <= ``data.seq_len // 2`` tokens
+  ``data.segment_separator`` into (at most ``data.max_segments``) segments of
+  <= ``data.seq_len // 2`` tokens
   (:func:`jaxformer.training.task_data.segment_documents`); ``data.num_pairs`` (train)
   / ``data.num_eval_pairs`` pairs drawn by :class:`jaxformer.objectives.nsp.NSPSource`.
   """
@@ -232,6 +233,7 @@ def nsp_pairs_iterator(section: Mapping[str, Any],
       separator=section.get("segment_separator", "\n\n"),
       max_segment_tokens=max(seq_len // 2, 1),
       max_documents=section.get("max_documents", 1000),
+      max_segments=section.get("max_segments"),
       text_key=section.get("text_key", "text"))
   source = nsp.NSPSource(
       documents, seq_len=seq_len, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,

@@ -102,12 +102,12 @@ class Checkpointer:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep!r} must be >= 1 or None")
     self.directory = epath.Path(directory)
+    self.save_every = save_every
     self.check_sections = check_sections
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            save_interval_steps=save_every,
             enable_async_checkpointing=async_save,
             create=True,
         ),
@@ -124,7 +124,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, *, data_state: Any = None,
            config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
     """Starts saving (asynchronously); returns whether a save was started."""
-    if not force and not self._manager.should_save(step):
+    if not force and step % self.save_every:
       return False
     if step in self._manager.all_steps():
       return False

@@ -11,9 +11,9 @@ At step 0 every *body* parameter (everything not under a ``head`` name) is repla
 the pretrained value at the same path, which must exist with the same shape; only the
 ``params`` of the pretrained state are read (orbax partial restore: no optimizer state).
 Pretrained params the new model does not have (e.g. BERT's MLM and NSP heads) are
-ignored. With ``freeze_body`` the optimizer is
-``optax.multi_transform({"head": tx, "body": set_to_zero()})``, so the body stays
-bit-identical to the checkpoint; gradient clipping then sees only the head's gradients.
+ignored. With ``freeze_body`` the optimizer zeroes the body's gradients before ``tx``
+and its updates after (:func:`freeze_body`), so the body stays bit-identical to the
+checkpoint; gradient clipping then sees only the head's gradients.
 Resuming a fine-tuning run restores its own checkpoint, not the pretrained one.
 """
 
@@ -41,12 +41,15 @@ def _check_head(head: Sequence[str]) -> tuple[str, ...]:
   return tuple(head)
 
 
+def _top_name(path: tuple[Any, ...]) -> Any:
+  return getattr(path[0], "key", path[0]) if path else None
+
+
 def param_labels(params: Any, head: Sequence[str]) -> Any:
   """A tree like ``params`` of ``"head"`` (top-level name in ``head``) / ``"body"``."""
   head = _check_head(head)
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {path: HEAD if path[0] in head else BODY for path in flat})
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: HEAD if _top_name(path) in head else BODY, params)
 
 
 def pretrained_step(workdir: str, step: int | None = None) -> int:
@@ -80,7 +83,8 @@ def load_pretrained_params(workdir: str, step: int | None = None) -> dict[str, A
   path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(path)
-    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+    metadata = getattr(metadata, "item_metadata", metadata)  # StepMetadata (0.12)
+    tree = getattr(metadata, "tree", metadata)               # TreeMetadata
     if "params" not in tree:
       raise ValueError(f"checkpoint {path} has no 'params' (it has {sorted(tree)})")
     item = {"params": tree["params"]}
@@ -136,10 +140,21 @@ def merge_pretrained(params: Any, pretrained: Any, *, head: Sequence[str]) -> An
 
 def freeze_body(tx: optax.GradientTransformation,
                 head: Sequence[str]) -> optax.GradientTransformation:
-  """``tx`` on the head's parameters, zero updates (and no state) for the body."""
+  """``tx`` with the body's gradients and updates set to zero.
+
+  ``chain(zero body grads, tx, zero body updates)``: clipping and Adam see the head's
+  gradients only (the body's moments stay zero), and decoupled weight decay, which
+  ``tx`` adds to every update, is removed from the body's again, so the body's
+  parameters never change. (Unlike ``optax.multi_transform`` this keeps ``tx``'s state
+  shaped like the params, which the state's sharding derivation relies on.)
+  """
   head = _check_head(head)
-  return optax.multi_transform({HEAD: tx, BODY: optax.set_to_zero()},
-                               lambda params: param_labels(params, head))
+
+  def is_body(params):
+    return jax.tree.map(lambda label: label == BODY, param_labels(params, head))
+
+  zero_body = optax.masked(optax.set_to_zero(), is_body)
+  return optax.chain(zero_body, tx, zero_body)
 
 
 def wrap_optimizer(tx: optax.GradientTransformation,

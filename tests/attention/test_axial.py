@@ -44,6 +44,19 @@ class AxialTest(chex.TestCase, parameterized.TestCase):
     want = mha.apply(mha_vars, x[:, 1, :, 3])               # one line along axis 2
     np.testing.assert_allclose(got[:, 1, :, 3], want, atol=1e-5)
 
+  def test_return_weights(self):
+    x = _image()
+    layer = AxialAttention(num_heads=2, axis=1, is_causal=True)
+    variables = layer.init(jax.random.key(0), x)
+    y, w = layer.apply(variables, x, return_weights=True)
+    np.testing.assert_allclose(y, layer.apply(variables, x), atol=1e-6)
+    self.assertEqual(w.shape, (2, 5, 2, 3, 3))           # [B, W, H, L_rows, L_rows]
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    mha = MultiHeadAttention(num_heads=2)
+    _, w_col = mha.apply({"params": variables["params"]["attention"]}, x[:, :, 4],
+                         is_causal=True, return_weights=True)
+    np.testing.assert_allclose(w[:, 4], w_col, atol=1e-6)
+
   def test_stack_is_rows_then_columns(self):
     x = _image()
     stack = axial_attention_stack(2, 2, is_causal=(True, False))

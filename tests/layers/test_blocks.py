@@ -1,4 +1,4 @@
-"""MLP, norms, blocks and the layer stack (pre/post-LN structure, remat/scan equivalence)."""
+"""MLP, norms, blocks and the layer stack (pre/post-LN structure, remat/scan)."""
 
 from __future__ import annotations
 
@@ -173,12 +173,17 @@ class StackTest(chex.TestCase):
 
   def test_dropout_is_active_only_when_not_deterministic(self):
     cfg = BlockConfig(num_heads=2, mlp_dim=16, dropout_rate=0.5)
-    module = Stack(EncoderBlock, cfg, 1)
-    v = jax.jit(module.init)(jax.random.key(0), _X, None, None, None)
-    apply = jax.jit(module.apply, static_argnames="deterministic")
-    a = apply(v, _X, None, None, None, deterministic=True)
-    b = apply(v, _X, None, None, None, deterministic=True)
-    c = apply(v, _X, None, None, None, deterministic=False,
-              rngs={"dropout": jax.random.key(1)})
-    np.testing.assert_array_equal(a, b)
-    self.assertGreater(np.abs(a - c).max(), 1e-3)
+    plain = Stack(EncoderBlock, cfg, 1)
+    v = jax.jit(plain.init)(jax.random.key(0), _X, None, None, None)
+    outs = {}
+    # remat must keep `deterministic` static (a traced bool would fail in Dropout).
+    for remat in (False, True):
+      module = Stack(EncoderBlock, cfg, 1, remat=remat)
+      apply = jax.jit(module.apply, static_argnames="deterministic")
+      a = apply(v, _X, None, None, None, deterministic=True)
+      c = apply(v, _X, None, None, None, deterministic=False,
+                rngs={"dropout": jax.random.key(1)})
+      self.assertGreater(np.abs(a - c).max(), 1e-3)
+      outs[remat] = (a, c)
+    np.testing.assert_allclose(outs[True][0], outs[False][0], atol=1e-6)
+    np.testing.assert_allclose(outs[True][1], outs[False][1], atol=1e-6)

@@ -35,7 +35,8 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
     chex.assert_tree_all_finite(logits)
 
   def test_bfloat16_compute_keeps_float32_params_and_logits(self):
-    cfg = gpt_tiny(num_layers=1, dtype=jnp.bfloat16)
+    cfg = gpt_tiny(num_layers=1, dtype="bfloat16")           # strings are normalised
+    self.assertEqual(cfg.dtype, jnp.bfloat16)
     variables = jax.eval_shape(GPT(cfg).init, jax.random.key(0), _TOKENS)
     self.assertTrue(all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables)))
     out = jax.eval_shape(GPT(cfg).apply, variables, _TOKENS)
@@ -76,6 +77,18 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
     second = apply(variables, np.pad(_TOKENS[:, 3:], ((0, 0), (0, 3))))[:, :5]
     np.testing.assert_allclose(packed[:, :3], first, atol=1e-5)
     np.testing.assert_allclose(packed[:, 3:], second, atol=1e-5)
+
+  def test_left_padding_mask_with_positions(self):
+    """An explicit mask + positions make a left-padded row equal its unpadded forward."""
+    cfg, variables = _params()
+    apply = jax.jit(GPT(cfg).apply)
+    padded = np.concatenate([np.zeros((_B, 3), np.int32), _TOKENS[:, :5]], axis=1)
+    valid_BL = np.arange(_L)[None, :] >= 3
+    positions = np.broadcast_to(np.maximum(np.arange(_L) - 3, 0), (_B, _L)).astype(np.int32)
+    got = apply(variables, padded, positions=positions,
+                mask=np.broadcast_to(valid_BL[:, None, None, :], (_B, 1, 1, _L)))
+    want = apply(variables, _TOKENS)[:, :5]
+    np.testing.assert_allclose(got[:, 3:], want, atol=1e-5)
 
   @parameterized.parameters("learned", "rotary")
   def test_kv_cache_decoding_matches_full_forward(self, positions):
@@ -151,3 +164,5 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
       GPT(cfg).apply(variables, np.zeros((1, 4), np.float32))
     with self.assertRaises(TypeError):
       gpt_tiny(num_layer=3)
+    with self.assertRaisesRegex(TypeError, "dtype"):
+      gpt_tiny(dtype="float33")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxformer import models
+from jaxformer import axes, models
 
 
 def _count(module, *inputs) -> int:
@@ -29,7 +30,49 @@ class ParamCountTest(parameterized.TestCase):
     self.assertEqual(_count(models.ViT(models.vit_b16(num_classes=1000)),
                             jnp.zeros((1, 224, 224, 3))), 86_567_656)
 
+  # Other presets against the counts of their reference implementations (HF / timm /
+  # the iGPT paper); traced with scan_layers=True, which keeps the count and traces fast.
+  @parameterized.parameters(
+      (models.gpt2_medium, models.GPT, 354_823_168),
+      (models.gpt2_large, models.GPT, 774_030_080),
+      (models.gpt2_xl, models.GPT, 1_557_611_200),
+      (models.bert_large, models.BERT, 335_141_888),
+      (models.vit_s16, models.ViT, 22_050_664),
+      (models.vit_l16, models.ViT, 304_326_632),
+      (models.image_gpt_small, models.ImageGPT, 76_707_328))
+  def test_other_presets(self, preset, model_cls, expected):
+    inputs = (jnp.zeros((1, 224, 224, 3)) if model_cls is models.ViT
+              else jnp.zeros((1, 8), jnp.int32))
+    self.assertEqual(_count(model_cls(preset(scan_layers=True)), inputs), expected)
+
   def test_scan_layers_keeps_the_count(self):
     tokens = jnp.zeros((1, 8), jnp.int32)
     self.assertEqual(_count(models.GPT(models.gpt2_small(scan_layers=True)), tokens),
                      124_439_808)
+
+
+class LogicalAxesTest(parameterized.TestCase):
+  """Every parameter of every model is boxed with known logical axis names."""
+
+  @parameterized.parameters(
+      (models.GPT(models.gpt_tiny()), (jnp.zeros((1, 8), jnp.int32),)),
+      (models.GPT(models.gpt_tiny(scan_layers=True, tie_embeddings=False,
+                                  activation="swiglu")), (jnp.zeros((1, 8), jnp.int32),)),
+      (models.BERT(models.bert_tiny(mlm_head=True, nsp_head=True, num_classes=2)),
+       (jnp.zeros((1, 8), jnp.int32),)),
+      (models.EncoderDecoder(models.transformer_tiny(share_embeddings=False,
+                                                     tie_output=False)),
+       (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32))),
+      (models.ViT(models.vit_tiny()), (jnp.zeros((1, 8, 8, 3)),)),
+      (models.ImageGPT(models.image_gpt_tiny()), (jnp.zeros((1, 16), jnp.int32),)),
+      (models.AxialTransformer(models.axial_tiny()), (jnp.zeros((1, 4, 4), jnp.int32),)),
+      (models.AxialClassifier(models.axial_tiny()), (jnp.zeros((1, 4, 4, 3)),)))
+  def test_every_param_has_logical_names(self, module, inputs):
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    leaves = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    self.assertTrue(leaves)
+    for leaf in leaves:
+      self.assertIsInstance(leaf, nn.Partitioned)
+      self.assertEqual(len(leaf.names), leaf.value.ndim, leaf)
+      axes.check_names(leaf.names)
+      self.assertEqual(leaf.value.dtype, jnp.float32)

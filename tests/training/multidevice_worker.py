@@ -25,7 +25,7 @@ def _steps(mesh_shape, devices, *, num_steps=3):
   from jaxformer.training import steps  # pylint: disable=g-import-not-at-top
   from jaxformer.training import tasks  # pylint: disable=g-import-not-at-top
 
-  model = gpt.GPT(gpt.gpt_tiny())
+  model = gpt.GPT(gpt.gpt_tiny(num_layers=1))
   cfg = opt.OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
   tx = opt.make_optimizer(cfg, 10)
   mesh = sharding.make_mesh(mesh_shape, devices)

@@ -1,0 +1,165 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Attention pictures
+#
+# 1. Heat maps per layer and head of the byte-level GPT (`gpt_bytes.py`) on a line of
+#    Python: which bytes each byte attends to.
+# 2. ViT attention rollout (Abnar & Zuidema 2020) from the [CLS] token over the patches of
+#    `shapes` images (`vit_shapes.py`).
+# 3. Axial attention maps of the axial classifier on the same images: the row and column
+#    maps of one pixel, and where that pixel reads from after both.
+#
+# The maps come from `jaxformer.analysis` (every `MultiHeadAttention` sows its weights
+# into 'intermediates'); the models are trained here with
+# `jaxformer.training.loop.train`. Default: tiny runs on the CPU; `FULL=1`: the configs'
+# real sizes.
+
+# %%
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path.cwd()
+while not (ROOT / "pyproject.toml").exists() and ROOT != ROOT.parent:
+  ROOT = ROOT.parent
+sys.path.insert(0, str(ROOT))
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import plotting
+from experiments.configs import gpt_bytes
+from experiments.configs import vit_shapes
+from experiments.notebooks import common
+from jaxformer import analysis
+from jaxformer.data import synthetic
+from jaxformer.training import builders
+
+FULL = os.environ.get("FULL") == "1"
+OUT = common.out_dir("attention_pictures")
+RUNS = OUT / "runs"
+VARIANT = "" if FULL else "tiny"
+rows = []
+
+# %% [markdown]
+# ## 1. Byte-level GPT on a line of code
+
+# %%
+gpt_config = gpt_bytes.get_config(VARIANT)
+if not FULL:
+  gpt_config = common.with_overrides(gpt_config, {
+      "train.num_steps": 300, "train.log_every": 50, "train.eval_every": 300,
+      "train.eval_batches": 4, "optimizer.warmup_steps": 20})
+summary = common.train_run(gpt_config, RUNS / "gpt")
+rows.append(dict(model="gpt_bytes", eval_loss=summary.get("eval_loss"),
+                 seconds=round(summary["run_seconds"], 1)))
+model, params = common.trained_model(gpt_config, RUNS / "gpt")
+tokenizer = builders.build_tokenizer(gpt_config.data)
+
+snippet = "def add(a, b):\n    return a + b\n"
+ids = [tokenizer.bos_id] + tokenizer.encode(snippet)
+ids = ids[:gpt_config.model.max_len]
+tokens = jnp.asarray([ids], jnp.int32)
+maps = analysis.attention_weights(model, {"params": params}, tokens)
+labels = ["<s>"] + plotting.token_labels(snippet)
+labels = labels[:len(ids)]
+plotting.plot_attention_heads(maps, labels=labels,
+                              title="byte GPT: attention per layer (rows) and head",
+                              path=OUT / "gpt_heads.png")
+for name, w in analysis.to_numpy(maps).items():
+  w = w[0]
+  prev = np.mean([w[h, i, i - 1] for h in range(w.shape[0]) for i in range(1, w.shape[1])])
+  own = np.mean([w[h, i, i] for h in range(w.shape[0]) for i in range(w.shape[1])])
+  first = np.mean(w[:, 1:, 0])
+  print(f"{name}: mean weight on previous byte {prev:.3f}, on itself {own:.3f}, "
+        f"on <s> {first:.3f}")
+
+# %% [markdown]
+# ## 2. ViT attention rollout over patches
+
+# %%
+vit_config = vit_shapes.get_config(VARIANT)
+if not FULL:
+  vit_config = common.with_overrides(vit_config, {
+      "train.num_steps": 150, "train.log_every": 25, "train.eval_every": 150,
+      "train.eval_batches": 2})
+summary = common.train_run(vit_config, RUNS / "vit")
+rows.append(dict(model="vit_shapes", eval_loss=summary.get("eval_loss"),
+                 eval_accuracy=summary.get("eval_accuracy"),
+                 seconds=round(summary["run_seconds"], 1)))
+vit_model, vit_params = common.trained_model(vit_config, RUNS / "vit")
+
+batch = next(builders.eval_iterator(vit_config.data, None, batch_size=64))
+picks = [int(np.flatnonzero(batch["labels"] == c)[0])
+         for c in range(len(synthetic.SHAPES)) if np.any(batch["labels"] == c)]
+images = jnp.asarray(batch["image"][picks])
+grid = analysis.vit_rollout(vit_model, {"params": vit_params}, images)
+pred = np.asarray(vit_model.apply({"params": vit_params}, images)).argmax(-1)
+titles = [f"{synthetic.SHAPES[batch['labels'][i]]}\n(pred {synthetic.SHAPES[p]})"
+          for i, p in zip(picks, pred)]
+plotting.plot_rollout_overlay(np.asarray(images), np.asarray(grid), titles=titles,
+                              path=OUT / "vit_rollout.png")
+# How much of the rollout falls on the bright (shape) patches vs their share of area.
+patch = vit_config.model.patch_size
+bright = np.asarray(images)[..., 0].reshape(len(picks), grid.shape[1], patch,
+                                             grid.shape[2], patch).mean((2, 4))
+on_shape = bright > np.median(bright, axis=(1, 2), keepdims=True)
+share = float((np.asarray(grid) * on_shape).sum((1, 2)).mean())
+print(f"rollout mass on the brighter half of the patches: {share:.2f} (0.5 = uniform)")
+rows[-1]["rollout_on_bright_half"] = share
+
+# %% [markdown]
+# ## 3. Axial attention maps
+
+# %%
+axial_config = common.with_overrides(vit_config, {})
+vm = vit_config.model
+axial_config.model = type(vm)(dict(
+    name="axial_classifier", image_size=vm.image_size, num_channels=vm.num_channels,
+    patch_size=1, num_classes=vm.num_classes, num_layers=max(vm.num_layers // 2, 1),
+    embed_dim=vm.embed_dim, num_heads=vm.num_heads, mlp_dim=vm.mlp_dim,
+    dtype=vm.dtype, param_dtype=vm.param_dtype))
+summary = common.train_run(axial_config, RUNS / "axial")
+rows.append(dict(model="axial_classifier", eval_loss=summary.get("eval_loss"),
+                 eval_accuracy=summary.get("eval_accuracy"),
+                 seconds=round(summary["run_seconds"], 1)))
+axial_model, axial_params = common.trained_model(axial_config, RUNS / "axial")
+
+axial_maps = analysis.axial_attention_maps(axial_model, {"params": axial_params},
+                                           images)
+first = sorted(axial_maps)[:2]   # layers_0/attention_0 (rows), layers_0/attention_1 (cols)
+row_maps, col_maps = axial_maps[first[0]], axial_maps[first[1]]
+example = 0
+img = np.asarray(images[example, ..., 0])
+query = tuple(int(v) for v in np.unravel_index(np.argmax(img), img.shape))
+i, j = query
+pixel_map = np.asarray(analysis.axial_pixel_map(row_maps, col_maps, query))[example]
+row_line = np.zeros_like(img)
+row_line[i, :] = np.asarray(row_maps)[example, i, :, j, :].mean(0)
+col_line = np.zeros_like(img)
+col_line[:, j] = np.asarray(col_maps)[example, j, :, i, :].mean(0)
+plotting.plot_image_maps(
+    np.stack([img, row_line, col_line, pixel_map]),
+    titles=["image", "row attention", "column attention", "rows then columns"],
+    marks=[query] * 4, suptitle=f"axial attention of pixel {query} (layer 0, mean of heads)",
+    path=OUT / "axial_pixel.png")
+plotting.plot_attention_heads(
+    {f"row {i}": np.asarray(row_maps)[example, i], f"column {j}":
+     np.asarray(col_maps)[example, j]},
+    title="axial attention along one row and one column (per head)",
+    path=OUT / "axial_heads.png")
+
+# %%
+print(plotting.results_table(rows, path=OUT / "results.md"))

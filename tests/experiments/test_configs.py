@@ -1,0 +1,134 @@
+"""Every experiment config: its tiny variant trains end to end (2 steps, shrunk model,
+eval and checkpoint included), and its real-size default validates and reads a batch
+of its TFDS data under ``tfds.testing.mock_data``.
+
+One end-to-end run per config (compilation dominates the time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments.configs import axial_shapes
+from experiments.configs import bert_mlm
+from experiments.configs import common
+from experiments.configs import image_gpt_shapes
+from experiments.configs import imdb_finetune
+from experiments.configs import transformer_reversal
+from experiments.configs import vit_shapes
+from jaxformer.training import builders
+from jaxformer.training import loop
+
+CONFIGS = {
+    "bert_mlm": bert_mlm,
+    "transformer_reversal": transformer_reversal,
+    "vit_shapes": vit_shapes,
+    "image_gpt_shapes": image_gpt_shapes,
+    "axial_shapes": axial_shapes,
+    "imdb_finetune": imdb_finetune,
+}
+
+# The smallest model of each kind (overrides of the tiny variant's model section).
+SMALL = {
+    "bert_mlm": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_len=16),
+    "transformer_reversal": dict(num_encoder_layers=1, num_decoder_layers=1,
+                                 embed_dim=16, num_heads=2, mlp_dim=32),
+    "vit_shapes": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32,
+                       patch_size=4),
+    "image_gpt_shapes": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32),
+    "axial_shapes": dict(embed_dim=16, mlp_dim=32),
+    "imdb_finetune": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32,
+                          max_len=16),
+}
+
+
+def quick(name: str, **data):
+  """The tiny variant of ``name``, shrunk to a 2-step run with eval and checkpoint."""
+  c = CONFIGS[name].get_config("tiny")
+  c.model.update(SMALL[name])
+  c.data.update(dict(batch_size=4, eval_batch_size=4, prefetch=0, **data))
+  if "seq_len" in c.data and "max_len" in SMALL[name]:
+    c.data.seq_len = SMALL[name]["max_len"]
+  c.train.update(dict(num_steps=2, log_every=1, eval_every=2, eval_batches=1,
+                      checkpoint_every=2, progress=False, tensorboard=False,
+                      async_checkpoint=False))
+  return c
+
+
+def run(config, workdir):
+  summary = loop.train(config, str(workdir))
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+  assert math.isfinite(summary["loss"]) and math.isfinite(summary["eval_loss"])
+  assert summary["step"] == 2 and summary["skipped_steps"] == 0
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+  return summary
+
+
+def test_bert_mlm_with_nsp(tmp_path):
+  c = quick("bert_mlm", max_documents=20, num_eval_pairs=8)
+  c.task_options.nsp = True
+  assert c.model.nsp_head  # follows task_options.nsp
+  summary = run(c, tmp_path)
+  assert 0.0 <= summary["eval_nsp_accuracy"] <= 1.0
+  assert summary["eval_num_tokens"] > 0  # masked positions
+
+
+def test_transformer_reversal(tmp_path):
+  summary = run(quick("transformer_reversal"), tmp_path)
+  assert summary["eval_nll"] != summary["eval_loss"]  # the loss is label-smoothed
+  assert summary["eval_num_tokens"] > 4 * 4  # target tokens (>= 4 + EOS per example)
+
+
+@pytest.mark.parametrize("name", ["vit_shapes", "image_gpt_shapes", "axial_shapes"])
+def test_image_configs(tmp_path, name):
+  summary = run(quick(name), tmp_path)
+  if name == "vit_shapes":
+    assert summary["eval_num_tokens"] == 4  # examples
+  else:
+    assert summary["eval_num_tokens"] == 4 * 64  # pixels
+
+
+def test_imdb_finetune_on_mock_imdb(tmp_path):
+  c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
+  c.model.num_classes = 2
+  assert c.finetune.pretrained_workdir is None  # from scratch: the baseline arm
+  with tfds.testing.mock_data(num_examples=8):
+    summary = run(c, tmp_path)
+  assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_real_size_config_reads_its_data(name):
+  """The default (accelerator) config validates, builds its model config and reads a
+  batch of its TFDS data (mocked), without compiling anything."""
+  c = CONFIGS[name].get_config()
+  loop.validate_config(c)
+  model_cfg = builders.model_config(c.model)
+  assert builders.example_length(c.data, model_cfg) >= 64
+  if name == "bert_mlm":
+    c.data.segment_separator = " "  # mock texts are random words, not sentences
+  tokenizer = builders.build_tokenizer(c.data)
+  with tfds.testing.mock_data(num_examples=4):
+    batch = next(builders.train_iterator(c.data, tokenizer, batch_size=2, seed=0))
+  lead = {np.shape(v)[0] for v in batch.values()}
+  assert lead == {2}
+  if "seq_len" in c.data:
+    assert batch["inputs"].shape == (2, c.data.seq_len)
+  if "image" in batch:
+    size = model_cfg.image_size
+    height_width = (size, size) if isinstance(size, int) else tuple(size)
+    assert batch["image"].shape == (2, *height_width, 3)
+
+
+def test_variant_arg_is_checked():
+  for module in CONFIGS.values():
+    with pytest.raises(ValueError, match="huge"):
+      module.get_config("huge")
+  assert common.variant("runlocal", "x") == "tiny" and common.variant(None, "x") == ""

@@ -1,0 +1,151 @@
+"""Fine-tuning: the pretrained body is restored exactly (step 0) and stays exactly equal
+when frozen; the head starts fresh; mismatches are named."""
+
+from __future__ import annotations
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from experiments.configs import imdb_finetune
+from jaxformer.training import builders
+from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import finetune
+from jaxformer.training import loop
+from jaxformer.training import optimizer as opt_lib
+from jaxformer.training import sharding as sharding_lib
+from jaxformer.training import state as state_lib
+from jaxformer.training import tasks
+
+SMALL = dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_len=16)
+HEAD = ("classifier",)
+
+
+def _body(params):
+  flat = traverse_util.flatten_dict(params)
+  return {k: v for k, v in flat.items() if k[0] not in HEAD}
+
+
+def _finetune_config(pretrained_workdir: str | None, freeze: bool):
+  c = imdb_finetune.get_config("tiny")
+  c.model.update(SMALL)
+  c.data.update(dict(seq_len=16, batch_size=4, eval_batch_size=4, prefetch=0))
+  c.finetune.update(dict(pretrained_workdir=pretrained_workdir, freeze_body=freeze))
+  c.train.update(dict(num_steps=2, log_every=1, eval_every=2, eval_batches=1,
+                      checkpoint_every=2, progress=False, tensorboard=False,
+                      async_checkpoint=False))
+  return c
+
+
+def _init_state(model_section, seed, tx=None):
+  """A TrainState of the model in ``model_section``, as the loop creates it."""
+  _, model = builders.build_model(model_section)
+  mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = sharding_lib.make_rules()
+  inputs = jnp.zeros((1, SMALL["max_len"]), jnp.int32)
+  tx = tx or optax.adam(1e-3)
+  state, shardings = state_lib.create_train_state(
+      lambda rng: model.init(rng, inputs), tx, jax.random.key(seed), mesh, rules)
+  return state, shardings
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A 'pretrained' BERT checkpoint (MLM + NSP heads, params off their init) written by
+  the loop's Checkpointer: ``(workdir, params)``."""
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  c = _finetune_config(None, False)
+  section = dict(c.model, mlm_head=True, nsp_head=True, num_classes=0)
+  state, _ = _init_state(section, seed=123)
+  noise = jax.tree.map(lambda x: x + 0.5 * jnp.ones_like(x), state.params)
+  state = state.replace(params=noise)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       async_save=False)
+  checkpointer.save(7, state, force=True)
+  checkpointer.close()
+  return workdir, jax.device_get(state.params)
+
+
+def test_load_pretrained_params_reads_exact_params(pretrained):
+  workdir, params = pretrained
+  assert finetune.pretrained_step(workdir) == 7
+  loaded = finetune.load_pretrained_params(workdir)
+  chex.assert_trees_all_equal(loaded, params)
+  assert {"mlm_bias", "nsp", "encoder", "pooler"} <= set(loaded)
+  with pytest.raises(ValueError, match=r"finetune.step=3.*\[7\]"):
+    finetune.pretrained_step(workdir, 3)
+  with pytest.raises(ValueError, match="no checkpoint"):
+    finetune.pretrained_step(os.path.join(workdir, "missing"))
+
+
+def test_step0_body_equals_pretrained_head_is_fresh(pretrained):
+  workdir, params = pretrained
+  c = _finetune_config(workdir, False)
+  state, shardings = _init_state(c.model, seed=0)
+  fresh = jax.device_get(state.params)
+  state = finetune.init_from_pretrained(state, shardings.params, c.finetune)
+  got = jax.device_get(state.params)
+  want_body = _body(params)
+  got_body = _body(got)
+  assert set(got_body) == set(_body(fresh))               # no MLM / NSP params added
+  for path, value in got_body.items():
+    np.testing.assert_array_equal(value, want_body[path], err_msg=str(path))
+    assert not np.array_equal(value, _body(fresh)[path])  # really replaced
+  chex.assert_trees_all_equal(got["classifier"], fresh["classifier"])
+  # Nothing configured: the state is untouched.
+  assert finetune.init_from_pretrained(state, shardings.params, {}) is state
+
+
+def test_merge_pretrained_names_mismatches():
+  params = {"encoder": {"k": np.zeros((2, 3))}, "pooler": {"k": np.zeros(3)},
+            "classifier": {"k": np.zeros((3, 2))}}
+  pre = {"encoder": {"k": np.ones((2, 4))}, "mlm_bias": np.ones(5)}
+  with pytest.raises(ValueError, match=r"(?s)missing: \['pooler/k'\].*encoder/k: "
+                     r"pretrained \(2, 4\) != model \(2, 3\)"):
+    finetune.merge_pretrained(params, pre, head=HEAD)
+  pre = {"encoder": {"k": np.ones((2, 3))}, "pooler": {"k": np.ones(3)}}
+  merged = finetune.merge_pretrained(params, pre, head=HEAD)
+  np.testing.assert_array_equal(merged["encoder"]["k"], 1.0)
+  np.testing.assert_array_equal(merged["classifier"]["k"], 0.0)
+  with pytest.raises(ValueError, match=r"\['head'\]"):
+    finetune.merge_pretrained(params, pre, head=("classifier", "head"))
+  with pytest.raises(TypeError, match="sequence"):
+    finetune.param_labels(params, "classifier")
+
+
+def test_freeze_body_zero_updates_for_body_only():
+  params = {"encoder": {"k": jnp.ones((2, 3))}, "classifier": {"k": jnp.ones(3)}}
+  assert finetune.param_labels(params, HEAD) == {"encoder": {"k": "body"},
+                                                 "classifier": {"k": "head"}}
+  base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
+  assert finetune.wrap_optimizer(base, {"freeze_body": False, "head": HEAD}) is base
+  tx = finetune.wrap_optimizer(base, {"freeze_body": True, "head": HEAD})
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  for _ in range(2):  # warmup-free schedule: lr > 0 from the first update
+    updates, opt_state = tx.update(grads, opt_state, params)
+  np.testing.assert_array_equal(updates["encoder"]["k"], 0.0)
+  assert np.all(np.asarray(updates["classifier"]["k"]) != 0.0)
+
+
+def test_frozen_finetune_run_keeps_the_body_exactly(pretrained, tmp_path):
+  """The loop end to end: 2 frozen steps change the head, never the body."""
+  workdir, params = pretrained
+  c = _finetune_config(workdir, True)
+  summary = loop.train(c, str(tmp_path))
+  assert summary["step"] == 2 and summary["skipped_steps"] == 0
+  tuned = finetune.load_pretrained_params(str(tmp_path))
+  want_body = _body(params)
+  for path, value in _body(tuned).items():
+    np.testing.assert_array_equal(value, want_body[path], err_msg=str(path))
+  # The head moved away from its (seed-0) initialisation.
+  fresh, _ = _init_state(c.model, seed=c.train.seed)
+  assert not np.allclose(tuned["classifier"]["kernel"],
+                         np.asarray(fresh.params["classifier"]["kernel"]))
+  assert tasks.get_task(c.task) is tasks.TASKS["classification"]
