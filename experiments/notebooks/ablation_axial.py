@@ -54,16 +54,18 @@ FULL = os.environ.get("FULL") == "1"
 OUT = common.out_dir("ablation_axial")
 RUNS = OUT / "runs"
 VARIANT = "" if FULL else "tiny"
-SHORT = {} if FULL else {"train.num_steps": 150, "train.log_every": 10,
-                         "train.eval_every": 150, "train.eval_batches": 4}
+GEN_STEPS = {} if FULL else {"train.num_steps": 100, "train.log_every": 10,
+                             "train.eval_every": 50, "train.eval_batches": 2}
+CLS_STEPS = {} if FULL else {"train.num_steps": 60, "train.log_every": 5,
+                             "train.eval_every": 20, "train.eval_batches": 2}
 
-igpt = common.with_overrides(image_gpt_shapes.get_config(VARIANT), SHORT)
-axial = common.with_overrides(axial_shapes.get_config(VARIANT), SHORT)
+igpt = common.with_overrides(image_gpt_shapes.get_config(VARIANT), GEN_STEPS)
+axial = common.with_overrides(axial_shapes.get_config(VARIANT), GEN_STEPS)
 if not FULL:
   # Match ImageGPT-tiny's width (64) and depth (2 blocks: 1 outer + 1 inner).
   axial = common.with_overrides(axial, {
       "model.embed_dim": 64, "model.num_heads": 4, "model.mlp_dim": 128})
-vit = common.with_overrides(vit_shapes.get_config(VARIANT), SHORT)
+vit = common.with_overrides(vit_shapes.get_config(VARIANT), CLS_STEPS)
 axial_cls = common.with_overrides(vit, {})
 vm = vit.model
 axial_cls.model = type(vm)(dict(
@@ -101,9 +103,11 @@ run("axial_classifier", axial_cls, "axial", ("accuracy", "loss"))
 # %%
 
 
-def grad_temp_bytes(config, batch, image_size=None):
-  """XLA's temporary-buffer size of ``grad(mean(logits**2))`` for one batch."""
+def grad_temp_bytes(config, batch, image_size=None, impl=None):
+  """XLA's temporary-buffer size of ``grad(mean(logits**2))`` for one batch (bytes)."""
   overrides = {} if image_size is None else {"model.image_size": image_size}
+  if impl is not None:
+    overrides["model.attention_impl"] = impl
   section = common.with_overrides(config, overrides).model
   model_cfg, model = builders.build_model(section)
   size = model_cfg.image_size
@@ -121,26 +125,28 @@ def grad_temp_bytes(config, batch, image_size=None):
 
   compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
   stats = compiled.memory_analysis()
-  return None if stats is None else int(stats.temp_size_in_bytes)
+  return float("nan") if stats is None else int(stats.temp_size_in_bytes)
 
 
-SIZES = (8, 16, 32) if not FULL else (32, 64)
-memory = {}
+# Full attention on the "xla" path materialises the N^2 scores; "chunked" (the CPU
+# default from 1M scores on) streams over key blocks in O(N * block).
+MIB = 2**20
+SIZES = (16, 32) if not FULL else (32, 64, 96)
+memory_rows = []
+for s in SIZES:
+  memory_rows.append(dict(
+      image=f"{s}x{s}", pixels=s * s,
+      full_xla_MiB=grad_temp_bytes(igpt, 8, s, "xla") / MIB,
+      full_chunked_MiB=grad_temp_bytes(igpt, 8, s, "chunked") / MIB,
+      axial_MiB=grad_temp_bytes(axial, 8, s, "xla") / MIB,
+      full_scores_per_head=(s * s) ** 2, axial_scores_per_head=s * s * 2 * s))
 for label, config in (("image_gpt", igpt), ("axial_transformer", axial)):
-  memory[label] = [grad_temp_bytes(config, 8, s) for s in SIZES]
   results[label]["temp_MiB_at_run_size"] = round(
-      grad_temp_bytes(config, config.data.batch_size) / 2**20, 3)
-for label, config in (("vit", vit), ("axial_classifier", axial_cls)):
-  results[label]["temp_MiB_at_run_size"] = round(
-      grad_temp_bytes(config, config.data.batch_size) / 2**20, 3)
-memory_rows = [dict(image=f"{s}x{s}", pixels=s * s,
-                    full_MiB=memory["image_gpt"][i] / 2**20,
-                    axial_MiB=memory["axial_transformer"][i] / 2**20,
-                    full_scores=s**4, axial_scores=s * s * 2 * s)
-               for i, s in enumerate(SIZES)]
+      grad_temp_bytes(config, config.data.batch_size) / MIB, 3)
 print(plotting.results_table(memory_rows, path=OUT / "memory.md"))
-plotting.plot_sweep([s * s for s in SIZES],
-                    {"full (ImageGPT)": [r["full_MiB"] for r in memory_rows],
+plotting.plot_sweep([r["pixels"] for r in memory_rows],
+                    {"full, xla (N^2 scores)": [r["full_xla_MiB"] for r in memory_rows],
+                     "full, chunked": [r["full_chunked_MiB"] for r in memory_rows],
                      "axial": [r["axial_MiB"] for r in memory_rows]},
                     xlabel="pixels per image", ylabel="temp MiB (batch 8, fwd+bwd)",
                     log_x=True, title="memory: full vs axial attention",
@@ -156,8 +162,8 @@ print(plotting.results_table(
              "temp_MiB_at_run_size", "seconds"], path=OUT / "generative.md"))
 print(plotting.results_table(
     [results["vit"], results["axial_classifier"]],
-    columns=["run", "attention", "accuracy", "loss", "params", "step_ms",
-             "temp_MiB_at_run_size", "seconds"], path=OUT / "classification.md"))
+    columns=["run", "attention", "accuracy", "loss", "params", "step_ms", "seconds"],
+    path=OUT / "classification.md"))
 plotting.plot_loss_curves({"ImageGPT (full)": RUNS / "image_gpt",
                            "Axial Transformer": RUNS / "axial_transformer"},
                           title="generative: train / eval loss (nats per pixel)",

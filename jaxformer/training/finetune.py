@@ -179,3 +179,13 @@ def init_from_pretrained(state: Any, param_shardings: Any,
   host_params = jax.device_get(state.params)
   merged = merge_pretrained(host_params, pretrained, head=section["head"])
   return state.replace(params=jax.device_put(merged, param_shardings))
+
+
+def describe(section: Mapping[str, Any] | None) -> str:
+  """One log line about the fine-tuning setup ("" when there is none)."""
+  if not section or not section.get("pretrained_workdir"):
+    return ""
+  return (f"fine-tuning: body from {section['pretrained_workdir']} (step "
+          f"{section.get('step') or 'newest'}), fresh head "
+          f"{tuple(section['head'])}, body "
+          f"{'frozen' if section.get('freeze_body') else 'trained'}")

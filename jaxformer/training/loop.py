@@ -230,6 +230,8 @@ def train(config: Any, workdir: str, *,
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {dc['batch_size']} x "
       f"{seq_len} | " + (f"resuming at step {start}" if start else "from scratch"))
+  if start == 0 and finetune_lib.describe(finetune_cfg):
+    logger.log_text(finetune_lib.describe(finetune_cfg))
 
   # --- loop -------------------------------------------------------------------------
   multi = jax.process_count() > 1

@@ -149,3 +149,7 @@ def test_frozen_finetune_run_keeps_the_body_exactly(pretrained, tmp_path):
   assert not np.allclose(tuned["classifier"]["kernel"],
                          np.asarray(fresh.params["classifier"]["kernel"]))
   assert tasks.get_task(c.task) is tasks.TASKS["classification"]
+  assert finetune.describe(c.finetune) == (
+      f"fine-tuning: body from {workdir} (step newest), fresh head ('classifier',), "
+      "body frozen")
+  assert finetune.describe(_finetune_config(None, True).finetune) == ""
