@@ -20,6 +20,7 @@ import matplotlib
 if "ipykernel" not in sys.modules:
   matplotlib.use("Agg")  # scripts and tests: files only (Jupyter keeps its inline backend)
 
+from matplotlib import colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
@@ -88,8 +89,10 @@ def plot_attention_heads(weights: Mapping[str, Any], *, labels: Sequence[str] | 
       if h >= w.shape[0]:
         ax.axis("off")
         continue
-      ax.imshow(w[h], cmap="viridis", vmin=0.0, vmax=max(float(w[h].max()), 1e-6),
-                interpolation="nearest")
+      # A square-root colour scale: weights near 1 (e.g. the first causal row) do not
+      # wash out the rest.
+      ax.imshow(w[h], cmap="viridis", interpolation="nearest",
+                norm=colors.PowerNorm(0.5, vmin=0.0, vmax=max(float(w[h].max()), 1e-6)))
       ax.set_title(f"{name.replace('/self_attention', '')} · head {h}", fontsize=7)
       if labels is not None and len(labels) == w.shape[-1]:
         ticks = np.arange(w.shape[-1])

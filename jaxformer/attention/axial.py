@@ -44,6 +44,7 @@ class AxialAttention(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Callable[..., Array] = nn.initializers.xavier_uniform()
   bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+  out_kernel_init: Callable[..., Array] | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool = True,
@@ -51,7 +52,10 @@ class AxialAttention(nn.Module):
     """``x [B, *axes, D]`` -> ``[B, *axes, out_features]``.
 
     With ``return_weights`` also returns the weights ``[B, *other_axes, H, L, L]``
-    (``L`` the length of ``axis``; the other axes in their original order).
+    (``L`` the length of ``axis``; the other axes in their original order) and sows
+    them into 'intermediates' as ``axial_attention_weights`` (the inner
+    ``MultiHeadAttention`` sows its folded ``[B * prod(other_axes), H, L, L]`` view as
+    ``attention/attention_weights`` too).
     """
     axis = _normalize_axis(self.axis, x.ndim)
     x_moved = jnp.moveaxis(x, axis, -2)                   # [B, *others, L, D]
@@ -63,7 +67,8 @@ class AxialAttention(nn.Module):
         dropout_rate=self.dropout_rate, rotary_base=self.rotary_base,
         implementation=self.implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-        bias_init=self.bias_init, name="attention")(
+        bias_init=self.bias_init, out_kernel_init=self.out_kernel_init,
+        name="attention")(
             x_NLD, is_causal=self.is_causal, deterministic=deterministic,
             return_weights=return_weights)
     if return_weights:
@@ -71,7 +76,9 @@ class AxialAttention(nn.Module):
     y = jnp.moveaxis(y_NLO.reshape(folded_shape[:-1] + y_NLO.shape[-1:]), -2, axis)
     if not return_weights:
       return y
-    return y, weights_NHLL.reshape(folded_shape[:-2] + weights_NHLL.shape[1:])
+    weights = weights_NHLL.reshape(folded_shape[:-2] + weights_NHLL.shape[1:])
+    self.sow("intermediates", "axial_attention_weights", weights)
+    return y, weights
 
 
 class AxialAttentionStack(nn.Module):

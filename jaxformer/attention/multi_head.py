@@ -107,6 +107,9 @@ class MultiHeadAttention(nn.Module):
       call appends its Lq tokens at ``cache_index`` and attends causally to the prefix.
     dtype: compute dtype; param_dtype: parameter dtype.
     kernel_init, bias_init: initializers (a fused kernel is initialised per block).
+    out_kernel_init: initializer of the output projection ``out`` (as an
+      ``[H * D, out_features]`` dense kernel); None = ``kernel_init``. GPT-2 / nanoGPT
+      scale it down: ``normal(init_stddev / sqrt(2 * num_layers))``.
   """
   num_heads: int
   num_kv_heads: int | None = None
@@ -123,6 +126,7 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   bias_init: Initializer = nn.initializers.zeros_init()
+  out_kernel_init: Initializer | None = None
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array | None = None, *,
@@ -238,7 +242,7 @@ class MultiHeadAttention(nn.Module):
     return implementation
 
   def _out_init(self, num_heads: int, head_dim: int, out_features: int) -> Initializer:
-    base = self.kernel_init
+    base = self.kernel_init if self.out_kernel_init is None else self.out_kernel_init
 
     def init(key, shape, dtype=jnp.float32):
       return base(key, (num_heads * head_dim, out_features), dtype).reshape(shape)

@@ -52,6 +52,9 @@ class BlockConfig:
     return_weights: sow attention weights into 'intermediates'.
     init_stddev: None -> the attention/MLP default initializers (xavier uniform);
       a float -> normal(stddev) kernels (GPT-2 / BERT use 0.02).
+    residual_init_stddev: None -> the residual-output projections (attention ``out``
+      and MLP ``wo``) are initialised like the other kernels; a float -> normal(stddev)
+      for those two (GPT-2 / nanoGPT: ``init_stddev / sqrt(2 * num_layers)``).
   """
   num_heads: int
   mlp_dim: int
@@ -69,6 +72,7 @@ class BlockConfig:
   decode: bool = False
   return_weights: bool = False
   init_stddev: float | None = None
+  residual_init_stddev: float | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -83,12 +87,22 @@ class BlockConfig:
       value = getattr(self, name)
       if not 0.0 <= value < 1.0:
         raise ValueError(f"BlockConfig.{name}={value!r}; expected 0 <= rate < 1")
+    for name in ("init_stddev", "residual_init_stddev"):
+      value = getattr(self, name)
+      if value is not None and not value > 0:
+        raise ValueError(f"BlockConfig.{name}={value!r}; expected None or a float > 0")
 
   def kernel_init(self) -> dict[str, Any]:
     """``{'kernel_init': ...}`` for the sub-modules, or ``{}`` for their defaults."""
     if self.init_stddev is None:
       return {}
     return {"kernel_init": nn.initializers.normal(stddev=self.init_stddev)}
+
+  def out_kernel_init(self) -> dict[str, Any]:
+    """``{'out_kernel_init': ...}`` for the residual-output projections, or ``{}``."""
+    if self.residual_init_stddev is None:
+      return {}
+    return {"out_kernel_init": nn.initializers.normal(stddev=self.residual_init_stddev)}
 
 
 class _Block(nn.Module):
@@ -102,7 +116,7 @@ class _Block(nn.Module):
         use_bias=c.use_bias, dropout_rate=c.attention_dropout_rate,
         rotary_base=c.rotary_base if name == "self_attention" else None,
         implementation=c.attention_impl, decode=decode, dtype=c.dtype,
-        param_dtype=c.param_dtype, name=name, **c.kernel_init())
+        param_dtype=c.param_dtype, name=name, **c.kernel_init(), **c.out_kernel_init())
 
   def _norm(self, name: str) -> nn.Module:
     c = self.config
@@ -127,8 +141,8 @@ class _Block(nn.Module):
   def _mlp(self, x_BLD: Array, deterministic: bool) -> Array:
     c = self.config
     return MLP(c.mlp_dim, activation=c.activation, use_bias=c.use_bias, dtype=c.dtype,
-               param_dtype=c.param_dtype, name="mlp",
-               **c.kernel_init())(x_BLD, deterministic)
+               param_dtype=c.param_dtype, name="mlp", **c.kernel_init(),
+               **c.out_kernel_init())(x_BLD, deterministic)
 
 
 class EncoderBlock(_Block):

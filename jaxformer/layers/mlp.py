@@ -51,7 +51,9 @@ class MLP(nn.Module):
     use_bias: biases on both projections.
     dropout_rate: dropout on the hidden activations (0 in GPT-2/BERT/ViT; the dropout
       after the whole sublayer is applied by the block).
-    out_kernel_init: initializer of ``wo`` (GPT-2 scales it by ``1/sqrt(2*num_layers)``).
+    kernel_init: initializer of ``wi`` (and ``wi_gate``).
+    out_kernel_init: initializer of ``wo``; None = ``kernel_init`` (GPT-2 / nanoGPT use
+      ``normal(init_stddev / sqrt(2 * num_layers))``).
   """
   hidden_dim: int
   activation: str = "gelu"
@@ -79,6 +81,6 @@ class MLP(nn.Module):
     h_BLF = nn.with_logical_constraint(h_BLF,
                                        (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_MLP))
     h_BLF = nn.Dropout(self.dropout_rate)(h_BLF, deterministic=deterministic)
-    out_init = self.out_kernel_init or self.kernel_init
+    out_init = self.kernel_init if self.out_kernel_init is None else self.out_kernel_init
     return dense(features, axes.MLP, axes.EMBED, kernel_init=out_init, name="wo",
                  **kw)(h_BLF)

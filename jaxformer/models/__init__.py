@@ -2,9 +2,12 @@
 
 Each model takes one frozen config dataclass, passed whole; presets are functions that
 return a config and accept field overrides (``gpt2_small(dropout_rate=0.0)``).
+``jaxformer.models.common`` holds the helpers the models share (input checks, position
+handling); it is internal to the models and not re-exported here.
 """
 
-from jaxformer.models.axial_transformer import (AxialBlock, AxialClassifier,
+from jaxformer.models.axial_transformer import (ALONG_COLUMN, ALONG_ROW, AxialBlock,
+                                                AxialClassifier,
                                                 AxialTransformer,
                                                 AxialTransformerConfig, axial_cifar10,
                                                 axial_tiny)
@@ -30,5 +33,5 @@ __all__ = [
     "ImageGPT", "ImageGPTConfig", "image_gpt_small", "image_gpt_tiny", "image_gpt_inputs",
     "color_quantize", "color_dequantize",
     "AxialTransformer", "AxialClassifier", "AxialBlock", "AxialTransformerConfig",
-    "axial_tiny", "axial_cifar10",
+    "axial_tiny", "axial_cifar10", "ALONG_ROW", "ALONG_COLUMN",
 ]

@@ -19,6 +19,16 @@ variables = model.init(rng, ids_BHW)
 logits_BHWK = model.apply(variables, ids_BHW)      # train with targets = ids_BHW
 ```
 Sampling runs the full forward once per pixel (no KV cache for axial attention).
+
+Attention weights: with ``return_weights=True`` and
+``apply(..., mutable=['intermediates'])`` every axial attention sublayer sows its weights as
+``intermediates/<layer>/attention_<i>/axial_attention_weights`` (a 1-tuple), of shape
+``[B, *other_axes, H, L, L]`` (see ``AxialAttention``), ``<layer>`` being ``layers_<l>``
+(classifier) or ``outer_<l>`` / ``inner_<l>`` (generative model). In a block,
+``attention_0`` attends along rows (``[B, height, heads, width, width]``) and
+``attention_1`` (classifier, outer stack) along columns (``[B, width, heads, height,
+height]``). The folded per-line view ``[B * other, H, L, L]`` that
+``MultiHeadAttention`` sows is there too, as ``attention_<i>/attention/attention_weights``.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ class AxialTransformerConfig:
     embed_dim / num_heads / mlp_dim / activation / norm_type / norm_eps: blocks (pre-LN).
     positions: "learned" (separate row and column tables, summed) | "none".
     dropout_rate / attention_dropout_rate / attention_impl / remat / dtype / param_dtype.
+    return_weights: sow attention weights into 'intermediates' (see the module docstring).
+    scan_layers: must be False (not implemented for the axial stacks).
   """
   image_size: int | tuple[int, int] = 32
   num_channels: int = 3
@@ -99,9 +111,9 @@ class AxialTransformerConfig:
     if self.norm != "pre":
       raise ValueError(f"AxialTransformerConfig.norm={self.norm!r}; only 'pre' is "
                        "implemented")
-    if self.scan_layers or self.return_weights:
-      raise ValueError("AxialTransformerConfig: scan_layers and return_weights are not "
-                       "supported (AxialAttention does not return weights)")
+    if self.scan_layers:
+      raise ValueError("AxialTransformerConfig.scan_layers=True is not supported; "
+                       "expected False")
     if size[0] % self.patch_size or size[1] % self.patch_size:
       raise ValueError(f"AxialTransformerConfig.image_size={size} is not divisible by "
                        f"patch_size={self.patch_size}")
@@ -111,7 +123,8 @@ class AxialBlock(nn.Module):
   """Pre-LN residual axial attention along each of ``attend_axes``, then an MLP.
 
   ``x [B, H, W, D] -> [B, H, W, D]``; ``causal[i]`` makes attention along
-  ``attend_axes[i]`` causal.
+  ``attend_axes[i]`` causal. With ``config.return_weights`` sublayer ``attention_i``
+  sows ``axial_attention_weights`` ``[B, *other_axes, heads, L, L]``.
   """
   config: AxialTransformerConfig
   attend_axes: Sequence[int]
@@ -128,7 +141,10 @@ class AxialBlock(nn.Module):
       h = AxialAttention(num_heads=cfg.num_heads, axis=axis, is_causal=causal,
                          dropout_rate=cfg.attention_dropout_rate,
                          implementation=cfg.attention_impl, name=f"attention_{i}",
-                         **kw)(h, deterministic=deterministic)
+                         **kw)(h, deterministic=deterministic,
+                               return_weights=cfg.return_weights)
+      if cfg.return_weights:
+        h = h[0]
       x_BHWD = x_BHWD + drop(h, deterministic=deterministic)
     h = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="mlp_norm", **kw)(x_BHWD)
     h = MLP(cfg.mlp_dim, activation=cfg.activation, name="mlp", **kw)(h, deterministic)

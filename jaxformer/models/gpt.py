@@ -19,6 +19,7 @@ Attention weights per layer: ``cfg.return_weights=True`` and
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +54,10 @@ class GPTConfig:
     dropout_rate: on embeddings and every sublayer output; attention_dropout_rate: on
       attention weights.
     init_stddev: normal init of kernels and embeddings.
+    scaled_residual_init: initialise the residual-output projections (attention ``out``,
+      MLP ``wo``; nanoGPT's ``c_proj``) with stddev ``init_stddev / sqrt(2 * num_layers)``
+      as GPT-2 and nanoGPT do (GPT-2: yes); False = ``init_stddev`` like the rest.
+      Changes no shapes or parameter counts.
     attention_impl: None | "xla" | "chunked" | "pallas" | "cudnn".
     remat / scan_layers: ``nn.remat`` each block / ``nn.scan`` over blocks.
     decode: KV-cache decoding (same as ``GPT(cfg, decode=True)``).
@@ -79,6 +84,7 @@ class GPTConfig:
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   init_stddev: float = 0.02
+  scaled_residual_init: bool = True
   attention_impl: str | None = None
   remat: bool = False
   scan_layers: bool = False
@@ -90,9 +96,19 @@ class GPTConfig:
   def __post_init__(self):
     common.check_common(self)
     check_activation(self.activation, field="GPTConfig.activation")
+    if not isinstance(self.scaled_residual_init, bool):
+      raise TypeError(f"GPTConfig.scaled_residual_init={self.scaled_residual_init!r}; "
+                      "expected a bool")
     if self.tie_embeddings and self.output_vocab_size not in (None, self.vocab_size):
       raise ValueError(f"GPTConfig.output_vocab_size={self.output_vocab_size} needs "
                        "tie_embeddings=False (a tied head has vocab_size rows)")
+
+  @property
+  def residual_init_stddev(self) -> float:
+    """Stddev of the residual-output projections (see ``scaled_residual_init``)."""
+    if not self.scaled_residual_init:
+      return self.init_stddev
+    return self.init_stddev / math.sqrt(2 * max(self.num_layers, 1))
 
   def block_config(self, decode: bool = False) -> BlockConfig:
     return BlockConfig(
@@ -103,7 +119,8 @@ class GPTConfig:
         rotary_base=self.rotary_base if self.positions == "rotary" else None,
         attention_impl=self.attention_impl, decode=decode or self.decode,
         return_weights=self.return_weights, init_stddev=self.init_stddev,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        residual_init_stddev=self.residual_init_stddev, dtype=self.dtype,
+        param_dtype=self.param_dtype)
 
 
 class GPT(nn.Module):

@@ -42,8 +42,8 @@ class ImageGPTConfig:
     num_layers / embed_dim / num_heads / mlp_dim: the decoder (GPT-2 blocks, pre-LN).
     positions: "learned" (iGPT) | "sinusoidal" | "rotary" | "none".
     activation, norm, norm_type, norm_eps, dropout_rate, attention_dropout_rate,
-    init_stddev, attention_impl, remat, scan_layers, decode, return_weights, dtype,
-    param_dtype: as GPTConfig.
+    init_stddev, scaled_residual_init, attention_impl, remat, scan_layers, decode,
+    return_weights, dtype, param_dtype: as GPTConfig.
   """
   image_size: int | tuple[int, int] = 32
   num_clusters: int = 512
@@ -59,6 +59,7 @@ class ImageGPTConfig:
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   init_stddev: float = 0.02
+  scaled_residual_init: bool = True
   attention_impl: str | None = None
   remat: bool = False
   scan_layers: bool = False
@@ -95,7 +96,8 @@ class ImageGPTConfig:
         activation=self.activation, norm=self.norm, norm_type=self.norm_type,
         norm_eps=self.norm_eps, positions=self.positions, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, init_stddev=self.init_stddev,
-        attention_impl=self.attention_impl, remat=self.remat, scan_layers=self.scan_layers,
+        scaled_residual_init=self.scaled_residual_init, attention_impl=self.attention_impl,
+        remat=self.remat, scan_layers=self.scan_layers,
         decode=self.decode, return_weights=self.return_weights, dtype=self.dtype,
         param_dtype=self.param_dtype)
 

@@ -1,0 +1,23 @@
+"""Training: state, optimizer, train/eval steps, loop, sharding, checkpoints, logging.
+
+Small modules, each usable on its own (from a notebook as well as from the CLI):
+
+* :mod:`~jaxformer.training.state`: ``TrainState`` and its sharded creation.
+* :mod:`~jaxformer.training.optimizer`: ``OptimizerConfig``, AdamW + schedules, decay
+  mask, clipping, gradient accumulation.
+* :mod:`~jaxformer.training.steps`: pure jitted ``train_step`` / ``eval_step``
+  (NaN / spike skipping), the ``TaskFn`` protocol.
+* :mod:`~jaxformer.training.tasks`: the task registry (``config.task``).
+* :mod:`~jaxformer.training.sharding`: mesh ``("data", "fsdp", "tensor")``, rules,
+  batch sharding.
+* :mod:`~jaxformer.training.checkpoint`: orbax checkpoints (state + data iterator +
+  config), SIGTERM handling.
+* :mod:`~jaxformer.training.distributed`: ``jax.distributed.initialize`` when needed.
+* :mod:`~jaxformer.training.metrics_logger`: progress, ``metrics.jsonl``, TensorBoard,
+  MFU.
+* :mod:`~jaxformer.training.builders`: config sections -> model, tokenizer, data.
+* :mod:`~jaxformer.training.loop`: ``train(config, workdir)``.
+
+Entry point: ``python -m experiments.train --config=experiments/configs/<name>.py
+--workdir=DIR``.
+"""

@@ -97,6 +97,8 @@ class AttentionWeightsTest(chex.TestCase):
     _, state = native.apply(variables, tokens, mutable=["intermediates"])
     want = analysis.collect_weights(state)
     self.assertEqual(list(want), list(maps))
+    self.assertLen(analysis.layer_weights(maps, "layers_1"), 1)
+    self.assertLen(analysis.layer_weights(maps), 2)
     for name in want:
       np.testing.assert_allclose(maps[name], want[name], atol=1e-6)
     # The captured forward pass computes the same logits as a plain one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from unittest import mock
 
 from absl.testing import parameterized
@@ -139,6 +140,25 @@ class ImplementationsTest(chex.TestCase, parameterized.TestCase):
     want = dot_product_attention(q, k, v, is_causal=True, segment_ids=jnp.asarray(seg),
                                  implementation="xla")
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+class XlaAttentionTest(chex.TestCase):
+  """``xla_attention`` called directly (validated inputs: rank-4 mask, explicit scale)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_reference_with_groups_segments_and_scale(self):
+    c = Case(7, 9, heads=4, kv_heads=2, is_causal=True, segments="pair")
+    q, k, v, _, (q_seg, kv_seg) = make_inputs(c)
+    mask = np.random.default_rng(2).random((2, 1, 7, 9)) < 0.8
+    out, weights = self.variant(functools.partial(
+        core.xla_attention, is_causal=True, scale=0.3))(
+            q, k, v, mask=jnp.asarray(mask), q_segment_ids=jnp.asarray(q_seg),
+            kv_segment_ids=jnp.asarray(kv_seg))
+    want, want_w = ref.attention(q, k, v, mask=mask, is_causal=True, q_seg=q_seg,
+                                 kv_seg=kv_seg, scale=0.3)
+    self.assertEqual(weights.dtype, jnp.float32)
+    np.testing.assert_allclose(out, want, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(weights, want_w, atol=ATOL, rtol=RTOL)
 
 
 class XlaOnlyOptionsTest(chex.TestCase, parameterized.TestCase):

@@ -56,6 +56,22 @@ class AxialTest(chex.TestCase, parameterized.TestCase):
     _, w_col = mha.apply({"params": variables["params"]["attention"]}, x[:, :, 4],
                          is_causal=True, return_weights=True)
     np.testing.assert_allclose(w[:, 4], w_col, atol=1e-6)
+    (y2, w2), state = layer.apply(variables, x, return_weights=True,
+                                  mutable=["intermediates"])
+    (sown,) = state["intermediates"]["axial_attention_weights"]
+    np.testing.assert_array_equal(sown, w2)
+    (folded,) = state["intermediates"]["attention"]["attention_weights"]
+    self.assertEqual(folded.shape, (10, 2, 3, 3))        # [B * W, H, L, L]
+    _, state = layer.apply(variables, x, mutable=["intermediates"])
+    self.assertEqual(state, {})                          # nothing sown without weights
+
+  def test_out_kernel_init_reaches_the_output_projection(self):
+    x = _image()
+    layer = AxialAttention(num_heads=2, axis=1, out_kernel_init=jax.nn.initializers.zeros)
+    params = layer.init(jax.random.key(0), x)["params"]["attention"]
+    np.testing.assert_array_equal(params["out"]["kernel"].value, 0.0)
+    self.assertGreater(float(jnp.abs(params["qkv"]["kernel"].value).max()), 0.0)
+    np.testing.assert_array_equal(layer.apply({"params": {"attention": params}}, x), 0.0)
 
   def test_stack_is_rows_then_columns(self):
     x = _image()

@@ -77,6 +77,25 @@ class ParamsTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(kernel).max()), 0.9 * bound)
     self.assertFalse(np.allclose(kernel[:, 0], kernel[:, 1]))
 
+  def test_out_kernel_init_only_changes_the_output_projection(self):
+    x = jnp.ones((1, 2, 64))
+    base = dict(num_heads=4, kernel_init=nn.initializers.normal(0.02))
+    default = nn.unbox(MultiHeadAttention(**base).init(jax.random.key(0), x)["params"])
+    same = nn.unbox(MultiHeadAttention(
+        **base, out_kernel_init=nn.initializers.normal(0.02)).init(
+            jax.random.key(0), x)["params"])
+    chex.assert_trees_all_equal(default, same)   # None = kernel_init, same keys
+    scaled = nn.unbox(MultiHeadAttention(
+        **base, out_kernel_init=nn.initializers.normal(0.005)).init(
+            jax.random.key(0), x)["params"])
+    np.testing.assert_array_equal(scaled["qkv"]["kernel"], default["qkv"]["kernel"])
+    out = np.asarray(scaled["out"]["kernel"], np.float64)
+    self.assertEqual(out.shape, (4, 16, 64))
+    # 4096 normal samples: the sample std is within ~1.1% (1 sigma) of 0.005.
+    self.assertAlmostEqual(out.std() / 0.005, 1.0, delta=0.06)
+    self.assertAlmostEqual(np.asarray(default["out"]["kernel"]).std() / 0.02, 1.0,
+                           delta=0.06)
+
 
 class MathTest(chex.TestCase, parameterized.TestCase):
 

@@ -22,7 +22,10 @@ from experiments.configs import image_gpt_shapes
 from experiments.configs import imdb_finetune
 from experiments.configs import transformer_reversal
 from experiments.configs import vit_shapes
+from flax import traverse_util
+
 from jaxformer.training import builders
+from jaxformer.training import finetune
 from jaxformer.training import loop
 
 CONFIGS = {
@@ -71,11 +74,19 @@ def run(config, workdir):
   return summary
 
 
-def test_bert_mlm_with_nsp(tmp_path):
+@pytest.fixture(scope="module")
+def bert_mlm_run(tmp_path_factory):
+  """bert_mlm (with NSP) for 2 steps: ``(workdir, summary)``; imdb_finetune starts
+  from its checkpoint."""
+  workdir = str(tmp_path_factory.mktemp("bert_mlm"))
   c = quick("bert_mlm", max_documents=20, num_eval_pairs=8)
   c.task_options.nsp = True
   assert c.model.nsp_head  # follows task_options.nsp
-  summary = run(c, tmp_path)
+  return workdir, run(c, workdir)
+
+
+def test_bert_mlm_with_nsp(bert_mlm_run):
+  _, summary = bert_mlm_run
   assert 0.0 <= summary["eval_nsp_accuracy"] <= 1.0
   assert summary["eval_num_tokens"] > 0  # masked positions
 
@@ -95,13 +106,23 @@ def test_image_configs(tmp_path, name):
     assert summary["eval_num_tokens"] == 4 * 64  # pixels
 
 
-def test_imdb_finetune_on_mock_imdb(tmp_path):
+def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
+  """From the bert_mlm checkpoint, body frozen: after training, the body is exactly
+  the pretrained one (see tests/training/finetune_test.py for step 0)."""
+  pretrained_dir, _ = bert_mlm_run
   c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
   c.model.num_classes = 2
-  assert c.finetune.pretrained_workdir is None  # from scratch: the baseline arm
+  c.finetune.update(dict(pretrained_workdir=pretrained_dir, freeze_body=True))
   with tfds.testing.mock_data(num_examples=8):
     summary = run(c, tmp_path)
   assert 0.0 <= summary["eval_accuracy"] <= 1.0
+  pretrained = traverse_util.flatten_dict(
+      finetune.load_pretrained_params(pretrained_dir))
+  tuned = traverse_util.flatten_dict(finetune.load_pretrained_params(str(tmp_path)))
+  body = [k for k in tuned if k[0] != "classifier"]
+  assert body and {k[0] for k in body} >= {"encoder", "pooler", "token_embedding"}
+  for path in body:
+    np.testing.assert_array_equal(tuned[path], pretrained[path], err_msg=str(path))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

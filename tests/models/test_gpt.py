@@ -12,7 +12,8 @@ import numpy as np
 from absl.testing import parameterized
 
 from jaxformer.layers import stack_layer_params
-from jaxformer.models import GPT, GPTConfig, gpt_nano, gpt_tiny
+from jaxformer.models import (GPT, GPTConfig, gpt2_small, gpt_nano, gpt_tiny,
+                              image_gpt_tiny)
 
 _B, _L = 2, 8
 _TOKENS = np.random.default_rng(0).integers(0, 64, (_B, _L)).astype(np.int32)
@@ -146,6 +147,38 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
     nano = gpt_nano()
     self.assertEqual((nano.num_layers, nano.embed_dim, nano.num_heads, nano.max_len),
                      (4, 128, 4, 64))
+
+  def test_scaled_residual_init_std(self):
+    """GPT-2 / nanoGPT: residual-output projections get init_stddev / sqrt(2 * layers)."""
+    tokens = np.zeros((1, 4), np.int32)
+    stds = {}
+    for scaled in (True, False):
+      cfg = gpt_nano(num_layers=8, scaled_residual_init=scaled)
+      params = nn.unbox(jax.jit(GPT(cfg).init)(jax.random.key(0), tokens))["params"]
+      layer = params["decoder"]["layers_3"]
+      stds[scaled] = {name: float(np.asarray(k, np.float64).std()) for name, k in (
+          ("qkv", layer["self_attention"]["qkv"]["kernel"]),
+          ("out", layer["self_attention"]["out"]["kernel"]),
+          ("wi", layer["mlp"]["wi"]["kernel"]),
+          ("wo", layer["mlp"]["wo"]["kernel"]))}
+    residual = 0.02 / np.sqrt(2 * 8)
+    self.assertAlmostEqual(gpt_nano(num_layers=8).residual_init_stddev, residual)
+    # >= 16384 normal samples per kernel: sample stds are within ~0.6% (1 sigma).
+    for scaled, want in ((True, residual), (False, 0.02)):
+      for name in ("out", "wo"):
+        self.assertAlmostEqual(stds[scaled][name] / want, 1.0, delta=0.04,
+                               msg=(scaled, name))
+      for name in ("qkv", "wi"):
+        self.assertAlmostEqual(stds[scaled][name] / 0.02, 1.0, delta=0.04,
+                               msg=(scaled, name))
+    # GPT-2 does it, so the default config and every preset do; ImageGPT passes it on.
+    self.assertTrue(GPTConfig().scaled_residual_init)
+    self.assertTrue(gpt2_small().scaled_residual_init)
+    self.assertFalse(image_gpt_tiny(scaled_residual_init=False).gpt_config()
+                     .scaled_residual_init)
+    self.assertTrue(image_gpt_tiny().gpt_config().scaled_residual_init)
+    with self.assertRaisesRegex(TypeError, "scaled_residual_init='yes'"):
+      gpt_tiny(scaled_residual_init="yes")
 
   @parameterized.parameters(
       dict(positions="alibi"), dict(attention_impl="flash"), dict(activation="tanh"),

@@ -133,8 +133,79 @@ class AxialTest(chex.TestCase):
       if k + 1 < 16:
         self.assertGreater(np.abs(flat[:, k + 1:] - logits2[:, k + 1:]).max(), 1e-5)
 
+  def test_classifier_return_weights(self):
+    cfg = models.axial_tiny(image_size=(4, 6), return_weights=True)
+    model = models.AxialClassifier(cfg)
+    images = _rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
+    variables = _init(model, ((2, 4, 6, 3), np.float32))
+    logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
+        variables, images)
+    plain = models.AxialClassifier(models.axial_tiny(image_size=(4, 6)))
+    np.testing.assert_allclose(logits, jax.jit(plain.apply)(variables, images),
+                               atol=1e-6)
+    layer = state["intermediates"]["layers_0"]
+    (rows,) = layer["attention_0"]["axial_attention_weights"]
+    (cols,) = layer["attention_1"]["axial_attention_weights"]
+    chex.assert_shape(rows, (2, 4, 2, 6, 6))     # [B, height, heads, width, width]
+    chex.assert_shape(cols, (2, 6, 2, 4, 4))     # [B, width, heads, height, height]
+    for w in (rows, cols):
+      np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+      self.assertGreater(float(np.triu(w, 1).max()), 1e-3)   # unmasked
+    # The unfolded view is the inner MultiHeadAttention's folded one, reshaped.
+    (folded,) = layer["attention_1"]["attention"]["attention_weights"]
+    np.testing.assert_allclose(cols.reshape(folded.shape), folded, atol=0)
+
+  def test_generative_return_weights_with_remat(self):
+    cfg = models.axial_tiny(image_size=(4, 6), return_weights=True, remat=True)
+    model = models.AxialTransformer(cfg)
+    ids = _rng.integers(0, 16, (2, 4, 6)).astype(np.int32)
+    variables = _init(model, ((2, 4, 6), np.int32))
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
+        variables, ids)
+    inter = state["intermediates"]
+    want = {("outer_0", "attention_0"): ((2, 4, 2, 6, 6), False),   # rows, unmasked
+            ("outer_0", "attention_1"): ((2, 6, 2, 4, 4), True),    # columns, causal
+            ("inner_0", "attention_0"): ((2, 4, 2, 6, 6), True)}    # rows, causal
+    self.assertEqual(sorted(inter), ["inner_0", "outer_0"])
+    for (layer, sub), (shape, causal) in want.items():
+      (w,) = inter[layer][sub]["axial_attention_weights"]
+      chex.assert_shape(w, shape)
+      np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+      upper = float(np.abs(np.triu(w, 1)).max())
+      if causal:
+        self.assertEqual(upper, 0.0, (layer, sub))
+      else:
+        self.assertGreater(upper, 1e-3, (layer, sub))
+
   def test_config_errors(self):
     with self.assertRaisesRegex(ValueError, "positions='rotary'"):
       models.axial_tiny(positions="rotary")
-    with self.assertRaisesRegex(ValueError, "return_weights"):
-      models.axial_tiny(return_weights=True)
+    with self.assertRaisesRegex(ValueError, "scan_layers=True"):
+      models.axial_tiny(scan_layers=True)
+    with self.assertRaisesRegex(ValueError, "image_size"):
+      models.AxialTransformerConfig(image_size=(4, 0))
+    with self.assertRaisesRegex(ValueError, "patch_size"):
+      models.AxialTransformerConfig(image_size=6, patch_size=4)
+    with self.assertRaisesRegex(ValueError, "norm='post'"):
+      models.axial_tiny(norm="post")
+
+  def test_axial_block_mixes_only_along_its_axes(self):
+    block = models.AxialBlock(models.axial_tiny(), attend_axes=(models.ALONG_ROW,),
+                              causal=(True,))
+    x = _rng.normal(size=(1, 3, 5, 16)).astype(np.float32)
+    variables = block.init(jax.random.key(0), x)
+    y = block.apply(variables, x)
+    x2 = x.copy()
+    x2[0, 1, 2] += _rng.normal(size=16).astype(np.float32)   # pixel (1, 2)
+    delta = np.abs(block.apply(variables, x2) - y).max(-1)[0]   # [3, 5]
+    changed = delta > 1e-6
+    want = np.zeros((3, 5), bool)
+    want[1, 2:] = True               # same row, at or after column 2 (causal row)
+    np.testing.assert_array_equal(changed, want)
+
+  def test_cifar10_preset(self):
+    cfg = models.axial_cifar10(num_layers=2)
+    self.assertIsInstance(cfg, models.AxialTransformerConfig)
+    self.assertEqual((cfg.image_size, cfg.num_channels, cfg.num_classes, cfg.num_clusters,
+                      cfg.num_layers, cfg.embed_dim),
+                     ((32, 32), 3, 10, 256, 2, 128))
