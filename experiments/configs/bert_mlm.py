@@ -22,6 +22,11 @@ source, pairs of code blocks::
   python -m experiments.train --config=experiments/configs/bert_mlm.py:tiny \\
       --workdir=runs/bert_mlm_nsp_tiny --config.task_options.nsp=True
 
+MLM alone on packed text instead of pairs (RoBERTa-style full sequences, and no
+pair sampling on the host): ``--config.data.pipeline=lm``. Note: ``NSPSource`` scans
+every segment of its documents for each pair it draws, so ``max_documents`` x
+``max_segments`` bounds the host's pair rate (about 0.5 us per segment per pair).
+
 ``experiments/configs/imdb_finetune.py`` fine-tunes the result.
 """
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ml_collections import config_dict
 
 from experiments import plotting
 from experiments.configs import axial_shapes
@@ -68,7 +69,7 @@ if not FULL:
 vit = common.with_overrides(vit_shapes.get_config(VARIANT), CLS_STEPS)
 axial_cls = common.with_overrides(vit, {})
 vm = vit.model
-axial_cls.model = type(vm)(dict(
+axial_cls.model = config_dict.ConfigDict(dict(
     name="axial_classifier", image_size=vm.image_size, num_channels=vm.num_channels,
     patch_size=vm.patch_size, num_classes=vm.num_classes,
     num_layers=max(vm.num_layers // 2, 1),   # an axial block has two attention layers

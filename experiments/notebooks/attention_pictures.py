@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import config_dict
 
 from experiments import plotting
 from experiments.configs import gpt_bytes
@@ -126,7 +127,7 @@ rows[-1]["rollout_on_bright_half"] = share
 # %%
 axial_config = common.with_overrides(vit_config, {})
 vm = vit_config.model
-axial_config.model = type(vm)(dict(
+axial_config.model = config_dict.ConfigDict(dict(
     name="axial_classifier", image_size=vm.image_size, num_channels=vm.num_channels,
     patch_size=1, num_classes=vm.num_classes, num_layers=max(vm.num_layers // 2, 1),
     embed_dim=vm.embed_dim, num_heads=vm.num_heads, mlp_dim=vm.mlp_dim,

@@ -26,11 +26,6 @@ from jaxformer.training import tasks as tasks_lib
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def full_size() -> bool:
-  """True when the environment asks for the full-size runs (``FULL=1``)."""
-  return os.environ.get("FULL") == "1"
-
-
 def out_dir(name: str) -> pathlib.Path:
   """``$OUT_DIR`` or ``experiments/notebooks/out/<name>/`` (git-ignored), created."""
   path = pathlib.Path(os.environ.get("OUT_DIR") or

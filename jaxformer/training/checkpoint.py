@@ -121,6 +121,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether :meth:`save` (without ``force``) would save at ``step``."""
+    return step % self.save_every == 0 and step not in self._manager.all_steps()
+
   def save(self, step: int, state: Any, *, data_state: Any = None,
            config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
     """Starts saving (asynchronously); returns whether a save was started."""

@@ -275,8 +275,9 @@ def train(config: Any, workdir: str, *,
         pending = (step, metrics)
       if step % tc["eval_every"] == 0 or step == num_steps:
         run_eval()
-      checkpointer.save(step, state, data_state=train_it.get_state(),
-                        config=config_json)
+      if checkpointer.should_save(step):  # (get_state only when saving)
+        checkpointer.save(step, state, data_state=train_it.get_state(),
+                          config=config_json)
       stop = preempt.requested or (should_stop is not None and should_stop(step))
       if multi:
         stop = ckpt_lib.any_process(stop) if is_log else False
@@ -320,8 +321,8 @@ def train(config: Any, workdir: str, *,
              for k, v in summary.items() if k != "sample"]
     logger.log_text("summary | " + " | ".join(lines))
     if "sample" in summary:
-      logger.log_text("sample:\n" + tc.get("sample_prompt", "") + "|" +
-                      summary["sample"][len(tc.get("sample_prompt", "")):])
+      logger.log_text(f"sample (prompt {tc.get('sample_prompt', '')!r}, temperature "
+                      f"{tc.get('sample_temperature', 1.0)}):\n{summary['sample']}")
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
   logger.close()

@@ -102,6 +102,20 @@ def test_notebook_settings_are_quiet_and_synchronous():
   assert config.train.checkpoint_every == config.train.num_steps
 
 
+def test_final_train_loss_averages_the_last_rows(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w", encoding="utf-8") as f:
+    for step, loss in ((1, 9.0), (2, 3.0), (3, 2.0), (4, 1.0)):
+      f.write(f'{{"step": {step}, "loss": {loss}}}\n')
+    f.write('{"step": 4, "eval_loss": 5.0}\n')
+  assert common.final_train_loss(tmp_path) == pytest.approx(2.0)
+  assert common.final_train_loss(tmp_path, last=1) == pytest.approx(1.0)
+
+
+def test_load_params_needs_a_checkpoint(tmp_path):
+  with pytest.raises(ValueError, match="no checkpoint"):
+    common.load_params(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_runs_at_tiny_size(name, tmp_path):

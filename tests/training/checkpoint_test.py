@@ -84,7 +84,10 @@ class CheckpointerTest(chex.TestCase):
     state, _ = _state()
     d = _tmpdir(self)
     ck = ckpt_lib.Checkpointer(d, max_to_keep=2, save_every=2)
+    self.assertEqual([ck.should_save(s) for s in (1, 2, 3, 4)],
+                     [False, True, False, True])
     started = [ck.save(s, state) for s in (1, 2, 3, 4, 5, 6)]
+    self.assertFalse(ck.should_save(6))  # already saved
     self.assertEqual(started, [False, True, False, True, False, True])
     self.assertTrue(ck.save(7, state, force=True))
     self.assertFalse(ck.save(7, state, force=True))  # already there

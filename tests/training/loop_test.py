@@ -87,7 +87,7 @@ def test_metrics_files_summary_and_sample(tmp_path):
 
 
 def test_changed_model_config_is_rejected(tmp_path):
-  config = th.tiny_config(num_steps=2)
+  config = th.tiny_config(num_steps=1)
   loop.train(config, str(tmp_path))
   config.model.num_heads = 4
   config.train.num_steps = 4  # not a model field: allowed to change

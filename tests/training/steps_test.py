@@ -45,12 +45,12 @@ class TrainStepTest(chex.TestCase):
                                           task=th.tiny_task, tx=tx, opt_config=cfg))
     batch = _jnp_batch(0)
     losses = []
-    for _ in range(25):
+    for _ in range(12):
       state, metrics = step(state, batch)
       losses.append(float(metrics["loss"]))
-    self.assertEqual(int(state.step), 25)
+    self.assertEqual(int(state.step), 12)
     self.assertEqual(int(state.skipped_steps), 0)
-    self.assertLess(losses[-1], 0.5 * losses[0])
+    self.assertLess(losses[-1], 0.7 * losses[0])
     # the first step's loss is the loss of the initial parameters (log(32) ~ 3.47)
     self.assertTrue(2.0 < losses[0] < 6.0, losses[0])
 
