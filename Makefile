@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow notebooks venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -n 2 -m slow tests
+
+notebooks: venv
+	$(PY) -m experiments.notebooks.build_ipynb --execute
 
 clean:
 	rm -rf $(VENV) runs

@@ -284,6 +284,8 @@ def plot_bars(values: Mapping[str, float], *, ylabel: str, title: str | None = N
 
 
 def _fmt(value: Any) -> str:
+  if value is None:
+    return ""
   if isinstance(value, float):
     if math.isnan(value):
       return "nan"

@@ -49,7 +49,8 @@ def test_plot_loss_curves_draws_each_run(tmp_path):
 
 
 def test_results_table_markdown_and_csv(tmp_path):
-  rows = [{"run": "a", "loss": 1.23456, "n": 3}, {"run": "b", "loss": 2.0, "extra": "x"}]
+  rows = [{"run": "a", "loss": 1.23456, "n": 3},
+          {"run": "b", "loss": 2.0, "n": None, "extra": "x"}]
   text = plotting.results_table(rows, path=tmp_path / "t.md")
   assert text.splitlines() == ["| run | loss | n | extra |", "|---|---|---|---|",
                                "| a | 1.235 | 3 |  |", "| b | 2 |  | x |"]
