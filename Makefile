@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-slow notebooks venv clean
+.PHONY: demo test test-fast notebooks venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) -m experiments.train --config=experiments/configs/gpt_bytes.py --workdir=$(WORKDIR)
 
+# The whole suite: the quick tests and those marked slow (notebooks, multi-process, ...).
 test: venv
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 -m "slow or not slow" tests
 
-test-slow: venv
-	$(PY) -m pytest -n 2 -m slow tests
+# Quick inner loop while developing: everything not marked slow.
+test-fast: venv
+	$(PY) -m pytest -n 2 tests
 
 notebooks: venv
 	$(PY) -m experiments.notebooks.build_ipynb --execute
