@@ -20,8 +20,8 @@
 # 1. **Norm placement**: pre-LN (GPT-2) vs post-LN (original Transformer).
 # 2. **Positions**: learned vs sinusoidal vs rotary (RoPE).
 # 3. **Soft vs hard attention and the inverse temperature β**: β as a multiple of the
-#    default `1/sqrt(head_dim)`, and arg-max attention (gradients reach the values
-#    only), set through `jaxformer.analysis.override_attention`.
+#    default `1/sqrt(head_dim)` (`model.attention_scale_multiplier`), and arg-max
+#    attention (`model.attention_hard`; gradients reach the values only).
 # 4. **Attention implementations**: `xla`, `chunked` and `pallas` (interpret mode on
 #    the CPU) must give the same curves up to float rounding.
 #
@@ -44,7 +44,6 @@ import numpy as np
 from experiments import plotting
 from experiments.configs import gpt_bytes
 from experiments.notebooks import common
-from jaxformer.analysis import override_attention
 
 FULL = os.environ.get("FULL") == "1"
 OUT = common.out_dir("ablation_architecture")
@@ -63,8 +62,8 @@ print("steps per run:", base.train.num_steps, "| model:", dict(base.model))
 results = {}
 
 
-def run(label, overrides=None, context=None, **columns):
-  summary = common.train_run(base, RUNS / label, overrides=overrides, context=context)
+def run(label, overrides=None, **columns):
+  summary = common.train_run(base, RUNS / label, overrides=overrides)
   results[label] = dict(
       run=label, **columns,
       train_loss=common.final_train_loss(summary["workdir"]),
@@ -106,10 +105,19 @@ plotting.plot_loss_curves({k: RUNS / r for k, r in pos_runs.items()},
 # %% [markdown]
 # ## 3. Soft vs hard attention; the inverse temperature β
 #
-# β multiplies `q·k`; `1x` is the usual `1/sqrt(head_dim)`. Small β flattens the
-# attention towards a uniform average over the prefix; large β sharpens it towards the
-# arg-max; hard attention is the arg-max itself (no gradient reaches the queries and
-# keys).
+# β multiplies `q·k`; `1x` is the usual `1/sqrt(head_dim)`
+# (`--config.model.attention_scale_multiplier=10` on the command line, once the config
+# file lists the field). Small β flattens the attention towards a uniform average over
+# the prefix; large β sharpens it towards the arg-max.
+#
+# Hard attention (`model.attention_hard=True`) is the arg-max itself. The weights are a
+# step function of `q·k`, so **no gradient reaches the query and key projections**:
+# they keep their random initialisation (weight decay only shrinks them, which leaves
+# the arg-max alone: their biases start at zero and get no gradient either), and each
+# token reads the value of the key that these fixed random projections of its (learned)
+# features pick. What trains is the values, the output projection, the MLPs and the
+# embeddings; the run measures how far that gets without learned attention patterns,
+# not hard attention trained end to end (that needs e.g. a straight-through estimator).
 
 # %%
 BETAS = (0.1, 1.0, 10.0) if not FULL else (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -117,10 +125,10 @@ beta_runs = {}
 for beta in BETAS:
   label = "baseline" if beta == 1.0 else f"beta_{beta:g}x"
   if beta != 1.0:
-    run(label, {"model.attention_impl": "xla"},
-        context=override_attention(relative_scale=beta), **{**BASELINE, "beta": f"{beta:g}x"})
+    run(label, {"model.attention_impl": "xla", "model.attention_scale_multiplier": beta},
+        **{**BASELINE, "beta": f"{beta:g}x"})
   beta_runs[f"soft β={beta:g}x"] = label
-run("hard", {"model.attention_impl": "xla"}, context=override_attention(hard=True),
+run("hard", {"model.attention_impl": "xla", "model.attention_hard": True},
     **{**BASELINE, "attention": "hard", "beta": "-"})
 beta_runs["hard"] = "hard"
 print(plotting.results_table([results[r] for r in beta_runs.values()],

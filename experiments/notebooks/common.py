@@ -6,7 +6,6 @@ A run is ``jaxformer.training.loop.train(config, workdir)`` on a config from
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import pathlib
@@ -67,15 +66,11 @@ def notebook_settings(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 
 def train_run(config: config_dict.ConfigDict, workdir: str | os.PathLike[str], *,
-              overrides: Mapping[str, Any] | None = None,
-              context: contextlib.AbstractContextManager | None = None
-              ) -> dict[str, Any]:
+              overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Trains ``config`` (+ ``overrides``) from scratch in ``workdir``; returns the summary.
 
-  ``workdir`` is emptied first (``train`` would otherwise resume from it). ``context``
-  (e.g. ``jaxformer.analysis.override_attention(hard=True)``) is active for the whole
-  run, so every step is traced inside it. The summary gains ``workdir`` and
-  ``run_seconds`` (wall time including compilation).
+  ``workdir`` is emptied first (``train`` would otherwise resume from it). The summary
+  gains ``workdir`` and ``run_seconds`` (wall time including compilation).
   """
   config = notebook_settings(with_overrides(config, overrides))
   workdir = pathlib.Path(workdir)
@@ -83,8 +78,7 @@ def train_run(config: config_dict.ConfigDict, workdir: str | os.PathLike[str], *
     shutil.rmtree(workdir)
   workdir.mkdir(parents=True)
   start = time.perf_counter()
-  with context if context is not None else contextlib.nullcontext():
-    summary = loop.train(config, str(workdir))
+  summary = loop.train(config, str(workdir))
   summary = dict(summary)
   summary["workdir"] = str(workdir)
   summary["run_seconds"] = time.perf_counter() - start

@@ -2,12 +2,12 @@
 
 from jaxformer.analysis.attention_maps import (attention_rollout, attention_weights,
                                                axial_attention_maps, axial_pixel_map,
-                                               capture_attention, collect_weights,
-                                               layer_weights, override_attention,
-                                               to_numpy, unfold_axial, vit_rollout)
+                                               collect_weights, layer_weights,
+                                               to_numpy, unfold_axial, vit_rollout,
+                                               with_weights)
 
 __all__ = [
     "attention_rollout", "attention_weights", "axial_attention_maps", "axial_pixel_map",
-    "capture_attention", "collect_weights", "layer_weights", "override_attention",
-    "to_numpy", "unfold_axial", "vit_rollout",
+    "collect_weights", "layer_weights", "to_numpy", "unfold_axial", "vit_rollout",
+    "with_weights",
 ]

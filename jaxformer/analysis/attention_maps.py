@@ -1,27 +1,26 @@
 """Attention maps out of any model: weights per layer, ViT rollout, axial maps.
 
-Every ``MultiHeadAttention`` can sow its weights into the 'intermediates' collection
-(``return_weights=True``). :func:`capture_attention` turns that on for every attention
-module of any model through a Flax method interceptor, so the maps come out of a plain
-forward pass of an unchanged model (also for models whose config has no
-``return_weights``, e.g. the axial transformers):
+Every jaxformer model config has ``return_weights``: with it on, each
+``MultiHeadAttention`` sows its weights into the 'intermediates' collection (and each
+``AxialAttention`` its unfolded ``axial_attention_weights``). The functions here run a
+copy of the model with ``return_weights=True`` on the same variables, so the maps come
+out of a plain forward pass of a model trained without them:
 
 ```python
 maps = attention_weights(model, variables, tokens_BL)   # {"decoder/layers_0/self_attention":
                                                          #   [B, H, Lq, Lk] float32, ...}
 grid_BHW = vit_rollout(model, variables, images_BHWC)   # [CLS] -> patch rollout
-rows, cols = axial_attention_maps(model, variables, images_BHWC)
+maps = axial_attention_maps(model, variables, images_BHWC)  # {"layers_0/attention_0":
+                                                         #   [B, R, H, L, L], ...}
 ```
 
-:func:`override_attention` uses the same mechanism to change the inverse temperature
-(``scale``) or switch to hard (arg-max) attention in every attention module, for
-ablations through the unchanged training loop (``with override_attention(hard=True):
-train(config, workdir)``).
+Ablations of the attention itself (inverse temperature, hard attention) are config
+fields of the models: ``attention_scale_multiplier`` and ``attention_hard``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,87 +29,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.attention.multi_head import MultiHeadAttention
-
 Array = jax.Array
 
-WEIGHTS_NAME = "attention_weights"   # what MultiHeadAttention sows
-_UNSET = object()
+WEIGHTS_NAME = "attention_weights"        # what MultiHeadAttention sows
+AXIAL_WEIGHTS_NAME = "axial_attention_weights"   # what AxialAttention sows
 
 
-# --------------------------------------------------------------------------------------
-# Interceptors.
-# --------------------------------------------------------------------------------------
+def with_weights(model: nn.Module) -> nn.Module:
+  """A copy of ``model`` whose config has ``return_weights=True`` (same parameters).
 
-
-def _is_attention_call(context: Any) -> bool:
-  return (isinstance(context.module, MultiHeadAttention)
-          and context.method_name == "__call__")
-
-
-@contextlib.contextmanager
-def capture_attention() -> Iterator[None]:
-  """Inside this context every ``MultiHeadAttention`` sows its weights.
-
-  The weights go to 'intermediates' as ``attention_weights`` (``[B, H, Lq, Lk]``
-  float32), so ``apply(..., mutable=["intermediates"])`` returns them. Modules that were
-  asked for weights anyway behave as usual. Attention runs on the xla path while
-  capturing (the only one that materialises weights).
-  """
-
-  def interceptor(next_fun, args, kwargs, context):
-    if not _is_attention_call(context) or kwargs.get("return_weights"):
-      return next_fun(*args, **kwargs)
-    out, _ = next_fun(*args, **{**kwargs, "return_weights": True})
-    return out
-
-  with nn.intercept_methods(interceptor):
-    yield
-
-
-@contextlib.contextmanager
-def override_attention(*, scale: Any = _UNSET, hard: bool | None = None,
-                       relative_scale: float | None = None) -> Iterator[None]:
-  """Inside this context every ``MultiHeadAttention`` uses the given scale / hardness.
-
-  Traces made inside the context keep the change (so wrap the whole
-  ``train(config, workdir)`` call, which traces its steps afresh); a function jitted
-  *before* entering is not affected.
-
-  Args:
-    scale: inverse temperature beta multiplying ``q . k`` (None = ``1/sqrt(head_dim)``).
-    hard: True = arg-max attention (gradients reach the values only), False = softmax.
-    relative_scale: beta as a multiple of the default ``1/sqrt(head_dim)`` (exclusive
-      with ``scale``).
   Raises:
-    ValueError: bad or conflicting arguments.
+    TypeError: ``model`` has no ``config`` dataclass with a ``return_weights`` field
+      (every jaxformer model has one).
   """
-  if scale is not _UNSET and relative_scale is not None:
-    raise ValueError("override_attention: pass scale or relative_scale, not both")
-  for name, value in (("scale", scale), ("relative_scale", relative_scale)):
-    if value is _UNSET or value is None:
-      continue
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-      raise ValueError(f"override_attention: {name}={value!r}; expected a float >= 0")
-  if hard is not None and not isinstance(hard, bool):
-    raise ValueError(f"override_attention: hard={hard!r}; expected a bool or None")
+  cfg = getattr(model, "config", None)
+  if not (dataclasses.is_dataclass(cfg)
+          and "return_weights" in {f.name for f in dataclasses.fields(cfg)}):
+    raise TypeError(f"{type(model).__name__} has no config with a return_weights field; "
+                    "expected a jaxformer model (GPT, BERT, EncoderDecoder, ViT, "
+                    "ImageGPT, AxialClassifier, AxialTransformer). For a bare attention "
+                    "module call it with return_weights=True.")
+  if cfg.return_weights:
+    return model
+  return model.clone(config=dataclasses.replace(cfg, return_weights=True))
 
-  def interceptor(next_fun, args, kwargs, context):
-    if _is_attention_call(context):
-      module = context.module
-      # The module instance is created afresh by its parent on every trace, so setting
-      # its (frozen) fields here only affects this call.
-      if scale is not _UNSET:
-        object.__setattr__(module, "scale", None if scale is None else float(scale))
-      if relative_scale is not None:
-        head_dim = module.head_dim or args[0].shape[-1] // module.num_heads
-        object.__setattr__(module, "scale", float(relative_scale) * head_dim ** -0.5)
-      if hard is not None:
-        object.__setattr__(module, "hard", hard)
-    return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(interceptor):
-    yield
+def _intermediates(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+                   **kwargs: Any) -> Mapping[str, Any]:
+  _, state = with_weights(model).apply(variables, *args, mutable=["intermediates"],
+                                       **kwargs)
+  return state.get("intermediates", {})
 
 
 # --------------------------------------------------------------------------------------
@@ -163,9 +111,11 @@ def attention_weights(model: nn.Module, variables: Mapping[str, Any], *args: Any
                       **kwargs: Any) -> dict[str, Array]:
   """Runs ``model.apply(variables, *args, **kwargs)`` and returns every attention map.
 
+  The model runs with ``return_weights=True`` (see :func:`with_weights`), so attention
+  takes the xla path (the only one that materialises weights); outputs are unchanged.
+
   Args:
-    model: any Flax model built from ``MultiHeadAttention`` (directly or through
-      ``AxialAttention``).
+    model: a jaxformer model (its config has ``return_weights``).
     variables: ``{"params": ...}`` (plus other collections the model needs).
     *args, **kwargs: the model's inputs, e.g. ``tokens_BL`` or ``images_BHWC``.
   Returns:
@@ -173,9 +123,7 @@ def attention_weights(model: nn.Module, variables: Mapping[str, Any], *args: Any
     attention ``B`` is the batch times the other axes (see
     :func:`axial_attention_maps`). Rows of allowed queries sum to 1.
   """
-  with capture_attention():
-    _, state = model.apply(variables, *args, mutable=["intermediates"], **kwargs)
-  weights = collect_weights(state.get("intermediates", {}))
+  weights = collect_weights(_intermediates(model, variables, *args, **kwargs))
   if not weights:
     raise ValueError(f"attention_weights: {type(model).__name__} has no "
                      "MultiHeadAttention that ran on these inputs")
@@ -264,6 +212,8 @@ def vit_rollout(model: nn.Module, variables: Mapping[str, Any], images_BHWC: Arr
 def unfold_axial(weights_NHLL: Array, batch: int) -> Array:
   """``[B * R, H, L, L]`` (as ``AxialAttention`` folds it) -> ``[B, R, H, L, L]``.
 
+  E.g. for the folded maps that :func:`attention_weights` returns for an axial model.
+
   ``R`` runs over the other spatial positions in their order: for attention along the
   width of ``[B, H, W, D]`` it is the row index, along the height the column index.
   """
@@ -275,17 +225,31 @@ def unfold_axial(weights_NHLL: Array, batch: int) -> Array:
 
 def axial_attention_maps(model: nn.Module, variables: Mapping[str, Any], inputs: Array,
                          **kwargs: Any) -> dict[str, Array]:
-  """Every axial attention map of ``model`` on ``inputs [B, ...]``, unfolded.
+  """Every axial attention map of ``model`` on ``inputs [B, ...]``.
+
+  Reads the ``axial_attention_weights`` that each ``AxialAttention`` sows when the
+  model's ``return_weights`` is on.
 
   Returns:
     ``{module path: [B, R, H, L, L]}``: for each position ``r`` of the other axes, the
-    heads' weights along the attended axis (see :func:`unfold_axial`). In the axial
-    models ``attention_0`` attends along rows (``R`` = row index, ``L`` = width) and
-    ``attention_1`` along columns (``R`` = column index, ``L`` = height).
+    heads' weights along the attended axis. In the axial models ``layers_<l>/attention_0``
+    attends along rows (``R`` = row index, ``L`` = width) and ``attention_1`` along
+    columns (``R`` = column index, ``L`` = height); the generative model's stacks are
+    ``outer_<l>`` and ``inner_<l>``.
+  Raises:
+    ValueError: the model has no ``AxialAttention``.
   """
-  batch = inputs.shape[0]
-  return {name: unfold_axial(w, batch)
-          for name, w in attention_weights(model, variables, inputs, **kwargs).items()}
+  out: dict[str, Array] = {}
+  for path, value in _flatten(_intermediates(model, variables, inputs, **kwargs)):
+    if path[-1] != AXIAL_WEIGHTS_NAME:
+      continue
+    calls = value if isinstance(value, (tuple, list)) else (value,)
+    for j, w in enumerate(calls):
+      out["/".join(path[:-1]) + (f"#{j}" if len(calls) > 1 else "")] = w
+  if not out:
+    raise ValueError(f"axial_attention_maps: {type(model).__name__} has no "
+                     "AxialAttention that ran on these inputs")
+  return out
 
 
 def axial_pixel_map(row_BRHLL: Array, col_BCHLL: Array, query: tuple[int, int]) -> Array:

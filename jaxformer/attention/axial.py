@@ -38,6 +38,8 @@ class AxialAttention(nn.Module):
   out_features: int | None = None
   use_bias: bool = True
   dropout_rate: float = 0.0
+  scale: float | None = None
+  hard: bool = False
   rotary_base: float | None = None
   implementation: str | None = None
   dtype: Any = jnp.float32
@@ -64,7 +66,8 @@ class AxialAttention(nn.Module):
     y_NLO = MultiHeadAttention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         out_features=self.out_features, use_bias=self.use_bias,
-        dropout_rate=self.dropout_rate, rotary_base=self.rotary_base,
+        dropout_rate=self.dropout_rate, scale=self.scale, hard=self.hard,
+        rotary_base=self.rotary_base,
         implementation=self.implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=self.kernel_init,
         bias_init=self.bias_init, out_kernel_init=self.out_kernel_init,

@@ -11,6 +11,7 @@ each sublayer's output before the residual add; embedding dropout is the model's
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,13 @@ class BlockConfig:
     attention_dropout_rate: dropout on attention weights.
     rotary_base: not None -> RoPE on q and k in self attention.
     attention_impl: ``implementation`` of ``dot_product_attention``.
+    attention_scale_multiplier: the attention logits' inverse temperature as a multiple
+      of the usual ``1/sqrt(head_dim)``: ``beta = attention_scale_multiplier /
+      sqrt(head_dim)`` (0 = uniform attention over the allowed keys; large = towards
+      arg-max). 1.0 (default) is the standard scaled dot product.
+    attention_hard: arg-max (hard) attention: each query takes the value of its
+      best-scoring allowed key. No gradient reaches the queries and keys (the weights
+      are a step function of them), only the values; runs on the xla path.
     decode: incremental decoding (self attention keeps a KV cache in 'cache').
     return_weights: sow attention weights into 'intermediates'.
     init_stddev: None -> the attention/MLP default initializers (xavier uniform);
@@ -69,6 +77,8 @@ class BlockConfig:
   attention_dropout_rate: float = 0.0
   rotary_base: float | None = None
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   decode: bool = False
   return_weights: bool = False
   init_stddev: float | None = None
@@ -91,6 +101,15 @@ class BlockConfig:
       value = getattr(self, name)
       if value is not None and not value > 0:
         raise ValueError(f"BlockConfig.{name}={value!r}; expected None or a float > 0")
+    check_attention_options(self, "BlockConfig")
+
+  def attention_scale(self, features: int) -> float | None:
+    """``scale`` of the attention modules for inputs ``[..., features]``.
+
+    None (the default ``1/sqrt(head_dim)``) unless ``attention_scale_multiplier != 1``.
+    """
+    return attention_scale(self.attention_scale_multiplier,
+                           self.head_dim or features // self.num_heads)
 
   def kernel_init(self) -> dict[str, Any]:
     """``{'kernel_init': ...}`` for the sub-modules, or ``{}`` for their defaults."""
@@ -105,15 +124,44 @@ class BlockConfig:
     return {"out_kernel_init": nn.initializers.normal(stddev=self.residual_init_stddev)}
 
 
+def check_attention_options(cfg: Any, owner: str) -> None:
+  """Validates ``cfg.attention_scale_multiplier`` / ``cfg.attention_hard``.
+
+  Normalises an int multiplier (e.g. from a command-line override) to float. Raises
+  ValueError/TypeError naming ``owner.field``, the value and what would be valid.
+  """
+  multiplier = cfg.attention_scale_multiplier
+  if (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float))
+      or not math.isfinite(multiplier) or multiplier < 0):
+    raise ValueError(f"{owner}.attention_scale_multiplier={multiplier!r}; expected a "
+                     "finite float >= 0 (1.0 = the usual 1/sqrt(head_dim))")
+  object.__setattr__(cfg, "attention_scale_multiplier", float(multiplier))
+  if not isinstance(cfg.attention_hard, bool):
+    raise TypeError(f"{owner}.attention_hard={cfg.attention_hard!r}; expected a bool")
+  if cfg.attention_hard and multiplier != 1.0:
+    raise ValueError(f"{owner}.attention_hard=True with attention_scale_multiplier="
+                     f"{multiplier!r}: the arg-max does not depend on the scale; leave "
+                     "the multiplier at 1.0")
+
+
+def attention_scale(multiplier: float, head_dim: int) -> float | None:
+  """``multiplier / sqrt(head_dim)``, or None (the attention default) for 1.0."""
+  if multiplier == 1.0:
+    return None
+  return float(multiplier) / math.sqrt(head_dim)
+
+
 class _Block(nn.Module):
   """Shared pieces: attention / MLP constructors and the pre/post-LN residual."""
   config: BlockConfig
 
-  def _attention(self, name: str, decode: bool) -> MultiHeadAttention:
+  def _attention(self, name: str, decode: bool, features: int) -> MultiHeadAttention:
+    """The attention sublayer for query inputs ``[..., features]``."""
     c = self.config
     return MultiHeadAttention(
         num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
         use_bias=c.use_bias, dropout_rate=c.attention_dropout_rate,
+        scale=c.attention_scale(features), hard=c.attention_hard,
         rotary_base=c.rotary_base if name == "self_attention" else None,
         implementation=c.attention_impl, decode=decode, dtype=c.dtype,
         param_dtype=c.param_dtype, name=name, **c.kernel_init(), **c.out_kernel_init())
@@ -159,7 +207,7 @@ class EncoderBlock(_Block):
   def __call__(self, x_BLD: Array, mask: Array | None = None,
                segment_ids: Array | None = None, positions: Array | None = None,
                deterministic: bool = True) -> Array:
-    attn = self._attention("self_attention", decode=False)
+    attn = self._attention("self_attention", decode=False, features=x_BLD.shape[-1])
     x_BLD = self._residual(
         x_BLD, lambda h: self._attend(attn, h, mask=mask, segment_ids=segment_ids,
                                       positions=positions, deterministic=deterministic),
@@ -188,14 +236,14 @@ class DecoderBlock(_Block):
     c = self.config
     if self.cross_attention and encoded is None:
       raise ValueError("DecoderBlock(cross_attention=True) needs `encoded`")
-    attn = self._attention("self_attention", decode=c.decode)
+    attn = self._attention("self_attention", decode=c.decode, features=x_BLD.shape[-1])
     x_BLD = self._residual(
         x_BLD, lambda h: self._attend(attn, h, mask=self_mask, is_causal=True,
                                       segment_ids=segment_ids, positions=positions,
                                       deterministic=deterministic),
         "attention_norm", deterministic)
     if self.cross_attention:
-      cross = self._attention("cross_attention", decode=False)
+      cross = self._attention("cross_attention", decode=False, features=x_BLD.shape[-1])
       cross_ids = None
       if segment_ids is not None and encoded_segment_ids is not None:
         cross_ids = (segment_ids, encoded_segment_ids)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.attention import AxialAttention
 from jaxformer.layers import embeddings
+from jaxformer.layers.blocks import attention_scale
 from jaxformer.layers.mlp import MLP, check_activation, dense
 from jaxformer.layers.norms import make_norm
 from jaxformer.models import common
@@ -68,6 +69,9 @@ class AxialTransformerConfig:
     embed_dim / num_heads / mlp_dim / activation / norm_type / norm_eps: blocks (pre-LN).
     positions: "learned" (separate row and column tables, summed) | "none".
     dropout_rate / attention_dropout_rate / attention_impl / remat / dtype / param_dtype.
+    attention_scale_multiplier / attention_hard: every axial attention's inverse
+      temperature relative to ``1/sqrt(embed_dim / num_heads)`` / arg-max attention, as
+      in ``GPTConfig``.
     return_weights: sow attention weights into 'intermediates' (see the module docstring).
     scan_layers: must be False (not implemented for the axial stacks).
   """
@@ -89,6 +93,8 @@ class AxialTransformerConfig:
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
   return_weights: bool = False
@@ -140,6 +146,9 @@ class AxialBlock(nn.Module):
           x_BHWD)
       h = AxialAttention(num_heads=cfg.num_heads, axis=axis, is_causal=causal,
                          dropout_rate=cfg.attention_dropout_rate,
+                         scale=attention_scale(cfg.attention_scale_multiplier,
+                                               x_BHWD.shape[-1] // cfg.num_heads),
+                         hard=cfg.attention_hard,
                          implementation=cfg.attention_impl, name=f"attention_{i}",
                          **kw)(h, deterministic=deterministic,
                                return_weights=cfg.return_weights)

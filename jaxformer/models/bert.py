@@ -50,7 +50,8 @@ class BERTConfig:
     num_classes: > 0 adds a classifier on the pooled output -> [B, num_classes].
     pooling: "cls" (BERT pooler, tanh(dense(h[CLS]))) | "mean" | "max" over real tokens.
     dropout_rate / attention_dropout_rate: 0.1 / 0.1 in BERT.
-    attention_impl, remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
+    attention_impl, attention_scale_multiplier, attention_hard, remat, scan_layers,
+    return_weights, dtype, param_dtype: as GPTConfig.
   """
   vocab_size: int = 30522
   max_len: int = 512
@@ -76,6 +77,8 @@ class BERTConfig:
   attention_dropout_rate: float = 0.1
   init_stddev: float = 0.02
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
   return_weights: bool = False
@@ -97,7 +100,9 @@ class BERTConfig:
         norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl, return_weights=self.return_weights,
+        attention_impl=self.attention_impl,
+        attention_scale_multiplier=self.attention_scale_multiplier,
+        attention_hard=self.attention_hard, return_weights=self.return_weights,
         init_stddev=self.init_stddev, dtype=self.dtype, param_dtype=self.param_dtype)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jaxformer import axes
 from jaxformer.layers import embeddings
+from jaxformer.layers.blocks import check_attention_options
 from jaxformer.layers.norms import check_norm
 
 Array = jax.Array
@@ -35,6 +36,7 @@ def check_common(cfg: Any) -> None:
   if cfg.attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"{name}.attention_impl={cfg.attention_impl!r}; expected one of "
                      f"{ATTENTION_IMPLS}")
+  check_attention_options(cfg, name)
   for field in ("num_heads", "embed_dim", "mlp_dim"):
     value = getattr(cfg, field, 1)
     if not isinstance(value, int) or value <= 0:

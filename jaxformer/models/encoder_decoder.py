@@ -52,7 +52,8 @@ class EncoderDecoderConfig:
     scale_embeddings: multiply embeddings by sqrt(embed_dim) (paper; init stddev d^-0.5).
     dropout_rate (0.1 in the paper: embeddings + every sublayer), attention_dropout_rate.
     decode: KV-cache decoding in the decoder's self attention.
-    attention_impl, remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
+    attention_impl, attention_scale_multiplier, attention_hard (self and cross
+    attention), remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
   """
   vocab_size: int = 32000
   source_vocab_size: int | None = None
@@ -78,6 +79,8 @@ class EncoderDecoderConfig:
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.0
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
   decode: bool = False
@@ -108,7 +111,9 @@ class EncoderDecoderConfig:
         norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl, decode=decode,
+        attention_impl=self.attention_impl,
+        attention_scale_multiplier=self.attention_scale_multiplier,
+        attention_hard=self.attention_hard, decode=decode,
         return_weights=self.return_weights, dtype=self.dtype, param_dtype=self.param_dtype)
 
 

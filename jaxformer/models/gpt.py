@@ -59,6 +59,10 @@ class GPTConfig:
       as GPT-2 and nanoGPT do (GPT-2: yes); False = ``init_stddev`` like the rest.
       Changes no shapes or parameter counts.
     attention_impl: None | "xla" | "chunked" | "pallas" | "cudnn".
+    attention_scale_multiplier: inverse temperature of every attention as a multiple of
+      the usual ``1/sqrt(head_dim)`` (1.0: standard; 0: uniform over the allowed keys).
+    attention_hard: arg-max attention in every layer (gradients reach the values only,
+      not the queries/keys; forces the xla path). Needs attention_scale_multiplier=1.
     remat / scan_layers: ``nn.remat`` each block / ``nn.scan`` over blocks.
     decode: KV-cache decoding (same as ``GPT(cfg, decode=True)``).
     return_weights: sow attention weights into 'intermediates'.
@@ -86,6 +90,8 @@ class GPTConfig:
   init_stddev: float = 0.02
   scaled_residual_init: bool = True
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
   decode: bool = False
@@ -117,7 +123,9 @@ class GPTConfig:
         norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl, decode=decode or self.decode,
+        attention_impl=self.attention_impl,
+        attention_scale_multiplier=self.attention_scale_multiplier,
+        attention_hard=self.attention_hard, decode=decode or self.decode,
         return_weights=self.return_weights, init_stddev=self.init_stddev,
         residual_init_stddev=self.residual_init_stddev, dtype=self.dtype,
         param_dtype=self.param_dtype)

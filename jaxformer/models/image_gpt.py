@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxformer.layers.blocks import check_attention_options
 from jaxformer.models import common
 from jaxformer.models.gpt import GPT, GPTConfig
 
@@ -42,8 +43,9 @@ class ImageGPTConfig:
     num_layers / embed_dim / num_heads / mlp_dim: the decoder (GPT-2 blocks, pre-LN).
     positions: "learned" (iGPT) | "sinusoidal" | "rotary" | "none".
     activation, norm, norm_type, norm_eps, dropout_rate, attention_dropout_rate,
-    init_stddev, scaled_residual_init, attention_impl, remat, scan_layers, decode,
-    return_weights, dtype, param_dtype: as GPTConfig.
+    init_stddev, scaled_residual_init, attention_impl, attention_scale_multiplier,
+    attention_hard, remat, scan_layers, decode, return_weights, dtype, param_dtype: as
+    GPTConfig.
   """
   image_size: int | tuple[int, int] = 32
   num_clusters: int = 512
@@ -61,6 +63,8 @@ class ImageGPTConfig:
   init_stddev: float = 0.02
   scaled_residual_init: bool = True
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
   decode: bool = False
@@ -78,6 +82,7 @@ class ImageGPTConfig:
     object.__setattr__(self, "image_size", tuple(size))
     if self.num_clusters < 2:
       raise ValueError(f"ImageGPTConfig.num_clusters={self.num_clusters}; expected >= 2")
+    check_attention_options(self, "ImageGPTConfig")
     self.gpt_config()  # validates the rest
 
   @property
@@ -97,6 +102,8 @@ class ImageGPTConfig:
         norm_eps=self.norm_eps, positions=self.positions, dropout_rate=self.dropout_rate,
         attention_dropout_rate=self.attention_dropout_rate, init_stddev=self.init_stddev,
         scaled_residual_init=self.scaled_residual_init, attention_impl=self.attention_impl,
+        attention_scale_multiplier=self.attention_scale_multiplier,
+        attention_hard=self.attention_hard,
         remat=self.remat, scan_layers=self.scan_layers,
         decode=self.decode, return_weights=self.return_weights, dtype=self.dtype,
         param_dtype=self.param_dtype)

@@ -43,7 +43,8 @@ class ViTConfig:
     pooling: "cls" ([CLS] token, ViT) | "mean" (global average pool, no CLS token).
     head_zero_init: zero-initialised head (big_vision's fine-tuning default).
     dropout_rate / attention_dropout_rate: 0.0 / 0.0 for ImageNet-21k ViT-B.
-    attention_impl, remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
+    attention_impl, attention_scale_multiplier, attention_hard, remat, scan_layers,
+    return_weights, dtype, param_dtype: as GPTConfig.
   """
   image_size: int = 224
   patch_size: int = 16
@@ -67,6 +68,8 @@ class ViTConfig:
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   attention_impl: str | None = None
+  attention_scale_multiplier: float = 1.0
+  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
   return_weights: bool = False
@@ -97,7 +100,9 @@ class ViTConfig:
         norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl, return_weights=self.return_weights,
+        attention_impl=self.attention_impl,
+        attention_scale_multiplier=self.attention_scale_multiplier,
+        attention_hard=self.attention_hard, return_weights=self.return_weights,
         dtype=self.dtype, param_dtype=self.param_dtype)
 
 

@@ -51,27 +51,65 @@ def build_pair(a: Sequence[int], b: Sequence[int], *, cls_id: int, sep_id: int,
   return {"tokens": tokens, "token_types": token_types, "inputs_mask": mask}
 
 
+class PairSampler:
+  """Draws NSP pairs in O(1) from an index of the documents built once.
+
+  ``sampler(rng)`` returns what :func:`sample_pair` returns for the same ``rng`` state
+  (the same draws in the same order): a first segment uniformly over all segments that
+  have a successor, then with probability 1/2 its successor (``IS_NEXT``), else a
+  uniform segment of a uniform other non-empty document (``NOT_NEXT``).
+
+  Args:
+    documents: documents as lists of segments (token id sequences); at least two
+      documents, at least one with two segments. Not copied: don't mutate it while the
+      sampler is in use.
+  Raises:
+    ValueError: fewer than two non-empty documents, or no document with two segments.
+  """
+
+  def __init__(self, documents: Sequence[Sequence[Sequence[int]]]):
+    lengths = np.asarray([len(doc) for doc in documents], np.int64)
+    successors = np.maximum(lengths - 1, 0)
+    if len(documents) < 2 or not successors.sum():
+      raise ValueError("documents must hold >= 2 documents and one with >= 2 segments.")
+    if np.count_nonzero(lengths) < 2:
+      raise ValueError("need a second non-empty document for random segments.")
+    # (document, segment) of every segment with a successor, document-major.
+    self._first_doc = np.repeat(np.arange(len(documents)), successors)
+    starts = np.cumsum(successors) - successors
+    self._first_seg = np.arange(len(self._first_doc)) - np.repeat(starts, successors)
+    self._nonempty = np.flatnonzero(lengths > 0)
+    # Rank of each document among the non-empty ones (to skip it in O(1)).
+    self._rank = np.cumsum(lengths > 0) - 1
+    self._documents = documents
+
+  def __call__(self, rng: np.random.Generator
+               ) -> tuple[Sequence[int], Sequence[int], int]:
+    docs = self._documents
+    j = int(rng.integers(len(self._first_doc)))
+    d, s = int(self._first_doc[j]), int(self._first_seg[j])
+    a = docs[d][s]
+    if rng.random() < 0.5:
+      return a, docs[d][s + 1], IS_NEXT
+    # The other non-empty documents (d is non-empty: it has >= 2 segments).
+    k = int(rng.integers(len(self._nonempty) - 1))
+    other = docs[int(self._nonempty[k if k < self._rank[d] else k + 1])]
+    return a, other[int(rng.integers(len(other)))], NOT_NEXT
+
+
 def sample_pair(documents: Sequence[Sequence[Sequence[int]]],
                 rng: np.random.Generator) -> tuple[Sequence[int], Sequence[int], int]:
   """One NSP pair ``(a, b, label)``; label ``IS_NEXT`` with probability 1/2.
+
+  Indexes ``documents`` on every call (O(number of documents)); to draw many pairs
+  build a :class:`PairSampler` once.
 
   Args:
     documents: documents as lists of segments (token id sequences); at least two
       documents, at least one with two segments.
     rng: NumPy generator.
   """
-  firsts = [(d, s) for d, doc in enumerate(documents) for s in range(len(doc) - 1)]
-  if len(documents) < 2 or not firsts:
-    raise ValueError("documents must hold >= 2 documents and one with >= 2 segments.")
-  d, s = firsts[int(rng.integers(len(firsts)))]
-  a = documents[d][s]
-  if rng.random() < 0.5:
-    return a, documents[d][s + 1], IS_NEXT
-  others = [i for i, doc in enumerate(documents) if i != d and len(doc)]
-  if not others:
-    raise ValueError("need a second non-empty document for random segments.")
-  other = documents[others[int(rng.integers(len(others)))]]
-  return a, other[int(rng.integers(len(other)))], NOT_NEXT
+  return PairSampler(documents)(rng)
 
 
 class NSPSource:
@@ -79,23 +117,26 @@ class NSPSource:
 
   Records: ``tokens``, ``token_types``, ``inputs_mask`` (``[seq_len]``) and
   ``nsp_label`` int32; feed them to ``pipeline.example_pipeline`` and mask the tokens
-  in the train step with :func:`jaxformer.objectives.masked_lm.mask_tokens`.
+  in the train step with :func:`jaxformer.objectives.masked_lm.mask_tokens`. The
+  documents are indexed once (:class:`PairSampler`), so a record costs O(its length),
+  independent of the number of documents and segments.
   """
 
   def __init__(self, documents: Sequence[Sequence[Sequence[int]]], *, num_examples: int,
                seq_len: int, cls_id: int, sep_id: int, pad_id: int, seed: int = 0):
-    self._documents = documents
+    self._sampler = PairSampler(documents)  # validates documents
     self._num_examples = num_examples
     self._kwargs = dict(cls_id=cls_id, sep_id=sep_id, pad_id=pad_id, seq_len=seq_len)
     self._seed = seed
-    sample_pair(documents, np.random.default_rng(0))  # validates documents
+    if seq_len < 5:
+      raise ValueError(f"seq_len must be >= 5 to hold [CLS] a [SEP] b [SEP], got "
+                       f"{seq_len}.")
 
   def __len__(self) -> int:
     return self._num_examples
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    a, b, label = sample_pair(self._documents,
-                              np.random.default_rng([self._seed, int(index)]))
+    a, b, label = self._sampler(np.random.default_rng([self._seed, int(index)]))
     example = build_pair(a, b, **self._kwargs)
     example["nsp_label"] = np.int32(label)
     return example

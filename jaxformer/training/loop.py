@@ -146,6 +146,8 @@ def train(config: Any, workdir: str, *,
     "step_time_ms", "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
   """
   validate_config(config)
+  sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
+                                     config["data"]["batch_size"])
   distributed.maybe_initialize(config.get("distributed"))
   tc = config["train"]
   dc = config["data"]

@@ -116,59 +116,56 @@ class AttentionWeightsTest(chex.TestCase):
     for name in maps:
       np.testing.assert_allclose(scanned_maps[name], maps[name], atol=1e-5)
 
-  def test_model_without_attention(self):
+  def test_needs_a_model_with_return_weights(self):
     layer = analysis.attention_maps.nn.Dense(3)
     x = jnp.ones((1, 2))
-    with self.assertRaisesRegex(ValueError, "no MultiHeadAttention"):
+    with self.assertRaisesRegex(TypeError, "return_weights"):
       analysis.attention_weights(layer, layer.init(jax.random.key(0), x), x)
+
+  def test_with_weights_copies_the_model(self):
+    model, _, _ = _gpt()
+    copy = analysis.with_weights(model)
+    self.assertTrue(copy.config.return_weights)
+    self.assertFalse(model.config.return_weights)
+    self.assertEqual(copy.config, gpt_tiny(return_weights=True))
+    self.assertIs(analysis.with_weights(copy), copy)
+    decoding = analysis.with_weights(GPT(gpt_tiny(), decode=True))
+    self.assertTrue(decoding.decode)
+
+  def test_model_without_attention_layers(self):
+    model, variables, tokens = _gpt(num_layers=0)
+    with self.assertRaisesRegex(ValueError, "no MultiHeadAttention"):
+      analysis.attention_weights(model, variables, tokens)
 
   def test_collect_weights_rejects_bad_shapes(self):
     with self.assertRaisesRegex(ValueError, "expected"):
       analysis.collect_weights({"a": {"attention_weights": (jnp.ones((2, 3)),)}})
 
 
-class OverrideTest(chex.TestCase):
+class AttentionConfigTest(chex.TestCase):
+  """The maps follow the models' attention_scale_multiplier / attention_hard fields."""
 
-  def test_hard_gives_one_hot_rows(self):
+  def test_hard_gives_one_hot_rows_at_the_soft_arg_max(self):
     model, variables, tokens = _gpt()
-    with analysis.override_attention(hard=True):
-      maps = analysis.attention_weights(model, variables, tokens)
-    for w in maps.values():
+    soft = analysis.attention_weights(model, variables, tokens)
+    hard = analysis.attention_weights(GPT(gpt_tiny(attention_hard=True)), variables,
+                                      tokens)
+    # Layer 0 sees the same inputs in both models: one-hot at the soft maps' arg-max.
+    w = np.asarray(hard["decoder/layers_0/self_attention"])
+    want = np.asarray(soft["decoder/layers_0/self_attention"]).argmax(-1)
+    np.testing.assert_array_equal(w.argmax(-1), want)
+    for w in hard.values():
       w = np.asarray(w)
       np.testing.assert_array_equal(w.max(-1), 1.0)
       np.testing.assert_array_equal(w.sum(-1), 1.0)
 
-  def test_zero_scale_gives_uniform_causal_rows(self):
-    model, variables, tokens = _gpt()
-    with analysis.override_attention(scale=0.0):
-      maps = analysis.attention_weights(model, variables, tokens)
+  def test_zero_multiplier_gives_uniform_causal_rows(self):
+    model = GPT(gpt_tiny(attention_scale_multiplier=0.0))
+    _, variables, tokens = _gpt()
+    maps = analysis.attention_weights(model, variables, tokens)
     want = np.tril(np.ones((8, 8))) / np.arange(1, 9)[:, None]
     for w in maps.values():
       np.testing.assert_allclose(w, np.broadcast_to(want, w.shape), atol=1e-6)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_relative_scale_one_is_the_default_and_changes_outputs_otherwise(self):
-    model, variables, tokens = _gpt()
-    plain = model.apply(variables, tokens)
-    with analysis.override_attention(relative_scale=1.0):
-      same = self.variant(model.apply)(variables, tokens)
-    with analysis.override_attention(relative_scale=4.0):
-      sharper = self.variant(model.apply)(variables, tokens)
-    np.testing.assert_allclose(same, plain, atol=1e-5)
-    self.assertGreater(float(jnp.max(jnp.abs(sharper - plain))), 1e-4)
-    # Outside the context nothing is changed.
-    np.testing.assert_allclose(model.apply(variables, tokens), plain, atol=1e-6)
-
-  def test_rejects_bad_arguments(self):
-    with self.assertRaisesRegex(ValueError, "not both"):
-      with analysis.override_attention(scale=1.0, relative_scale=1.0):
-        pass
-    with self.assertRaisesRegex(ValueError, "scale=-1"):
-      with analysis.override_attention(scale=-1.0):
-        pass
-    with self.assertRaisesRegex(ValueError, "hard"):
-      with analysis.override_attention(hard="yes"):
-        pass
 
 
 class VisionTest(chex.TestCase):
@@ -196,19 +193,25 @@ class VisionTest(chex.TestCase):
     images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 5, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images)
     maps = analysis.axial_attention_maps(model, variables, images)
-    rows = maps["layers_0/attention_0/attention"]
-    cols = maps["layers_0/attention_1/attention"]
+    self.assertEqual(sorted(maps), ["layers_0/attention_0", "layers_0/attention_1"])
+    rows = maps["layers_0/attention_0"]
+    cols = maps["layers_0/attention_1"]
     chex.assert_shape(rows, (2, 3, 2, 5, 5))   # [B, height, heads, width, width]
     chex.assert_shape(cols, (2, 5, 2, 3, 3))   # [B, width, heads, height, height]
     np.testing.assert_allclose(np.asarray(rows).sum(-1), 1.0, atol=1e-5)
+    # The same as the folded per-line maps of attention_weights, unfolded.
+    folded = analysis.attention_weights(model, variables, images)
+    np.testing.assert_allclose(
+        analysis.unfold_axial(folded["layers_0/attention_1/attention"], 2), cols,
+        atol=1e-6)
     # Row 1 of image 1 equals a plain attention pass over that row's normed features.
     inter = model.apply(variables, images, capture_intermediates=True,
                         mutable=["intermediates"])[1]["intermediates"]
     h_BHWD = inter["layers_0"]["attention_norm_0"]["__call__"][0]
     layer = AxialAttention(num_heads=cfg.num_heads, axis=2)
     p = {"params": variables["params"]["layers_0"]["attention_0"]}
-    want = analysis.attention_weights(layer, p, h_BHWD[1:2, 1:2])
-    np.testing.assert_allclose(rows[1, 1], want["attention"][0], atol=1e-5)
+    _, want = layer.apply(p, h_BHWD[1:2, 1:2], return_weights=True)   # [1, 1, H, W, W]
+    np.testing.assert_allclose(rows[1, 1], want[0, 0], atol=1e-5)
 
   def test_causal_axial_maps(self):
     cfg = axial_tiny()
@@ -216,9 +219,16 @@ class VisionTest(chex.TestCase):
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (1, 4, 4)), jnp.int32)
     variables = model.init(jax.random.key(0), ids)
     maps = analysis.axial_attention_maps(model, variables, ids)
-    inner = np.asarray(maps["inner_0/attention_0/attention"])
+    inner = np.asarray(maps["inner_0/attention_0"])
     np.testing.assert_array_equal(np.triu(inner, k=1), 0.0)
-    self.assertIn("outer_0/attention_1/attention", maps)
+    outer_cols = np.asarray(maps["outer_0/attention_1"])   # causal along columns
+    chex.assert_shape(outer_cols, (1, 4, 2, 4, 4))
+    np.testing.assert_array_equal(np.triu(outer_cols, k=1), 0.0)
+
+  def test_axial_maps_need_axial_attention(self):
+    model, variables, tokens = _gpt()
+    with self.assertRaisesRegex(ValueError, "no AxialAttention"):
+      analysis.axial_attention_maps(model, variables, tokens)
 
   def test_axial_pixel_map_matches_loops(self):
     height, width = 3, 4

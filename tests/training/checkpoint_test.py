@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 
 import chex
 import jax
@@ -129,6 +130,8 @@ class ConfigMismatchesTest(chex.TestCase):
 class PreemptionTest(chex.TestCase):
 
   def test_sigterm_sets_flag_and_handler_is_restored(self):
+    if threading.current_thread() is not threading.main_thread():
+      self.skipTest("signal handlers can only be installed from the main thread")
     before = signal.getsignal(signal.SIGTERM)
     with ckpt_lib.Preemption() as p:
       self.assertFalse(p.requested)

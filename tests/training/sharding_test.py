@@ -79,6 +79,31 @@ class MeshShapeTest(parameterized.TestCase):
     self.assertEqual(tuple(nn.get_logical_axis_rules()), ())
 
 
+@pytest.mark.parametrize("batch,cores,want", [
+    (12, 2, 2), (12, 16, 12), (12, 5, 4), (7, 4, 1), (8, 1, 1)])
+def test_auto_cpu_devices_divides_the_batch(batch, cores, want):
+  assert sharding.auto_cpu_devices(batch, cores) == want
+
+
+def test_configure_cpu_devices_after_init_is_a_warning(monkeypatch):
+  jax.devices()  # JAX is initialised in this process
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert sharding.configure_cpu_devices(0, 12) is None
+  assert sharding.configure_cpu_devices(2, 12) is None  # too late: warned, ignored
+  with pytest.raises(ValueError, match="sharding.cpu_devices=-2"):
+    sharding.configure_cpu_devices(-2, 12)
+
+
+def test_configure_cpu_devices_before_init():
+  proc = th.run_python(["-c", (
+      "import jax; from jaxformer.training import sharding;"
+      "n = sharding.configure_cpu_devices(-1, 12);"
+      "print('DEVICES', n, jax.device_count())")], env={"XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  n = sharding.auto_cpu_devices(12)
+  assert f"DEVICES {n} {n}" in proc.stdout
+
+
 @pytest.mark.slow
 def test_dp_fsdp_tp_match_one_device():
   """Same 3 GPT-tiny steps on 1 device and on 8 CPU devices under 5 layouts.

@@ -91,6 +91,7 @@ def tiny_config(**train_overrides: Any):
                       eval_batches=1, num_steps=6, log_every=1, eval_every=1000,
                       checkpoint_every=1000))
   c.train.update(train_overrides)
+  c.sharding.cpu_devices = 0  # tests run in-process after JAX is initialised
   return c
 
 
