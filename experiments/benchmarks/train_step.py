@@ -7,6 +7,8 @@ preset is compiled once, warmed up, then timed over ``--steps`` steps with one h
 sync at the end; the median of ``--repeats`` such timings is reported.
 
   python -m experiments.benchmarks.train_step --out /tmp/bench
+  python -m experiments.benchmarks.train_step --cpu_devices=0 --out /tmp/bench  # one
+      # CPU device instead of one per core (the default, as in gpt_bytes.py)
   python -m experiments.benchmarks.train_step --presets nano,gpt2_small \\
       --dtype bfloat16 --out /tmp/bench            # on an accelerator
 
@@ -19,8 +21,8 @@ dense bf16 peak of :mod:`jaxformer.training.metrics_logger` (omitted on CPUs) an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument("--batch", type=int, default=None, help="override batch size")
   parser.add_argument("--mesh_shape", default="-1,1,1",
                       help="data,fsdp,tensor sizes (-1 = remaining devices)")
+  parser.add_argument("--cpu_devices", type=int, default=-1,
+                      help="CPU only: split the host into N JAX devices (-1 = one per "
+                      "core dividing the batch; 0 = JAX default), as "
+                      "config.sharding.cpu_devices")
   parser.add_argument("--out", default=None, help="directory for the JSON file")
   args = parser.parse_args(argv)
   names = [n for n in args.presets.split(",") if n]
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if unknown:
     parser.error(f"--presets: unknown {unknown}; known: {sorted(PRESETS)}")
   mesh_shape = tuple(int(x) for x in args.mesh_shape.split(","))
+  batches = [args.batch or PRESETS[n][1] for n in names]
+  sharding.configure_cpu_devices(args.cpu_devices, math.gcd(*batches))
   device = jax.devices()[0]
   rows = []
   for name in names:

@@ -20,7 +20,6 @@ loop notices it between steps, saves, waits for the write to finish and exits cl
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import signal
 import threading
