@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       mlp_dim=512,
       dropout_rate=0.0,
       attention_impl=config_dict.placeholder(str),
+      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
+      attention_hard=False,            # arg-max attention
       remat=False,
       dtype="bfloat16",
       param_dtype="float32",

@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       dropout_rate=0.1,
       attention_dropout_rate=0.1,
       attention_impl=config_dict.placeholder(str),
+      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
+      attention_hard=False,            # arg-max attention
       remat=False,
       scan_layers=False,
       dtype="bfloat16",

@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       dropout_rate=0.0,
       attention_dropout_rate=0.0,
       attention_impl=config_dict.placeholder(str),
+      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
+      attention_hard=False,            # arg-max attention
       remat=False,
       scan_layers=False,
       dtype="float32",       # bfloat16 on accelerators

@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       mlp_dim=2048,
       dropout_rate=0.0,
       attention_impl=config_dict.placeholder(str),
+      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
+      attention_hard=False,            # arg-max attention
       remat=True,
       scan_layers=False,
       dtype="bfloat16",
