@@ -16,7 +16,11 @@ once with ``tfds build wmt14_translate/de-en --file_format=array_record``::
       --workdir=runs/transformer_wmt14 \\
       [--config.data.source_options.data_dir=~/tensorflow_datasets]
 
-Eval reports teacher-forced token ``accuracy`` and ``nll`` on the held-out split.
+Eval reports teacher-forced token ``accuracy`` and ``nll`` on the held-out split, and
+``eval_bleu``: corpus BLEU (sacrebleu) of greedy translations of the first
+``train.bleu_batches`` eval batches (0 turns it off; see
+``jaxformer/training/seq2seq_eval.py``), word-level (``13a``) for WMT, character-level
+for the reversal strings (which have no spaces).
 """
 
 from __future__ import annotations
@@ -79,7 +83,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                                  warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
                                  weight_decay=0.0, grad_clip_norm=0.0)
   c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
-                         eval_batches=20, checkpoint_every=5000)
+                         eval_batches=20, checkpoint_every=5000,
+                         bleu_batches=4,   # greedy decoding of 4 x 128 eval pairs
+                         bleu_tokenize="13a")
 
   if tiny:
     c.model.update(dict(max_len=16, num_encoder_layers=2, num_decoder_layers=2,
@@ -92,5 +98,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=30,
                             end_lr_fraction=0.1, grad_clip_norm=1.0))
     c.train.update(dict(num_steps=400, log_every=50, eval_every=100, eval_batches=4,
-                        checkpoint_every=400))
+                        checkpoint_every=400,
+                        bleu_tokenize="char"))  # one "word" per string: char BLEU
   return common.finish(c)

@@ -3,7 +3,8 @@
 Builds mesh, model, data and state from the config; resumes exactly from the newest
 checkpoint in ``workdir`` (state *and* data iterator position); then runs
 ``train_step`` ``config.train.num_steps`` times with periodic logging, held-out eval,
-checkpoints, SIGTERM handling, and a generated sample at the end.
+checkpoints, SIGTERM handling, and a generated sample at the end. A task's extra eval
+(:data:`jaxformer.training.tasks.EXTRA_EVALS`, e.g. seq2seq BLEU) runs with each eval.
 
 The host never waits for the device except at log/eval/checkpoint steps: step n+1 is
 dispatched before step n's metrics are read (and only at log steps).
@@ -91,14 +92,20 @@ def _host(tree: Any) -> Any:
 
 
 class Evaluator:
-  """Held-out metrics: ``eval_batches`` fixed batches, token-weighted means."""
+  """Held-out metrics: ``eval_batches`` fixed batches, token-weighted means.
+
+  ``extra_eval`` (the task's, from :func:`jaxformer.training.tasks.get_extra_eval`)
+  gets the same host batches and adds its metrics (e.g. seq2seq ``bleu``).
+  """
 
   def __init__(self, config: Mapping[str, Any], tokenizer: Any, eval_step: Any,
-               mesh: jax.sharding.Mesh, divisor: int):
+               mesh: jax.sharding.Mesh, divisor: int,
+               extra_eval: steps_lib.ExtraEval | None = None):
     self._data = config["data"]
     self._tokenizer = tokenizer
     self._eval_step = eval_step
     self._mesh = mesh
+    self._extra_eval = extra_eval
     self._num_batches = config["train"]["eval_batches"]
     self._batch = builders.per_process_batch(self._data["eval_batch_size"], divisor)
     self._bytes = (self._data.get("tokenizer") in BYTE_TOKENIZERS
@@ -107,11 +114,14 @@ class Evaluator:
   def __call__(self, params: Any) -> dict[str, float]:
     it = builders.eval_iterator(self._data, self._tokenizer,
                                 batch_size=self._batch)
-    outs = [self._eval_step(params, sharding_lib.shard_batch(next(it), self._mesh))
-            for _ in range(self._num_batches)]
+    batches = [next(it) for _ in range(self._num_batches)]
+    outs = [self._eval_step(params, sharding_lib.shard_batch(b, self._mesh))
+            for b in batches]
     metrics = steps_lib.reduce_eval_metrics(_host(outs))
     if self._bytes and "nll" in metrics:
       metrics["bits_per_byte"] = metrics["nll"] / math.log(2.0)
+    if self._extra_eval is not None:
+      metrics.update(self._extra_eval(params, batches))
     return metrics
 
 
@@ -143,7 +153,8 @@ def train(config: Any, workdir: str, *,
       stops like a SIGTERM does (checkpoint, then return with ``preempted=True``).
   Returns:
     ``{"step", "loss", "eval_loss", "eval_bits_per_byte" (byte tokenizers),
-    "step_time_ms", "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
+    "eval_bleu" (seq2seq with ``train.bleu_batches > 0``), "step_time_ms",
+    "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
   """
   validate_config(config)
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
@@ -166,6 +177,8 @@ def train(config: Any, workdir: str, *,
                      f"vocabulary ({tokenizer.vocab_size})")
   task = tasks_lib.get_task(config["task"], config.get("task_options"),
                             tokenizer=tokenizer)
+  extra_eval = tasks_lib.get_extra_eval(config, model=model, tokenizer=tokenizer,
+                                        mesh=mesh, rules=rules)
   finetune_cfg = config.get("finetune")
   opt_cfg = opt_lib.OptimizerConfig.from_mapping(config["optimizer"])
   tx = finetune_lib.wrap_optimizer(opt_lib.make_optimizer(opt_cfg, num_steps),
@@ -209,7 +222,7 @@ def train(config: Any, workdir: str, *,
   eval_step = steps_lib.make_eval_step(
       model=model, task=task, mesh=mesh, rules=rules,
       param_shardings=shardings.params)
-  evaluate = Evaluator(config, tokenizer, eval_step, mesh, divisor)
+  evaluate = Evaluator(config, tokenizer, eval_step, mesh, divisor, extra_eval)
 
   # --- logging ----------------------------------------------------------------------
   logging_process = distributed.is_logging_process()

@@ -32,6 +32,9 @@ from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# An optional per-task extra eval (see tasks.EXTRA_EVALS): ``(params, host eval
+# batches) -> {name: float}``, e.g. seq2seq BLEU.
+ExtraEval = Callable[[Any, list[dict[str, Any]]], dict[str, float]]
 
 
 class TaskFn(Protocol):

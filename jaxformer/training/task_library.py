@@ -20,6 +20,10 @@ task                      model               batch (pipeline)             count
 ``axial_lm``              AxialTransformer    ``image`` pipeline (same)    pixels
 ========================  ==================  ===========================  ===============
 
+``seq2seq`` also has an *extra eval* (:data:`EXTRA_EVALS`): BLEU of greedy
+translations of the first ``train.bleu_batches`` eval batches
+(:mod:`jaxformer.training.seq2seq_eval`).
+
 Masking for MLM happens here, inside the step, with the step's rng (a fresh mask every
 step); eval (``rng=None``) uses a fixed key, so every eval sees the same masks.
 """
@@ -39,6 +43,7 @@ from jaxformer.objectives import classification
 from jaxformer.objectives import masked_lm
 from jaxformer.objectives import nsp as nsp_lib
 from jaxformer.objectives import seq2seq
+from jaxformer.training import seq2seq_eval
 from jaxformer.training.steps import Batch, Metrics
 
 EVAL_MASK_SEED = 0
@@ -276,4 +281,10 @@ TASKS = {
     "classification": classification_task,
     "image_lm": image_lm_task,
     "axial_lm": axial_lm_task,
+}
+
+# task -> extra-eval factory ``(config, *, model, tokenizer, mesh, rules) ->
+# ((params, host eval batches) -> metrics) | None``; see tasks.get_extra_eval.
+EXTRA_EVALS = {
+    "seq2seq": seq2seq_eval.make_bleu_eval,
 }

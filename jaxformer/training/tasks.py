@@ -5,13 +5,17 @@ A task knows which batch features its model takes and which objective scores the
 output; the train/eval steps know nothing else about the objective. To add one (masked
 LM, seq2seq, classification, ...), write a function with this signature next to the
 objective and add it to :data:`TASKS`.
+
+A task may also register an *extra eval* in :data:`EXTRA_EVALS` (e.g. BLEU of decoded
+translations for ``seq2seq``): metrics that need more than the teacher-forced eval step,
+computed by the loop's evaluator on the same eval batches and logged beside them.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +23,7 @@ import jax
 
 from jaxformer.objectives import causal_lm
 from jaxformer.training import task_library
-from jaxformer.training.steps import Batch, Metrics, TaskFn
+from jaxformer.training.steps import Batch, ExtraEval, Metrics, TaskFn
 
 
 def causal_lm_task(model: nn.Module, params: Any, batch: Batch,
@@ -50,6 +54,28 @@ TASKS: dict[str, TaskFn] = {
     "causal_lm": causal_lm_task,
     **task_library.TASKS,   # masked_lm, seq2seq, classification, image_lm, axial_lm
 }
+
+
+# task name -> factory ``(config, *, model, tokenizer, mesh, rules) -> ExtraEval | None``
+# (None: nothing to add for this config). Tasks without an entry have no extra eval.
+EXTRA_EVALS: dict[str, Callable[..., ExtraEval | None]] = {
+    **task_library.EXTRA_EVALS,   # seq2seq: BLEU (train.bleu_batches)
+}
+
+
+def get_extra_eval(config: Mapping[str, Any], *, model: nn.Module, tokenizer: Any,
+                   mesh: jax.sharding.Mesh, rules: Any) -> ExtraEval | None:
+  """The extra eval of ``config.task`` for this run, or None.
+
+  Returns:
+    ``(params, batches) -> metrics``: ``batches`` are the host (process-local) eval
+    batches the evaluator has just scored; metric names get the ``eval_`` prefix when
+    logged. None when the task registers none or the config turns it off.
+  """
+  factory = EXTRA_EVALS.get(config["task"])
+  if factory is None:
+    return None
+  return factory(config, model=model, tokenizer=tokenizer, mesh=mesh, rules=rules)
 
 
 def get_task(name: str, options: Mapping[str, Any] | None = None, *,

@@ -95,6 +95,11 @@ def test_transformer_reversal(tmp_path):
   summary = run(quick("transformer_reversal"), tmp_path)
   assert summary["eval_nll"] != summary["eval_loss"]  # the loss is label-smoothed
   assert summary["eval_num_tokens"] > 4 * 4  # target tokens (>= 4 + EOS per example)
+  # BLEU of greedy translations, logged with the eval metrics (seq2seq extra eval)
+  rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  bleu = [r["eval_bleu"] for r in rows if "eval_bleu" in r]
+  assert len(bleu) == 1 and 0.0 <= bleu[0] <= 100.0
+  assert summary["eval_bleu"] == bleu[0]
 
 
 @pytest.mark.parametrize("name", ["vit_shapes", "image_gpt_shapes", "axial_shapes"])

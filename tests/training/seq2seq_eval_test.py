@@ -1,0 +1,127 @@
+"""BLEU at eval time for seq2seq runs (jaxformer/training/seq2seq_eval.py).
+
+A tiny random ``EncoderDecoder`` decodes a few sources once, independently, with
+``generate_seq2seq``; batches whose references *are* those outputs must score BLEU 100,
+and changing a reference must give exactly sacrebleu's score of the changed strings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxformer.data import pipeline
+from jaxformer.data import tokenizers
+from jaxformer.generation import metrics as gen_metrics
+from jaxformer.generation import seq2seq as seq2seq_gen
+from jaxformer.models import encoder_decoder
+from jaxformer.training import seq2seq_eval
+from jaxformer.training import sharding
+from jaxformer.training import tasks
+
+TOK = tokenizers.CharTokenizer("abcdefghij")   # 7 specials + 10 chars = 17 ids
+SOURCE_LEN, TARGET_LEN = 6, 8                  # batch lengths
+MAX_LEN = 6                                    # model positions = decoding steps
+SOURCES = ("abcde", "jihgf", "aabbc", "cdcdc")
+
+
+def _batch(sources, targets):
+  encode = pipeline.EncodeSeq2Seq(TOK, SOURCE_LEN, TARGET_LEN, "source", "target")
+  rows = [encode({"source": s, "target": t}) for s, t in zip(sources, targets)]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """``(model, params, mesh, rules, hyps)``: hyps = greedy outputs of SOURCES."""
+  model = encoder_decoder.EncoderDecoder(encoder_decoder.transformer_tiny(
+      vocab_size=TOK.vocab_size, max_len=MAX_LEN, num_encoder_layers=1,
+      num_decoder_layers=1, norm="pre"))
+  params = jax.jit(lambda key: model.init(
+      key, jnp.zeros((1, SOURCE_LEN), jnp.int32),
+      jnp.zeros((1, MAX_LEN), jnp.int32))["params"])(jax.random.key(1))
+  batch = _batch(SOURCES, SOURCES)
+  tokens_BT, _ = seq2seq_gen.generate_seq2seq(
+      model, params, batch["inputs"], source_mask=batch["inputs_mask"],
+      max_new_tokens=MAX_LEN, bos_id=TOK.bos_id, eos_id=TOK.eos_id, pad_id=TOK.pad_id,
+      temperature=0.0)
+  hyps = [seq2seq_eval.ids_to_text(row[1:], TOK) for row in np.asarray(tokens_BT)]
+  # Precondition of BLEU 100: every output has char 4-grams, and they differ.
+  assert all(len(h) >= 4 for h in hyps) and len(set(hyps)) > 1, hyps
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  return model, params, mesh, sharding.make_rules(), hyps
+
+
+def _bleu(setup, batches, tokenize="char"):
+  model, params, mesh, rules, _ = setup
+  return seq2seq_eval.bleu_of_batches(model, params, batches, TOK,
+                                      max_new_tokens=MAX_LEN, mesh=mesh, rules=rules,
+                                      tokenize=tokenize)
+
+
+def test_ids_to_text_stops_at_eos_and_drops_specials():
+  a, b, c = TOK.encode("abc")
+  assert seq2seq_eval.ids_to_text([a, b, TOK.eos_id, c], TOK) == "ab"
+  assert seq2seq_eval.ids_to_text([TOK.pad_id, a, TOK.bos_id, b], TOK) == "ab"
+  assert seq2seq_eval.ids_to_text(np.array([TOK.eos_id, a]), TOK) == ""
+
+
+def test_references_equal_to_greedy_outputs_score_100(setup):
+  hyps = setup[-1]
+  score = _bleu(setup, [_batch(SOURCES[:2], hyps[:2]), _batch(SOURCES[2:], hyps[2:])])
+  assert score == pytest.approx(100.0)
+
+
+def test_score_is_sacrebleu_of_decoded_strings(setup):
+  hyps = setup[-1]
+  refs = list(hyps)
+  refs[0] = refs[0][:-1] + ("a" if refs[0][-1] != "a" else "b")  # last char changed
+  refs[3] = "j" + refs[3]                                          # one char added
+  score = _bleu(setup, [_batch(SOURCES, refs)])
+  want = gen_metrics.bleu(hyps, refs, tokenize="char")
+  assert score == pytest.approx(want, rel=1e-12) and 0.0 < score < 99.0
+
+
+def test_padding_rows_are_left_out(setup):
+  hyps = setup[-1]
+  batch = _batch(SOURCES, hyps[:3] + ["jjjjjjj"])
+  batch["weights"][3] = 0.0   # a padding row: its (wrong) reference must not count
+  assert _bleu(setup, [batch]) == pytest.approx(100.0)
+
+
+def _config(**train):
+  return {"task": "seq2seq", "data": {"target_len": TARGET_LEN},
+          "train": {"bleu_tokenize": "char", **train}}
+
+
+def test_extra_eval_hook_uses_first_bleu_batches(setup):
+  model, params, mesh, rules, hyps = setup
+  kw = dict(model=model, tokenizer=TOK, mesh=mesh, rules=rules)
+  extra = tasks.get_extra_eval(_config(bleu_batches=1), **kw)
+  good = _batch(SOURCES, hyps)
+  bad = _batch(SOURCES, ["jjjjj"] * 4)
+  assert extra(params, [good, bad]) == {"bleu": pytest.approx(100.0)}
+  # decoding steps: data.target_len capped by model.max_len (else generate raises)
+  extra2 = tasks.get_extra_eval(_config(bleu_batches=2), **kw)
+  assert extra2(params, [good, bad])["bleu"] < 100.0
+
+
+def test_extra_eval_off_missing_or_bad_config(setup, monkeypatch, caplog):
+  model, _, mesh, rules, _ = setup
+  kw = dict(model=model, tokenizer=TOK, mesh=mesh, rules=rules)
+  assert tasks.get_extra_eval(_config(), **kw) is None              # absent
+  assert tasks.get_extra_eval(_config(bleu_batches=0), **kw) is None
+  assert tasks.get_extra_eval({**_config(bleu_batches=2), "task": "causal_lm"},
+                              **kw) is None                          # no hook
+  with pytest.raises(ValueError, match="bleu_batches=-1"):
+    tasks.get_extra_eval(_config(bleu_batches=-1), **kw)
+  with pytest.raises(ValueError, match="bleu_tokenize='words'"):
+    tasks.get_extra_eval(_config(bleu_batches=1, bleu_tokenize="words"), **kw)
+  monkeypatch.setattr(seq2seq_eval, "_sacrebleu_available", lambda: False)
+  with caplog.at_level(logging.WARNING):
+    assert tasks.get_extra_eval(_config(bleu_batches=1), **kw) is None
+  assert "sacrebleu is not installed" in caplog.text
