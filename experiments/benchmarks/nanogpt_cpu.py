@@ -836,9 +836,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "backward + update), first window (compile / warm-up) and evals excluded.",
       "Eval: the first eval_batches batches of the unshuffled validation split of "
       "the embedded data set, identical for both sides and at every eval.",
-      "Known model differences: ours uses tanh-GELU (nanoGPT: exact), normal(0.02) "
-      "for output projections (nanoGPT: 0.02/sqrt(2 n_layer) for c_proj) and no "
-      "weight decay on embeddings (nanoGPT decays every >= 2-D parameter).",
+      "Known model differences: ours uses tanh-GELU (nanoGPT: exact) and no weight "
+      "decay on embeddings (nanoGPT decays every >= 2-D parameter); both scale the "
+      "residual output projections' init to 0.02/sqrt(2 n_layer).",
       "The torch side uses biases (as our config); nanoGPT's train.py default is "
       "bias=False."]
   if args.steps < 10 * config.optimizer.warmup_steps:
