@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -100,7 +101,8 @@ class Checkpointer:
       raise ValueError(f"save_every={save_every!r} must be >= 1")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep!r} must be >= 1 or None")
-    self.directory = epath.Path(directory)
+    # orbax's tensorstore writer rejects relative paths; resolve against the cwd.
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = save_every
     self.check_sections = check_sections
     self._manager = ocp.CheckpointManager(

@@ -62,6 +62,23 @@ class CheckpointerTest(chex.TestCase):
     self.assertEqual(leaf.sharding, abstract.params["hidden"]["kernel"].sharding)
     ck.close()
 
+  def test_relative_directory_is_resolved(self):
+    # `make demo` passes --workdir=runs/demo; orbax's writer rejects relative paths.
+    state, abstract = _state()
+    d = _tmpdir(self)
+    cwd = os.getcwd()
+    os.chdir(d)
+    self.addCleanup(os.chdir, cwd)
+    ck = ckpt_lib.Checkpointer(os.path.join("runs", "ckpt"))
+    self.assertTrue(ck.save(1, state, config=CONFIG))
+    ck.close()
+    self.assertTrue(os.path.isabs(os.fspath(ck.directory)))
+    ck = ckpt_lib.Checkpointer(os.path.join("runs", "ckpt"))
+    self.assertEqual(ck.latest_step(), 1)
+    restored, _ = ck.restore(1, abstract, config=CONFIG)
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+    ck.close()
+
   def test_half_written_directory_is_ignored(self):
     state, abstract = _state()
     d = _tmpdir(self)
