@@ -110,6 +110,7 @@ class Evaluator:
     self._batch = builders.per_process_batch(self._data["eval_batch_size"], divisor)
     self._bytes = (self._data.get("tokenizer") in BYTE_TOKENIZERS
                    and config["task"] == "causal_lm")
+    self._unigram: float | None = None
 
   def __call__(self, params: Any) -> dict[str, float]:
     it = builders.eval_iterator(self._data, self._tokenizer,
@@ -120,9 +121,27 @@ class Evaluator:
     metrics = steps_lib.reduce_eval_metrics(_host(outs))
     if self._bytes and "nll" in metrics:
       metrics["bits_per_byte"] = metrics["nll"] / math.log(2.0)
+      if self._unigram is None:
+        self._unigram = unigram_bits(batches)
+      metrics["unigram_bits_per_byte"] = self._unigram
     if self._extra_eval is not None:
       metrics.update(self._extra_eval(params, batches))
     return metrics
+
+
+def unigram_bits(batches: list[dict[str, np.ndarray]]) -> float:
+  """The unigram baseline, in bits per target token, of LM eval batches.
+
+  The entropy of the weighted empirical distribution of the batches' ``targets``: the
+  cross-entropy the best unigram model (one fitted on these very batches) would reach,
+  so a trained model's ``eval_bits_per_byte`` should fall clearly below it.
+  """
+  targets = np.concatenate([np.asarray(b["targets"]).reshape(-1) for b in batches])
+  weights = np.concatenate([np.asarray(b["weights"], np.float64).reshape(-1)
+                            for b in batches])
+  counts = np.bincount(targets, weights=weights)
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log2(p)).sum())
 
 
 def sample_text(model: Any, params: Any, tokenizer: Any, *, prompt: str,

@@ -77,6 +77,9 @@ def test_metrics_files_summary_and_sample(tmp_path):
     # byte-level tokens: bits per byte = nats per token / ln 2
     np.testing.assert_allclose(r["eval_bits_per_byte"], r["eval_nll"] / np.log(2),
                                rtol=1e-6)
+    # the unigram baseline is logged beside it, the same at every eval
+    assert r["eval_unigram_bits_per_byte"] == eval_rows[0]["eval_unigram_bits_per_byte"]
+    assert 0.0 < r["eval_unigram_bits_per_byte"] < 8.0
   assert summary["eval_loss"] == eval_rows[-1]["eval_loss"]
   assert summary["step"] == 4 and summary["skipped_steps"] == 0
   assert isinstance(summary["sample"], str) and summary["sample"].startswith("def ")
@@ -84,6 +87,21 @@ def test_metrics_files_summary_and_sample(tmp_path):
     assert json.load(f)["step"] == 4
   assert any(n.startswith("events") for n in os.listdir(tmp_path / "tensorboard"))
   assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
+
+
+def test_unigram_bits_matches_numpy_entropy():
+  rng = np.random.default_rng(0)
+  batches = [dict(targets=rng.integers(0, 5, (2, 7)),
+                  weights=(rng.random((2, 7)) > 0.3).astype(np.float32))
+             for _ in range(3)]
+  t = np.concatenate([b["targets"].ravel() for b in batches])
+  w = np.concatenate([b["weights"].ravel() for b in batches]).astype(np.float64)
+  p = np.array([w[t == k].sum() for k in range(5)]) / w.sum()
+  p = p[p > 0]
+  np.testing.assert_allclose(loop.unigram_bits(batches), -(p * np.log2(p)).sum(),
+                             rtol=1e-12)
+  uniform = [dict(targets=np.arange(8).reshape(1, 8), weights=np.ones((1, 8)))]
+  np.testing.assert_allclose(loop.unigram_bits(uniform), 3.0, rtol=1e-12)
 
 
 def test_changed_model_config_is_rejected(tmp_path):
