@@ -85,6 +85,23 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
   lse_ref[...] = jnp.where(empty, jnp.inf, m * common.LN2 + jnp.log(l_safe))
 
 
+def query_tile_in_specs(block_q: int, kv_len: int, head_dim: int, head_dim_v: int,
+                        group: int, q_ids, kv_ids) -> list:
+  """Input specs of a kernel run per (query tile i, batch b, head h): the forward and dQ.
+
+  One query tile ``[block_q, Dqk]`` of head h, the whole key/value sequence of its kv
+  head (``h // group``), and the matching segment ids (``None`` where absent).
+  """
+  kv_map = lambda i, b, h: (b, 0, common.kv_head(h, group), 0)  # noqa: E731
+  return [
+      pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, kv_len, None, head_dim), kv_map),
+      pl.BlockSpec((None, kv_len, None, head_dim_v), kv_map),
+      None if q_ids is None else pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+      None if kv_ids is None else pl.BlockSpec((None, kv_len), lambda i, b, h: (b, 0)),
+  ]
+
+
 def forward(q, k, v, q_ids, kv_ids, *, p: common.Problem,
             block_sizes: BlockSizes, interpret: bool):
   """Padded forward pass.
@@ -100,18 +117,8 @@ def forward(q, k, v, q_ids, kv_ids, *, p: common.Problem,
   block_q, block_k = block_sizes.block_q, block_sizes.block_k
   group = p.group
   grid = (q_len // block_q, batch, num_heads)
-  in_specs = [
-      pl.BlockSpec((None, block_q, None, head_dim),
-                   lambda i, b, h: (b, i, h, 0)),
-      pl.BlockSpec((None, kv_len, None, head_dim),
-                   lambda i, b, h: (b, 0, common.kv_head(h, group), 0)),
-      pl.BlockSpec((None, kv_len, None, head_dim_v),
-                   lambda i, b, h: (b, 0, common.kv_head(h, group), 0)),
-      None if q_ids is None else pl.BlockSpec((None, block_q),
-                                              lambda i, b, h: (b, i)),
-      None if kv_ids is None else pl.BlockSpec((None, kv_len),
-                                               lambda i, b, h: (b, 0)),
-  ]
+  in_specs = query_tile_in_specs(block_q, kv_len, head_dim, head_dim_v, group,
+                                 q_ids, kv_ids)
   out_specs = [
       pl.BlockSpec((None, block_q, None, head_dim_v),
                    lambda i, b, h: (b, i, h, 0)),
