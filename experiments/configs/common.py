@@ -58,6 +58,8 @@ def train(**overrides: Any) -> config_dict.ConfigDict:
       progress=config_dict.placeholder(bool),
       tensorboard=True,
       sample_tokens=0,
+      max_consecutive_skipped=20,  # stop a diverged run (None: never)
+      allow_config_changes=(),     # keys that may change on resume, e.g. ("optimizer",)
   ))
   c.update(overrides)
   return c

@@ -97,6 +97,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       sample_prompt="def ",
       sample_tokens=48,      # 0 disables the sample at the end
       sample_temperature=0.8,
+      # stop (non-zero exit) after this many skipped (non-finite) steps in a row
+      max_consecutive_skipped=20,
+      # config keys allowed to differ on resume, e.g. ("optimizer.learning_rate",)
+      allow_config_changes=(),
   ))
 
   c.sharding = config_dict.ConfigDict(dict(

@@ -8,10 +8,16 @@ checkpoints, SIGTERM handling, and a generated sample at the end. A task's extra
 
 The host never waits for the device except at log/eval/checkpoint steps: step n+1 is
 dispatched before step n's metrics are read (and only at log steps).
+
+Around it: one run per workdir (:mod:`~jaxformer.training.workdir_lock`), the whole
+config checked on resume (:mod:`~jaxformer.training.resume_check`), a fallback past
+damaged checkpoints, metrics rows once each and in order, and a stop when the run
+diverges (:mod:`~jaxformer.training.divergence`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,13 +34,16 @@ from jaxformer.generation import decode as generation
 from jaxformer.training import builders
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import distributed
+from jaxformer.training import divergence
 from jaxformer.training import finetune as finetune_lib
 from jaxformer.training import metrics_logger
 from jaxformer.training import optimizer as opt_lib
+from jaxformer.training import resume_check
 from jaxformer.training import sharding as sharding_lib
 from jaxformer.training import state as state_lib
 from jaxformer.training import steps as steps_lib
 from jaxformer.training import tasks as tasks_lib
+from jaxformer.training import workdir_lock
 
 BYTE_TOKENIZERS = ("bytes",)
 
@@ -63,25 +72,13 @@ def validate_config(config: Mapping[str, Any]) -> None:
     raise ValueError(f"data.seq_len={config['data']['seq_len']} exceeds "
                      f"model.max_len={max_len}")
   tasks_lib.get_task(config["task"], config.get("task_options"))
+  resume_check.allowed_changes(config)
 
 
 def _config_json(config: Any) -> dict[str, Any]:
   if hasattr(config, "to_json_best_effort"):
     return json.loads(config.to_json_best_effort())
   return json.loads(json.dumps(config, default=str))
-
-
-def _truncate_metrics(workdir: str, last_step: int) -> None:
-  """On resume, drops metrics rows written after the checkpoint we resume from."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path, encoding="utf-8") as f:
-    rows = [line for line in f if line.strip()]
-  keep = [r for r in rows if json.loads(r).get("step", 0) <= last_step]
-  if len(keep) != len(rows):
-    with open(path, "w", encoding="utf-8") as f:
-      f.writelines(keep)
 
 
 def _host(tree: Any) -> Any:
@@ -173,12 +170,27 @@ def train(config: Any, workdir: str, *,
   Returns:
     ``{"step", "loss", "eval_loss", "eval_bits_per_byte" (byte tokenizers),
     "eval_bleu" (seq2seq with ``train.bleu_batches > 0``), "step_time_ms",
-    "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
+    "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``; a finished run
+    that is run again changes nothing and returns its ``summary.json``.
+  Raises:
+    workdir_lock.WorkdirLockedError: another run is using ``workdir``.
+    divergence.TrainingDivergedError: ``train.max_consecutive_skipped`` steps in a row
+      were skipped.
   """
   validate_config(config)
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
                                      config["data"]["batch_size"])
   distributed.maybe_initialize(config.get("distributed"))
+  # The lock, then resources closed whatever happens (the checkpointer waits for its
+  # save in flight): nothing below runs without them.
+  with workdir_lock.hold(workdir), ckpt_lib.Preemption(), \
+      contextlib.ExitStack() as resources:
+    return _train(config, workdir, should_stop=should_stop, resources=resources)
+
+
+def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | None,
+           resources: contextlib.ExitStack) -> dict[str, Any]:
+  """:func:`train` once the workdir is locked (``resources`` closes what it opens)."""
   tc = config["train"]
   dc = config["data"]
   num_steps = tc["num_steps"]
@@ -204,14 +216,16 @@ def train(config: Any, workdir: str, *,
                                   finetune_cfg)
   schedule = opt_lib.make_schedule(opt_cfg,
                                    max(num_steps // opt_cfg.grad_accum_steps, 1))
+  guard = divergence.DivergenceGuard(tc.get(
+      "max_consecutive_skipped", divergence.DEFAULT_MAX_CONSECUTIVE_SKIPPED))
   divisor = sharding_lib.batch_divisor(mesh)
   local_batch = builders.per_process_batch(dc["batch_size"], divisor)
   seq_len = builders.example_length(dc, model_cfg)
 
   config_json = _config_json(config)
-  checkpointer = ckpt_lib.Checkpointer(
+  checkpointer = resources.enter_context(ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=tc["keep_checkpoints"],
-      save_every=tc["checkpoint_every"], async_save=tc["async_checkpoint"])
+      save_every=tc["checkpoint_every"], async_save=tc["async_checkpoint"]))
   train_it = builders.train_iterator(dc, tokenizer, batch_size=local_batch,
                                      seed=tc["seed"])
   # Shapes for init: the first batch, then rewind (the data position is unchanged).
@@ -222,19 +236,26 @@ def train(config: Any, workdir: str, *,
 
   def init_fn(rng):
     return tasks_lib.init_variables(model, task, init_batch, rng)
-  start = checkpointer.latest_step()
-  if start is None:
+  changes: dict[str, Any] = {}   # resume_check's (harmless, allowed) config changes
+
+  def check(step, stored):
+    changes["harmless"], changes["allowed"] = resume_check.check_resume(
+        stored, config_json, where=f"checkpoint {step} in {workdir}")
+
+  def use_data_state(_, data_state):
+    if data_state is not None:
+      train_it.set_state(data_state)
+  restored = checkpointer.all_steps() and checkpointer.restore_latest(
+      state_lib.abstract_train_state(init_fn, tx, mesh, rules), check=check,
+      use=use_data_state)
+  if not restored:
     start = 0
     state, shardings = state_lib.create_train_state(
         init_fn, tx, jax.random.key(tc["seed"]), mesh, rules)
     state = finetune_lib.init_from_pretrained(state, shardings.params, finetune_cfg)
   else:
-    checkpointer.check_config(start, config_json)
+    start, state, _ = restored
     shardings = state_lib.state_shardings(init_fn, tx, mesh, rules)
-    abstract = state_lib.abstract_train_state(init_fn, tx, mesh, rules)
-    state, data_state = checkpointer.restore(start, abstract)
-    if data_state is not None:
-      train_it.set_state(data_state)
   train_step = steps_lib.make_train_step(
       model=model, task=task, tx=tx, opt_config=opt_cfg, mesh=mesh, rules=rules,
       shardings=shardings, schedule=schedule)
@@ -245,8 +266,8 @@ def train(config: Any, workdir: str, *,
 
   # --- logging ----------------------------------------------------------------------
   logging_process = distributed.is_logging_process()
-  if logging_process and start > 0:
-    _truncate_metrics(workdir, start)
+  previous_row = metrics_logger.resume_metrics(workdir, start)[0] if (
+      logging_process) else {}
   num_params = state_lib.count_params(state.params)
   tokens_per_step = dc["batch_size"] * seq_len
   flops_per_step = tokens_per_step * metrics_logger.flops_per_token(
@@ -259,6 +280,7 @@ def train(config: Any, workdir: str, *,
       peak_flops=None if peak is None else peak * jax.device_count(),
       enabled=logging_process, progress=tc.get("progress"),
       tensorboard=tc.get("tensorboard", True))
+  resources.callback(logger.close)
   logger.log_text(
       f"{type(model).__name__}: {num_params:,} params | mesh "
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
@@ -266,6 +288,10 @@ def train(config: Any, workdir: str, *,
       f"{seq_len} | " + (f"resuming at step {start}" if start else "from scratch"))
   if start == 0 and finetune_lib.describe(finetune_cfg):
     logger.log_text(finetune_lib.describe(finetune_cfg))
+  resume_check.log_changes(logger, start, changes, config)
+  if start >= num_steps:
+    return metrics_logger.finished_summary(logger, workdir, start, num_steps,
+                                           previous_row)
 
   # --- loop -------------------------------------------------------------------------
   multi = jax.process_count() > 1
@@ -284,6 +310,7 @@ def train(config: Any, workdir: str, *,
     if pending is not None:
       last_row = logger.log_train(pending[0], _host(pending[1]))
       pending = None
+      guard.check(last_row["step"], last_row["consecutive_skipped"])
 
   def run_eval():
     nonlocal eval_row, eval_step_done, eval_seconds
@@ -299,6 +326,7 @@ def train(config: Any, workdir: str, *,
       batch = sharding_lib.shard_batch(next(train_it), mesh)
       state, metrics = train_step(state, batch)
       step += 1
+      guard.update(step, metrics)
       flush()  # the previous log step's metrics: step n+1 is already dispatched
       if timed_from is None:
         jax.block_until_ready(metrics)  # compilation: keep it out of throughput
@@ -309,7 +337,8 @@ def train(config: Any, workdir: str, *,
         pending = (step, metrics)
       if step % tc["eval_every"] == 0 or step == num_steps:
         run_eval()
-      if checkpointer.should_save(step):  # (get_state only when saving)
+      if checkpointer.should_save(step) and guard.may_save(step, logger.log_text):
+        flush()  # the rows up to a checkpoint are on disk before it is
         checkpointer.save(step, state, data_state=train_it.get_state(),
                           config=config_json)
       stop = preempt.requested or (should_stop is not None and should_stop(step))
@@ -325,8 +354,9 @@ def train(config: Any, workdir: str, *,
   t_end = time.perf_counter()
   if eval_step_done != step and not preempted:
     run_eval()
-  checkpointer.save(step, state, data_state=train_it.get_state(),
-                    config=config_json, force=True)
+  if guard.may_save(step, logger.log_text):
+    checkpointer.save(step, state, data_state=train_it.get_state(),
+                      config=config_json, force=True)
   checkpointer.close()
 
   # --- summary ----------------------------------------------------------------------
@@ -358,6 +388,5 @@ def train(config: Any, workdir: str, *,
       logger.log_text(f"sample (prompt {tc.get('sample_prompt', '')!r}, temperature "
                       f"{tc.get('sample_temperature', 1.0)}):\n{summary['sample']}")
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-  logger.close()
+      json.dump(metrics_logger.json_safe(summary), f, indent=2, allow_nan=False)
   return summary

@@ -109,7 +109,7 @@ def test_changed_model_config_is_rejected(tmp_path):
   loop.train(config, str(tmp_path))
   config.model.num_heads = 4
   config.train.num_steps = 4  # not a model field: allowed to change
-  with pytest.raises(ValueError, match=r"model\.num_heads: checkpoint 2 != config 4"):
+  with pytest.raises(ValueError, match=r"model\.num_heads: 2 -> 4"):
     loop.train(config, str(tmp_path))
 
 
