@@ -4,7 +4,8 @@
       --workdir=runs/gpt_bytes [--config.train.num_steps=500 ...]
 
 Rerunning with the same ``--workdir`` resumes from its newest checkpoint (model state and
-data position). SIGTERM saves a checkpoint and exits with status 0. Everything this does
+data position). SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and exits with status 0;
+a second run on a workdir in use fails at once. Everything this does
 is ``jaxformer.training.loop.train(config, workdir)``, importable from a notebook.
 """
 

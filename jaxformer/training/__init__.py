@@ -11,7 +11,10 @@ Small modules, each usable on its own (from a notebook as well as from the CLI):
 * :mod:`~jaxformer.training.sharding`: mesh ``("data", "fsdp", "tensor")``, rules,
   batch sharding.
 * :mod:`~jaxformer.training.checkpoint`: orbax checkpoints (state + data iterator +
-  config), SIGTERM handling.
+  config), fallback past damaged ones, SIGTERM / SIGINT handling.
+* :mod:`~jaxformer.training.workdir_lock`: one run per workdir.
+* :mod:`~jaxformer.training.resume_check`: which config changes a resume accepts.
+* :mod:`~jaxformer.training.divergence`: stop after too many skipped steps in a row.
 * :mod:`~jaxformer.training.distributed`: ``jax.distributed.initialize`` when needed.
 * :mod:`~jaxformer.training.metrics_logger`: progress, ``metrics.jsonl``, TensorBoard,
   MFU.
