@@ -101,11 +101,13 @@ class Checkpointer:
     async_save: write in a background thread (call :meth:`wait` before reading or
       exiting; :meth:`close` waits too).
     check_sections: top-level config sections that must match on restore.
+    read_only: only read (e.g. another run's checkpoints): the directory is not
+      created, probed or cleaned of unfinished saves (which may be in flight).
   """
 
   def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int | None = 3,
                save_every: int = 1, async_save: bool = True,
-               check_sections: tuple[str, ...] = ("model",)):
+               check_sections: tuple[str, ...] = ("model",), read_only: bool = False):
     if save_every < 1:
       raise ValueError(f"save_every={save_every!r} must be >= 1")
     if max_to_keep is not None and max_to_keep < 1:
@@ -114,10 +116,10 @@ class Checkpointer:
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = save_every
     self.check_sections = check_sections
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not read_only:
       _check_writable(os.fspath(self.directory))
       _remove_tmp_dirs(os.fspath(self.directory))
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and not read_only:
       multihost_utils.sync_global_devices("jaxformer_checkpointer_init")
     self._closed = False
     self._manager = ocp.CheckpointManager(
@@ -125,7 +127,8 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         ),
         item_names=("state", "data", "config"),
     )

@@ -217,6 +217,19 @@ class CheckpointerTest(parameterized.TestCase):
       ckpt_lib.Checkpointer(os.path.join(blocker, "sub"))
     self.assertLess(time.perf_counter() - t0, 5)
 
+  def test_read_only_leaves_unfinished_saves_alone(self):
+    state, _ = _state()
+    d = _tmpdir(self)
+    with ckpt_lib.Checkpointer(d) as ck:
+      ck.save(1, state)
+    in_flight = os.path.join(d, "2.orbax-checkpoint-tmp-99")  # another run's save
+    os.makedirs(in_flight)
+    with ckpt_lib.Checkpointer(d, read_only=True) as ck:
+      self.assertEqual(ck.all_steps(), [1])
+    self.assertTrue(os.path.isdir(in_flight))
+    ckpt_lib.Checkpointer(os.path.join(d, "nowhere"), read_only=True).close()
+    self.assertFalse(os.path.exists(os.path.join(d, "nowhere")))
+
   def test_close_is_idempotent_and_the_context_closes(self):
     state, _ = _state()
     d = _tmpdir(self)
