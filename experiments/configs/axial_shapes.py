@@ -57,7 +57,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source="cifar10",
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
-      pipeline="image",
       train_split="train",
       eval_split="test",
       mean=(0.0,),           # keep pixels in [0, 1] for the palette

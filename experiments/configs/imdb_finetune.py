@@ -63,7 +63,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
       tokenizer="bytes",
-      pipeline="classification",
       train_split="train",
       eval_split="test",
       text_key="text",

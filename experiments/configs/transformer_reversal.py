@@ -18,8 +18,8 @@ once with ``tfds build wmt14_translate/de-en --file_format=array_record``::
 
 Eval reports teacher-forced token ``accuracy`` and ``nll`` on the held-out split, and
 ``eval_bleu``: corpus BLEU (sacrebleu) of greedy translations of the first
-``train.bleu_batches`` eval batches (0 turns it off; see
-``jaxformer/training/seq2seq_eval.py``), word-level (``13a``) for WMT, character-level
+``task_options.bleu_batches`` eval batches (0 turns it off; see
+``jaxformer/tasks/seq2seq.py``), word-level (``13a``) for WMT, character-level
 for the reversal strings (which have no spaces).
 """
 
@@ -35,7 +35,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "transformer_reversal") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "seq2seq"
-  c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.1))
+  c.task_options = config_dict.ConfigDict(dict(
+      label_smoothing=0.1,
+      bleu_batches=4,        # greedy decoding of 4 x 128 eval pairs (0: no BLEU)
+      bleu_tokenize="13a",
+  ))
 
   c.model = config_dict.ConfigDict(dict(
       name="encoder_decoder",  # = transformer_base() with a byte vocabulary
@@ -67,7 +71,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
       tokenizer="bytes",
-      pipeline="seq2seq",
       source_key="de",
       target_key="en",
       train_split="train",
@@ -83,9 +86,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                                  warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
                                  weight_decay=0.0, grad_clip_norm=0.0)
   c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
-                         eval_batches=20, checkpoint_every=5000,
-                         bleu_batches=4,   # greedy decoding of 4 x 128 eval pairs
-                         bleu_tokenize="13a")
+                         eval_batches=20, checkpoint_every=5000)
 
   if tiny:
     c.model.update(dict(max_len=16, num_encoder_layers=2, num_decoder_layers=2,
@@ -98,6 +99,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=30,
                             end_lr_fraction=0.1, grad_clip_norm=1.0))
     c.train.update(dict(num_steps=400, log_every=50, eval_every=100, eval_batches=4,
-                        checkpoint_every=400,
-                        bleu_tokenize="char"))  # one "word" per string: char BLEU
+                        checkpoint_every=400))
+    c.task_options.bleu_tokenize = "char"  # one "word" per string: char BLEU
   return common.finish(c)

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   """The config; ``arg="tiny"`` (alias ``"runlocal"``) is the CPU variant."""
   tiny = common.variant(arg, "vit_shapes") == "tiny"
   c = config_dict.ConfigDict()
-  c.task = "classification"
+  c.task = "image_classification"
   c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.0))
 
   c.model = config_dict.ConfigDict(dict(
@@ -60,7 +60,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source="cifar10",
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
-      pipeline="image",
       train_split="train",
       eval_split="test",
       mean=(0.4914, 0.4822, 0.4465),

@@ -113,7 +113,7 @@ def test_image_configs(tmp_path, name):
 
 def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   """From the bert_mlm checkpoint, body frozen: after training, the body is exactly
-  the pretrained one (see tests/training/finetune_test.py for step 0)."""
+  the pretrained one (see tests/training/test_finetune.py for step 0)."""
   pretrained_dir, _ = bert_mlm_run
   c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
   c.model.num_classes = 2
