@@ -6,7 +6,7 @@ on character-level Shakespeare in 2,000 steps; jaxformer's GPT must be no slower
 learn no worse. Shakespeare is not available offline, so both trainers here see the
 SAME data and the SAME batches: the embedded default data set (the Python standard
 library's source, byte-level, :mod:`jaxformer.data.embedded`) through the project's own
-pipeline (``jaxformer.training.builders.train_iterator`` / ``eval_iterator`` with the
+pipeline (``jaxformer.tasks.CausalLM.batches``, train and eval, with the
 config's data section and seed), so every train and eval batch is identical by
 construction.
 
@@ -585,12 +585,13 @@ def summarize_ours(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
 
 def data_iterators(config: Any) -> tuple[Iterator[Batch], list[Batch]]:
   """Our training stream and fixed eval batches, exactly as ``experiments.train``."""
-  from jaxformer.training import builders  # pylint: disable=g-import-not-at-top
+  from jaxformer import tasks  # pylint: disable=g-import-not-at-top
+  from jaxformer.data import vocab  # pylint: disable=g-import-not-at-top
   data = config["data"]
-  tokenizer = builders.build_tokenizer(data)
-  train_it = builders.train_iterator(data, tokenizer, batch_size=data["batch_size"],
-                                     seed=config["train"]["seed"])
-  eval_it = builders.eval_iterator(data, tokenizer, batch_size=data["eval_batch_size"])
+  task = tasks.build_task(config, tokenizer=vocab.build_tokenizer(data))
+  train_it = task.batches(batch_size=data["batch_size"], seed=config["train"]["seed"],
+                          train=True)
+  eval_it = task.batches(batch_size=data["eval_batch_size"], seed=0, train=False)
   eval_batches = [next(eval_it) for _ in range(config["train"]["eval_batches"])]
   getattr(eval_it, "close", lambda: None)()
   return train_it, eval_batches

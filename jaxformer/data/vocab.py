@@ -58,7 +58,12 @@ def _fit(kind: str, section: Mapping[str, Any], path: str) -> tok_lib.Tokenizer:
         vocab_size < 8):
       raise ValueError(f"data.vocab_size={vocab_size!r} must be an int >= 8 for "
                        "data.tokenizer='sentencepiece'")
-    tok_lib.train_sentencepiece(_lines(train_texts(section)), vocab_size, tmp)
+    try:
+      tok_lib.train_sentencepiece(_lines(train_texts(section)), vocab_size, tmp)
+    except RuntimeError as e:  # e.g. more pieces than the text has, or fewer chars
+      reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+      raise ValueError(f"data.vocab_size={vocab_size}: SentencePiece cannot fit that "
+                       f"on the train split ({reason})") from None
   os.replace(tmp, path)  # atomic: a killed fit leaves no half-written vocabulary
   return load(kind, path)
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxformer.data import vocab
 from jaxformer.training import builders
 from jaxformer.training import loop
 from jaxformer.training import state as state_lib
@@ -45,7 +46,7 @@ def test_gpt_bytes_is_the_nanogpt_cpu_size():
   c = gpt_bytes.get_config()
   assert (c.model.num_layers, c.model.embed_dim, c.model.num_heads) == (4, 128, 4)
   assert (c.data.seq_len, c.data.batch_size, c.train.num_steps) == (64, 12, 2000)
-  assert c.model.vocab_size >= builders.build_tokenizer(c.data).vocab_size
+  assert c.model.vocab_size >= vocab.build_tokenizer(c.data).vocab_size
 
 
 def test_gpt2_small_has_the_published_parameter_count():
