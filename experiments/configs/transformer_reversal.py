@@ -41,30 +41,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       bleu_tokenize="13a",
   ))
 
-  c.model = config_dict.ConfigDict(dict(
-      name="encoder_decoder",  # = transformer_base() with a byte vocabulary
-      vocab_size=263,          # ByteTokenizer: 256 bytes + 7 specials
-      share_embeddings=True,
-      tie_output=True,
-      max_len=256,
-      num_encoder_layers=6,
-      num_decoder_layers=6,
-      embed_dim=512,
-      num_heads=8,
-      mlp_dim=2048,
-      activation="relu",
-      norm="post",
-      positions="sinusoidal",
-      dropout_rate=0.1,
-      attention_dropout_rate=0.0,
-      attention_impl=config_dict.placeholder(str),
-      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
-      attention_hard=False,            # arg-max attention
-      remat=False,
-      scan_layers=False,
-      dtype="bfloat16",
-      param_dtype="float32",
-  ))
+  # transformer_base with a byte vocabulary and bfloat16 compute.
+  c.model = common.model("transformer_base", vocab_size=263,
+                         block=dict(dtype="bfloat16"))
 
   c.data = config_dict.ConfigDict(dict(
       source="wmt14_translate/de-en",
@@ -90,8 +69,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   if tiny:
     c.model.update(dict(max_len=16, num_encoder_layers=2, num_decoder_layers=2,
-                        embed_dim=64, num_heads=4, mlp_dim=128, norm="pre",
-                        dropout_rate=0.0, dtype="float32"))
+                        embed_dim=64))
+    c.model.block.update(dict(num_heads=4, mlp_dim=128, norm="pre", dropout_rate=0.0,
+                              dtype="float32"))
     c.data.update(dict(source="reversal", source_key="source", target_key="target",
                        source_len=16, target_len=16, batch_size=32,
                        eval_batch_size=32))

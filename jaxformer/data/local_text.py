@@ -29,6 +29,9 @@ NUM_WINDOWS = 1 << 30
 
 def match_files(path_or_glob: str | os.PathLike[str]) -> tuple[str, ...]:
   """The files of a file, a directory (all files under it) or a glob, sorted."""
+  if not os.fspath(path_or_glob):
+    raise ValueError("data.path is not set: give a text file, a folder or a glob, "
+                     "e.g. --config.data.path='~/books/*.txt'")
   pattern = os.path.expanduser(os.fspath(path_or_glob))
   if os.path.isdir(pattern):
     paths = [os.path.join(root, f) for root, _, files in os.walk(pattern)
@@ -138,9 +141,8 @@ def text_split_source(split: str, *, path: str | None,
   Returns:
     A random-access source of ``{"text": bytes}`` with a ``texts()`` method.
   """
-  if path is None or not str(path):
-    raise ValueError("data.path is not set: give a text file, a folder or a glob, "
-                     "e.g. --config.data.path=~/books/*.txt")
+  if path is None:
+    path = ""  # match_files says how to set it
   if split not in SPLITS:
     raise ValueError(f"data split {split!r} is not one of {SPLITS} for "
                      "data.source='text_files'")

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxformer import tasks as tasks_lib
 from jaxformer.data import vocab
-from jaxformer.training import builders
+from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import distributed
 from jaxformer.training import finetune as finetune_lib
@@ -67,7 +67,7 @@ def build_model(config: Mapping[str, Any], tokenizer: Any) -> tuple[Any, Any]:
     elif section["vocab_size"] < tokenizer.vocab_size:
       raise ValueError(f"model.vocab_size={section['vocab_size']} is smaller than "
                        f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
-  return builders.build_model(section)
+  return registry.build_model(section)
 
 
 class Evaluator:
@@ -123,6 +123,9 @@ def train(config: Any, workdir: str, *,
                                   tensor=sc.get("tensor", True))
   tokenizer = vocab.build_tokenizer(dc, workdir)
   model_cfg, model = build_model(config, tokenizer)
+  # Every sharded dimension must divide its mesh axes: say which field, before tracing.
+  registry.check_shardable(config["model"]["name"], model_cfg,
+                           registry.logical_axis_sizes(rules, dict(mesh.shape)))
   task = tasks_lib.build_task(config, tokenizer=tokenizer, model_config=model_cfg)
   runtime = tasks_lib.Runtime(
       model=model, shard=lambda batch: sharding_lib.shard_batch(batch, mesh),
@@ -179,7 +182,7 @@ def train(config: Any, workdir: str, *,
   logging_process = distributed.is_logging_process()
   if logging_process and start > 0:
     _truncate_metrics(workdir, start)
-  num_params = state_lib.count_params(state.params)
+  num_params = registry.num_params(model_cfg, state.params)  # without vocab padding
   tokens_per_step = dc["batch_size"] * seq_len
   flops_per_step = tokens_per_step * metrics_logger.flops_per_token(
       num_params=num_params, num_layers=getattr(model_cfg, "num_layers", 0),

@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxformer import tasks
+from jaxformer.data import local_text
 from jaxformer.data import sources
 from jaxformer.data import vocab
+from jaxformer.models import registry
 from jaxformer.training import optimizer as opt_lib
 
 SECTIONS = ("model", "data", "optimizer", "train", "sharding")
@@ -71,6 +73,12 @@ def validate_config(config: Mapping[str, Any]) -> None:
   kind = data.get("tokenizer")
   if kind is not None and kind not in vocab.TOKENIZERS:
     raise ValueError(f"data.tokenizer={kind!r} is not one of {vocab.TOKENIZERS}")
+  model = dict(config["model"])
+  if model.get("vocab_size", 0) is None and kind is not None:
+    model["vocab_size"] = 8  # set from the fitted tokenizer at the start of the run
+  registry.config_from_dict(model.get("name"), model)  # errors name model.<field>
+  if data.get("source") == "text_files":
+    local_text.match_files((data.get("source_options") or {}).get("path") or "")
   max_len = config["model"].get("max_len")
   if max_len is not None and data.get("seq_len", 0) > max_len:
     raise ValueError(f"data.seq_len={data['seq_len']} exceeds "
