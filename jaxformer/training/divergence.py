@@ -42,6 +42,14 @@ def _read(x: Any) -> Any:
                     ).item()
 
 
+def check_limit(m: Any) -> int | None:
+  """``train.max_consecutive_skipped`` checked: an int >= 1, or None (never stop)."""
+  if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+    raise ValueError(f"train.max_consecutive_skipped={m!r} must be an int >= 1 or "
+                     "None (never stop)")
+  return m
+
+
 class DivergenceGuard:
   """Consecutive skipped steps, on the device.
 
@@ -51,11 +59,7 @@ class DivergenceGuard:
   """
 
   def __init__(self, max_consecutive_skipped: int | None):
-    m = max_consecutive_skipped
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-      raise ValueError(f"train.max_consecutive_skipped={m!r} must be an int >= 1 or "
-                       "None (never stop)")
-    self.max_consecutive_skipped = m
+    self.max_consecutive_skipped = check_limit(max_consecutive_skipped)
     # numpy, not device arrays: jit places them like the (global) metrics
     self._tracked = dict(run=np.zeros((), np.int32),
                          last_loss=np.full((), np.nan, np.float32),
