@@ -4,26 +4,34 @@
       --workdir=runs/gpt_bytes [--config.train.num_steps=500 ...]
 
 Rerunning with the same ``--workdir`` resumes from its newest checkpoint (model state and
-data position). SIGTERM saves a checkpoint and exits with status 0. Everything this does
-is ``jaxformer.training.loop.train(config, workdir)``, importable from a notebook.
+data position). SIGTERM or Ctrl-C (SIGINT) saves a checkpoint and exits with status 0;
+a second run on a workdir in use fails at once. A bad config or
+input prints one line naming the field and exits with status 1 (``--verbose``: the
+traceback too). Everything this does is ``jaxformer.training.loop.train(config,
+workdir)``, importable from a notebook.
 """
 
 from __future__ import annotations
 
-import os
+import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxformer.training import divergence
 from jaxformer.training import loop
+from jaxformer.training import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a module with get_config()).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints and metrics (resumes).")
+_VERBOSE = flags.DEFINE_bool("verbose", False,
+                             "On an error, print the traceback, not just its line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,8 +39,15 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  loop.train(_CONFIG.value, _WORKDIR.value)
+  try:
+    loop.train(_CONFIG.value, _WORKDIR.value)  # validates before creating the workdir
+  except (ValueError, TypeError, FileNotFoundError, workdir_lock.WorkdirLockedError,
+          divergence.TrainingDivergedError) as e:
+    if _VERBOSE.value:
+      traceback.print_exc()
+    print(f"error: {e}" + ("" if _VERBOSE.value else "  (--verbose: traceback)"),
+          file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from jaxformer.training import optimizer as opt
 from jaxformer.training import sharding
 from jaxformer.training import state as state_lib
 from jaxformer.training import steps
-from jaxformer.training import tasks
+from jaxformer import tasks
 
 # name -> (GPTConfig factory, batch, length)
 PRESETS: dict[str, tuple[Any, int, int]] = {
@@ -70,7 +70,7 @@ def bench_preset(name: str, *, steps_per_timing: int, repeats: int,
                                                length), jnp.int32))
   state, shard = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh,
                                               rules)
-  step = steps.make_train_step(model=model, task=tasks.causal_lm_task, tx=tx,
+  step = steps.make_train_step(model=model, task=tasks.CausalLM({}), tx=tx,
                                opt_config=ocfg, mesh=mesh, rules=rules,
                                shardings=shard)
   rng = np.random.default_rng(0)

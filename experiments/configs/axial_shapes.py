@@ -34,30 +34,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.task = "axial_lm"
   c.task_options = config_dict.ConfigDict(dict(levels=8))
 
-  c.model = config_dict.ConfigDict(dict(
-      name="axial_transformer",  # = axial_cifar10(num_clusters=512)
-      image_size=32,
-      num_channels=3,
-      num_clusters=512,          # levels ** channels
-      num_layers=4,
-      num_inner_layers=4,
-      embed_dim=128,
-      num_heads=4,
-      mlp_dim=512,
-      dropout_rate=0.0,
-      attention_impl=config_dict.placeholder(str),
-      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
-      attention_hard=False,            # arg-max attention
-      remat=False,
-      dtype="bfloat16",
-      param_dtype="float32",
-  ))
+  # axial_cifar10 with 8 levels per channel (512 colors), bfloat16 compute.
+  c.model = common.model("axial_cifar10", num_clusters=512, num_inner_layers=4,
+                         block=dict(dtype="bfloat16"))
 
   c.data = config_dict.ConfigDict(dict(
       source="cifar10",
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
-      pipeline="image",
       train_split="train",
       eval_split="test",
       mean=(0.0,),           # keep pixels in [0, 1] for the palette
@@ -74,9 +58,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   if tiny:
     c.task_options.levels = 4
-    c.model.update(dict(image_size=8, num_channels=1, num_clusters=4, num_layers=1,
-                        num_inner_layers=1, embed_dim=32, num_heads=2, mlp_dim=64,
-                        dtype="float32"))
+    c.model.update(dict(image_size=(8, 8), num_channels=1, num_clusters=4,
+                        num_layers=1, num_inner_layers=1, embed_dim=32))
+    c.model.block.update(dict(num_heads=2, mlp_dim=64, dtype="float32"))
     c.data.update(dict(source="shapes", eval_split="validation", batch_size=32,
                        eval_batch_size=64))
     c.data.source_options = config_dict.ConfigDict()

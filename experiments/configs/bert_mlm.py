@@ -23,9 +23,7 @@ source, pairs of code blocks::
       --workdir=runs/bert_mlm_nsp_tiny --config.task_options.nsp=True
 
 MLM alone on packed text instead of pairs (RoBERTa-style full sequences, and no
-pair sampling on the host): ``--config.data.pipeline=lm``. Note: ``NSPSource`` scans
-every segment of its documents for each pair it draws, so ``max_documents`` x
-``max_segments`` bounds the host's pair rate (about 0.5 us per segment per pair).
+pair sampling on the host): ``--config.data.pipeline=lm``.
 
 ``experiments/configs/imdb_finetune.py`` fine-tunes the result.
 """
@@ -49,28 +47,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       replace_random=0.1,
   ))
 
-  c.model = config_dict.ConfigDict(dict(
-      name="bert",           # = bert_base() with a byte vocabulary
-      vocab_size=263,        # ByteTokenizer: 256 bytes + 7 specials
-      max_len=512,
-      type_vocab_size=2,
-      num_layers=12,
-      embed_dim=768,
-      num_heads=12,
-      mlp_dim=3072,
-      mlm_head=True,
-      nsp_head=c.task_options.get_ref("nsp"),
-      pooling="cls",
-      dropout_rate=0.1,
-      attention_dropout_rate=0.1,
-      attention_impl=config_dict.placeholder(str),
-      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
-      attention_hard=False,            # arg-max attention
-      remat=False,
-      scan_layers=False,
-      dtype="bfloat16",
-      param_dtype="float32",
-  ))
+  # bert_base with a byte vocabulary, pre-training heads, bfloat16 compute.
+  c.model = common.model("bert_base", vocab_size=263, mlm_head=True,
+                         block=dict(dtype="bfloat16"))
+  c.model.nsp_head = c.task_options.get_ref("nsp")   # the NSP head follows the task
 
   c.data = config_dict.ConfigDict(dict(
       source="imdb_reviews",
@@ -81,8 +61,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       train_split="unsupervised",
       eval_split="test",
       segment_separator=". ",  # sentences
-      max_documents=2000,      # documents pairs are drawn from (NSPSource scans
-      max_segments=20,         # all their segments per example: keep the total small)
+      max_documents=2000,      # documents pairs are drawn from (read at the start)
+      max_segments=20,
       num_pairs=10_000_000,
       num_eval_pairs=10_000,
       seq_len=512,
@@ -98,9 +78,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                          eval_batches=20, checkpoint_every=10_000)
 
   if tiny:
-    c.model.update(dict(max_len=64, num_layers=2, embed_dim=64, num_heads=2,
-                        mlp_dim=128, dropout_rate=0.0, attention_dropout_rate=0.0,
-                        dtype="float32"))
+    c.model.update(dict(max_len=64, num_layers=2, embed_dim=64))
+    c.model.block.update(dict(num_heads=2, mlp_dim=128, dropout_rate=0.0,
+                              attention_dropout_rate=0.0, dtype="float32"))
     c.data.update(dict(source="stdlib_text", train_split="train",
                        eval_split="validation", segment_separator="\n\n",
                        max_documents=300, max_segments=8, num_pairs=100_000,

@@ -1,15 +1,51 @@
-"""Sections shared by the experiment configs (optimizer, train, sharding, distributed).
+"""Sections shared by the experiment configs: the model from a preset, optimizer, train,
+sharding, distributed.
 
-Each config file states its model and data in full and takes these sections with the
-overrides it needs (``train(num_steps=300, log_every=25)``); the fields are those of
-``experiments/configs/gpt_bytes.py``, documented there.
+A config names a model preset and states only what differs
+(``model("gpt_nano", block=dict(dropout_rate=0.1))``), and takes the other sections
+with the overrides it needs (``train(num_steps=300, log_every=25)``). Every field can be
+overridden on the command line: ``--config.model.block.num_heads=8``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ml_collections import config_dict
+
+from jaxformer.layers.blocks import BlockConfig
+from jaxformer.models import registry
+
+# An unset (None) field becomes a typed placeholder so the command line can set it.
+_TYPES = (("bool", bool), ("int", int), ("float", float), ("str", str))
+
+
+def _placeholders(d: dict[str, Any], cls: type) -> dict[str, Any]:
+  types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+  out = {}
+  for key, value in d.items():
+    if key == "block" and isinstance(value, dict):
+      value = _placeholders(value, BlockConfig)
+    elif value is None:
+      words = types.get(key, "").replace("|", " ").replace("[", " ").split()
+      kind = next((t for name, t in _TYPES if name in words), object)
+      value = config_dict.placeholder(kind)
+    out[key] = value
+  return out
+
+
+def model(preset: str, **overrides: Any) -> config_dict.ConfigDict:
+  """The ``model`` section: preset ``preset`` (``jaxformer.models.registry.PRESETS``)
+  with ``overrides`` (nested ``block=dict(...)``), every field spelled out."""
+  return model_section(registry.preset_dict(preset, **overrides))
+
+
+def model_section(d: dict[str, Any]) -> config_dict.ConfigDict:
+  """A complete model dict (``{"name": ..., ...}``, e.g. another config's
+  ``model.to_dict()``) as a ``model`` section whose unset fields the CLI can set."""
+  cfg_cls, _ = registry.MODELS[d["name"]]
+  return config_dict.ConfigDict(_placeholders(d, cfg_cls))
 
 VARIANTS = ("", "tiny", "runlocal")
 
@@ -35,7 +71,7 @@ def optimizer(**overrides: Any) -> config_dict.ConfigDict:
       weight_decay=0.01,
       grad_clip_norm=1.0,
       grad_accum_steps=1,
-      spike_factor=config_dict.placeholder(float),
+      spike_factor=config_dict.placeholder(float),   # e.g. 3.0 to skip loss spikes
       spike_warmup_steps=100,
       max_consecutive_spikes=10,
       loss_ema_decay=0.99,
@@ -55,29 +91,42 @@ def train(**overrides: Any) -> config_dict.ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=2,
       async_checkpoint=True,
-      progress=config_dict.placeholder(bool),
+      progress=config_dict.placeholder(bool),  # None: a bar iff stdout is a TTY
       tensorboard=True,
-      sample_tokens=0,
+      sample_tokens=0,                         # > 0: a sample at the end (LM tasks)
+      max_consecutive_skipped=20,  # stop a diverged run (None: never)
+      allow_config_changes=(),     # keys that may change on resume, e.g. ("optimizer",)
   ))
   c.update(overrides)
   return c
 
 
-def sharding() -> config_dict.ConfigDict:
-  return config_dict.ConfigDict(dict(mesh_shape=(-1, 1, 1), fsdp=True, tensor=True))
+def sharding(**overrides: Any) -> config_dict.ConfigDict:
+  """The mesh ``(data, fsdp, tensor)`` (-1 = the remaining devices) and its rules."""
+  c = config_dict.ConfigDict(dict(
+      mesh_shape=(-1, 1, 1),
+      fsdp=True,              # rules: params' embed axis over "fsdp"
+      tensor=True,            # rules: heads / mlp / vocab over "tensor"
+      # CPU only: split the host into this many JAX devices (one per core); -1 = auto
+      # (cores dividing the batch), 0 = JAX's default single CPU device.
+      cpu_devices=0,
+  ))
+  c.update(overrides)
+  return c
 
 
 def distributed() -> config_dict.ConfigDict:
   return config_dict.ConfigDict(dict(
-      initialize="auto",
+      initialize="auto",      # "auto" | "always" | "never"
       coordinator_address=config_dict.placeholder(str),
       num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int),
   ))
 
 
-def finish(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+def finish(c: config_dict.ConfigDict, **sharding_overrides: Any
+           ) -> config_dict.ConfigDict:
   """Adds the sharding and distributed sections."""
-  c.sharding = sharding()
+  c.sharding = sharding(**sharding_overrides)
   c.distributed = distributed()
   return c

@@ -3,8 +3,8 @@
 The architecture is GPT-2 small's (12 x 768, 12 heads, context 1024, vocabulary 50257,
 tied embeddings: 124,439,808 parameters). With no tokenizer download available the data
 is the embedded standard-library text at the byte level (ids < 263 of the 50257 rows
-are used); point ``data.source``/``data.tokenizer`` at other entries of
-``jaxformer.training.builders`` to change that. bfloat16 compute, float32 master
+are used); ``experiments/configs/gpt_text.py`` trains on your own text with a fitted
+vocabulary. bfloat16 compute, float32 master
 weights; AdamW 6e-4, warmup 700, cosine to 6e-5, beta2 0.95 (nanoGPT's GPT-2 recipe).
 
 Run on one GPU (and, with several devices, e.g. FSDP: ``--config.sharding.mesh_shape
@@ -20,29 +20,24 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
+from experiments.configs import common
 from experiments.configs import gpt_bytes
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   """The config; ``arg="tiny"`` (alias ``"runlocal"``) shrinks it for a CPU."""
-  variant = (arg or "").strip()
-  if variant not in ("", "tiny", "runlocal"):
-    raise ValueError(f"gpt2_small config arg {arg!r} is not one of '', 'tiny', "
-                     "'runlocal'")
+  tiny = common.variant(arg, "gpt2_small") == "tiny"
   c = gpt_bytes.get_config()
-  c.model.update(dict(vocab_size=50257, max_len=1024, num_layers=12, embed_dim=768,
-                      num_heads=12, mlp_dim=3072, dropout_rate=0.0,
-                      attention_dropout_rate=0.0, dtype="bfloat16",
-                      param_dtype="float32"))
+  c.model = common.model("gpt2_small", block=dict(
+      dropout_rate=0.0, attention_dropout_rate=0.0, dtype="bfloat16"))
   c.data.update(dict(seq_len=1024, batch_size=32, eval_batch_size=32, prefetch=4))
-  c.optimizer.update(dict(learning_rate=6e-4, warmup_steps=700, end_lr_fraction=0.1,
-                          b2=0.95, weight_decay=0.1, grad_clip_norm=1.0))
+  c.optimizer.update(dict(learning_rate=6e-4, warmup_steps=700, b2=0.95))
   c.train.update(dict(num_steps=20000, log_every=100, eval_every=1000,
                       eval_batches=40, checkpoint_every=2000, keep_checkpoints=3,
                       sample_tokens=256))
-  if variant in ("tiny", "runlocal"):
-    c.model.update(dict(vocab_size=263, max_len=64, num_layers=2, embed_dim=64,
-                        num_heads=2, mlp_dim=256, dtype="float32"))
+  if tiny:
+    c.model.update(dict(vocab_size=263, max_len=64, num_layers=2, embed_dim=64))
+    c.model.block.update(dict(num_heads=2, mlp_dim=256, dtype="float32"))
     c.data.update(dict(seq_len=64, batch_size=4, eval_batch_size=4, prefetch=2))
     c.optimizer.warmup_steps = 5
     c.train.update(dict(num_steps=20, log_every=5, eval_every=10, eval_batches=2,

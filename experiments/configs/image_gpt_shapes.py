@@ -34,29 +34,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.task = "image_lm"
   c.task_options = config_dict.ConfigDict(dict(levels=8))
 
-  c.model = config_dict.ConfigDict(dict(
-      name="image_gpt",      # = image_gpt_small()
-      image_size=32,
-      num_clusters=512,      # levels ** channels
-      num_layers=24,
-      embed_dim=512,
-      num_heads=8,
-      mlp_dim=2048,
-      dropout_rate=0.0,
-      attention_impl=config_dict.placeholder(str),
-      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
-      attention_hard=False,            # arg-max attention
-      remat=True,
-      scan_layers=False,
-      dtype="bfloat16",
-      param_dtype="float32",
-  ))
+  # image_gpt_small (iGPT-S), rematerialised, bfloat16 compute.
+  c.model = common.model("image_gpt_small", remat=True, block=dict(dtype="bfloat16"))
 
   c.data = config_dict.ConfigDict(dict(
       source="cifar10",
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
-      pipeline="image",
       train_split="train",
       eval_split="test",
       mean=(0.0,),           # keep pixels in [0, 1] for the palette
@@ -73,8 +57,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   if tiny:
     c.task_options.levels = 4
-    c.model.update(dict(image_size=8, num_clusters=4, num_layers=2, embed_dim=64,
-                        num_heads=4, mlp_dim=128, remat=False, dtype="float32"))
+    c.model.update(dict(image_size=(8, 8), num_clusters=4, num_layers=2, embed_dim=64,
+                        remat=False))
+    c.model.block.update(dict(num_heads=4, mlp_dim=128, dtype="float32"))
     c.data.update(dict(source="shapes", eval_split="validation", batch_size=32,
                        eval_batch_size=64))
     c.data.source_options = config_dict.ConfigDict()

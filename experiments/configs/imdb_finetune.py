@@ -48,8 +48,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.0))
 
   # The pretrained model's body (same sizes), its pre-training heads off, a classifier.
-  c.model = config_dict.ConfigDict(pretrained.model.to_dict())
-  c.model.update(dict(mlm_head=False, nsp_head=False, num_classes=2))
+  c.model = common.model_section({**pretrained.model.to_dict(), "mlm_head": False,
+                                  "nsp_head": False, "num_classes": 2})
 
   c.finetune = config_dict.ConfigDict(dict(
       pretrained_workdir=config_dict.placeholder(str),  # None: train from scratch
@@ -63,7 +63,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
       tokenizer="bytes",
-      pipeline="classification",
       train_split="train",
       eval_split="test",
       text_key="text",

@@ -18,8 +18,8 @@ once with ``tfds build wmt14_translate/de-en --file_format=array_record``::
 
 Eval reports teacher-forced token ``accuracy`` and ``nll`` on the held-out split, and
 ``eval_bleu``: corpus BLEU (sacrebleu) of greedy translations of the first
-``train.bleu_batches`` eval batches (0 turns it off; see
-``jaxformer/training/seq2seq_eval.py``), word-level (``13a``) for WMT, character-level
+``task_options.bleu_batches`` eval batches (0 turns it off; see
+``jaxformer/tasks/seq2seq.py``), word-level (``13a``) for WMT, character-level
 for the reversal strings (which have no spaces).
 """
 
@@ -35,39 +35,21 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "transformer_reversal") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "seq2seq"
-  c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.1))
-
-  c.model = config_dict.ConfigDict(dict(
-      name="encoder_decoder",  # = transformer_base() with a byte vocabulary
-      vocab_size=263,          # ByteTokenizer: 256 bytes + 7 specials
-      share_embeddings=True,
-      tie_output=True,
-      max_len=256,
-      num_encoder_layers=6,
-      num_decoder_layers=6,
-      embed_dim=512,
-      num_heads=8,
-      mlp_dim=2048,
-      activation="relu",
-      norm="post",
-      positions="sinusoidal",
-      dropout_rate=0.1,
-      attention_dropout_rate=0.0,
-      attention_impl=config_dict.placeholder(str),
-      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
-      attention_hard=False,            # arg-max attention
-      remat=False,
-      scan_layers=False,
-      dtype="bfloat16",
-      param_dtype="float32",
+  c.task_options = config_dict.ConfigDict(dict(
+      label_smoothing=0.1,
+      bleu_batches=4,        # greedy decoding of 4 x 128 eval pairs (0: no BLEU)
+      bleu_tokenize="13a",
   ))
+
+  # transformer_base with a byte vocabulary and bfloat16 compute.
+  c.model = common.model("transformer_base", vocab_size=263,
+                         block=dict(dtype="bfloat16"))
 
   c.data = config_dict.ConfigDict(dict(
       source="wmt14_translate/de-en",
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
       tokenizer="bytes",
-      pipeline="seq2seq",
       source_key="de",
       target_key="en",
       train_split="train",
@@ -83,14 +65,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                                  warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
                                  weight_decay=0.0, grad_clip_norm=0.0)
   c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
-                         eval_batches=20, checkpoint_every=5000,
-                         bleu_batches=4,   # greedy decoding of 4 x 128 eval pairs
-                         bleu_tokenize="13a")
+                         eval_batches=20, checkpoint_every=5000)
 
   if tiny:
     c.model.update(dict(max_len=16, num_encoder_layers=2, num_decoder_layers=2,
-                        embed_dim=64, num_heads=4, mlp_dim=128, norm="pre",
-                        dropout_rate=0.0, dtype="float32"))
+                        embed_dim=64))
+    c.model.block.update(dict(num_heads=4, mlp_dim=128, norm="pre", dropout_rate=0.0,
+                              dtype="float32"))
     c.data.update(dict(source="reversal", source_key="source", target_key="target",
                        source_len=16, target_len=16, batch_size=32,
                        eval_batch_size=32))
@@ -98,6 +79,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=30,
                             end_lr_fraction=0.1, grad_clip_norm=1.0))
     c.train.update(dict(num_steps=400, log_every=50, eval_every=100, eval_batches=4,
-                        checkpoint_every=400,
-                        bleu_tokenize="char"))  # one "word" per string: char BLEU
+                        checkpoint_every=400))
+    c.task_options.bleu_tokenize = "char"  # one "word" per string: char BLEU
   return common.finish(c)

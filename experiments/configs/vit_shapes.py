@@ -31,36 +31,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   """The config; ``arg="tiny"`` (alias ``"runlocal"``) is the CPU variant."""
   tiny = common.variant(arg, "vit_shapes") == "tiny"
   c = config_dict.ConfigDict()
-  c.task = "classification"
+  c.task = "image_classification"
   c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.0))
 
-  c.model = config_dict.ConfigDict(dict(
-      name="vit",            # = vit_b16(num_classes=10, image_size=32, patch_size=4)
-      image_size=32,
-      patch_size=4,
-      num_channels=3,
-      num_classes=10,
-      num_layers=12,
-      embed_dim=768,
-      num_heads=12,
-      mlp_dim=3072,
-      pooling="cls",
-      dropout_rate=0.1,
-      attention_dropout_rate=0.0,
-      attention_impl=config_dict.placeholder(str),
-      attention_scale_multiplier=1.0,  # beta = multiplier / sqrt(head_dim)
-      attention_hard=False,            # arg-max attention
-      remat=False,
-      scan_layers=False,
-      dtype="bfloat16",
-      param_dtype="float32",
-  ))
+  # the vit_b16 body on CIFAR-10's 32 x 32 with 4 x 4 patches, bfloat16 compute.
+  c.model = common.model("vit_b16", image_size=32, patch_size=4, num_classes=10,
+                         block=dict(dropout_rate=0.1, dtype="bfloat16"))
 
   c.data = config_dict.ConfigDict(dict(
       source="cifar10",
       source_options=config_dict.ConfigDict(dict(
           data_dir=config_dict.placeholder(str))),
-      pipeline="image",
       train_split="train",
       eval_split="test",
       mean=(0.4914, 0.4822, 0.4465),
@@ -77,8 +58,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   if tiny:
     c.model.update(dict(image_size=8, patch_size=2, num_channels=1, num_classes=6,
-                        num_layers=2, embed_dim=64, num_heads=4, mlp_dim=128,
-                        dropout_rate=0.0, dtype="float32"))
+                        num_layers=2, embed_dim=64))
+    c.model.block.update(dict(num_heads=4, mlp_dim=128, dropout_rate=0.0,
+                              dtype="float32"))
     c.data.update(dict(source="shapes", eval_split="validation", mean=(0.5,),
                        std=(0.5,), batch_size=64, eval_batch_size=100))
     c.data.source_options = config_dict.ConfigDict()

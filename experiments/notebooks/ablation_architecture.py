@@ -20,8 +20,8 @@
 # 1. **Norm placement**: pre-LN (GPT-2) vs post-LN (original Transformer).
 # 2. **Positions**: learned vs sinusoidal vs rotary (RoPE).
 # 3. **Soft vs hard attention and the inverse temperature β**: β as a multiple of the
-#    default `1/sqrt(head_dim)` (`model.attention_scale_multiplier`), and arg-max
-#    attention (`model.attention_hard`; gradients reach the values only).
+#    default `1/sqrt(head_dim)` (`model.block.attention_scale_multiplier`), and arg-max
+#    attention (`model.block.attention_hard`; gradients reach the values only).
 # 4. **Attention implementations**: `xla`, `chunked` and `pallas` (interpret mode on
 #    the CPU) must give the same curves up to float rounding.
 #
@@ -76,13 +76,13 @@ def run(label, overrides=None, **columns):
 
 BASELINE = dict(norm="pre", positions="learned", attention="soft", beta="1x",
                 impl="xla")
-run("baseline", {"model.attention_impl": "xla"}, **BASELINE)
+run("baseline", {"model.block.attention_impl": "xla"}, **BASELINE)
 
 # %% [markdown]
 # ## 1. Pre-LN vs post-LN
 
 # %%
-run("post_ln", {"model.norm": "post", "model.attention_impl": "xla"},
+run("post_ln", {"model.block.norm": "post", "model.block.attention_impl": "xla"},
     **{**BASELINE, "norm": "post"})
 norm_rows = [results["baseline"], results["post_ln"]]
 print(plotting.results_table(norm_rows, path=OUT / "norm.md"))
@@ -94,7 +94,7 @@ plotting.plot_loss_curves({"pre-LN": RUNS / "baseline", "post-LN": RUNS / "post_
 
 # %%
 for kind in ("sinusoidal", "rotary"):
-  run(f"pos_{kind}", {"model.positions": kind, "model.attention_impl": "xla"},
+  run(f"pos_{kind}", {"model.positions": kind, "model.block.attention_impl": "xla"},
       **{**BASELINE, "positions": kind})
 pos_runs = {"learned": "baseline", "sinusoidal": "pos_sinusoidal", "rotary": "pos_rotary"}
 print(plotting.results_table([results[r] for r in pos_runs.values()],
@@ -106,11 +106,11 @@ plotting.plot_loss_curves({k: RUNS / r for k, r in pos_runs.items()},
 # ## 3. Soft vs hard attention; the inverse temperature β
 #
 # β multiplies `q·k`; `1x` is the usual `1/sqrt(head_dim)`
-# (`--config.model.attention_scale_multiplier=10` on the command line, once the config
+# (`--config.model.block.attention_scale_multiplier=10` on the command line, once the config
 # file lists the field). Small β flattens the attention towards a uniform average over
 # the prefix; large β sharpens it towards the arg-max.
 #
-# Hard attention (`model.attention_hard=True`) is the arg-max itself. The weights are a
+# Hard attention (`model.block.attention_hard=True`) is the arg-max itself. The weights are a
 # step function of `q·k`, so **no gradient reaches the query and key projections**:
 # they keep their random initialisation (weight decay only shrinks them, which leaves
 # the arg-max alone: their biases start at zero and get no gradient either), and each
@@ -125,10 +125,10 @@ beta_runs = {}
 for beta in BETAS:
   label = "baseline" if beta == 1.0 else f"beta_{beta:g}x"
   if beta != 1.0:
-    run(label, {"model.attention_impl": "xla", "model.attention_scale_multiplier": beta},
+    run(label, {"model.block.attention_impl": "xla", "model.block.attention_scale_multiplier": beta},
         **{**BASELINE, "beta": f"{beta:g}x"})
   beta_runs[f"soft β={beta:g}x"] = label
-run("hard", {"model.attention_impl": "xla", "model.attention_hard": True},
+run("hard", {"model.block.attention_impl": "xla", "model.block.attention_hard": True},
     **{**BASELINE, "attention": "hard", "beta": "-"})
 beta_runs["hard"] = "hard"
 print(plotting.results_table([results[r] for r in beta_runs.values()],
@@ -148,7 +148,7 @@ plotting.plot_sweep(BETAS, {
 
 # %%
 for impl in ("chunked", "pallas"):
-  run(f"impl_{impl}", {"model.attention_impl": impl}, **{**BASELINE, "impl": impl})
+  run(f"impl_{impl}", {"model.block.attention_impl": impl}, **{**BASELINE, "impl": impl})
 impl_runs = {"xla": "baseline", "chunked": "impl_chunked", "pallas": "impl_pallas"}
 ref_steps, ref_loss = plotting.series(plotting.read_metrics(RUNS / "baseline"), "loss")
 for impl, label in impl_runs.items():

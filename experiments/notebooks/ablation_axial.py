@@ -42,14 +42,14 @@ sys.path.insert(0, str(ROOT))
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from ml_collections import config_dict
 
 from experiments import plotting
 from experiments.configs import axial_shapes
+from experiments.configs import common as configs_common
 from experiments.configs import image_gpt_shapes
 from experiments.configs import vit_shapes
 from experiments.notebooks import common
-from jaxformer.training import builders
+from jaxformer.models import registry
 
 FULL = os.environ.get("FULL") == "1"
 OUT = common.out_dir("ablation_axial")
@@ -65,17 +65,17 @@ axial = common.with_overrides(axial_shapes.get_config(VARIANT), GEN_STEPS)
 if not FULL:
   # Match ImageGPT-tiny's width (64) and depth (2 blocks: 1 outer + 1 inner).
   axial = common.with_overrides(axial, {
-      "model.embed_dim": 64, "model.num_heads": 4, "model.mlp_dim": 128})
+      "model.embed_dim": 64, "model.block.num_heads": 4, "model.block.mlp_dim": 128})
 vit = common.with_overrides(vit_shapes.get_config(VARIANT), CLS_STEPS)
 axial_cls = common.with_overrides(vit, {})
 vm = vit.model
-axial_cls.model = config_dict.ConfigDict(dict(
-    name="axial_classifier", image_size=vm.image_size, num_channels=vm.num_channels,
-    patch_size=vm.patch_size, num_classes=vm.num_classes,
+axial_cls.model = configs_common.model(
+    "axial_classifier_tiny", image_size=(vm.image_size, vm.image_size),
+    num_channels=vm.num_channels, patch_size=vm.patch_size, num_classes=vm.num_classes,
     num_layers=max(vm.num_layers // 2, 1),   # an axial block has two attention layers
-    embed_dim=vm.embed_dim, num_heads=vm.num_heads, mlp_dim=vm.mlp_dim,
-    dropout_rate=vm.dropout_rate, attention_impl=vm.attention_impl, remat=vm.remat,
-    dtype=vm.dtype, param_dtype=vm.param_dtype))
+    embed_dim=vm.embed_dim, remat=vm.remat, block={
+        k: vm.block[k] for k in ("num_heads", "mlp_dim", "dropout_rate",
+                                 "attention_impl", "dtype", "param_dtype")})
 
 # %% [markdown]
 # ## Training runs
@@ -108,9 +108,9 @@ def grad_temp_bytes(config, batch, image_size=None, impl=None):
   """XLA's temporary-buffer size of ``grad(mean(logits**2))`` for one batch (bytes)."""
   overrides = {} if image_size is None else {"model.image_size": image_size}
   if impl is not None:
-    overrides["model.attention_impl"] = impl
+    overrides["model.block.attention_impl"] = impl
   section = common.with_overrides(config, overrides).model
-  model_cfg, model = builders.build_model(section)
+  model_cfg, model = registry.build_model(section)
   size = model_cfg.image_size
   h, w = size if isinstance(size, tuple) else (size, size)
   if section.name == "image_gpt":

@@ -38,15 +38,17 @@ sys.path.insert(0, str(ROOT))
 
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_dict
 
 from experiments import plotting
+from experiments.configs import common as configs_common
 from experiments.configs import gpt_bytes
 from experiments.configs import vit_shapes
 from experiments.notebooks import common
 from jaxformer import analysis
+from jaxformer import tasks
 from jaxformer.data import synthetic
-from jaxformer.training import builders
+from jaxformer.data import vocab
+from jaxformer.models import registry
 
 FULL = os.environ.get("FULL") == "1"
 OUT = common.out_dir("attention_pictures")
@@ -67,7 +69,7 @@ summary = common.train_run(gpt_config, RUNS / "gpt")
 rows.append(dict(model="gpt_bytes", eval_loss=summary.get("eval_loss"),
                  seconds=round(summary["run_seconds"], 1)))
 model, params = common.trained_model(gpt_config, RUNS / "gpt")
-tokenizer = builders.build_tokenizer(gpt_config.data)
+tokenizer = vocab.build_tokenizer(gpt_config.data)
 
 snippet = "def add(a, b):\n    return a + b\n"
 ids = [tokenizer.bos_id] + tokenizer.encode(snippet)
@@ -102,7 +104,9 @@ rows.append(dict(model="vit_shapes", eval_loss=summary.get("eval_loss"),
                  seconds=round(summary["run_seconds"], 1)))
 vit_model, vit_params = common.trained_model(vit_config, RUNS / "vit")
 
-batch = next(builders.eval_iterator(vit_config.data, None, batch_size=64))
+vit_task = tasks.build_task(vit_config,
+                            model_config=registry.build_model(vit_config.model)[0])
+batch = next(vit_task.batches(batch_size=64, seed=0, train=False))
 picks = [int(np.flatnonzero(batch["labels"] == c)[0])
          for c in range(len(synthetic.SHAPES)) if np.any(batch["labels"] == c)]
 images = jnp.asarray(batch["image"][picks])
@@ -127,11 +131,11 @@ rows[-1]["rollout_on_bright_half"] = share
 # %%
 axial_config = common.with_overrides(vit_config, {})
 vm = vit_config.model
-axial_config.model = config_dict.ConfigDict(dict(
-    name="axial_classifier", image_size=vm.image_size, num_channels=vm.num_channels,
-    patch_size=1, num_classes=vm.num_classes, num_layers=max(vm.num_layers // 2, 1),
-    embed_dim=vm.embed_dim, num_heads=vm.num_heads, mlp_dim=vm.mlp_dim,
-    dtype=vm.dtype, param_dtype=vm.param_dtype))
+axial_config.model = configs_common.model(
+    "axial_classifier_tiny", image_size=(vm.image_size, vm.image_size),
+    num_channels=vm.num_channels, patch_size=1, num_classes=vm.num_classes,
+    num_layers=max(vm.num_layers // 2, 1), embed_dim=vm.embed_dim,
+    block={k: vm.block[k] for k in ("num_heads", "mlp_dim", "dtype", "param_dtype")})
 summary = common.train_run(axial_config, RUNS / "axial")
 rows.append(dict(model="axial_classifier", eval_loss=summary.get("eval_loss"),
                  eval_accuracy=summary.get("eval_accuracy"),

@@ -18,9 +18,10 @@ import jax
 from ml_collections import config_dict
 
 from experiments import plotting
-from jaxformer.training import builders
+from jaxformer import tasks
+from jaxformer.data import vocab
+from jaxformer.models import registry
 from jaxformer.training import loop
-from jaxformer.training import tasks as tasks_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -108,7 +109,7 @@ def load_params(workdir: str | os.PathLike[str]) -> Any:
 def trained_model(config: config_dict.ConfigDict, workdir: str | os.PathLike[str]
                   ) -> tuple[Any, Any]:
   """``(model, params)`` of a finished run of ``config`` in ``workdir``."""
-  _, model = builders.build_model(config.model)
+  _, model = registry.build_model(config.model)
   return model, load_params(workdir)
 
 
@@ -122,13 +123,13 @@ def evaluate(config: config_dict.ConfigDict, params: Any, *,
   metrics are averaged over ``num_batches`` (default ``train.eval_batches``) batches,
   weighted by their ``num_tokens``.
   """
-  _, model = builders.build_model(config.model)
-  tokenizer = builders.build_tokenizer(config.data)
+  model_cfg, model = registry.build_model(config.model)
+  tokenizer = vocab.build_tokenizer(config.data)
   options = {**dict(config.get("task_options") or {}), **dict(task_options or {})}
-  task = tasks_lib.get_task(config.task, options, tokenizer=tokenizer)
+  task = tasks.task_class(config.task)(config.data, options, tokenizer=tokenizer,
+                                       model_config=model_cfg)
   step = jax.jit(lambda p, b: task(model, p, b, None, True)[1])
-  batches = builders.eval_iterator(config.data, tokenizer,
-                                   batch_size=config.data.eval_batch_size)
+  batches = task.batches(batch_size=config.data.eval_batch_size, seed=0, train=False)
   totals: dict[str, float] = {}
   weight = 0.0
   for _ in range(num_batches or config.train.eval_batches):

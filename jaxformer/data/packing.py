@@ -36,6 +36,8 @@ import grain
 import numpy as np
 
 LM_FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
+# Consecutive empty documents after which a stream gives up (endless data of nothing).
+EMPTY_LIMIT = 10_000
 
 
 class PackedLMDataset(grain.IterDataset):
@@ -43,7 +45,7 @@ class PackedLMDataset(grain.IterDataset):
 
   def __init__(self, docs: grain.MapDataset, *, seq_len: int, batch_size: int,
                pad_id: int, pack: bool = True, streams: int | None = None,
-               drop_remainder: bool = False):
+               drop_remainder: bool = False, source_name: str = "the source"):
     """Args:
       docs: int32 arrays ``[BOS, t_1, ..., t_n, EOS]``, one per document.
       seq_len: slots per row ``L``.
@@ -53,6 +55,7 @@ class PackedLMDataset(grain.IterDataset):
       streams: number of document streams, in ``[1, batch_size]``; default
         ``batch_size``.
       drop_remainder: drop a final batch that has empty rows (finite data only).
+      source_name: names the source in the error for data without tokens.
     """
     super().__init__(docs)
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -69,12 +72,14 @@ class PackedLMDataset(grain.IterDataset):
     self._pack = pack
     self._streams = streams
     self._drop_remainder = drop_remainder
+    self._source_name = source_name
 
   def __iter__(self) -> PackedLMIterator:
     return PackedLMIterator(
         [self._docs[s::self._streams] for s in range(self._streams)],
         seq_len=self._seq_len, batch_size=self._batch_size, pad_id=self._pad_id,
-        pack=self._pack, drop_remainder=self._drop_remainder)
+        pack=self._pack, drop_remainder=self._drop_remainder,
+        source_name=self._source_name)
 
   def __str__(self) -> str:
     return (f"PackedLMDataset(seq_len={self._seq_len}, batch_size="
@@ -85,8 +90,10 @@ class PackedLMIterator(grain.DatasetIterator):
   """Iterator of :class:`PackedLMDataset`; yields dicts of numpy ``[B, L]`` arrays."""
 
   def __init__(self, streams: list[grain.MapDataset], *, seq_len: int,
-               batch_size: int, pad_id: int, pack: bool, drop_remainder: bool):
+               batch_size: int, pad_id: int, pack: bool, drop_remainder: bool,
+               source_name: str = "the source"):
     super().__init__()
+    self._source_name = source_name
     self._streams = streams
     self._lengths = [len(s) for s in streams]
     self._seq_len = seq_len
@@ -104,6 +111,7 @@ class PackedLMIterator(grain.DatasetIterator):
   def _current_doc(self, s: int) -> np.ndarray | None:
     """Stream ``s``'s current non-empty document, or None when it is exhausted."""
     doc = self._doc[s]
+    empty = 0
     while doc is None:
       if self._index[s] >= self._lengths[s]:
         return None
@@ -111,6 +119,11 @@ class PackedLMIterator(grain.DatasetIterator):
       if len(doc) < 3:  # [BOS, EOS]: an empty document.
         self._index[s] += 1
         doc = None
+        empty += 1
+        # Repeated data without a single token would be skipped forever.
+        if empty > EMPTY_LIMIT:
+          raise ValueError(f"{self._source_name} gives no tokens: {empty} documents "
+                           "in a row are empty (empty files or texts?)")
       self._doc[s] = doc
     return doc
 

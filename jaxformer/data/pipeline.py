@@ -87,6 +87,7 @@ class TokenizeDocument:
 
   def __call__(self, record: dict[str, Any]) -> np.ndarray:
     ids = self.tokenizer.encode_array(_get(record, self.text_key, "text_key"))
+    tok_lib.check_ids(ids, self.tokenizer.vocab_size, "token ids of a document")
     out = np.empty(len(ids) + 2, np.int32)
     out[0], out[1:-1], out[-1] = self.tokenizer.bos_id, ids, self.tokenizer.eos_id
     return out
@@ -112,7 +113,8 @@ def lm_dataset(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
   docs = docs.map(TokenizeDocument(tokenizer, text_key))
   return packing.PackedLMDataset(
       docs, seq_len=seq_len, batch_size=batch_size, pad_id=tokenizer.pad_id,
-      pack=pack, streams=streams, drop_remainder=drop_remainder)
+      pack=pack, streams=streams, drop_remainder=drop_remainder,
+      source_name=repr(source))
 
 
 def lm_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
@@ -204,7 +206,7 @@ def example_pipeline(source, transform: Callable[[dict[str, Any]], dict[str, Any
   Adds ``weights`` ``[B]`` (``example_weights`` if the examples have ``weights``):
   1.0 for real examples, 0.0 for rows padding a short last batch. The other pipelines
   below are this with a specific ``transform``; use it directly for sources whose
-  records are already arrays (e.g. :class:`jaxformer.objectives.nsp.NSPSource`).
+  records are already arrays (e.g. :class:`jaxformer.data.nsp_pairs.NSPSource`).
   """
   _check_common(source, batch_size=batch_size, seed=seed, shard_index=shard_index,
                 shard_count=shard_count, num_epochs=num_epochs, prefetch=prefetch)
@@ -229,6 +231,7 @@ class EncodeClassification:
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     ids = self.tokenizer.encode_array(_get(record, self.text_key, "text_key"))
+    tok_lib.check_ids(ids, self.tokenizer.vocab_size, "token ids of a text")
     if self.add_cls:
       ids = np.concatenate([np.asarray([self.tokenizer.cls_id], np.int32), ids])
     ids = ids[:self.seq_len]
@@ -308,9 +311,7 @@ def seq2seq_pipeline(source, tokenizer: tok_lib.Tokenizer, *, source_len: int,
 
   Both sides are tokenized with ``tokenizer``, truncated so that ``EOS`` fits and
   padded with ``[PAD]``; the decoder input is the target shifted right behind
-  ``[BOS]`` (teacher forcing, as
-  :func:`jaxformer.objectives.seq2seq.shift_right`). Common arguments: see the module
-  docstring.
+  ``[BOS]`` (teacher forcing). Common arguments: see the module docstring.
 
   Returns:
     An iterator of dicts::

@@ -8,8 +8,10 @@ A source is anything with ``__len__`` and ``__getitem__(i) -> dict`` (the interf
 ==================  ==============================================  ===================
 name                records                                         splits
 ==================  ==============================================  ===================
-stdlib              ``{"text": bytes}`` (embedded, no download)     train, validation
-text_files          ``{"text": bytes}`` (``path=`` file/dir/glob)   (ignored)
+stdlib_text         ``{"text": bytes}`` (embedded, no download)     train, validation
+stdlib_line_kinds   ``{"text", "label"}`` (3 kinds of stdlib lines) train, validation
+text_files          ``{"text": bytes}`` (``path=`` file/dir/glob)   train, validation
+                    (``validation_fraction=``; see ``local_text``)
 tiny_shakespeare    ``{"text"}`` (TFDS, one record per split)       train, validation, test
 lm1b                ``{"text"}`` (TFDS)                             train, test
 imdb_reviews        ``{"text", "label"}`` (TFDS)                    train, test, unsupervised
@@ -29,12 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
-import glob as glob_lib
 import os
 from typing import Any
 
 from jaxformer.data import embedded
+from jaxformer.data import line_kinds
+from jaxformer.data import local_text
 from jaxformer.data import synthetic
+from jaxformer.data.local_text import TextFilesSource
 
 TFDS_DATASETS = ("tiny_shakespeare", "lm1b", "imdb_reviews", "wmt14_translate/de-en",
                  "mnist", "cifar10")
@@ -89,56 +93,16 @@ def tfds_source(name: str, split: str, data_dir: str | None = None):
         + _prepare_hint(name, data_dir)) from None
 
 
-class TextFilesSource:
-  """Local text files as ``{"text": bytes}`` records, one per file (sorted paths).
-
-  Attributes:
-    paths: the files read, sorted.
-  """
-
-  def __init__(self, path_or_glob: str | os.PathLike[str]):
-    """Args: path_or_glob: a file, a directory (all files under it) or a glob."""
-    pattern = os.fspath(path_or_glob)
-    if os.path.isdir(pattern):
-      paths = [os.path.join(root, f) for root, _, files in os.walk(pattern)
-               for f in files]
-    elif os.path.isfile(pattern):
-      paths = [pattern]
-    else:
-      paths = [p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)]
-    self.paths = tuple(sorted(paths))
-    if not self.paths:
-      raise ValueError(f"path_or_glob={pattern!r} matches no files.")
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    with open(self.paths[int(index)], "rb") as f:
-      return {"text": f.read()}
-
-  def __repr__(self) -> str:
-    return f"TextFilesSource(files={len(self.paths)})"
-
-
 def text_files_source(path_or_glob: str | os.PathLike[str]) -> TextFilesSource:
-  """See :class:`TextFilesSource`."""
+  """Every file of a file, a folder or a glob as one record: :class:`TextFilesSource`."""
   return TextFilesSource(path_or_glob)
-
-
-def _stdlib(split: str, **options):
-  return embedded.stdlib_text_source(split, **options)
-
-
-def _text_files(split: str, *, path: str):
-  del split  # a folder of files is one split
-  return text_files_source(path)
 
 
 # name -> factory(split, **options). Plain dict: add entries here.
 SOURCES: dict[str, Callable[..., Any]] = {
-    "stdlib": _stdlib,
-    "text_files": _text_files,
+    "stdlib_text": embedded.stdlib_text_source,
+    "stdlib_line_kinds": line_kinds.LineKindSource,
+    "text_files": local_text.text_split_source,
     **{name: functools.partial(tfds_source, name) for name in TFDS_DATASETS},
     "reversal": synthetic.reversal_source,
     "shapes": synthetic.shapes_source,
@@ -151,10 +115,12 @@ def get_source(name: str, split: str = "train", **options: Any):
   Args:
     name: a key of :data:`SOURCES`.
     split: the split to read.
-    **options: passed to the factory (``data_dir=`` for TFDS names, ``path=`` for
-      ``text_files``, ``num_examples=``/``seed=`` for synthetic ones).
+    **options: passed to the factory (``data_dir=`` for TFDS names, ``path=`` and
+      ``validation_fraction=`` for ``text_files``, ``num_examples=``/``seed=`` for
+      synthetic ones).
   """
   if name not in SOURCES:
-    raise ValueError(f"Unknown source name {name!r}; valid: {sorted(SOURCES)}.")
+    raise ValueError(f"data.source={name!r} is not a known source; known: "
+                     f"{sorted(SOURCES)}")
   return SOURCES[name](split, **options)
 

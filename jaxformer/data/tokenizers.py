@@ -40,6 +40,18 @@ def _as_str(text: str | bytes) -> str:
   raise TypeError(f"text must be str or bytes, got {type(text).__name__}.")
 
 
+def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
+  """ValueError unless every id of ``ids`` is in ``[0, vocab_size)``.
+
+  Out-of-range ids would index past the embedding table (NaN or wrapped rows) inside
+  jit, where nothing can be checked: this is the check at the data's edge.
+  """
+  ids = np.asarray(ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    bad = ids[(ids < 0) | (ids >= vocab_size)].reshape(-1)[:5].tolist()
+    raise ValueError(f"{what} must be in [0, {vocab_size}), got {bad}.")
+
+
 class Tokenizer(abc.ABC):
   """The interface shared by all tokenizers."""
 
@@ -95,12 +107,13 @@ class Tokenizer(abc.ABC):
     return self.specials.all
 
   def _check_ids(self, ids: Iterable[int]) -> list[int]:
-    ids = [int(i) for i in np.asarray(list(ids) if not isinstance(ids, np.ndarray)
-                                      else ids).reshape(-1)]
-    bad = [i for i in ids if not 0 <= i < self.vocab_size]
-    if bad:
-      raise ValueError(f"ids must be in [0, {self.vocab_size}), got {bad[:5]}.")
-    return ids
+    array = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
+    if array.size and not (np.issubdtype(array.dtype, np.integer)
+                           or array.dtype == bool):
+      raise TypeError(f"ids must be integers, got dtype {array.dtype} "
+                      f"(e.g. {array.reshape(-1)[:3].tolist()}).")
+    check_ids(array, self.vocab_size, "ids")
+    return [int(i) for i in array.reshape(-1)]
 
 
 class ByteTokenizer(Tokenizer):

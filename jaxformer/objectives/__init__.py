@@ -1,7 +1,7 @@
 """Objectives: each ``loss(...)`` returns ``(loss, metrics)`` with float32 statistics.
 
-``causal_lm``, ``masked_lm`` (+ ``mask_tokens``), ``nsp`` (+ pair construction),
-``seq2seq`` (+ ``shift_right``, label smoothing), ``classification``.
+``causal_lm``, ``masked_lm`` (+ ``mask_tokens``), ``nsp``,
+``seq2seq`` (label smoothing), ``classification``.
 """
 
 from jaxformer.objectives import causal_lm

@@ -8,24 +8,6 @@ import jax.numpy as jnp
 from jaxformer.objectives import common
 
 
-def shift_right(targets_BL: jax.Array, *, bos_id: int) -> jax.Array:
-  """Teacher-forcing decoder inputs: ``[BOS, t_0, ..., t_{L-2}]`` per row.
-
-  Args:
-    targets_BL: ``[batch, length]`` target ids.
-    bos_id: the start token.
-
-  Returns:
-    ``[batch, length]`` int32 decoder inputs (the seq2seq pipeline's
-    ``decoder_inputs``, up to what follows the first padding).
-  """
-  if targets_BL.ndim != 2:
-    raise ValueError(f"targets_BL must be [batch, length], got {targets_BL.shape}.")
-  targets_BL = targets_BL.astype(jnp.int32)
-  bos = jnp.full((targets_BL.shape[0], 1), bos_id, jnp.int32)
-  return jnp.concatenate([bos, targets_BL[:, :-1]], axis=1)
-
-
 def loss(logits_BLV: jax.Array, targets_BL: jax.Array,
          weights_BL: jax.Array | None = None, *, pad_id: int | None = None,
          label_smoothing: float = 0.1) -> tuple[jax.Array, dict[str, jax.Array]]:

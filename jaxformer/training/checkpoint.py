@@ -10,11 +10,17 @@ killed mid-save resumes from the last complete checkpoint.
 * ``data``: the data iterator's ``get_state()`` (``JsonSave``; bytes are base64-coded).
   With several processes, each reads its own shard in lockstep; the saved state is
   process 0's position, which is the same for all processes.
-* ``config``: the run's config as JSON. Restoring compares its ``model`` section with
-  the current one and raises a ``ValueError`` naming every mismatching field.
+* ``config``: the run's config as JSON (the loop compares it with the new one on
+  resume, :mod:`jaxformer.training.resume_check`).
 
-SIGTERM (preemption, ``scancel``, ``kill``) only sets a flag (:class:`Preemption`); the
-loop notices it between steps, saves, waits for the write to finish and exits cleanly.
+A directory that cannot be written fails at once (not minutes later in orbax's writer
+thread); leftover ``*.orbax-checkpoint-tmp*`` directories of killed saves are removed at
+start. :meth:`Checkpointer.restore_latest` resumes from the newest checkpoint that
+restores completely, moving damaged newer ones aside (kept, under ``<dir>.damaged``).
+
+SIGTERM (preemption, ``scancel``, ``kill``) and SIGINT (Ctrl-C) only set a flag
+(:class:`Preemption`); the loop notices it between steps, saves, waits for the write to
+finish and exits cleanly. A second signal interrupts at once (``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -92,11 +101,13 @@ class Checkpointer:
     async_save: write in a background thread (call :meth:`wait` before reading or
       exiting; :meth:`close` waits too).
     check_sections: top-level config sections that must match on restore.
+    read_only: only read (e.g. another run's checkpoints): the directory is not
+      created, probed or cleaned of unfinished saves (which may be in flight).
   """
 
   def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int | None = 3,
                save_every: int = 1, async_save: bool = True,
-               check_sections: tuple[str, ...] = ("model",)):
+               check_sections: tuple[str, ...] = ("model",), read_only: bool = False):
     if save_every < 1:
       raise ValueError(f"save_every={save_every!r} must be >= 1")
     if max_to_keep is not None and max_to_keep < 1:
@@ -105,12 +116,19 @@ class Checkpointer:
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = save_every
     self.check_sections = check_sections
+    if jax.process_index() == 0 and not read_only:
+      _check_writable(os.fspath(self.directory))
+      _remove_tmp_dirs(os.fspath(self.directory))
+    if jax.process_count() > 1 and not read_only:
+      multihost_utils.sync_global_devices("jaxformer_checkpointer_init")
+    self._closed = False
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         ),
         item_names=("state", "data", "config"),
     )
@@ -184,16 +202,118 @@ class Checkpointer:
     data = _from_json(restored["data"] or {})
     return restored["state"], data.get("iterator")
 
+  def restore_latest(self, abstract_state: Any, *,
+                     check: Callable[[int, dict[str, Any]], None] | None = None,
+                     use: Callable[[Any, Any], None] | None = None
+                     ) -> tuple[int, Any, Any] | None:
+    """Restores the newest checkpoint that restores completely, or None if none exist.
+
+    A checkpoint whose config, state or data state cannot be read (a truncated array
+    file, a deleted ``state/``, bad JSON) is skipped with a warning naming it, and moved
+    to ``<directory>.damaged/<step>`` (kept for inspection; its step can be saved anew).
+
+    Args:
+      abstract_state: as for :meth:`restore`.
+      check: ``(step, stored config) -> None``, called before restoring; its errors
+        (e.g. a config mismatch) propagate - they are not damage.
+      use: ``(state, data_state) -> None``, called after restoring (e.g. setting the
+        data iterator); an error there counts as damage too.
+    Returns:
+      ``(step, state, data_state)``.
+    Raises:
+      ValueError: checkpoints exist but none restores (each one's error is named).
+    """
+    errors = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        stored = self.stored_config(step)
+        error = None
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      if not any_process(error is not None):
+        if check is not None:
+          check(step, stored)
+        try:
+          state, data_state = self.restore(step, abstract_state)
+          if use is not None:
+            use(state, data_state)
+        except Exception as e:  # pylint: disable=broad-except
+          error = e
+        if not any_process(error is not None):
+          return step, state, data_state
+      errors.append(f"step {step}: {type(error).__name__}: {error}"[:500])
+      self._move_aside(step, error)
+    if errors:
+      raise ValueError(f"no checkpoint in {self.directory} restores:\n  " +
+                       "\n  ".join(errors))
+    return None
+
+  def _move_aside(self, step: int, error: Exception | None) -> None:
+    src = os.path.join(os.fspath(self.directory), str(step))
+    dst = os.path.join(os.fspath(self.directory) + ".damaged",
+                       f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    log.warning("checkpoint %s does not restore (%s); skipped and moved to %s",
+                src, error or "failed on another process", dst)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxformer_move_aside_{step}")
+    self._manager.reload()
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight, then releases orbax's threads (idempotent)."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: don't let a second error from the writer hide the first
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      log.error("closing the checkpointer after an error failed too: %s", e)
+
+
+def _check_writable(directory: str) -> None:
+  """Creates ``directory`` and writes a probe file, or raises naming path and reason."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise ValueError(f"cannot write checkpoints to {directory}: "
+                     f"{e.strerror or e} ({e.filename or directory})") from e
+
+
+def _remove_tmp_dirs(directory: str) -> None:
+  """Removes ``*.orbax-checkpoint-tmp*`` left by saves that were killed (the workdir
+  lock guarantees that no other run is writing them)."""
+  for name in sorted(os.listdir(directory)):
+    if ".orbax-checkpoint-tmp" in name:
+      log.warning("removing %s, left by an unfinished save",
+                  os.path.join(directory, name))
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 class Preemption:
-  """A SIGTERM flag: the handler only records the request; the loop acts on it.
+  """A SIGTERM / SIGINT flag: the handler only records the request; the loop acts on it.
+
+  A second signal raises ``KeyboardInterrupt`` at once (for a user who will not wait).
+  Nested instances share the outer one's flag, so a signal that arrives before the loop
+  (e.g. while compiling) still stops the loop at its first step.
 
   Usage::
 
@@ -204,7 +324,7 @@ class Preemption:
           save; break
   """
 
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
     self._signals = signals
     self._previous: dict[int, Any] = {}
@@ -218,12 +338,18 @@ class Preemption:
 
   def _handler(self, signum, frame):
     del frame
-    log.warning("received signal %d: will save a checkpoint and exit", signum)
+    if self._event.is_set():
+      raise KeyboardInterrupt(f"second signal {signum}: stopping now")
+    log.warning("received signal %d: will save a checkpoint and exit (send it again "
+                "to stop at once)", signum)
     self._event.set()
 
   def __enter__(self) -> Preemption:
     if threading.current_thread() is threading.main_thread():
       for s in self._signals:
+        outer = getattr(signal.getsignal(s), "__self__", None)
+        if isinstance(outer, Preemption):
+          self._event = outer._event  # pylint: disable=protected-access
         self._previous[s] = signal.signal(s, self._handler)
     return self
 

@@ -55,7 +55,8 @@ def param_labels(params: Any, head: Sequence[str]) -> Any:
 def pretrained_step(workdir: str, step: int | None = None) -> int:
   """The checkpoint step to read in ``workdir`` (newest when ``step`` is None)."""
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=None, async_save=False)
+                                       max_to_keep=None, async_save=False,
+                                       read_only=True)
   try:
     steps = checkpointer.all_steps()
   finally:

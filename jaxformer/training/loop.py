@@ -1,68 +1,50 @@
 """The training loop: ``train(config, workdir) -> final metrics``.
 
-Builds mesh, model, data and state from the config; resumes exactly from the newest
-checkpoint in ``workdir`` (state *and* data iterator position); then runs
-``train_step`` ``config.train.num_steps`` times with periodic logging, held-out eval,
-checkpoints, SIGTERM handling, and a generated sample at the end. A task's extra eval
-(:data:`jaxformer.training.tasks.EXTRA_EVALS`, e.g. seq2seq BLEU) runs with each eval.
+Validates the config, then builds mesh, tokenizer, model, task, data and state;
+resumes exactly from the newest checkpoint in ``workdir`` (state *and* data iterator
+position); then runs ``train_step`` ``config.train.num_steps`` times with periodic
+logging, held-out eval, checkpoints, SIGTERM handling, and the task's sample at the
+end. Everything that depends on what is learned is the task's
+(:mod:`jaxformer.tasks`): the loop names no task.
 
 The host never waits for the device except at log/eval/checkpoint steps: step n+1 is
 dispatched before step n's metrics are read (and only at log steps).
+
+Around it: one run per workdir (:mod:`~jaxformer.training.workdir_lock`), the whole
+config checked on resume (:mod:`~jaxformer.training.resume_check`), a fallback past
+damaged checkpoints, metrics rows once each and in order, and a stop when the run
+diverges (:mod:`~jaxformer.training.divergence`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jaxformer.generation import decode as generation
-from jaxformer.training import builders
+from jaxformer import tasks as tasks_lib
+from jaxformer.data import vocab
+from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import distributed
+from jaxformer.training import divergence
 from jaxformer.training import finetune as finetune_lib
 from jaxformer.training import metrics_logger
 from jaxformer.training import optimizer as opt_lib
+from jaxformer.training import resume_check
 from jaxformer.training import sharding as sharding_lib
 from jaxformer.training import state as state_lib
 from jaxformer.training import steps as steps_lib
-from jaxformer.training import tasks as tasks_lib
+from jaxformer.training import workdir_lock
+from jaxformer.training.validate import validate_config
 
-BYTE_TOKENIZERS = ("bytes",)
-
-
-def _check_positive(section: Mapping[str, Any], names: tuple[str, ...],
-                    prefix: str) -> None:
-  for name in names:
-    value = section[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{prefix}.{name}={value!r} must be an int >= 1")
-
-
-def validate_config(config: Mapping[str, Any]) -> None:
-  """Cheap checks of the config, before any device work (ValueError naming fields)."""
-  for section in ("model", "data", "optimizer", "train", "sharding"):
-    if section not in config:
-      raise ValueError(f"config has no {section!r} section; it has "
-                       f"{sorted(config.keys())}")
-  _check_positive(config["train"], ("num_steps", "log_every", "eval_every",
-                                    "eval_batches", "checkpoint_every"), "train")
-  _check_positive(config["data"], ("batch_size", "eval_batch_size") + tuple(
-      k for k in ("seq_len", "source_len", "target_len") if k in config["data"]),
-                  "data")
-  max_len = config["model"].get("max_len")
-  if max_len is not None and config["data"].get("seq_len", 0) > max_len:
-    raise ValueError(f"data.seq_len={config['data']['seq_len']} exceeds "
-                     f"model.max_len={max_len}")
-  tasks_lib.get_task(config["task"], config.get("task_options"))
+__all__ = ["train", "validate_config", "Evaluator", "build_model"]
 
 
 def _config_json(config: Any) -> dict[str, Any]:
@@ -84,80 +66,39 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
       f.writelines(keep)
 
 
-def _host(tree: Any) -> Any:
-  """Device values -> numpy on every process (gathers non-addressable arrays)."""
-  if jax.process_count() > 1:
-    tree = multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
+def build_model(config: Mapping[str, Any], tokenizer: Any) -> tuple[Any, Any]:
+  """``(model_config, module)`` of ``config.model``; an unset ``model.vocab_size``
+  becomes the tokenizer's (a vocabulary fitted on the run's text)."""
+  section = dict(config["model"])
+  if tokenizer is not None and "vocab_size" in section:
+    if section["vocab_size"] is None:
+      section["vocab_size"] = tokenizer.vocab_size
+    elif section["vocab_size"] < tokenizer.vocab_size:
+      raise ValueError(f"model.vocab_size={section['vocab_size']} is smaller than "
+                       f"the tokenizer's vocabulary ({tokenizer.vocab_size})")
+  return registry.build_model(section)
 
 
 class Evaluator:
-  """Held-out metrics: ``eval_batches`` fixed batches, token-weighted means.
+  """Held-out metrics: ``eval_batches`` fixed batches, token-weighted means, plus the
+  task's own eval metrics (bits per byte, BLEU, ...) on the same batches."""
 
-  ``extra_eval`` (the task's, from :func:`jaxformer.training.tasks.get_extra_eval`)
-  gets the same host batches and adds its metrics (e.g. seq2seq ``bleu``).
-  """
-
-  def __init__(self, config: Mapping[str, Any], tokenizer: Any, eval_step: Any,
-               mesh: jax.sharding.Mesh, divisor: int,
-               extra_eval: steps_lib.ExtraEval | None = None):
-    self._data = config["data"]
-    self._tokenizer = tokenizer
+  def __init__(self, config: Mapping[str, Any], task: tasks_lib.Task, eval_step: Any,
+               runtime: tasks_lib.Runtime, divisor: int):
+    self._task = task
     self._eval_step = eval_step
-    self._mesh = mesh
-    self._extra_eval = extra_eval
+    self._runtime = runtime
     self._num_batches = config["train"]["eval_batches"]
-    self._batch = builders.per_process_batch(self._data["eval_batch_size"], divisor)
-    self._bytes = (self._data.get("tokenizer") in BYTE_TOKENIZERS
-                   and config["task"] == "causal_lm")
-    self._unigram: float | None = None
+    self._batch = sharding_lib.per_process_batch(
+        config["data"]["eval_batch_size"], divisor, "data.eval_batch_size")
 
   def __call__(self, params: Any) -> dict[str, float]:
-    it = builders.eval_iterator(self._data, self._tokenizer,
-                                batch_size=self._batch)
+    it = self._task.batches(batch_size=self._batch, seed=0, train=False)
     batches = [next(it) for _ in range(self._num_batches)]
-    outs = [self._eval_step(params, sharding_lib.shard_batch(b, self._mesh))
-            for b in batches]
-    metrics = steps_lib.reduce_eval_metrics(_host(outs))
-    if self._bytes and "nll" in metrics:
-      metrics["bits_per_byte"] = metrics["nll"] / math.log(2.0)
-      if self._unigram is None:
-        self._unigram = unigram_bits(batches)
-      metrics["unigram_bits_per_byte"] = self._unigram
-    if self._extra_eval is not None:
-      metrics.update(self._extra_eval(params, batches))
+    outs = [self._eval_step(params, self._runtime.shard(b)) for b in batches]
+    metrics = steps_lib.reduce_eval_metrics(self._runtime.to_host(outs))
+    metrics.update(self._task.eval_metrics(params, batches, metrics, self._runtime))
     return metrics
-
-
-def unigram_bits(batches: list[dict[str, np.ndarray]]) -> float:
-  """The unigram baseline, in bits per target token, of LM eval batches.
-
-  The entropy of the weighted empirical distribution of the batches' ``targets``: the
-  cross-entropy the best unigram model (one fitted on these very batches) would reach,
-  so a trained model's ``eval_bits_per_byte`` should fall clearly below it.
-  """
-  targets = np.concatenate([np.asarray(b["targets"]).reshape(-1) for b in batches])
-  weights = np.concatenate([np.asarray(b["weights"], np.float64).reshape(-1)
-                            for b in batches])
-  counts = np.bincount(targets, weights=weights)
-  p = counts[counts > 0] / counts.sum()
-  return float(-(p * np.log2(p)).sum())
-
-
-def sample_text(model: Any, params: Any, tokenizer: Any, *, prompt: str,
-                max_new_tokens: int, temperature: float, seed: int,
-                max_len: int) -> str:
-  """Generates a continuation of ``prompt`` with the model's KV cache."""
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  new = min(max_new_tokens, max_len - len(ids))
-  if new < 1:
-    return prompt
-  tokens_BT, lengths_B = generation.generate(
-      model, params, jnp.asarray([ids], jnp.int32), max_new_tokens=new,
-      rng=jax.random.key(seed), temperature=temperature,
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  tokens_BT, lengths_B = _host((tokens_BT, lengths_B))
-  return tokenizer.decode(np.asarray(tokens_BT[0, 1:int(lengths_B[0])]).tolist())
 
 
 def train(config: Any, workdir: str, *,
@@ -171,14 +112,30 @@ def train(config: Any, workdir: str, *,
     should_stop: optional ``steps_done -> bool``, checked after every step; True
       stops like a SIGTERM does (checkpoint, then return with ``preempted=True``).
   Returns:
-    ``{"step", "loss", "eval_loss", "eval_bits_per_byte" (byte tokenizers),
-    "eval_bleu" (seq2seq with ``train.bleu_batches > 0``), "step_time_ms",
-    "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
+    ``{"step", "loss", "eval_loss", the task's eval metrics ("eval_bits_per_byte",
+    "eval_bleu", ...), "step_time_ms",
+    "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``; a finished run
+    that is run again changes nothing and returns its ``summary.json``.
+  Raises:
+    workdir_lock.WorkdirLockedError: another run is using ``workdir``.
+    divergence.TrainingDivergedError: ``train.max_consecutive_skipped`` steps in a row
+      were skipped.
   """
   validate_config(config)
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
                                      config["data"]["batch_size"])
   distributed.maybe_initialize(config.get("distributed"))
+  os.makedirs(workdir, exist_ok=True)
+  # The lock, then resources closed whatever happens (the checkpointer waits for its
+  # save in flight): nothing below runs without them.
+  with workdir_lock.hold(workdir), ckpt_lib.Preemption(), \
+      contextlib.ExitStack() as resources:
+    return _train(config, workdir, should_stop=should_stop, resources=resources)
+
+
+def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | None,
+           resources: contextlib.ExitStack) -> dict[str, Any]:
+  """:func:`train` once the workdir is locked (``resources`` closes what it opens)."""
   tc = config["train"]
   dc = config["data"]
   num_steps = tc["num_steps"]
@@ -188,32 +145,36 @@ def train(config: Any, workdir: str, *,
   mesh = sharding_lib.make_mesh(tuple(sc["mesh_shape"]))
   rules = sharding_lib.make_rules(fsdp=sc.get("fsdp", True),
                                   tensor=sc.get("tensor", True))
-  model_cfg, model = builders.build_model(config["model"])
-  tokenizer = builders.build_tokenizer(dc)
-  vocab = getattr(model_cfg, "vocab_size", None)
-  if vocab is not None and tokenizer is not None and vocab < tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
-                     f"vocabulary ({tokenizer.vocab_size})")
-  task = tasks_lib.get_task(config["task"], config.get("task_options"),
-                            tokenizer=tokenizer)
-  extra_eval = tasks_lib.get_extra_eval(config, model=model, tokenizer=tokenizer,
-                                        mesh=mesh, rules=rules)
+  tokenizer = vocab.build_tokenizer(dc, workdir)
+  model_cfg, model = build_model(config, tokenizer)
+  # Every sharded dimension must divide its mesh axes: say which field, before tracing.
+  registry.check_shardable(config["model"]["name"], model_cfg,
+                           registry.logical_axis_sizes(rules, dict(mesh.shape)))
+  task = tasks_lib.build_task(config, tokenizer=tokenizer, model_config=model_cfg)
+  runtime = tasks_lib.Runtime(
+      model=model, shard=lambda batch: sharding_lib.shard_batch(batch, mesh),
+      to_host=sharding_lib.to_host,
+      activate=lambda: sharding_lib.activate(mesh, rules))
   finetune_cfg = config.get("finetune")
   opt_cfg = opt_lib.OptimizerConfig.from_mapping(config["optimizer"])
   tx = finetune_lib.wrap_optimizer(opt_lib.make_optimizer(opt_cfg, num_steps),
                                   finetune_cfg)
   schedule = opt_lib.make_schedule(opt_cfg,
                                    max(num_steps // opt_cfg.grad_accum_steps, 1))
+  guard = divergence.DivergenceGuard(tc.get(
+      "max_consecutive_skipped", divergence.DEFAULT_MAX_CONSECUTIVE_SKIPPED))
   divisor = sharding_lib.batch_divisor(mesh)
-  local_batch = builders.per_process_batch(dc["batch_size"], divisor)
-  seq_len = builders.example_length(dc, model_cfg)
+  local_batch = sharding_lib.per_process_batch(dc["batch_size"], divisor,
+                                               "data.batch_size")
+  seq_len = task.example_length()
 
   config_json = _config_json(config)
-  checkpointer = ckpt_lib.Checkpointer(
+  if "vocab_size" in config_json.get("model", {}):
+    config_json["model"]["vocab_size"] = getattr(model_cfg, "vocab_size", None)
+  checkpointer = resources.enter_context(ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=tc["keep_checkpoints"],
-      save_every=tc["checkpoint_every"], async_save=tc["async_checkpoint"])
-  train_it = builders.train_iterator(dc, tokenizer, batch_size=local_batch,
-                                     seed=tc["seed"])
+      save_every=tc["checkpoint_every"], async_save=tc["async_checkpoint"]))
+  train_it = task.batches(batch_size=local_batch, seed=tc["seed"], train=True)
   # Shapes for init: the first batch, then rewind (the data position is unchanged).
   data_start = train_it.get_state()
   init_batch = jax.tree.map(lambda x: np.zeros((divisor, *x.shape[1:]), x.dtype),
@@ -221,33 +182,40 @@ def train(config: Any, workdir: str, *,
   train_it.set_state(data_start)
 
   def init_fn(rng):
-    return tasks_lib.init_variables(model, task, init_batch, rng)
-  start = checkpointer.latest_step()
-  if start is None:
+    return model.init(rng, *task.model_inputs(init_batch))
+  changes: dict[str, Any] = {}   # resume_check's (harmless, allowed) config changes
+
+  def check(step, stored):
+    changes["harmless"], changes["allowed"] = resume_check.check_resume(
+        stored, config_json, where=f"checkpoint {step} in {workdir}")
+
+  def use_data_state(_, data_state):
+    if data_state is not None:
+      train_it.set_state(data_state)
+  restored = checkpointer.all_steps() and checkpointer.restore_latest(
+      state_lib.abstract_train_state(init_fn, tx, mesh, rules), check=check,
+      use=use_data_state)
+  if not restored:
     start = 0
     state, shardings = state_lib.create_train_state(
         init_fn, tx, jax.random.key(tc["seed"]), mesh, rules)
     state = finetune_lib.init_from_pretrained(state, shardings.params, finetune_cfg)
   else:
-    checkpointer.check_config(start, config_json)
+    start, state, _ = restored
     shardings = state_lib.state_shardings(init_fn, tx, mesh, rules)
-    abstract = state_lib.abstract_train_state(init_fn, tx, mesh, rules)
-    state, data_state = checkpointer.restore(start, abstract)
-    if data_state is not None:
-      train_it.set_state(data_state)
   train_step = steps_lib.make_train_step(
       model=model, task=task, tx=tx, opt_config=opt_cfg, mesh=mesh, rules=rules,
       shardings=shardings, schedule=schedule)
   eval_step = steps_lib.make_eval_step(
       model=model, task=task, mesh=mesh, rules=rules,
       param_shardings=shardings.params)
-  evaluate = Evaluator(config, tokenizer, eval_step, mesh, divisor, extra_eval)
+  evaluate = Evaluator(config, task, eval_step, runtime, divisor)
 
   # --- logging ----------------------------------------------------------------------
   logging_process = distributed.is_logging_process()
-  if logging_process and start > 0:
-    _truncate_metrics(workdir, start)
-  num_params = state_lib.count_params(state.params)
+  previous_row = metrics_logger.resume_metrics(workdir, start)[0] if (
+      logging_process) else {}
+  num_params = registry.num_params(model_cfg, state.params)  # without vocab padding
   tokens_per_step = dc["batch_size"] * seq_len
   flops_per_step = tokens_per_step * metrics_logger.flops_per_token(
       num_params=num_params, num_layers=getattr(model_cfg, "num_layers", 0),
@@ -259,6 +227,7 @@ def train(config: Any, workdir: str, *,
       peak_flops=None if peak is None else peak * jax.device_count(),
       enabled=logging_process, progress=tc.get("progress"),
       tensorboard=tc.get("tensorboard", True))
+  resources.callback(logger.close)
   logger.log_text(
       f"{type(model).__name__}: {num_params:,} params | mesh "
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
@@ -266,6 +235,10 @@ def train(config: Any, workdir: str, *,
       f"{seq_len} | " + (f"resuming at step {start}" if start else "from scratch"))
   if start == 0 and finetune_lib.describe(finetune_cfg):
     logger.log_text(finetune_lib.describe(finetune_cfg))
+  resume_check.log_changes(logger, start, changes, config)
+  if start >= num_steps:
+    return metrics_logger.finished_summary(logger, workdir, start, num_steps,
+                                           previous_row)
 
   # --- loop -------------------------------------------------------------------------
   multi = jax.process_count() > 1
@@ -282,8 +255,9 @@ def train(config: Any, workdir: str, *,
   def flush():
     nonlocal pending, last_row
     if pending is not None:
-      last_row = logger.log_train(pending[0], _host(pending[1]))
+      last_row = logger.log_train(pending[0], sharding_lib.to_host(pending[1]))
       pending = None
+      guard.check(last_row["step"], last_row["consecutive_skipped"])
 
   def run_eval():
     nonlocal eval_row, eval_step_done, eval_seconds
@@ -299,6 +273,7 @@ def train(config: Any, workdir: str, *,
       batch = sharding_lib.shard_batch(next(train_it), mesh)
       state, metrics = train_step(state, batch)
       step += 1
+      guard.update(step, metrics)
       flush()  # the previous log step's metrics: step n+1 is already dispatched
       if timed_from is None:
         jax.block_until_ready(metrics)  # compilation: keep it out of throughput
@@ -309,7 +284,8 @@ def train(config: Any, workdir: str, *,
         pending = (step, metrics)
       if step % tc["eval_every"] == 0 or step == num_steps:
         run_eval()
-      if checkpointer.should_save(step):  # (get_state only when saving)
+      if checkpointer.should_save(step) and guard.may_save(step, logger.log_text):
+        flush()  # the rows up to a checkpoint are on disk before it is
         checkpointer.save(step, state, data_state=train_it.get_state(),
                           config=config_json)
       stop = preempt.requested or (should_stop is not None and should_stop(step))
@@ -325,8 +301,9 @@ def train(config: Any, workdir: str, *,
   t_end = time.perf_counter()
   if eval_step_done != step and not preempted:
     run_eval()
-  checkpointer.save(step, state, data_state=train_it.get_state(),
-                    config=config_json, force=True)
+  if guard.may_save(step, logger.log_text):
+    checkpointer.save(step, state, data_state=train_it.get_state(),
+                      config=config_json, force=True)
   checkpointer.close()
 
   # --- summary ----------------------------------------------------------------------
@@ -334,7 +311,7 @@ def train(config: Any, workdir: str, *,
                              "num_params": num_params}
   summary["loss"] = last_row.get("loss")
   summary.update({k: v for k, v in eval_row.items() if k != "step"})
-  summary["skipped_steps"] = int(_host(state.skipped_steps))
+  summary["skipped_steps"] = int(sharding_lib.to_host(state.skipped_steps))
   if timed_from is not None and step > timed_from[0]:
     seconds = t_end - timed_from[1] - eval_seconds
     steps_timed = step - timed_from[0]
@@ -344,12 +321,10 @@ def train(config: Any, workdir: str, *,
       summary["mfu"] = (flops_per_step * steps_timed / seconds
                         / (peak * jax.device_count()))
   summary["wall_time_s"] = time.perf_counter() - t_begin
-  if not preempted and tc.get("sample_tokens", 0) > 0 and config["task"] == "causal_lm":
-    summary["sample"] = sample_text(
-        model, state.params, tokenizer, prompt=tc.get("sample_prompt", ""),
-        max_new_tokens=tc["sample_tokens"],
-        temperature=tc.get("sample_temperature", 1.0), seed=tc["seed"],
-        max_len=getattr(model_cfg, "max_len", seq_len))
+  if not preempted:
+    sample = task.sample(state.params, runtime, tc)
+    if sample is not None:
+      summary["sample"] = sample
   if logging_process:
     lines = [f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
              for k, v in summary.items() if k != "sample"]
@@ -358,6 +333,5 @@ def train(config: Any, workdir: str, *,
       logger.log_text(f"sample (prompt {tc.get('sample_prompt', '')!r}, temperature "
                       f"{tc.get('sample_temperature', 1.0)}):\n{summary['sample']}")
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
-  logger.close()
+      json.dump(metrics_logger.json_safe(summary), f, indent=2, allow_nan=False)
   return summary

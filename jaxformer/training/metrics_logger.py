@@ -10,12 +10,17 @@ MFU (model FLOP utilisation) = achieved model FLOP/s / peak FLOP/s of the device
 model FLOPs per token ``6 N + 12 n_layers d_model L`` (PaLM, appendix B: the matmul
 FLOPs of forward + backward, plus attention scores). Peak numbers are dense bf16
 tensor-core figures; on devices not in :data:`PEAK_FLOPS` (e.g. CPUs) MFU is omitted.
+
+Each step appears once, in order: on (re)start :func:`resume_metrics` drops the rows
+written after the checkpoint the run resumes from (all of them when there is none) and a
+partial last line left by a kill. NaN and infinities are written as JSON ``null``.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -24,6 +29,8 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 import jax
+
+log = logging.getLogger(__name__)
 
 # device_kind substring (lower case) -> dense bf16 peak FLOP/s per device.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -58,6 +65,55 @@ def flops_per_token(*, num_params: int, num_layers: int, width: int,
                     seq_len: int) -> float:
   """Training FLOPs per token: ``6 N + 12 n_layers d_model L`` (fwd + bwd)."""
   return 6.0 * num_params + 12.0 * num_layers * width * seq_len
+
+
+def json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+  """``row`` with non-finite floats as None (strict JSON has no NaN: they become null)."""
+  return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+          for k, v in row.items()}
+
+
+def resume_metrics(workdir: str, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Makes ``<workdir>/metrics.jsonl`` end at ``step``, the step a run (re)starts from.
+
+  Drops rows after ``step`` (written by a run that was killed before its next
+  checkpoint; all rows when ``step`` is 0), lines that are not JSON objects (a partial
+  last line from a kill), with a warning, and ``config_changes`` rows at ``step`` (the
+  resumed run records its own).
+
+  Returns:
+    The last kept train row (with ``loss``) and eval row (with ``eval_loss``), ``{}``
+    when there is none.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}, {}
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  keep, last_train, last_eval = [], {}, {}
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+      row_step = row["step"] if isinstance(row, dict) else None
+    except (json.JSONDecodeError, KeyError):
+      row_step = None
+    if not isinstance(row_step, int) or not line.endswith("\n"):
+      if line.strip():
+        log.warning("%s line %d is not a complete metrics row (a run killed while "
+                    "writing it?); dropped: %r", path, i + 1, line[:80])
+      continue
+    if row_step > step or (row_step == step and "config_changes" in row):
+      continue
+    keep.append(line)
+    if "loss" in row:
+      last_train = row
+    if "eval_loss" in row:
+      last_eval = row
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)  # a kill now leaves the old or the new file
+  return last_train, last_eval
 
 
 def _format_duration(seconds: float) -> str:
@@ -121,7 +177,7 @@ class MetricsLogger:
 
   def _write(self, row: Mapping[str, Any], prefix: str = "") -> None:
     if self._jsonl is not None:
-      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
       self._jsonl.flush()
     if self._tb is not None:
       step = int(row["step"])
@@ -190,6 +246,12 @@ class MetricsLogger:
       self._print(f"eval @ step {step}: {text}")
     return row
 
+  def log_row(self, row: Mapping[str, Any]) -> None:
+    """Writes a row that is neither train nor eval metrics (e.g. ``config_changes``)."""
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
+      self._jsonl.flush()
+
   def log_text(self, text: str) -> None:
     if self.enabled:
       self._print(text)
@@ -204,3 +266,25 @@ class MetricsLogger:
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
+
+
+def finished_summary(logger: MetricsLogger, workdir: str, start: int,
+                     num_steps: int, previous_row: dict[str, Any]) -> dict[str, Any]:
+  """A rerun of a finished run (checkpoint ``start`` >= ``num_steps``): says so, changes
+  nothing and returns its ``summary.json`` (written from ``previous_row``, the last
+  train row, if the run was killed before writing it)."""
+  logger.log_text(
+      f"nothing to do: {workdir} holds a finished run at step {start} "
+      f"(train.num_steps={num_steps}); raise train.num_steps to train on, or use "
+      "another --workdir")
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      summary = json.load(f)
+    if summary.get("step") == start:
+      return summary
+  summary = {"step": start, "preempted": False, "loss": previous_row.get("loss")}
+  if logger.enabled:
+    with open(path, "w", encoding="utf-8") as f:  # killed before writing it
+      json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+  return summary

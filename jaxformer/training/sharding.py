@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import axes
@@ -168,11 +169,19 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   }
 
 
-def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
-  """``with_sharding_constraint`` with a mesh-bound spec (inside jit)."""
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+def to_host(tree: Any) -> Any:
+  """Device values -> numpy on every process (gathers non-addressable arrays)."""
+  if jax.process_count() > 1:
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def constrain_batch(tree: Any, mesh: Mesh) -> Any:
-  """Constrains every leaf's leading axis to the batch axes (inside jit)."""
-  return jax.tree.map(lambda x: constrain(x, mesh, P(BATCH_AXES)), tree)
+def per_process_batch(global_batch: int, divisor: int, field: str) -> int:
+  """This process's share of the global batch ``field`` (ValueError naming it if the
+  process count or the mesh's ``data x fsdp`` size does not divide it)."""
+  count = jax.process_count()
+  if global_batch % count or global_batch % divisor:
+    raise ValueError(
+        f"{field}={global_batch} must be divisible by the process count ({count}) "
+        f"and by the mesh's data x fsdp size ({divisor}; sharding.mesh_shape)")
+  return global_batch // count

@@ -2,7 +2,7 @@
 
 ``train_step(state, batch) -> (state, metrics)`` and ``eval_step(params, batch) ->
 metrics`` are built by :func:`make_train_step` / :func:`make_eval_step` from a model, a
-*task* (the loss, see :mod:`jaxformer.training.tasks`) and an optimizer. They are
+*task* (the loss, see :mod:`jaxformer.tasks`) and an optimizer. They are
 jitted with explicit in/out shardings, the state is donated, and nothing in them talks
 to the host: metrics stay on device until the loop asks for them.
 
@@ -32,9 +32,6 @@ from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-# An optional per-task extra eval (see tasks.EXTRA_EVALS): ``(params, host eval
-# batches) -> {name: float}``, e.g. seq2seq BLEU.
-ExtraEval = Callable[[Any, list[dict[str, Any]]], dict[str, float]]
 
 
 class TaskFn(Protocol):

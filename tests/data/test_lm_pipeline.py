@@ -190,3 +190,34 @@ class LMPipelineTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="text_key"):
       next(pipeline.lm_pipeline(source, TOK, seq_len=8, batch_size=2, seed=0,
                                 text_key="body"))
+
+
+def test_data_without_tokens_is_an_error_naming_the_source(tmp_path):
+  """Issue 12 item 8: an endless pipeline over empty texts used to spin forever."""
+  from jaxformer.data import sources  # pylint: disable=g-import-not-at-top
+  (tmp_path / "empty.txt").write_bytes(b"")
+  source = sources.text_files_source(str(tmp_path / "empty.txt"))
+  it = pipeline.lm_pipeline(source, TOK, seq_len=8, batch_size=2, seed=0)
+  with pytest.raises(ValueError, match=r"empty\.txt.*gives no tokens"):
+    next(it)
+
+
+class _SmallVocab(tokenizers.ByteTokenizer):
+  """A tokenizer whose ids can fall outside its vocabulary (a broken one)."""
+
+  @property
+  def vocab_size(self) -> int:
+    return 100
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error():
+  source = [{"text": b"abc"}]   # bytes 97..99 < 100: fine
+  assert next(pipeline.lm_pipeline(source, _SmallVocab(), seq_len=4, batch_size=1,
+                                   seed=0))["inputs"].shape == (1, 4)
+  with pytest.raises(ValueError, match=r"token ids of a document must be in \[0, 100\)"):
+    next(pipeline.lm_pipeline([{"text": b"xyz"}], _SmallVocab(), seq_len=4,
+                              batch_size=1, seed=0))
+  with pytest.raises(ValueError, match=r"token ids of a text must be in \[0, 100\)"):
+    next(pipeline.classification_pipeline([{"text": b"xyz", "label": 0}],
+                                          _SmallVocab(), seq_len=4, batch_size=1,
+                                          seed=0, num_epochs=1))

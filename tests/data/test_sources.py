@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from jaxformer.data import line_kinds
 from jaxformer.data import pipeline
 from jaxformer.data import sources
 from jaxformer.data import synthetic
@@ -56,7 +57,7 @@ def test_text_files_source(tmp_path):
   (tmp_path / "b.txt").write_bytes("héllo".encode())
   (tmp_path / "sub" / "a.txt").write_bytes(b"world")
   (tmp_path / "c.md").write_bytes(b"md")
-  folder = sources.get_source("text_files", path=str(tmp_path))
+  folder = sources.text_files_source(str(tmp_path))
   assert [folder[i]["text"] for i in range(len(folder))] == [
       "héllo".encode(), b"md", b"world"]
   globbed = sources.text_files_source(str(tmp_path / "**" / "*.txt"))
@@ -68,9 +69,63 @@ def test_text_files_source(tmp_path):
 
 
 def test_registry():
-  assert len(sources.get_source("stdlib", "validation")) > 0
-  with pytest.raises(ValueError, match="Unknown source name 'nope'"):
+  assert len(sources.get_source("stdlib_text", "validation")) > 0
+  with pytest.raises(ValueError, match="data.source='nope' is not a known source"):
     sources.get_source("nope")
+
+
+def test_text_files_split_by_document(tmp_path):
+  for i in range(10):
+    (tmp_path / f"{i}.txt").write_bytes(b"doc %d" % i)
+  train = sources.get_source("text_files", "train", path=str(tmp_path),
+                             validation_fraction=0.2)
+  validation = sources.get_source("text_files", "validation", path=str(tmp_path),
+                                  validation_fraction=0.2)
+  assert [train[i]["text"] for i in range(len(train))] == [b"doc %d" % i
+                                                           for i in range(8)]
+  assert [validation[i]["text"] for i in range(2)] == [b"doc 8", b"doc 9"]
+  assert list(validation.texts()) == [b"doc 8", b"doc 9"]
+  with pytest.raises(ValueError, match="data.path is not set"):
+    sources.get_source("text_files", "train", path=None)
+  with pytest.raises(ValueError, match="validation_fraction=1.5"):
+    sources.get_source("text_files", "train", path=str(tmp_path),
+                       validation_fraction=1.5)
+
+
+def test_one_file_is_split_by_its_tail_and_read_as_random_windows(tmp_path):
+  text = "".join(f"line {i} é\n" for i in range(200)).encode()
+  (tmp_path / "book.txt").write_bytes(text)
+  kw = dict(path=str(tmp_path / "book.txt"), validation_fraction=0.1,
+            window_bytes=16, seed=3)
+  train = sources.get_source("text_files", "train", **kw)
+  validation = sources.get_source("text_files", "validation", **kw)
+  head, tail = next(train.texts()), next(validation.texts())
+  assert head + tail == text and abs(len(tail) - 0.1 * len(text)) < 4
+  tail.decode("utf-8")  # cut on a character boundary
+  # validation: the tail's consecutive windows, in order
+  assert b"".join(validation[i]["text"] for i in range(len(validation))) == tail
+  # train: random windows of the head, the same for the same index and seed
+  windows = [train[i]["text"] for i in range(50)]
+  assert all(len(w) == 16 and w in head for w in windows)
+  assert windows == [train[i]["text"] for i in range(50)]
+  starts = [head.index(w) for w in windows]
+  assert len(set(starts)) > 25 and starts != sorted(starts)  # not read in order
+  assert len(train) > 10**6
+
+
+def test_line_kind_source():
+  assert [line_kinds.line_kind(x) for x in
+          (b"# hi", b"def f():", b"class A:", b"x = 1", b"")] == [0, 1, 1, 2, None]
+  source = sources.get_source("stdlib_line_kinds", "validation", num_examples=30,
+                              max_files=20)
+  assert len(source) == 30
+  for i in range(30):
+    record = source[i]
+    assert record["label"] == i % 3
+    assert line_kinds.line_kind(record["text"]) == i % 3
+  assert source[4] == source[4]
+  with pytest.raises(IndexError):
+    source[30]
 
 
 def test_synthetic_sources_deterministic():

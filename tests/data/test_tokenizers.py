@@ -90,3 +90,16 @@ def test_sentencepiece_train_round_trip(tmp_path):
   assert reloaded.encode(text) == ids
   with pytest.raises(ValueError, match="does not exist"):
     tokenizers.SentencePieceTokenizer(tmp_path / "missing.model")
+
+
+def test_decode_rejects_floats_and_out_of_range_ids():
+  for tok in (tokenizers.ByteTokenizer(), tokenizers.CharTokenizer("ab")):
+    with pytest.raises(TypeError, match="integers"):
+      tok.decode([1.0, 2.0])
+    with pytest.raises(TypeError, match="integers"):
+      tok.decode(np.asarray([0.5]))
+    with pytest.raises(ValueError, match=r"in \[0, "):
+      tok.decode([tok.vocab_size])
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+      tok.decode([-1])
+    assert tok.decode(np.asarray([], np.int32)) == ""

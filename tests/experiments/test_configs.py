@@ -24,7 +24,9 @@ from experiments.configs import transformer_reversal
 from experiments.configs import vit_shapes
 from flax import traverse_util
 
-from jaxformer.training import builders
+from jaxformer import tasks
+from jaxformer.data import vocab
+from jaxformer.models import registry
 from jaxformer.training import finetune
 from jaxformer.training import loop
 
@@ -38,16 +40,15 @@ CONFIGS = {
 }
 
 # The smallest model of each kind (overrides of the tiny variant's model section).
+B = dict(num_heads=2, mlp_dim=32)
 SMALL = {
-    "bert_mlm": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_len=16),
+    "bert_mlm": dict(num_layers=1, embed_dim=16, max_len=16, block=B),
     "transformer_reversal": dict(num_encoder_layers=1, num_decoder_layers=1,
-                                 embed_dim=16, num_heads=2, mlp_dim=32),
-    "vit_shapes": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32,
-                       patch_size=4),
-    "image_gpt_shapes": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32),
-    "axial_shapes": dict(embed_dim=16, mlp_dim=32),
-    "imdb_finetune": dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32,
-                          max_len=16),
+                                 embed_dim=16, block=B),
+    "vit_shapes": dict(num_layers=1, embed_dim=16, patch_size=4, block=B),
+    "image_gpt_shapes": dict(num_layers=1, embed_dim=16, block=B),
+    "axial_shapes": dict(embed_dim=16, block=dict(mlp_dim=32)),
+    "imdb_finetune": dict(num_layers=1, embed_dim=16, max_len=16, block=B),
 }
 
 
@@ -113,7 +114,7 @@ def test_image_configs(tmp_path, name):
 
 def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   """From the bert_mlm checkpoint, body frozen: after training, the body is exactly
-  the pretrained one (see tests/training/finetune_test.py for step 0)."""
+  the pretrained one (see tests/training/test_finetune.py for step 0)."""
   pretrained_dir, _ = bert_mlm_run
   c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
   c.model.num_classes = 2
@@ -136,13 +137,14 @@ def test_real_size_config_reads_its_data(name):
   batch of its TFDS data (mocked), without compiling anything."""
   c = CONFIGS[name].get_config()
   loop.validate_config(c)
-  model_cfg = builders.model_config(c.model)
-  assert builders.example_length(c.data, model_cfg) >= 64
+  model_cfg, _ = registry.build_model(c.model)
+  tokenizer = vocab.build_tokenizer(c.data)
+  task = tasks.build_task(c, tokenizer=tokenizer, model_config=model_cfg)
+  assert task.example_length() >= 64
   if name == "bert_mlm":
     c.data.segment_separator = " "  # mock texts are random words, not sentences
-  tokenizer = builders.build_tokenizer(c.data)
   with tfds.testing.mock_data(num_examples=4):
-    batch = next(builders.train_iterator(c.data, tokenizer, batch_size=2, seed=0))
+    batch = next(task.batches(batch_size=2, seed=0, train=True))
   lead = {np.shape(v)[0] for v in batch.values()}
   assert lead == {2}
   if "seq_len" in c.data:

@@ -1,4 +1,5 @@
-"""Tests of experiments/benchmarks/nanogpt_cpu.py (nanoGPT vs. jaxformer on the CPU).
+"""Tests of experiments/benchmarks/nanogpt_cpu.py and nanogpt_torch.py (nanoGPT vs.
+jaxformer on the CPU).
 
 The helpers without torch run everywhere; everything that needs torch is skipped
 (``pytest.importorskip``) where torch is not installed: it is not a project dependency.
@@ -13,13 +14,14 @@ import numpy as np
 import pytest
 
 from experiments.benchmarks import nanogpt_cpu as nb
+from experiments.benchmarks import nanogpt_torch as nt
 
 
 def _tiny_config():
   """The tiny gpt_bytes variant with nanoGPT's 4x MLP (32 wide -> 128)."""
   config = nb.load_config("experiments/configs/gpt_bytes.py:tiny")
   with config.unlocked():
-    config.model.mlp_dim = 4 * config.model.embed_dim
+    config.model.block.mlp_dim = 4 * config.model.embed_dim
   return config
 
 
@@ -28,42 +30,42 @@ def _tiny_config():
 
 def test_nanogpt_lr_matches_nanogpt_get_lr():
   kw = dict(learning_rate=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=2000)
-  assert nb.nanogpt_lr(0, **kw) == pytest.approx(1e-3 / 101)
-  assert nb.nanogpt_lr(99, **kw) == pytest.approx(1e-3 * 100 / 101)
-  assert nb.nanogpt_lr(100, **kw) == pytest.approx(1e-3)
-  assert nb.nanogpt_lr(1050, **kw) == pytest.approx(0.5 * (1e-3 + 1e-4))
-  assert nb.nanogpt_lr(2000, **kw) == pytest.approx(1e-4)
-  assert nb.nanogpt_lr(2500, **kw) == pytest.approx(1e-4)
-  lrs = [nb.nanogpt_lr(i, **kw) for i in range(100, 2001)]
+  assert nt.nanogpt_lr(0, **kw) == pytest.approx(1e-3 / 101)
+  assert nt.nanogpt_lr(99, **kw) == pytest.approx(1e-3 * 100 / 101)
+  assert nt.nanogpt_lr(100, **kw) == pytest.approx(1e-3)
+  assert nt.nanogpt_lr(1050, **kw) == pytest.approx(0.5 * (1e-3 + 1e-4))
+  assert nt.nanogpt_lr(2000, **kw) == pytest.approx(1e-4)
+  assert nt.nanogpt_lr(2500, **kw) == pytest.approx(1e-4)
+  lrs = [nt.nanogpt_lr(i, **kw) for i in range(100, 2001)]
   assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
 def test_train_settings_follow_the_config():
   config = nb.load_config()
-  s = nb.TrainSettings.from_config(config, steps=7)
+  s = nt.TrainSettings.from_config(config, steps=7)
   assert (s.steps, s.learning_rate, s.warmup_steps, s.b2, s.grad_clip) == (
       7, 1e-3, 100, 0.99, 1.0)
   assert s.min_lr == pytest.approx(1e-4)
   assert s.eval_every == config.train.eval_every
   with pytest.raises(ValueError, match="attention"):
-    nb.TrainSettings(attention="flash")
+    nt.TrainSettings(attention="flash")
   with pytest.raises(ValueError, match="steps"):
-    nb.TrainSettings(steps=0)
+    nt.TrainSettings(steps=0)
 
 
 def test_model_section_mapping_and_rejections():
   config = nb.load_config()
-  cfg = nb.NanoGPTConfig.from_model_section(config.model)
+  cfg = nt.NanoGPTConfig.from_model_section(config.model)
   assert (cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
           cfg.bias) == (263, 64, 4, 4, 128, True)
   with pytest.raises(ValueError, match="mlp_dim"):
-    nb.NanoGPTConfig.from_model_section(nb.load_config(
+    nt.NanoGPTConfig.from_model_section(nb.load_config(
         "experiments/configs/gpt_bytes.py:tiny").model)   # 2x MLP: not nanoGPT
   rotary = dict(config.model, positions="rotary")
   with pytest.raises(ValueError, match="positions"):
-    nb.NanoGPTConfig.from_model_section(rotary)
+    nt.NanoGPTConfig.from_model_section(rotary)
   with pytest.raises(ValueError, match="n_head"):
-    nb.NanoGPTConfig(n_embd=130, n_head=4)
+    nt.NanoGPTConfig(n_embd=130, n_head=4)
 
 
 def test_window_means_and_timing_summary():
@@ -158,7 +160,7 @@ def test_data_iterators_are_ours():
 def test_param_count_equals_ours():
   pytest.importorskip("torch")
   for config in (nb.load_config(), _tiny_config()):
-    model = nb.NanoGPT(nb.NanoGPTConfig.from_model_section(config.model))
+    model = nt.NanoGPT(nt.NanoGPTConfig.from_model_section(config.model))
     assert model.num_params() == nb.ours_param_count(config)
   assert nb.ours_param_count(nb.load_config()) == 835_200
 
@@ -166,7 +168,7 @@ def test_param_count_equals_ours():
 def test_init_is_nanogpts():
   torch = pytest.importorskip("torch")
   torch.manual_seed(0)
-  model = nb.NanoGPT(nb.NanoGPTConfig())
+  model = nt.NanoGPT(nt.NanoGPTConfig())
   assert model.transformer.wte.weight is model.lm_head.weight
   cproj = model.transformer.h[0].attn.c_proj.weight
   assert float(cproj.detach().std()) == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
@@ -196,18 +198,18 @@ def test_same_function_as_our_gpt_given_the_same_params():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
-  from jaxformer.training import builders  # pylint: disable=g-import-not-at-top
+  from jaxformer.models import registry  # pylint: disable=g-import-not-at-top
   config = _tiny_config()
-  _, model = builders.build_model(config.model)
+  _, model = registry.build_model(config.model)
   # Any weights will do (and skip compiling init): random ones of our GPT's shapes.
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(1),
                                    jnp.zeros((1, 32), jnp.int32))["params"])
   rng = np.random.default_rng(2)
   params = jax.tree.map(
       lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), jnp.float32), shapes)
-  torch_model = nb.NanoGPT(nb.NanoGPTConfig.from_model_section(config.model,
+  torch_model = nt.NanoGPT(nt.NanoGPTConfig.from_model_section(config.model,
                                                                gelu="tanh"))
-  nb.load_jax_params(torch_model, params)
+  nt.load_jax_params(torch_model, params)
   batch = _packed_batch()
   apply = jax.jit(model.apply)
   ours_packed = np.asarray(apply(
@@ -216,9 +218,9 @@ def test_same_function_as_our_gpt_given_the_same_params():
       positions=jnp.asarray(batch["positions"])))
   ours_plain = np.asarray(apply({"params": params}, jnp.asarray(batch["inputs"])))
   with torch.no_grad():
-    tb = nb.to_torch_batch(batch, "segments")
+    tb = nt.to_torch_batch(batch, "segments")
     theirs_packed = torch_model(tb["inputs"], tb["positions"], tb["attn_mask"]).numpy()
-    tb = nb.to_torch_batch(batch, "causal")
+    tb = nt.to_torch_batch(batch, "causal")
     theirs_plain = torch_model(tb["inputs"], tb["positions"], tb["attn_mask"]).numpy()
   np.testing.assert_allclose(theirs_packed, ours_packed, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(theirs_plain, ours_plain, atol=1e-5, rtol=1e-5)
@@ -237,11 +239,11 @@ def test_weighted_loss_matches_ours():
   weights = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1]], np.float32)
   ours, _ = causal_lm.loss(jnp.asarray(logits), jnp.asarray(targets),
                            jnp.asarray(weights))
-  theirs = nb.weighted_loss(torch.from_numpy(logits),
+  theirs = nt.weighted_loss(torch.from_numpy(logits),
                             torch.from_numpy(targets.astype(np.int64)),
                             torch.from_numpy(weights))
   assert float(theirs) == pytest.approx(float(ours), rel=1e-5)
-  zero = nb.weighted_loss(torch.from_numpy(logits),
+  zero = nt.weighted_loss(torch.from_numpy(logits),
                           torch.from_numpy(targets.astype(np.int64)),
                           torch.zeros(2, 5))
   assert float(zero) == 0.0
@@ -252,12 +254,12 @@ def test_torch_trainer_smoke_and_learning():
   config = _tiny_config()
   with config.unlocked():
     config.train.eval_batches = 2
-  model_cfg = nb.NanoGPTConfig.from_model_section(config.model)
+  model_cfg = nt.NanoGPTConfig.from_model_section(config.model)
   train_it, evals = nb.data_iterators(config)
   try:
-    settings = nb.TrainSettings.from_config(config, steps=3, eval_every=2, threads=1,
+    settings = nt.TrainSettings.from_config(config, steps=3, eval_every=2, threads=1,
                                             log_every=1)
-    result = nb.train_torch(model_cfg, settings, train_it, evals, log=None)
+    result = nt.train_torch(model_cfg, settings, train_it, evals, log=None)
   finally:
     train_it.close()
   assert len(result["step_ms"]) == 3 and all(t > 0 for t in result["step_ms"])
@@ -266,9 +268,9 @@ def test_torch_trainer_smoke_and_learning():
   assert all(math.isfinite(e["eval_loss"]) for e in result["evals"])
   # Learning: one repeated batch, no warmup -> the loss falls.
   batch = evals[0]
-  settings = nb.TrainSettings(steps=8, learning_rate=1e-2, min_lr=1e-2,
+  settings = nt.TrainSettings(steps=8, learning_rate=1e-2, min_lr=1e-2,
                               warmup_steps=0, eval_every=8, threads=1)
-  result = nb.train_torch(model_cfg, settings, iter([batch] * 8), [batch], log=None)
+  result = nt.train_torch(model_cfg, settings, iter([batch] * 8), [batch], log=None)
   assert result["losses"][-1] < result["losses"][0] - 0.5
   assert result["evals"][-1]["eval_loss"] < result["losses"][0] - 0.5
 

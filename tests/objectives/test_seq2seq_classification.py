@@ -12,7 +12,7 @@ from jaxformer.objectives import classification
 from jaxformer.objectives import seq2seq
 import objectives_reference as reference  # same directory
 
-PAD, BOS = 0, 1
+PAD = 0
 
 
 class Seq2SeqLossTest(chex.TestCase, parameterized.TestCase):
@@ -32,12 +32,6 @@ class Seq2SeqLossTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(metrics["nll"], nll, rtol=1e-5)
     np.testing.assert_allclose(metrics["accuracy"], acc, rtol=1e-6)
     assert float(metrics["num_tokens"]) == total == 10
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_shift_right(self):
-    targets = jnp.asarray([[5, 6, 7, 0], [8, 0, 0, 0]], jnp.int32)
-    out = self.variant(lambda t: seq2seq.shift_right(t, bos_id=BOS))(targets)
-    np.testing.assert_array_equal(out, [[BOS, 5, 6, 7], [BOS, 8, 0, 0]])
 
   def test_needs_weights_or_pad(self):
     with pytest.raises(ValueError, match="pad_id"):

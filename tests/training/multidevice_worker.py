@@ -23,7 +23,7 @@ def _steps(mesh_shape, devices, *, num_steps=3):
   from jaxformer.training import sharding  # pylint: disable=g-import-not-at-top
   from jaxformer.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from jaxformer.training import steps  # pylint: disable=g-import-not-at-top
-  from jaxformer.training import tasks  # pylint: disable=g-import-not-at-top
+  from jaxformer import tasks  # pylint: disable=g-import-not-at-top
 
   model = gpt.GPT(gpt.gpt_tiny(num_layers=1))
   cfg = opt.OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
@@ -33,7 +33,7 @@ def _steps(mesh_shape, devices, *, num_steps=3):
   init_fn = lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32))
   state, shard = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh,
                                               rules)
-  step = steps.make_train_step(model=model, task=tasks.causal_lm_task, tx=tx,
+  step = steps.make_train_step(model=model, task=tasks.CausalLM({}), tx=tx,
                                opt_config=cfg, mesh=mesh, rules=rules,
                                shardings=shard)
   losses = []

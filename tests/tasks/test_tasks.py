@@ -1,5 +1,5 @@
-"""Tasks beyond causal LM (masked LM ± NSP, seq2seq, classification, image LMs), the
-task registry (options, init), and the tasks' data adapters.
+"""The tasks (masked LM ± NSP, seq2seq, classification, image LMs), their model inputs
+and the task registry (options, init).
 
 Most tests use a stand-in model whose ``apply`` returns logits held in ``params``, so
 the task's loss is checked against a float64 NumPy reference (and its gradient shows
@@ -22,10 +22,9 @@ from jaxformer.data import tokenizers
 from jaxformer.models import bert as bert_lib
 from jaxformer.models import image_gpt
 from jaxformer.models import axial_transformer
+from jaxformer import tasks
 from jaxformer.objectives import masked_lm
-from jaxformer.training import task_data
-from jaxformer.training import task_library
-from jaxformer.training import tasks
+from jaxformer.tasks import image_lm
 
 TOK = tokenizers.CharTokenizer("abcdefgh")  # 7 specials + 8 chars = 15 ids
 B, L, V = 3, 10, 16
@@ -45,6 +44,10 @@ class FixedLogits:
     if not self.outputs:
       return params["logits"]
     return {k: params[k] for k in self.outputs}
+
+
+def _task(name, options=None, cfg=None):
+  return tasks.TASKS[name]({}, options, tokenizer=TOK, model_config=cfg)
 
 
 def _ce64(logits, targets, weights, eps=0.0):
@@ -78,7 +81,7 @@ class MaskedLMTaskTest(parameterized.TestCase):
     logits = jax.random.normal(jax.random.key(1), (B, L, V))
     model = FixedLogits(outputs=("mlm_logits",))
     rng = jax.random.key(7)
-    task = tasks.get_task("masked_lm", {"mask_rate": 0.5}, tokenizer=TOK)
+    task = _task("masked_lm", {"mask_rate": 0.5})
 
     def loss_fn(lg):
       return task(model, {"mlm_logits": lg}, batch, rng, False)
@@ -104,28 +107,28 @@ class MaskedLMTaskTest(parameterized.TestCase):
     batch = _text_batch()
     model = FixedLogits(outputs=("mlm_logits",))
     params = {"mlm_logits": jnp.zeros((B, L, V))}
-    task = tasks.get_task("masked_lm", {"mask_rate": 0.5, "replace_mask": 1.0,
-                                        "replace_random": 0.0}, tokenizer=TOK)
+    task = _task("masked_lm", {"mask_rate": 0.5, "replace_mask": 1.0,
+                               "replace_random": 0.0})
     task(model, params, batch, None, True)
     task(model, params, batch, None, True)
     task(model, params, batch, jax.random.key(3), False)
-    (in_a,), kw_a = model.calls[0]
-    (in_b,), _ = model.calls[1]
-    (in_c,), _ = model.calls[2]
+    (in_a, _, mask_a), _ = model.calls[0]
+    (in_b, _, _), _ = model.calls[1]
+    (in_c, _, _), _ = model.calls[2]
     np.testing.assert_array_equal(in_a, in_b)             # eval: same masks
     self.assertFalse(np.array_equal(in_a, in_c))          # train: the step's key
     changed = np.asarray(in_a) != np.asarray(batch["inputs"])
     self.assertTrue(changed.any())
     np.testing.assert_array_equal(np.asarray(in_a)[changed], TOK.mask_id)
-    np.testing.assert_array_equal(kw_a["attention_mask"], batch["inputs_mask"])
+    np.testing.assert_array_equal(mask_a, batch["inputs_mask"])
 
   def test_nsp_adds_its_loss(self):
     batch = _text_batch()
     params = {"mlm_logits": jax.random.normal(jax.random.key(1), (B, L, V)),
               "nsp_logits": jnp.asarray([[2.0, -1.0], [0.5, 0.1], [-1.0, 1.0]])}
     model = FixedLogits(outputs=("mlm_logits", "nsp_logits"))
-    plain = tasks.get_task("masked_lm", None, tokenizer=TOK)
-    with_nsp = tasks.get_task("masked_lm", {"nsp": True}, tokenizer=TOK)
+    plain = _task("masked_lm", None)
+    with_nsp = _task("masked_lm", {"nsp": True})
     mlm_loss, _ = plain(model, params, batch, None, True)
     loss, metrics = with_nsp(model, params, batch, None, True)
     nsp_ref = _ce64(params["nsp_logits"], batch["nsp_label"], np.ones(B))
@@ -148,7 +151,7 @@ class OtherTasksTest(parameterized.TestCase):
              "decoder_inputs": jnp.zeros((B, L), jnp.int32),
              "targets": jnp.asarray(targets), "weights": jnp.asarray(weights)}
     logits = jax.random.normal(jax.random.key(2), (B, L, V))
-    task = tasks.get_task("seq2seq", {"label_smoothing": 0.1})
+    task = _task("seq2seq", {"label_smoothing": 0.1})
     loss, metrics = self.variant(
         lambda lg: task(FixedLogits(), {"logits": lg}, batch, None, True))(logits)
     np.testing.assert_allclose(loss, _ce64(logits, targets, weights, 0.1), rtol=1e-5)
@@ -170,22 +173,22 @@ class OtherTasksTest(parameterized.TestCase):
     else:
       batch["image"] = jnp.zeros((B, 4, 4, 1))
       model = FixedLogits()
-    task = tasks.get_task("classification")
+    task = _task("classification" if kind == "text" else "image_classification")
     loss, metrics = task(model, {"logits": jnp.asarray(logits)}, batch, None, True)
     np.testing.assert_allclose(loss, _ce64(logits, labels, weights), rtol=1e-5)
     self.assertEqual(float(metrics["num_tokens"]), 2.0)
     self.assertEqual(float(metrics["accuracy"]), 1.0)
 
   def test_grid_palette_and_quantize(self):
-    palette = task_library.grid_palette(3, 2)
+    palette = image_lm.grid_palette(3, 2)
     self.assertEqual(palette.shape, (9, 2))
     np.testing.assert_allclose(palette[5], [1.0, 0.5])     # 5 = 2 + 1 * 3
     images = jnp.asarray([[[[0.1, 0.9], [0.6, 0.3]]]])      # [1, 1, 2, 2]
-    ids = task_library.quantize_images(images, levels=3, num_clusters=9)
+    ids = image_lm.quantize_images(images, levels=3, num_clusters=9)
     # per channel round(x * 2): (0, 2) -> 0 + 2*3 = 6; (1, 1) -> 1 + 3 = 4
     np.testing.assert_array_equal(ids, [[[6, 4]]])
     with self.assertRaisesRegex(ValueError, "num_clusters"):
-      task_library.quantize_images(images, levels=4, num_clusters=9)
+      image_lm.quantize_images(images, levels=4, num_clusters=9)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_image_lm_predicts_next_pixel(self):
@@ -194,7 +197,7 @@ class OtherTasksTest(parameterized.TestCase):
     batch = {"image": images, "weights": jnp.asarray([1.0, 0.0])}
     logits = jax.random.normal(jax.random.key(1), (2, 16, 4))
     model = FixedLogits(config=cfg)
-    task = tasks.get_task("image_lm", {"levels": 4})
+    task = _task("image_lm", {"levels": 4}, cfg)
     loss, metrics = self.variant(
         lambda lg: task(model, {"logits": lg}, batch, None, True))(logits)
     ids = np.round(np.asarray(images)[..., 0] * 3).astype(np.int32).reshape(2, 16)
@@ -211,7 +214,7 @@ class OtherTasksTest(parameterized.TestCase):
     images = jax.random.uniform(jax.random.key(0), (2, 4, 4, 1))
     logits = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
     model = FixedLogits(config=cfg)
-    task = tasks.get_task("axial_lm", {"levels": 4})
+    task = _task("axial_lm", {"levels": 4}, cfg)
     loss, _ = task(model, {"logits": logits}, {"image": images}, None, True)
     ids = np.round(np.asarray(images)[..., 0] * 3).astype(np.int32)
     (inputs,), _ = model.calls[-1]
@@ -223,53 +226,32 @@ class OtherTasksTest(parameterized.TestCase):
 
 class RegistryTest(parameterized.TestCase):
 
-  def test_get_task_options(self):
-    self.assertIs(tasks.get_task("causal_lm"), tasks.TASKS["causal_lm"])
+  def test_task_options_and_names(self):
+    self.assertIs(tasks.task_class("causal_lm"), tasks.TASKS["causal_lm"])
     with self.assertRaisesRegex(ValueError, r"\['masking'\].*masked_lm"):
-      tasks.get_task("masked_lm", {"masking": 0.1})
+      tasks.check_task({"task": "masked_lm", "task_options": {"masking": 0.1}})
     with self.assertRaisesRegex(ValueError, "not a known task.*masked_lm"):
-      tasks.get_task("mlm")
-    task = tasks.get_task("masked_lm", {"nsp": True}, tokenizer=TOK)
-    self.assertEqual(task.keywords, {"nsp": True, "tokenizer": TOK})
+      tasks.task_class("mlm")
+    task = _task("masked_lm", {"nsp": True})
+    self.assertEqual(task.options, dict(nsp=True, mask_rate=0.15, replace_mask=0.8,
+                                        replace_random=0.1))
 
-  def test_init_variables_matches_model_init(self):
+  def test_init_from_model_inputs_matches_model_init(self):
     cfg = bert_lib.bert_tiny(vocab_size=16, mlm_head=True, num_layers=1)
     model = bert_lib.BERT(cfg)
     batch = jax.tree.map(jnp.asarray, _text_batch())
-    task = tasks.get_task("masked_lm", None, tokenizer=TOK)
-    got = tasks.init_variables(model, task, batch, jax.random.key(4))
+    task = _task("masked_lm")
+    got = model.init(jax.random.key(4), *task.model_inputs(batch))
     want = model.init(jax.random.key(4), batch["inputs"])
     chex.assert_trees_all_equal(got, want)
 
-
-class TaskDataTest(parameterized.TestCase):
-
-  def test_segment_documents(self):
-    tok = tokenizers.ByteTokenizer()
-    source = [{"text": b"a b. c d. e"}, {"text": "f g. "}, {"text": b""}]
-    docs = task_data.segment_documents(source, tok, separator=". ",
-                                       max_segment_tokens=2, max_documents=3)
-    self.assertEqual([[tok.decode(s) for s in d] for d in docs],
-                     [["a ", "c ", "e"], ["f "]])
-    docs = task_data.segment_documents(source, tok, separator=". ",
-                                       max_segment_tokens=9, max_documents=3,
-                                       max_segments=2)
-    self.assertEqual([[tok.decode(s) for s in d] for d in docs],
-                     [["a b", "c d"], ["f g"]])
-    with self.assertRaisesRegex(ValueError, "NSP needs"):
-      task_data.segment_documents(source, tok, separator=". ", max_segment_tokens=9,
-                                  max_documents=3, max_segments=1)
-
-  def test_line_kind_source(self):
-    self.assertEqual([task_data.line_kind(x) for x in
-                      (b"# hi", b"def f():", b"class A:", b"x = 1", b"")],
-                     [0, 1, 1, 2, None])
-    source = task_data.LineKindSource("validation", num_examples=30, max_files=20)
-    self.assertLen(source, 30)
-    for i in range(30):
-      record = source[i]
-      self.assertEqual(record["label"], i % 3)
-      self.assertEqual(task_data.line_kind(record["text"]), i % 3)
-    self.assertEqual(source[4], source[4])
-    with pytest.raises(IndexError):
-      source[30]
+  def test_causal_lm_model_inputs_and_bits_per_byte(self):
+    batch = {"inputs": np.ones((2, 4), np.int32), "targets": np.ones((2, 4), np.int32),
+             "weights": np.ones((2, 4), np.float32)}
+    task = tasks.TASKS["causal_lm"]({"seq_len": 4}, None,
+                                    tokenizer=tokenizers.ByteTokenizer())
+    self.assertEqual(task.model_inputs(batch)[1:], (None, None))
+    extra = task.eval_metrics(None, [batch], {"nll": np.log(2.0)}, None)
+    self.assertEqual(extra, {"bits_per_byte": 1.0, "unigram_bits_per_byte": 0.0})
+    chars = tasks.TASKS["causal_lm"]({"seq_len": 4}, None, tokenizer=TOK)
+    self.assertEqual(chars.eval_metrics(None, [batch], {"nll": 1.0}, None), {})

@@ -90,6 +90,7 @@ def test_metrics_files_summary_and_sample(tmp_path):
 
 
 def test_unigram_bits_matches_numpy_entropy():
+  from jaxformer.tasks import causal_lm  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   batches = [dict(targets=rng.integers(0, 5, (2, 7)),
                   weights=(rng.random((2, 7)) > 0.3).astype(np.float32))
@@ -98,18 +99,18 @@ def test_unigram_bits_matches_numpy_entropy():
   w = np.concatenate([b["weights"].ravel() for b in batches]).astype(np.float64)
   p = np.array([w[t == k].sum() for k in range(5)]) / w.sum()
   p = p[p > 0]
-  np.testing.assert_allclose(loop.unigram_bits(batches), -(p * np.log2(p)).sum(),
+  np.testing.assert_allclose(causal_lm.unigram_bits(batches), -(p * np.log2(p)).sum(),
                              rtol=1e-12)
   uniform = [dict(targets=np.arange(8).reshape(1, 8), weights=np.ones((1, 8)))]
-  np.testing.assert_allclose(loop.unigram_bits(uniform), 3.0, rtol=1e-12)
+  np.testing.assert_allclose(causal_lm.unigram_bits(uniform), 3.0, rtol=1e-12)
 
 
 def test_changed_model_config_is_rejected(tmp_path):
   config = th.tiny_config(num_steps=1)
   loop.train(config, str(tmp_path))
-  config.model.num_heads = 4
+  config.model.block.num_heads = 4
   config.train.num_steps = 4  # not a model field: allowed to change
-  with pytest.raises(ValueError, match=r"model\.num_heads: checkpoint 2 != config 4"):
+  with pytest.raises(ValueError, match=r"model\.block\.num_heads: 2 -> 4"):
     loop.train(config, str(tmp_path))
 
 
@@ -117,6 +118,11 @@ def test_changed_model_config_is_rejected(tmp_path):
     ("train", "num_steps", 0, r"train\.num_steps=0"),
     ("data", "seq_len", 64, r"data\.seq_len=64 exceeds model\.max_len=16"),
     ("train", "log_every", -1, r"train\.log_every"),
+    ("train", "keep_checkpoints", 0, r"train\.keep_checkpoints=0"),
+    ("data", "eval_batch_size", 0, r"data\.eval_batch_size=0"),
+    ("sharding", "mesh_shape", (2, 2), r"sharding\.mesh_shape=\(2, 2\)"),
+    ("data", "tokenizer", "words", r"data\.tokenizer='words'"),
+    ("data", "source", "nope", r"data\.source='nope'"),
 ])
 def test_validate_config(section, field, value, match):
   config = th.tiny_config()
@@ -130,11 +136,22 @@ def test_unknown_task_and_model_field():
   config.task = "nope"
   with pytest.raises(ValueError, match="task='nope'"):
     loop.validate_config(config)
-  from jaxformer.training import builders  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match="num_layer"):
-    builders.model_config({"name": "gpt", "num_layer": 2})
+  config = th.tiny_config()
+  config.model.block.num_heads = 0
+  with pytest.raises(ValueError, match=r"model\.block\.num_heads=0"):
+    loop.validate_config(config)
+  config = th.tiny_config()
+  config.model.name = "bert2"
   with pytest.raises(ValueError, match="model.name='bert2'"):
-    builders.model_config({"name": "bert2"})
+    loop.validate_config(config)
+
+
+def test_invalid_config_creates_no_workdir(tmp_path):
+  config = th.tiny_config()
+  config.data.eval_batch_size = 0
+  with pytest.raises(ValueError, match="data.eval_batch_size"):
+    loop.train(config, str(tmp_path / "never"))
+  assert not os.path.exists(tmp_path / "never")
 
 
 @pytest.mark.slow

@@ -1,18 +1,23 @@
 """Checkpoints: sharded round trip, iterator state, keep-N, save cadence, half-written
-directories ignored, config mismatches named, SIGTERM flag."""
+directories ignored and cleaned, config mismatches named, fallback past damaged
+checkpoints, an unwritable directory failing fast, SIGTERM / SIGINT flag."""
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 import signal
 import tempfile
 import threading
+import time
 
 import chex
 import jax
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import optimizer as opt
@@ -41,7 +46,7 @@ def _state():
   return state, state_lib.abstract_train_state(init_fn, tx, mesh, rules)
 
 
-class CheckpointerTest(chex.TestCase):
+class CheckpointerTest(parameterized.TestCase):
 
   def test_round_trip_state_data_and_sharding(self):
     state, abstract = _state()
@@ -90,7 +95,10 @@ class CheckpointerTest(chex.TestCase):
     os.makedirs(os.path.join(tmp, "state"))
     with open(os.path.join(tmp, "state", "garbage"), "w") as f:
       f.write("not a checkpoint")
-    ck = ckpt_lib.Checkpointer(d)
+    with self.assertLogs(ckpt_lib.log, logging.WARNING) as logs:
+      ck = ckpt_lib.Checkpointer(d)
+    self.assertIn("4.orbax-checkpoint-tmp-1234567", logs.output[0])
+    self.assertFalse(os.path.exists(tmp))  # cleaned at start
     self.assertEqual(ck.latest_step(), 2)
     self.assertEqual(ck.all_steps(), [2])
     restored, _ = ck.restore(ck.latest_step(), abstract)
@@ -129,6 +137,112 @@ class CheckpointerTest(chex.TestCase):
     self.assertNotIn("num_steps", str(cm.exception))
     ck.close()
 
+  @parameterized.parameters("truncated_array", "deleted_state", "bad_data_json",
+                            "bad_config_json", "use_fails")
+  def test_restore_latest_falls_back_past_a_damaged_checkpoint(self, damage):
+    state, abstract = _state()
+    d = _tmpdir(self)
+    with ckpt_lib.Checkpointer(os.path.join(d, "ck"), max_to_keep=None) as ck:
+      for step in (1, 2):
+        ck.save(step, state.replace(step=state.step + step),
+                data_state={"position": step}, config=CONFIG)
+    step2 = os.path.join(d, "ck", "2")
+    if damage == "truncated_array":
+      files = [f for f in glob.glob(os.path.join(step2, "state", "**", "*"),
+                                    recursive=True)
+               if os.path.isfile(f) and "d/" in f.replace(os.sep, "/")]
+      self.assertNotEmpty(files)
+      for f in files:
+        with open(f, "r+b") as fh:
+          fh.truncate(os.path.getsize(f) // 2)
+    elif damage == "deleted_state":
+      shutil.rmtree(os.path.join(step2, "state"))
+    elif damage in ("bad_data_json", "bad_config_json"):
+      item = damage.split("_")[1]
+      for f in glob.glob(os.path.join(step2, item, "*")):
+        with open(f, "w") as fh:
+          fh.write("{not json")
+    used = []
+
+    def use(restored_state, data_state):
+      if damage == "use_fails" and data_state["position"] == 2:
+        raise ValueError("iterator state from another pipeline")
+      used.append(data_state)
+    ck = ckpt_lib.Checkpointer(os.path.join(d, "ck"))
+    with self.assertLogs(ckpt_lib.log, logging.WARNING) as logs:
+      step, restored, data_state = ck.restore_latest(abstract, use=use)
+    self.assertEqual((step, data_state, used), (1, {"position": 1}, [data_state]))
+    self.assertEqual(int(restored.step), int(state.step) + 1)
+    self.assertIn(step2, logs.output[-1])
+    moved = glob.glob(os.path.join(d, "ck.damaged", "2-*"))
+    self.assertLen(moved, 1)  # kept for inspection, not deleted
+    self.assertEqual(ck.all_steps(), [1])
+    self.assertTrue(ck.save(2, state, config=CONFIG))  # the step can be saved anew
+    ck.close()
+
+  def test_restore_latest_none_restores_or_none_exist(self):
+    state, abstract = _state()
+    d = _tmpdir(self)
+    with ckpt_lib.Checkpointer(d) as ck:
+      self.assertIsNone(ck.restore_latest(abstract))
+      ck.save(3, state, config=CONFIG)
+    shutil.rmtree(os.path.join(d, "3", "state"))
+    with ckpt_lib.Checkpointer(d) as ck:
+      with self.assertRaisesRegex(ValueError, "no checkpoint in .* restores:\n  step 3"):
+        ck.restore_latest(abstract)
+
+  def test_restore_latest_check_errors_are_not_damage(self):
+    state, abstract = _state()
+    d = _tmpdir(self)
+    with ckpt_lib.Checkpointer(d) as ck:
+      ck.save(3, state, config=CONFIG)
+
+    def check(step, stored):
+      raise ValueError(f"config of {step} differs: {stored['train']}")
+    with ckpt_lib.Checkpointer(d) as ck:
+      with self.assertRaisesRegex(ValueError, "config of 3 differs"):
+        ck.restore_latest(abstract, check=check)
+      self.assertEqual(ck.all_steps(), [3])  # not moved aside
+
+  def test_unwritable_directory_fails_at_once_naming_path_and_reason(self):
+    d = _tmpdir(self)
+    blocker = os.path.join(d, "checkpoints")
+    with open(blocker, "w") as f:
+      f.write("a file, not a directory")
+    t0 = time.perf_counter()
+    with self.assertRaisesRegex(ValueError, f"cannot write checkpoints to {blocker}: "
+                                "(File exists|Not a directory)"):
+      ckpt_lib.Checkpointer(blocker)
+    with self.assertRaisesRegex(ValueError, "Not a directory"):
+      ckpt_lib.Checkpointer(os.path.join(blocker, "sub"))
+    self.assertLess(time.perf_counter() - t0, 5)
+
+  def test_read_only_leaves_unfinished_saves_alone(self):
+    state, _ = _state()
+    d = _tmpdir(self)
+    with ckpt_lib.Checkpointer(d) as ck:
+      ck.save(1, state)
+    in_flight = os.path.join(d, "2.orbax-checkpoint-tmp-99")  # another run's save
+    os.makedirs(in_flight)
+    with ckpt_lib.Checkpointer(d, read_only=True) as ck:
+      self.assertEqual(ck.all_steps(), [1])
+    self.assertTrue(os.path.isdir(in_flight))
+    ckpt_lib.Checkpointer(os.path.join(d, "nowhere"), read_only=True).close()
+    self.assertFalse(os.path.exists(os.path.join(d, "nowhere")))
+
+  def test_close_is_idempotent_and_the_context_closes(self):
+    state, _ = _state()
+    d = _tmpdir(self)
+    with ckpt_lib.Checkpointer(d) as ck:
+      ck.save(1, state)
+    self.assertEqual(ck.all_steps(), [1])  # closed: the async save was waited for
+    ck.close()
+    with self.assertRaises(RuntimeError):
+      with ckpt_lib.Checkpointer(d) as ck:
+        ck.save(2, state)
+        raise RuntimeError("the loop failed")
+    self.assertEqual(ckpt_lib.Checkpointer(d).all_steps(), [1, 2])
+
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "save_every"):
       ckpt_lib.Checkpointer(_tmpdir(self), save_every=0)
@@ -155,6 +269,19 @@ class PreemptionTest(chex.TestCase):
       os.kill(os.getpid(), signal.SIGTERM)
       self.assertTrue(p.requested)
     self.assertIs(signal.getsignal(signal.SIGTERM), before)
+
+  def test_sigint_like_sigterm_second_signal_interrupts_nested_share_flag(self):
+    if threading.current_thread() is not threading.main_thread():
+      self.skipTest("signal handlers can only be installed from the main thread")
+    before = signal.getsignal(signal.SIGINT)
+    with ckpt_lib.Preemption() as outer:
+      os.kill(os.getpid(), signal.SIGINT)  # e.g. Ctrl-C while compiling
+      self.assertTrue(outer.requested)
+      with ckpt_lib.Preemption() as inner:
+        self.assertTrue(inner.requested)  # the loop sees it
+        with self.assertRaises(KeyboardInterrupt):
+          os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: stop now
+    self.assertIs(signal.getsignal(signal.SIGINT), before)
 
   def test_any_process_single(self):
     self.assertTrue(ckpt_lib.any_process(True))

@@ -1,4 +1,4 @@
-"""BLEU at eval time for seq2seq runs (jaxformer/training/seq2seq_eval.py).
+"""BLEU at eval time for seq2seq runs (jaxformer/tasks/seq2seq.py).
 
 A tiny random ``EncoderDecoder`` decodes a few sources once, independently, with
 ``generate_seq2seq``; batches whose references *are* those outputs must score BLEU 100,
@@ -20,9 +20,9 @@ from jaxformer.data import tokenizers
 from jaxformer.generation import metrics as gen_metrics
 from jaxformer.generation import seq2seq as seq2seq_gen
 from jaxformer.models import encoder_decoder
-from jaxformer.training import seq2seq_eval
+from jaxformer import tasks
+from jaxformer.tasks import seq2seq as seq2seq_eval
 from jaxformer.training import sharding
-from jaxformer.training import tasks
 
 TOK = tokenizers.CharTokenizer("abcdefghij")   # 7 specials + 10 chars = 17 ids
 SOURCE_LEN, TARGET_LEN = 6, 8                  # batch lengths
@@ -55,10 +55,11 @@ def _never_special(params):
 
 @pytest.fixture(scope="module")
 def setup():
-  """``(model, params, mesh, rules, hyps)``: hyps = greedy outputs of SOURCES."""
-  model = encoder_decoder.EncoderDecoder(encoder_decoder.transformer_tiny(
+  """``(runtime, params, model_config, hyps)``: hyps = greedy outputs of SOURCES."""
+  cfg = encoder_decoder.transformer_tiny(
       vocab_size=TOK.vocab_size, max_len=MAX_LEN, num_encoder_layers=1,
-      num_decoder_layers=1, norm="pre", tie_output=False))
+      num_decoder_layers=1, norm="pre", tie_output=False)
+  model = encoder_decoder.EncoderDecoder(cfg)
   params = _never_special(jax.jit(lambda key: model.init(
       key, jnp.zeros((1, SOURCE_LEN), jnp.int32),
       jnp.zeros((1, MAX_LEN), jnp.int32))["params"])(jax.random.key(1)))
@@ -71,14 +72,17 @@ def setup():
   # Never stops early (so char 4-grams exist), and the outputs depend on the source.
   assert all(len(h) == MAX_LEN for h in hyps) and len(set(hyps)) > 1, hyps
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  return model, params, mesh, sharding.make_rules(), hyps
+  rules = sharding.make_rules()
+  runtime = tasks.Runtime(model=model, shard=lambda b: sharding.shard_batch(b, mesh),
+                          to_host=sharding.to_host,
+                          activate=lambda: sharding.activate(mesh, rules))
+  return runtime, params, cfg, hyps
 
 
 def _bleu(setup, batches, tokenize="char"):
-  model, params, mesh, rules, _ = setup
-  return seq2seq_eval.bleu_of_batches(model, params, batches, TOK,
-                                      max_new_tokens=MAX_LEN, mesh=mesh, rules=rules,
-                                      tokenize=tokenize)
+  runtime, params, _, _ = setup
+  return seq2seq_eval.bleu_of_batches(runtime, params, batches, TOK,
+                                      max_new_tokens=MAX_LEN, tokenize=tokenize)
 
 
 def test_ids_to_text_stops_at_eos_and_drops_specials():
@@ -111,35 +115,35 @@ def test_padding_rows_are_left_out(setup):
   assert _bleu(setup, [batch]) == pytest.approx(100.0)
 
 
-def _config(**train):
-  return {"task": "seq2seq", "data": {"target_len": TARGET_LEN},
-          "train": {"bleu_tokenize": "char", **train}}
+def _task(cfg, **options):
+  return tasks.TASKS["seq2seq"]({"target_len": TARGET_LEN},
+                                {"bleu_tokenize": "char", **options}, tokenizer=TOK,
+                                model_config=cfg)
 
 
-def test_extra_eval_hook_uses_first_bleu_batches(setup):
-  model, params, mesh, rules, hyps = setup
-  kw = dict(model=model, tokenizer=TOK, mesh=mesh, rules=rules)
-  extra = tasks.get_extra_eval(_config(bleu_batches=1), **kw)
+def test_eval_metrics_use_the_first_bleu_batches(setup):
+  runtime, params, cfg, hyps = setup
   good = _batch(SOURCES, hyps)
   bad = _batch(SOURCES, ["jjjjj"] * 4)
-  assert extra(params, [good, bad]) == {"bleu": pytest.approx(100.0)}
+  task = _task(cfg, bleu_batches=1)
+  assert task.eval_metrics(params, [good, bad], {}, runtime) == {
+      "bleu": pytest.approx(100.0)}
   # decoding steps: data.target_len capped by model.max_len (else generate raises)
-  extra2 = tasks.get_extra_eval(_config(bleu_batches=2), **kw)
-  assert extra2(params, [good, bad])["bleu"] < 100.0
+  task2 = _task(cfg, bleu_batches=2)
+  assert task2.eval_metrics(params, [good, bad], {}, runtime)["bleu"] < 100.0
 
 
-def test_extra_eval_off_missing_or_bad_config(setup, monkeypatch, caplog):
-  model, _, mesh, rules, _ = setup
-  kw = dict(model=model, tokenizer=TOK, mesh=mesh, rules=rules)
-  assert tasks.get_extra_eval(_config(), **kw) is None              # absent
-  assert tasks.get_extra_eval(_config(bleu_batches=0), **kw) is None
-  assert tasks.get_extra_eval({**_config(bleu_batches=2), "task": "causal_lm"},
-                              **kw) is None                          # no hook
+def test_bleu_off_missing_or_bad_options(setup, monkeypatch, caplog):
+  runtime, params, cfg, _ = setup
+  batches = [_batch(SOURCES, SOURCES)]
+  assert _task(cfg).eval_metrics(params, batches, {}, runtime) == {}   # default 0
+  assert _task(cfg, bleu_batches=0).eval_metrics(params, batches, {}, runtime) == {}
   with pytest.raises(ValueError, match="bleu_batches=-1"):
-    tasks.get_extra_eval(_config(bleu_batches=-1), **kw)
+    _task(cfg, bleu_batches=-1)
   with pytest.raises(ValueError, match="bleu_tokenize='words'"):
-    tasks.get_extra_eval(_config(bleu_batches=1, bleu_tokenize="words"), **kw)
+    _task(cfg, bleu_batches=1, bleu_tokenize="words")
   monkeypatch.setattr(seq2seq_eval, "_sacrebleu_available", lambda: False)
   with caplog.at_level(logging.WARNING):
-    assert tasks.get_extra_eval(_config(bleu_batches=1), **kw) is None
+    task = _task(cfg, bleu_batches=1)
+  assert task.eval_metrics(params, batches, {}, runtime) == {}
   assert "sacrebleu is not installed" in caplog.text

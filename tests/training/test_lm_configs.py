@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxformer.training import builders
+from jaxformer.data import vocab
+from jaxformer.models import registry
 from jaxformer.training import loop
-from jaxformer.training import state as state_lib
 
 import training_helpers as th
 
@@ -30,7 +30,7 @@ def _module(path):
 def test_configs_validate_and_build(path, arg):
   config = _module(path).get_config(arg)
   loop.validate_config(config)
-  builders.model_config(config.model)
+  registry.build_model(config.model)
   assert "python -m experiments.train" in _module(path).__doc__
 
 
@@ -43,21 +43,21 @@ def test_unknown_variant_rejected(path):
 def test_gpt_bytes_is_the_nanogpt_cpu_size():
   from experiments.configs import gpt_bytes  # pylint: disable=g-import-not-at-top
   c = gpt_bytes.get_config()
-  assert (c.model.num_layers, c.model.embed_dim, c.model.num_heads) == (4, 128, 4)
+  assert (c.model.num_layers, c.model.embed_dim) == (4, 128)
+  assert c.model.block.num_heads == 4
   assert (c.data.seq_len, c.data.batch_size, c.train.num_steps) == (64, 12, 2000)
-  assert c.model.vocab_size >= builders.build_tokenizer(c.data).vocab_size
+  assert c.model.vocab_size >= vocab.build_tokenizer(c.data).vocab_size
 
 
 def test_gpt2_small_has_the_published_parameter_count():
   from experiments.configs import gpt2_small  # pylint: disable=g-import-not-at-top
-  cfg, model = builders.build_model(gpt2_small.get_config().model)
-  assert cfg.dtype == jnp.bfloat16 and cfg.param_dtype == jnp.float32
+  cfg, model = registry.build_model(gpt2_small.get_config().model)
+  assert cfg.block.dtype == jnp.bfloat16 and cfg.block.param_dtype == jnp.float32
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, 8), jnp.int32))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  assert state_lib.count_params(nn.meta.unbox(shapes["params"])) == 124_439_808
+  assert registry.num_params(cfg, shapes["params"]) == 124_439_808
 
 
 def test_dtype_strings_are_checked():
-  with pytest.raises(ValueError, match="model.dtype='bfloat17'"):
-    builders.model_config({"name": "gpt", "dtype": "bfloat17"})
+  with pytest.raises(ValueError, match="model.block.dtype"):
+    registry.build_model({"name": "gpt", "block": {"dtype": "bfloat17"}})

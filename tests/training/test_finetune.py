@@ -14,14 +14,14 @@ import pytest
 from flax import traverse_util
 
 from experiments.configs import imdb_finetune
-from jaxformer.training import builders
+from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import finetune
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import sharding as sharding_lib
 from jaxformer.training import state as state_lib
 
-SMALL = dict(num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32, max_len=16)
+SMALL = dict(num_layers=1, embed_dim=16, max_len=16, block=dict(num_heads=2, mlp_dim=32))
 HEAD = ("classifier",)
 
 
@@ -43,7 +43,7 @@ def _finetune_config(pretrained_workdir: str | None, freeze: bool):
 
 def _init_state(model_section, seed, tx=None):
   """A TrainState of the model in ``model_section``, as the loop creates it."""
-  _, model = builders.build_model(model_section)
+  _, model = registry.build_model(model_section)
   mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   rules = sharding_lib.make_rules()
   inputs = jnp.zeros((1, SMALL["max_len"]), jnp.int32)

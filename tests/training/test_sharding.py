@@ -64,11 +64,15 @@ class MeshShapeTest(parameterized.TestCase):
         abstract["params"], mesh, sharding.make_rules(fsdp=False, tensor=False)))
     self.assertEqual(no_fsdp["hidden"]["kernel"], P(None, None))
 
-  def test_constrain_batch_inside_jit(self):
+  def test_to_host_and_per_process_batch(self):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    f = jax.jit(lambda t: sharding.constrain_batch(t, mesh))
-    x = jnp.arange(8.0).reshape(4, 2)
-    np.testing.assert_array_equal(np.asarray(f({"x": x})["x"]), np.asarray(x))
+    batch = sharding.shard_batch({"x": np.arange(8.0).reshape(4, 2)}, mesh)
+    host = sharding.to_host((batch, jnp.ones(3)))
+    self.assertIsInstance(host[0]["x"], np.ndarray)
+    np.testing.assert_array_equal(host[0]["x"], np.arange(8.0).reshape(4, 2))
+    self.assertEqual(sharding.per_process_batch(8, 2, "data.batch_size"), 8)
+    with self.assertRaisesRegex(ValueError, r"data\.eval_batch_size=5.*mesh_shape"):
+      sharding.per_process_batch(5, 2, "data.eval_batch_size")
 
   def test_activate_sets_rules(self):
     import flax.linen as nn  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,7 @@ from jaxformer.training import optimizer as opt
 from jaxformer.training import sharding
 from jaxformer.training import state as state_lib
 from jaxformer.training import steps
-from jaxformer.training import tasks
+from jaxformer import tasks
 
 import training_helpers as th
 
@@ -173,9 +173,9 @@ class EvalStepTest(chex.TestCase):
 class TasksTest(chex.TestCase):
 
   def test_registry(self):
-    self.assertIs(tasks.get_task("causal_lm"), tasks.causal_lm_task)
+    self.assertIs(tasks.task_class("causal_lm"), tasks.CausalLM)
     with self.assertRaisesRegex(ValueError, "known: .*causal_lm"):
-      tasks.get_task("mlm_typo")
+      tasks.task_class("mlm_typo")
 
   def test_causal_lm_task_on_gpt(self):
     from jaxformer.models import gpt  # pylint: disable=g-import-not-at-top
@@ -183,7 +183,7 @@ class TasksTest(chex.TestCase):
     batch = jax.tree.map(jnp.asarray, th.make_batch(0, batch=2, length=8, vocab=64))
     batch["weights"] = batch["weights"].at[:, 6:].set(0.0)
     params = model.init(jax.random.key(0), batch["inputs"])["params"]
-    loss, metrics = tasks.causal_lm_task(model, params, batch, None, True)
+    loss, metrics = tasks.CausalLM({})(model, params, batch, None, True)
     logits = np.asarray(model.apply({"params": params}, batch["inputs"]), np.float64)
     logz = np.log(np.exp(logits).sum(-1))
     tok = logz - np.take_along_axis(logits, np.asarray(batch["targets"])[..., None],

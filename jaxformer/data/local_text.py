@@ -1,0 +1,168 @@
+"""Your own text: local files, a folder or a glob, split into train and validation.
+
+:class:`TextFilesSource` serves every matched file as one ``{"text": bytes}`` record.
+:func:`text_split_source` is what a config reaches (``data.source="text_files"``,
+``data.path=...``): the same files with a stated ``validation_fraction`` held out.
+
+* Several files: split by document. The files are sorted by path and the last
+  ``round(validation_fraction * n)`` of them (at least one) are the validation split.
+* One file: split by its tail. The last ``validation_fraction`` of its bytes are the
+  validation split. A single long file is not read in order: a train record is a
+  window of ``window_bytes`` bytes at a random offset (record ``i`` drawn with
+  ``default_rng([seed, i])``, so the source stays random access and resumable), and
+  the validation records are the tail's consecutive windows, in order.
+"""
+
+from __future__ import annotations
+
+import glob as glob_lib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+SPLITS = ("train", "validation")
+# Train windows of one file: enough records for any run (they are drawn, not stored).
+NUM_WINDOWS = 1 << 30
+
+
+def match_files(path_or_glob: str | os.PathLike[str]) -> tuple[str, ...]:
+  """The files of a file, a directory (all files under it) or a glob, sorted."""
+  if not os.fspath(path_or_glob):
+    raise ValueError("data.path is not set: give a text file, a folder or a glob, "
+                     "e.g. --config.data.path='~/books/*.txt'")
+  pattern = os.path.expanduser(os.fspath(path_or_glob))
+  if os.path.isdir(pattern):
+    paths = [os.path.join(root, f) for root, _, files in os.walk(pattern)
+             for f in files]
+  elif os.path.isfile(pattern):
+    paths = [pattern]
+  else:
+    paths = [p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p)]
+  if not paths:
+    raise ValueError(f"path={os.fspath(path_or_glob)!r} matches no files.")
+  return tuple(sorted(paths))
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+class TextFilesSource:
+  """Local text files as ``{"text": bytes}`` records, one per file (sorted paths).
+
+  Attributes:
+    paths: the files read, sorted.
+  """
+
+  def __init__(self, path_or_glob: str | os.PathLike[str], *,
+               paths: tuple[str, ...] | None = None):
+    """Args:
+      path_or_glob: a file, a directory (all files under it) or a glob.
+      paths: only these of its files (a split); None = all.
+    """
+    self.pattern = os.fspath(path_or_glob)
+    self.paths = match_files(path_or_glob) if paths is None else tuple(paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"text": _read(self.paths[int(index)])}
+
+  def texts(self) -> Iterator[bytes]:
+    """Every record's text, in order (to fit a vocabulary)."""
+    for path in self.paths:
+      yield _read(path)
+
+  def __repr__(self) -> str:
+    return f"TextFilesSource({self.pattern!r}, files={len(self.paths)})"
+
+
+class TextWindowsSource:
+  """Windows of one text: random ones (train) or consecutive ones (validation)."""
+
+  def __init__(self, text: bytes, *, name: str, window_bytes: int, shuffle: bool,
+               seed: int = 0):
+    if isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or (
+        window_bytes < 1):
+      raise ValueError(f"data.window_bytes={window_bytes!r} must be an int >= 1")
+    self._text = text
+    self._name = name
+    self._window = min(window_bytes, max(len(text), 1))
+    self._shuffle = shuffle
+    self._seed = seed
+
+  def __len__(self) -> int:
+    if self._shuffle:
+      return NUM_WINDOWS if self._text else 0
+    return -(-len(self._text) // self._window)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} windows")
+    if self._shuffle:
+      last = len(self._text) - self._window
+      start = int(np.random.default_rng([self._seed, index]).integers(last + 1))
+    else:
+      start = index * self._window
+    return {"text": self._text[start:start + self._window]}
+
+  def texts(self) -> Iterator[bytes]:
+    yield self._text
+
+  def __repr__(self) -> str:
+    return f"TextWindowsSource({self._name!r}, bytes={len(self._text)})"
+
+
+def _tail_start(text: bytes, fraction: float) -> int:
+  """Where the last ``fraction`` of ``text`` starts, moved back to a UTF-8 boundary."""
+  cut = len(text) - int(round(fraction * len(text)))
+  while 0 < cut < len(text) and (text[cut] & 0xC0) == 0x80:  # continuation byte
+    cut -= 1
+  return cut
+
+
+def text_split_source(split: str, *, path: str | None,
+                      validation_fraction: float = 0.05, window_bytes: int = 1024,
+                      seed: int = 0):
+  """The ``split`` of the text at ``path`` (see the module docstring).
+
+  Args:
+    split: ``"train"`` or ``"validation"``.
+    path: a file, a directory or a glob (``data.path``).
+    validation_fraction: in (0, 1): the share of documents (several files) or of
+      bytes (one file) held out.
+    window_bytes: bytes per record when reading one file.
+    seed: draws the train windows of one file.
+  Returns:
+    A random-access source of ``{"text": bytes}`` with a ``texts()`` method.
+  """
+  if path is None:
+    path = ""  # match_files says how to set it
+  if split not in SPLITS:
+    raise ValueError(f"data split {split!r} is not one of {SPLITS} for "
+                     "data.source='text_files'")
+  if not isinstance(validation_fraction, (int, float)) or not (
+      0 < validation_fraction < 1):
+    raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
+                     "(0, 1)")
+  files = TextFilesSource(path)
+  if len(files) == 1:
+    text = _read(files.paths[0])
+    cut = _tail_start(text, validation_fraction)
+    part = text[:cut] if split == "train" else text[cut:]
+    if not part:
+      raise ValueError(f"data.path={path!r}: {len(text)} bytes leave no {split} "
+                       f"text at validation_fraction={validation_fraction}")
+    return TextWindowsSource(part, name=f"{files.paths[0]}:{split}",
+                             window_bytes=window_bytes, shuffle=split == "train",
+                             seed=seed)
+  num_validation = min(max(int(round(validation_fraction * len(files))), 1),
+                       len(files) - 1)
+  cut = len(files) - num_validation
+  paths = files.paths[:cut] if split == "train" else files.paths[cut:]
+  return TextFilesSource(path, paths=paths)

@@ -1,0 +1,97 @@
+"""Classification of texts (a BERT head on ``[CLS]``) and of images (ViT, axial)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from jaxformer.data import pipeline
+from jaxformer.objectives import classification
+from jaxformer.tasks import base
+from jaxformer.tasks import masked_lm
+
+
+def _loss(logits_BC: jax.Array, batch: base.Batch,
+          label_smoothing: float) -> tuple[jax.Array, base.Metrics]:
+  loss, metrics = classification.loss(logits_BC, batch["labels"], batch.get("weights"),
+                                      label_smoothing=label_smoothing)
+  metrics["num_tokens"] = metrics.pop("num_examples")  # eval weighs by examples
+  return loss, metrics
+
+
+class Classification(base.Task):
+  """Softmax classification of texts with a BERT (``model.num_classes > 0``).
+
+  Batches: :func:`jaxformer.data.pipeline.classification_pipeline` (``[CLS]`` +
+  tokens; ``data.text_key``, ``label_key``). Model: ``(inputs, token_types,
+  attention_mask) -> {"logits": [B, C]}``. Metrics: ``loss``, ``nll``, ``accuracy``,
+  ``num_tokens`` (= real examples).
+  """
+
+  name = "classification"
+  OPTIONS = dict(label_smoothing=0.0)
+
+  def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
+    return pipeline.classification_pipeline(
+        self.source(train), self.tokenizer, seq_len=self.data["seq_len"],
+        text_key=self.data.get("text_key", "text"),
+        label_key=self.data.get("label_key", "label"),
+        **self.example_kwargs(batch_size=batch_size, seed=seed, train=train))
+
+  def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:
+    return batch["inputs"], None, masked_lm.valid_mask(batch)
+
+  def loss(self, model: nn.Module, params: Any, batch: base.Batch,
+           rng: jax.Array | None, deterministic: bool
+           ) -> tuple[jax.Array, base.Metrics]:
+    out = self.apply(model, params, batch, rng, deterministic)
+    if "logits" not in out:
+      raise ValueError("task='classification' needs a BERT with model.num_classes > 0")
+    return _loss(out["logits"], batch, self.options["label_smoothing"])
+
+
+class ImageClassification(base.Task):
+  """Softmax classification of images (``ViT``, ``AxialClassifier``).
+
+  Batches: :func:`jaxformer.data.pipeline.image_pipeline` (``data.mean``/``std``,
+  ``image_key``, ``label_key``). Model: ``image [B, H, W, C] -> logits [B, C]``.
+  Metrics as :class:`Classification`.
+  """
+
+  name = "image_classification"
+  OPTIONS = dict(label_smoothing=0.0)
+
+  def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
+    return image_batches(self, batch_size=batch_size, seed=seed, train=train)
+
+  def example_length(self) -> int:
+    return image_length(self.model_config)
+
+  def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:
+    return (batch["image"],)
+
+  def loss(self, model: nn.Module, params: Any, batch: base.Batch,
+           rng: jax.Array | None, deterministic: bool
+           ) -> tuple[jax.Array, base.Metrics]:
+    logits_BC = self.apply(model, params, batch, rng, deterministic)
+    return _loss(logits_BC, batch, self.options["label_smoothing"])
+
+
+def image_batches(task: base.Task, *, batch_size: int, seed: int, train: bool) -> Any:
+  """Normalised images and labels of ``task``'s data (``data.mean``/``data.std``)."""
+  data = task.data
+  return pipeline.image_pipeline(
+      task.source(train), mean=tuple(data.get("mean", (0.5,))),
+      std=tuple(data.get("std", (0.5,))), image_key=data.get("image_key", "image"),
+      label_key=data.get("label_key", "label"),
+      **task.example_kwargs(batch_size=batch_size, seed=seed, train=train))
+
+
+def image_length(model_config: Any) -> int:
+  """Tokens per image: its patches (``patch_size``) or pixels."""
+  size = getattr(model_config, "image_size", 1)
+  h, w = (size, size) if isinstance(size, int) else size
+  patch = getattr(model_config, "patch_size", 1)
+  return max((h // patch) * (w // patch), 1)
