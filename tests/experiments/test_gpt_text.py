@@ -82,8 +82,7 @@ def test_readme_command(tmp_path):
           "--config.sharding.cpu_devices=0"]
   done = _cli(args, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
-  again = _cli([*args[:5], "--config.train.num_steps=5", *args[6:]],
-                        timeout=300)
+  again = _cli([a.replace("num_steps=3", "num_steps=5") for a in args])
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resuming at step 3" in again.stdout
   missing = _cli([args[0], args[1], args[2], f"--workdir={workdir}x"])
@@ -91,3 +90,6 @@ def test_readme_command(tmp_path):
   assert "data.path is not set" in missing.stderr
   assert "Traceback" not in missing.stderr
   assert not os.path.exists(f"{workdir}x")
+  typo = _cli([*args[:4], "--config.model.block.num_head=3"])
+  assert typo.returncode == 1 and "Traceback" not in typo.stderr
+  assert "unknown config field in an override: 'num_head'" in typo.stderr
