@@ -12,6 +12,7 @@ workdir)``, importable from a notebook.
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 
@@ -41,9 +42,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     if verbose:
       traceback.print_exc()
     if isinstance(e, (AttributeError, KeyError)):  # an override of no config field
-      text = str(e.args[0] if e.args else e)
-      text = text.replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-      line = f"unknown config field in an override: {text}"
+      raw = str(e.args[0] if e.args else e)
+      name = re.search(r"'([^'\\]+)\\?'", raw)
+      hint = re.search(r'Did you mean "([^"]+)"', raw)
+      line = ("unknown config field in an override"
+              + (f": {name.group(1)!r}" if name else "")
+              + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
     else:
       # A failing config file's traceback is embedded in the message: its last line
       # is the error itself.
