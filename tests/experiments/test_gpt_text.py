@@ -93,3 +93,18 @@ def test_readme_command(tmp_path):
   typo = _cli([*args[:4], "--config.model.block.num_head=3"])
   assert typo.returncode == 1 and "Traceback" not in typo.stderr
   assert "unknown config field in an override: 'num_head'" in typo.stderr
+
+
+def test_validation_names_data_path(tmp_path):
+  config = _config(tmp_path / "book.txt", "chars")
+  with pytest.raises(ValueError, match=r"data.path=.*book\.txt.* matches no files"):
+    loop.validate_config(config)
+  config.data.path = None
+  with pytest.raises(ValueError, match="data.path is not set"):
+    loop.validate_config(config)
+  config.data.path = str(tmp_path)
+  (tmp_path / "a.txt").write_text(TEXT)
+  loop.validate_config(config)
+  config.data.validation_fraction = 0.0
+  with pytest.raises(ValueError, match="data.validation_fraction=0.0"):
+    loop.validate_config(config)
