@@ -1,6 +1,6 @@
 """Attention maps out of any model: weights per layer, ViT rollout, axial maps.
 
-Every jaxformer model config has ``block.return_weights``: with it on, each
+Every jaxformer model config has ``return_weights``: with it on, each
 ``MultiHeadAttention`` sows its weights into the 'intermediates' collection (and each
 ``AxialAttention`` its unfolded ``axial_attention_weights``). The functions here run a
 copy of the model with ``return_weights=True`` on the same variables, so the maps come
@@ -36,12 +36,11 @@ AXIAL_WEIGHTS_NAME = "axial_attention_weights"   # what AxialAttention sows
 
 
 def with_weights(model: nn.Module) -> nn.Module:
-  """A copy of ``model`` whose config has ``block.return_weights=True`` (same
-  parameters).
+  """A copy of ``model`` whose config has ``block.return_weights=True`` (same parameters).
 
   Raises:
-    TypeError: ``model`` has no ``config`` dataclass with a ``block`` holding
-      ``return_weights`` (every jaxformer model has one).
+    TypeError: ``model`` has no ``config`` dataclass with a ``block.return_weights``
+      field (every jaxformer model has one).
   """
   cfg = getattr(model, "config", None)
   block = getattr(cfg, "block", None)
@@ -53,8 +52,8 @@ def with_weights(model: nn.Module) -> nn.Module:
                     "module call it with return_weights=True.")
   if block.return_weights:
     return model
-  block = dataclasses.replace(block, return_weights=True)
-  return model.clone(config=dataclasses.replace(cfg, block=block))
+  return model.clone(config=dataclasses.replace(
+      cfg, block=dataclasses.replace(block, return_weights=True)))
 
 
 def _intermediates(model: nn.Module, variables: Mapping[str, Any], *args: Any,
