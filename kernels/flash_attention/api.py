@@ -201,10 +201,14 @@ def _plan(cfg: _Config, backend: str, interpret: bool, q_shape, k_shape,
   return blocks, problem, pad_dim(head_dim), pad_dim(head_dim_v)
 
 
-def _length_padding(backend: str, p: common.Problem) -> tuple[int, int]:
-  """Lengths the operands are padded to: Triton masks its loads instead."""
+def _length_padding(backend: str, p: common.Problem,
+                    blocks: BlockSizes) -> tuple[int, int]:
+  """Lengths the operands are padded to. Triton masks its loads at the end
+  instead; it pads only a sequence shorter than one tile (a static slice may
+  not be larger than the array), which is a small copy."""
   if backend == "triton":
-    return p.q_len, p.kv_len
+    return (max(p.q_len, *blocks.q_blocks()),
+            max(p.kv_len, *blocks.k_blocks()))
   return p.q_len_padded, p.kv_len_padded
 
 
@@ -213,7 +217,7 @@ def _run_forward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
   blocks, p, dqk, dv = _plan(cfg, backend, interpret, q.shape, k.shape,
                              v.shape, q.dtype, q_ids is not None)
   q_len, head_dim_v = q.shape[1], v.shape[3]
-  q_pad, kv_pad = _length_padding(backend, p)
+  q_pad, kv_pad = _length_padding(backend, p, blocks)
   out, lse = _KERNELS[backend][0](
       _pad_axis(_pad_axis(q, 1, q_pad), 3, dqk),
       _pad_axis(_pad_axis(k, 1, kv_pad), 3, dqk),
@@ -227,7 +231,7 @@ def _run_backward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
                   kv_ids, out, lse, dout):
   blocks, p, dqk, dv = _plan(cfg, backend, interpret, q.shape, k.shape,
                              v.shape, q.dtype, q_ids is not None)
-  q_pad, kv_pad = _length_padding(backend, p)
+  q_pad, kv_pad = _length_padding(backend, p, blocks)
   pad_q = lambda x, d: _pad_axis(_pad_axis(x, 1, q_pad), 3, d)  # noqa
   pad_k = lambda x, d: _pad_axis(_pad_axis(x, 1, kv_pad), 3, d)  # noqa
   dq, dk, dv_ = _KERNELS[backend][1](
