@@ -74,6 +74,23 @@ class LoweringTest(parameterized.TestCase):
     self.assertEqual(text.count(call), 3)
     self.assertNotIn(MOSAIC_CALL if platform == "cuda" else TRITON_CALL, text)
 
+  @parameterized.parameters(64, 128, 256)
+  def test_triton_unaligned_segments_gqa_lower_for_cuda(self, head_dim):
+    # Masked loads at the ends, tile skipping on segment ids, per-query-head
+    # dK/dV partials: all must lower for cuda with the default tiles.
+    q, k, v = _structs(q_len=200, kv_len=300, heads=4, kv_heads=1,
+                       head_dim=head_dim)
+    ids = (jax.ShapeDtypeStruct((1, 200), jnp.int32),
+           jax.ShapeDtypeStruct((1, 300), jnp.int32))
+
+    def fwd_bwd(q, k, v, ids):
+      return jax.grad(lambda *a: jnp.sum(flash_attention(
+          *a, is_causal=True, segment_ids=ids).astype(jnp.float32)),
+                      argnums=(0, 1, 2))(q, k, v)
+
+    text = _export(fwd_bwd, ["cuda"], q, k, v, ids)
+    self.assertEqual(text.count(TRITON_CALL), 3)
+
   def test_odd_shapes_lower_and_cpu_gets_interpret_mode(self):
     # Padded inside: lengths 100/300, head dim 80, GQA 4:2.
     q, k, v = _structs(q_len=100, kv_len=300, head_dim=80)
