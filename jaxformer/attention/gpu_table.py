@@ -30,6 +30,8 @@ import os
 import pathlib
 import re
 
+import numpy as np
+
 FORMAT = 1
 ENV_VAR = "JAXFORMER_ATTENTION_TABLES"
 MODES = ("fwd", "fwd+bwd")
@@ -46,7 +48,6 @@ class Case:
 
   @classmethod
   def of(cls, q_len: int, kv_len: int, dtype, causal: bool, head_dim: int) -> Case:
-    import numpy as np  # pylint: disable=g-import-not-at-top
     return cls(seq_bucket=1 << max(max(q_len, kv_len) - 1, 0).bit_length(),
                dtype=np.dtype(dtype).name, causal=bool(causal), head_dim=int(head_dim))
 

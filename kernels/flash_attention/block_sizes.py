@@ -15,8 +15,10 @@ Backend rules (checked by `BlockSizes.validate`):
   * "mosaic" (TPU): block_q/block_*_dq/block_q_dkv multiples of 8 (sublanes),
     key blocks multiples of 128 (lanes). In interpret mode multiples of 8 are
     enough everywhere, so tests can use small tiles.
-  * "mosaic_gpu" (Hopper): every block a multiple of 64 (one warpgroup's
-    wgmma M); multiples of 8 in interpret mode.
+  * "mosaic_gpu" (Hopper): block_q and block_q_dq are the rows of one CTA's
+    two consumer warpgroups, multiples of 128; block_k_dkv likewise (the
+    dK/dV kernel's two warpgroups own key rows); the rest multiples of 64
+    (wgmma's M per warpgroup, 128-byte swizzled rows), at most 256.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import types
 from typing import Mapping
 
 BACKENDS = ("triton", "mosaic", "mosaic_gpu")
+# mosaic_gpu tiles split over two consumer warpgroups (rows per CTA).
+_MGPU_PAIRED = ("block_q", "block_q_dq", "block_k_dkv")
 
 
 def next_power_of_2(x: int) -> int:
@@ -107,8 +111,9 @@ class BlockSizes:
       if backend == "triton":
         ok, rule = value >= 16 and value & (value - 1) == 0, "a power of 2 >= 16"
       elif backend == "mosaic_gpu":
-        m = 8 if interpret else 64
-        ok, rule = value % m == 0, f"a multiple of {m}"
+        unit = 128 if name in _MGPU_PAIRED else 64
+        ok = value % unit == 0 and value <= 256
+        rule = f"a multiple of {unit}, at most 256"
       elif interpret or i < 3:
         ok, rule = value % 8 == 0, "a multiple of 8"
       else:
@@ -132,16 +137,21 @@ class BlockSizes:
         return max(min(block, next_power_of_2(length)), minimum)
       return min(block, round_up(length, minimum))
 
-    q_min = k_min = {"triton": 16, "mosaic": 8, "mosaic_gpu": 64}[backend]
+    q_min = 16 if backend == "triton" else 8
+    k_min = 16 if backend == "triton" else 8
+    pair = q_min
+    if backend == "mosaic_gpu":
+      q_min = k_min = 64
+      pair = 128
     dkv_q, dkv_k = self.dkv
     dq_q, dq_k = self.dq
     return dataclasses.replace(
         self,
-        block_q=shrink(self.block_q, q_len, q_min),
+        block_q=shrink(self.block_q, q_len, max(q_min, pair)),
         block_k=shrink(self.block_k, kv_len, k_min),
         block_q_dkv=shrink(dkv_q, q_len, q_min),
-        block_k_dkv=shrink(dkv_k, kv_len, k_min),
-        block_q_dq=shrink(dq_q, q_len, q_min),
+        block_k_dkv=shrink(dkv_k, kv_len, max(k_min, pair)),
+        block_q_dq=shrink(dq_q, q_len, max(q_min, pair)),
         block_k_dq=shrink(dq_k, kv_len, k_min),
     )
 
@@ -170,8 +180,9 @@ def lcm_block(blocks: tuple[int, ...]) -> int:
 # 64 x 32 at head dim 256 to fit shared memory); the backward tiles have at least 64 rows
 # on both axes so that every matmul stays on the tensor cores (16/32-row tiles
 # fall off them on Ampere/Hopper). num_warps=None: per kernel, gpu.num_warps.
-# mosaic_gpu: FlashAttention-3's Hopper tiles (128 query rows = two consumer
-# warpgroups of 64; 64-row key tiles at head dim 256 for shared memory).
+# mosaic_gpu: FlashAttention-3's sm90 tiles (128 query rows = two consumer
+# warpgroups of 64; 64-row key tiles at head dim 256 so that the K/V ring fits
+# 227 KiB of shared memory).
 DEFAULTS: Mapping[str, tuple[tuple[int, BlockSizes], ...]] = (
     types.MappingProxyType({
         "triton": (
@@ -193,6 +204,6 @@ DEFAULTS: Mapping[str, tuple[tuple[int, BlockSizes], ...]] = (
             (128, BlockSizes(block_q=128, block_k=128, block_q_dkv=64,
                              block_k_dkv=128, block_q_dq=128, block_k_dq=64)),
             (256, BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
-                             block_k_dkv=64, block_q_dq=64, block_k_dq=64)),
+                             block_k_dkv=128, block_q_dq=128, block_k_dq=64)),
         ),
     }))

@@ -165,8 +165,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, q_bounds_ref,
 def query_tile_in_specs(q, k, v, q_ids, kv_ids, group: int) -> list:
   """Input specs of a kernel run per (head h, batch b, query tile): the
   forward and dQ. Whole sequences (tiles are sliced in the kernel, masked at
-  the end): Q of head h, K/V of its kv head (h // group), the segment ids and
-  per-tile id bounds (None where absent)."""
+  the end): Q of head h, K/V of its kv head (h // group) and the segment ids
+  (None where absent).
+
+  Returns:
+    (specs, index map of the per-tile id bounds [B, 2, n]).
+  """
   head_dim, head_dim_v = k.shape[-1], v.shape[-1]
   q_len, kv_len = q.shape[1], k.shape[1]
   kv_map = lambda h, b, i: (b, 0, common.kv_head(h, group), 0)  # noqa: E731

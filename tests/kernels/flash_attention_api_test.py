@@ -182,7 +182,7 @@ class BlockSizesTest(parameterized.TestCase):
       BlockSizes(block_q=128, block_k=32).validate("mosaic_gpu")
     self.assertEqual(
         BlockSizes.get_default("mosaic_gpu", 64).fit(5, 300,
-                                                     "mosaic_gpu").block_q, 64)
+                                                     "mosaic_gpu").block_q, 128)
 
   def test_segment_tile_bounds(self):
     ids = jnp.asarray([[0, 0, 1, 1, 1, 2, 2]], jnp.int32)
