@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,7 @@ class _Config:
   kv_len: int
   num_q_blocks: int
   num_k_blocks: int
+  precision: Any = None
 
   @property
   def offset(self) -> int:
@@ -71,7 +73,7 @@ def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool
                       q_segment_ids: Array | None = None,
                       kv_segment_ids: Array | None = None, mask: Array | None = None,
                       scale: float | None = None, block_q: int | None = None,
-                      block_k: int | None = None) -> Array:
+                      block_k: int | None = None, precision: Any = None) -> Array:
   """Blockwise attention with a recomputing backward pass.
 
   Args:
@@ -86,6 +88,7 @@ def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool
     scale: logit multiplier, default ``1 / sqrt(Dqk)``.
     block_q: query rows per block (default 512, capped at the padded length).
     block_k: keys per block (default 512, capped at the padded length).
+    precision: of the einsums (``jax.lax.Precision`` or its name); None = JAX's default.
   Returns:
     ``[B, Lq, H, Dv]`` in the dtype of ``query``; rows with no allowed key are zeros.
   """
@@ -94,6 +97,9 @@ def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("chunked_attention: pass both q_segment_ids and kv_segment_ids, or "
                      "neither")
+  if kv_len == 0 or q_len == 0:
+    raise ValueError(f"chunked_attention: empty sequence (query length {q_len}, key "
+                     f"length {kv_len}); softmax over no keys is undefined")
   groups = num_heads // num_kv_heads
   bq = _block_size(block_q, DEFAULT_BLOCK_Q, q_len, "block_q")
   bk = _block_size(block_k, DEFAULT_BLOCK_K, kv_len, "block_k")
@@ -101,7 +107,7 @@ def chunked_attention(query: Array, key: Array, value: Array, *, is_causal: bool
   cfg = _Config(is_causal=bool(is_causal),
                 scale=float(head_dim ** -0.5 if scale is None else scale),
                 block_q=bq, block_k=bk, q_len=q_len, kv_len=kv_len,
-                num_q_blocks=nq, num_k_blocks=nk)
+                num_q_blocks=nq, num_k_blocks=nk, precision=precision)
 
   # [B, L, ...] -> blocks along a new leading axis.
   q_NBKGQD = _pad_axis(query, 1, nq * bq).reshape(
@@ -209,24 +215,24 @@ def _scores(cfg: _Config, q_BKGQD: Array, k_BKSD: Array) -> Array:
   """``scale * q k^T``: ``[B, K, G, Q, D] x [B, K, S, D] -> [B, K, G, Q, S]`` float32."""
   b, h, g, q, d = q_BKGQD.shape
   s_BKNS = jnp.einsum("bhnd,bhsd->bhns", q_BKGQD.reshape(b, h, g * q, d), k_BKSD,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=cfg.precision)
   return s_BKNS.reshape(b, h, g, q, k_BKSD.shape[2]) * cfg.scale
 
 
-def _rows_times(x_BKGQS: Array, y_BKSD: Array) -> Array:
+def _rows_times(cfg: _Config, x_BKGQS: Array, y_BKSD: Array) -> Array:
   """``x y``: ``[B, K, G, Q, S] x [B, K, S, D] -> [B, K, G, Q, D]`` float32."""
   b, h, g, q, s = x_BKGQS.shape
   out_BKND = jnp.einsum("bhns,bhsd->bhnd", x_BKGQS.reshape(b, h, g * q, s), y_BKSD,
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=jnp.float32, precision=cfg.precision)
   return out_BKND.reshape(b, h, g, q, y_BKSD.shape[-1])
 
 
-def _cols_times(x_BKGQS: Array, y_BKGQD: Array) -> Array:
+def _cols_times(cfg: _Config, x_BKGQS: Array, y_BKGQD: Array) -> Array:
   """``x^T y`` summed over groups: ``[B, K, G, Q, S] x [B, K, G, Q, D] -> [B, K, S, D]``."""
   b, h, g, q, s = x_BKGQS.shape
   return jnp.einsum("bhns,bhnd->bhsd", x_BKGQS.reshape(b, h, g * q, s),
                     y_BKGQD.reshape(b, h, g * q, y_BKGQD.shape[-1]),
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32, precision=cfg.precision)
 
 
 def _forward(cfg: _Config, q, k, v, qs, ks, explicit) -> tuple[Array, Array]:
@@ -252,7 +258,7 @@ def _forward(cfg: _Config, q, k, v, qs, ks, explicit) -> tuple[Array, Array]:
       if mask is not None:
         p_BKGQS = jnp.where(mask, p_BKGQS, 0.0)   # all-masked-so-far rows stay at 0
       l_new = l_BKGQ * correction + jnp.sum(p_BKGQS, axis=-1)
-      pv = _rows_times(p_BKGQS.astype(v.dtype), v_BKSD)
+      pv = _rows_times(cfg, p_BKGQS.astype(v.dtype), v_BKSD)
       return m_new, l_new, acc_BKGQD * correction[..., None] + pv
 
     stats_shape = (batch, num_kv_heads, groups, bq)
@@ -298,13 +304,13 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
       mask = _block_mask(cfg, i, j, qs_BQ, ks_BS, explicit)
       if mask is not None:
         p_BKGQS = jnp.where(mask, p_BKGQS, 0.0)
-      dv_BKSD = dv_BKSD + _cols_times(p_BKGQS.astype(d_out.dtype), do_BKGQD)
+      dv_BKSD = dv_BKSD + _cols_times(cfg, p_BKGQS.astype(d_out.dtype), do_BKGQD)
       dp_BKGQS = _scores(dataclasses.replace(cfg, scale=1.0), do_BKGQD, v_BKSD)
       ds_BKGQS = p_BKGQS * (dp_BKGQS - delta_BKGQ[..., None]) * cfg.scale
-      dq_i = _rows_times(ds_BKGQS, k_BKSD.astype(jnp.float32))
+      dq_i = _rows_times(cfg, ds_BKGQS, k_BKSD.astype(jnp.float32))
       dq = lax.dynamic_update_index_in_dim(
           dq, lax.dynamic_index_in_dim(dq, i, keepdims=False) + dq_i, i, 0)
-      dk_BKSD = dk_BKSD + _cols_times(ds_BKGQS, q_BKGQD.astype(jnp.float32))
+      dk_BKSD = dk_BKSD + _cols_times(cfg, ds_BKGQS, q_BKGQD.astype(jnp.float32))
       return dq, dk_BKSD, dv_BKSD
 
     init = (dq, jnp.zeros(k_BKSD.shape, jnp.float32), jnp.zeros(v_BKSD.shape, jnp.float32))

@@ -14,6 +14,11 @@ An option that the chosen path cannot do never changes the math: with
 ``implementation=None`` the dispatcher falls back to a path that can (and logs why at
 INFO level); when the caller names a path, it raises ``ValueError`` instead.
 
+``implementation=None`` on a GPU is never slower than cuDNN by assumption: it picks
+cuDNN wherever cuDNN computes the call, and the Pallas kernel there only where this
+device kind's committed benchmark table shows it faster (``gpu_table.py``); it logs
+why it picked what it picked (INFO).
+
 Layout: ``query [B, Lq, H, Dqk]``, ``key [B, Lk, Hkv, Dqk]``, ``value [B, Lk, Hkv, Dv]``
 with ``H % Hkv == 0`` (grouped-query attention: query head ``h`` reads key/value head
 ``h // (H // Hkv)``); output ``[B, Lq, H, Dv]`` in the query dtype; weights
@@ -23,20 +28,19 @@ with ``H % Hkv == 0`` (grouped-query attention: query head ``h`` reads key/value
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxformer.attention import chunked as chunked_lib
+from jaxformer.attention import gpu_table
+from jaxformer.attention import validation
 
 Array = jax.Array
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = (None, "xla", "chunked", "pallas", "cudnn")
+IMPLEMENTATIONS = validation.IMPLEMENTATIONS
 
 # "chunked" replaces "xla" (when no fused kernel applies) once Lq * Lk reaches this many
 # scores; below it the N^2 einsum is as fast and its memory is small (see chunked.py).
@@ -60,6 +64,7 @@ def dot_product_attention(
     implementation: str | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
+    precision: str | jax.lax.Precision | None = None,
 ) -> Array | tuple[Array, Array]:
   """Multi-head scaled dot-product attention, ``softmax(scale * q k^T + bias) v``.
 
@@ -81,15 +86,21 @@ def dot_product_attention(
     implementation: ``None`` (pick), ``"xla"``, ``"chunked"``, ``"pallas"``, ``"cudnn"``.
     dropout_rate: dropout on the attention weights (xla path); needs ``dropout_rng``.
     dropout_rng: PRNG key for the dropout; dropout is off when this is None.
+    precision: of the matmuls (``"default"``, ``"high"``, ``"highest"`` or a
+      ``jax.lax.Precision``). None: the Pallas kernel computes float32 inputs in IEEE
+      float32 (never silently TF32); xla/chunked follow JAX's default (on a GPU, TF32 for
+      float32 unless ``jax.default_matmul_precision`` says otherwise); cuDNN has no
+      float32 path. Pass ``"highest"`` for float32 accuracy on every path.
   Returns:
     ``out [B, Lq, H, Dv]`` in the dtype of ``query``; with ``return_weights`` the pair
     ``(out, weights)``. A query with no allowed key gets zeros (and zero gradients).
   Raises:
-    ValueError / TypeError: bad shapes, dtypes or options, before any tracing.
+    ValueError / TypeError: bad shapes, dtypes or options (a non-finite ``scale``
+      included), before any tracing.
   """
-  _validate(query, key, value, mask, bias, segment_ids, implementation, scale,
-            dropout_rate)
-  q_seg, kv_seg = _split_segment_ids(segment_ids)
+  validation.validate(query, key, value, mask, bias, segment_ids, implementation, scale,
+                      dropout_rate, precision)
+  q_seg, kv_seg = validation.split_segment_ids(segment_ids)
   if mask is not None:
     mask = _to_rank4(jnp.asarray(mask))
   if bias is not None:
@@ -114,17 +125,17 @@ def dot_product_attention(
                                  is_causal=is_causal, q_segment_ids=q_seg,
                                  kv_segment_ids=kv_seg, scale=scale, hard=hard,
                                  dropout_rate=dropout_rate if use_dropout else 0.0,
-                                 dropout_rng=dropout_rng)
+                                 dropout_rng=dropout_rng, precision=precision)
     return (out, weights) if return_weights else out
   if impl == "chunked":
     return chunked_lib.chunked_attention(query, key, value, is_causal=is_causal,
                                          q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                         mask=mask, scale=scale)
+                                         mask=mask, scale=scale, precision=precision)
   if impl == "pallas":
     flash_attention, _ = _load_pallas()
     seg = None if q_seg is None else (q_seg, kv_seg)
     return flash_attention(query, key, value, is_causal=is_causal, segment_ids=seg,
-                           scale=scale)
+                           scale=scale, precision=precision)
   if impl == "cudnn":
     return _cudnn_attention(query, key, value, mask=mask, bias=bias, is_causal=is_causal,
                             q_segment_ids=q_seg, kv_segment_ids=kv_seg, scale=scale)
@@ -141,7 +152,9 @@ def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None 
                   q_segment_ids: Array | None = None,
                   kv_segment_ids: Array | None = None, scale: float = 1.0,
                   hard: bool = False, dropout_rate: float = 0.0,
-                  dropout_rng: Array | None = None) -> tuple[Array, Array]:
+                  dropout_rng: Array | None = None,
+                  precision: str | jax.lax.Precision | None = None
+                  ) -> tuple[Array, Array]:
   """Readable einsum attention with a float32 softmax (inputs already validated).
 
   Query heads are reshaped into ``[Hkv, G]`` groups so that key/value are never
@@ -155,7 +168,7 @@ def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None 
   groups = num_heads // num_kv_heads
   q_BQKGD = query.reshape(batch, q_len, num_kv_heads, groups, query.shape[-1])
 
-  logits_BKGQS = jnp.einsum("bqhgd,bshd->bhgqs", q_BQKGD, key,
+  logits_BKGQS = jnp.einsum("bqhgd,bshd->bhgqs", q_BQKGD, key, precision=precision,
                             preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits_BKGQS = logits_BKGQS + _group_heads(bias.astype(jnp.float32), num_kv_heads)
@@ -184,7 +197,7 @@ def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None 
     probs_BKGQS = jnp.where(keep, probs_BKGQS / (1.0 - dropout_rate), 0.0)
 
   out_BQKGD = jnp.einsum("bhgqs,bshd->bqhgd", probs_BKGQS.astype(value.dtype), value,
-                         preferred_element_type=jnp.float32)
+                         precision=precision, preferred_element_type=jnp.float32)
   out_BQHD = out_BQKGD.reshape(batch, q_len, num_heads, v_dim).astype(query.dtype)
   weights_BHQS = weights_BKGQS.reshape(batch, num_heads, q_len, kv_len)
   return out_BQHD, weights_BHQS
@@ -273,7 +286,7 @@ def _cannot(impl: str, query, key, value, q_seg, kv_seg, is_causal, *, has_mask,
     return f"it does not support {', '.join(extras)}"
   platform = _platform()
   if impl == "chunked":
-    return None
+    return "the key sequence is empty" if key.shape[1] == 0 else None
   if impl == "cudnn":
     if platform not in _GPU_PLATFORMS:
       return f"cuDNN needs an NVIDIA GPU; the default backend is {platform!r}"
@@ -298,24 +311,47 @@ def _cannot(impl: str, query, key, value, q_seg, kv_seg, is_causal, *, has_mask,
   raise AssertionError(impl)
 
 
+def _device_kind() -> str:
+  return jax.devices()[0].device_kind
+
+
 def _choose_implementation(query, key, value, q_seg, kv_seg, is_causal, **opts) -> str:
-  """The fastest path that computes exactly this attention on the default backend."""
+  """The fastest path that computes exactly this attention on the default backend.
+
+  GPU: cuDNN wherever it computes this call, unless the committed benchmark table of
+  this device kind shows the Pallas kernel faster for the case (``gpu_table``); then
+  Pallas, chunked (long sequences) or xla. TPU: Pallas. CPU: chunked for long
+  sequences, else xla. Every GPU choice, and every fallback, is logged with its reason.
+  """
   platform = _platform()
+  reasons = []
   if platform in _GPU_PLATFORMS:
-    candidates = ["pallas", "cudnn"]
+    reason = _cannot("cudnn", query, key, value, q_seg, kv_seg, is_causal, **opts)
+    if reason is None and (opts["has_mask"] or q_seg is not None
+                           or (is_causal and query.shape[1] != key.shape[1])):
+      reason = "an explicit mask would be materialised (slow); not chosen automatically"
+    if reason is None:
+      case = gpu_table.Case.of(query.shape[1], key.shape[1], query.dtype, is_causal,
+                               query.shape[-1])
+      faster, why = gpu_table.prefer_pallas(_device_kind(), case)
+      pallas_reason = _cannot("pallas", query, key, value, q_seg, kv_seg, is_causal,
+                              **opts) if faster else None
+      if faster and pallas_reason is None:
+        logger.info("dot_product_attention: using 'pallas' (faster than cuDNN: %s)", why)
+        return "pallas"
+      logger.info("dot_product_attention: using 'cudnn' (%s)",
+                  why if pallas_reason is None else f"not 'pallas': {pallas_reason}")
+      return "cudnn"
+    reasons.append(f"not 'cudnn': {reason}")
+    candidates = ["pallas"]
   elif platform == "tpu":
     candidates = ["pallas"]
   else:
     candidates = []
   if query.shape[1] * key.shape[1] >= CHUNKED_MIN_SCORES:
     candidates.append("chunked")
-  reasons = []
   for impl in candidates:
     reason = _cannot(impl, query, key, value, q_seg, kv_seg, is_causal, **opts)
-    if impl == "cudnn" and reason is None and (opts["has_mask"] or q_seg is not None
-                                               or (is_causal and
-                                                   query.shape[1] != key.shape[1])):
-      reason = "an explicit mask would be materialised (slow); not chosen automatically"
     if reason is None:
       if reasons:
         logger.info("dot_product_attention: using %r (%s)", impl, "; ".join(reasons))
@@ -324,85 +360,3 @@ def _choose_implementation(query, key, value, q_seg, kv_seg, is_causal, **opts) 
   if reasons:
     logger.info("dot_product_attention: using 'xla' (%s)", "; ".join(reasons))
   return "xla"
-
-
-# --------------------------------------------------------------------------------------
-# Validation (shapes and dtypes only: runs before any tracing).
-# --------------------------------------------------------------------------------------
-
-
-def _validate(query, key, value, mask, bias, segment_ids, implementation, scale,
-              dropout_rate) -> None:
-  fn = "dot_product_attention"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"{fn}: implementation={implementation!r}; expected one of "
-                     f"{IMPLEMENTATIONS}")
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-      raise ValueError(f"{fn}: {name} must be rank 4 [batch, length, heads, head_dim]; "
-                       f"got shape {getattr(x, 'shape', type(x))}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{fn}: {name} must be floating point, got dtype {x.dtype}")
-  if not query.dtype == key.dtype == value.dtype:
-    raise TypeError(f"{fn}: query, key and value must share a dtype; got {query.dtype}, "
-                    f"{key.dtype}, {value.dtype}")
-  b, q_len, h, d = query.shape
-  bk, kv_len, hkv, dk = key.shape
-  bv, v_len, hv, _ = value.shape
-  if not b == bk == bv:
-    raise ValueError(f"{fn}: batch sizes differ: query {query.shape}, key {key.shape}, "
-                     f"value {value.shape}")
-  if kv_len != v_len:
-    raise ValueError(f"{fn}: key length {kv_len} != value length {v_len} (key "
-                     f"{key.shape}, value {value.shape})")
-  if hkv != hv:
-    raise ValueError(f"{fn}: key heads {hkv} != value heads {hv}")
-  if hkv == 0 or h % hkv:
-    raise ValueError(f"{fn}: query heads {h} must be a multiple of key/value heads {hkv}")
-  if d != dk:
-    raise ValueError(f"{fn}: query head_dim {d} != key head_dim {dk}")
-  target = (b, h, q_len, kv_len)
-  for name, x, kind in (("mask", mask, "bool"), ("bias", bias, "float")):
-    if x is None:
-      continue
-    shape = tuple(np.shape(x))
-    if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
-      raise ValueError(f"{fn}: {name} of shape {shape} does not broadcast to "
-                       f"[batch, heads, q_len, kv_len] = {target}")
-    dtype = jnp.result_type(x)
-    if kind == "bool" and dtype != jnp.bool_:
-      raise TypeError(f"{fn}: mask must be bool (True = may attend), got dtype {dtype}")
-    if kind == "float" and not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"{fn}: bias must be floating point, got dtype {dtype}")
-  if segment_ids is not None:
-    if isinstance(segment_ids, Sequence):
-      if len(segment_ids) != 2:
-        raise ValueError(f"{fn}: segment_ids must be [B, L] or a pair (q_ids, kv_ids); "
-                         f"got a sequence of {len(segment_ids)}")
-      pairs = (("segment_ids[0]", segment_ids[0], q_len),
-               ("segment_ids[1]", segment_ids[1], kv_len))
-    else:
-      if q_len != kv_len:
-        raise ValueError(f"{fn}: a single segment_ids array needs Lq == Lk, got Lq="
-                         f"{q_len}, Lk={kv_len}; pass a pair (q_ids, kv_ids)")
-      pairs = (("segment_ids", segment_ids, q_len),)
-    for name, ids, length in pairs:
-      shape = tuple(np.shape(ids))
-      if shape != (b, length):
-        raise ValueError(f"{fn}: {name} has shape {shape}; expected (batch, length) = "
-                         f"{(b, length)}")
-      if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-        raise TypeError(f"{fn}: {name} must be integer, got {jnp.result_type(ids)}")
-  if scale is not None and not isinstance(scale, (int, float, np.floating)):
-    raise TypeError(f"{fn}: scale must be a Python float or None, got {type(scale)}")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"{fn}: dropout_rate={dropout_rate}; expected 0 <= rate < 1")
-
-
-def _split_segment_ids(segment_ids: Any) -> tuple[Array | None, Array | None]:
-  if segment_ids is None:
-    return None, None
-  if isinstance(segment_ids, Sequence):
-    return jnp.asarray(segment_ids[0]), jnp.asarray(segment_ids[1])
-  ids = jnp.asarray(segment_ids)
-  return ids, ids

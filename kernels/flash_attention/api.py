@@ -1,4 +1,5 @@
-"""Entry point: validation, padding, custom_vjp wiring, platform dispatch.
+"""Entry point: padding, custom_vjp wiring, platform dispatch (checks.py
+validates the inputs).
 
 One jitted `flash_attention` lowers to the Triton kernel on cuda/rocm, to the
 Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
@@ -6,8 +7,9 @@ Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
 backward rules. The custom_vjp's residuals are the *unpadded* operands, output
 and log-sum-exp, so every platform branch has the same residual shapes and
 does its own padding:
-  * lengths are padded to a multiple of the tiles; padded keys are masked in
-    the kernels (`common.allowed`), padded query rows are sliced off (their
+  * Triton reads lengths as they are (masked loads and stores at the ends);
+    Mosaic TPU pads them to a multiple of the tiles; padded keys are masked
+    in the kernels (`common.allowed`), padded query rows are sliced off (their
     cotangent is zero, their lse +inf so they contribute nothing to dK/dV);
   * head dims are zero-padded to what the hardware wants (a power of two >= 16
     for Triton, a multiple of 128 lanes for Mosaic); zeros change no dot
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
-from typing import Any
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,120 +33,24 @@ from kernels.flash_attention import gpu
 from kernels.flash_attention import gpu_vjp
 from kernels.flash_attention import tpu
 from kernels.flash_attention.block_sizes import BlockSizes
+from kernels.flash_attention.block_table import BlockTable
+from kernels.flash_attention.block_table import TableKey
+from kernels.flash_attention.checks import check_inputs
+from kernels.flash_attention.checks import split_segment_ids
+from kernels.flash_attention.checks import supports  # noqa: F401 (re-exported)
 from kernels.flash_attention.block_sizes import lcm_block
 from kernels.flash_attention.block_sizes import next_power_of_2
 from kernels.flash_attention.block_sizes import round_up
 
-MAX_HEAD_DIM = 256
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # Platforms with a compiled kernel, per backend.
 NATIVE_PLATFORMS = {"triton": ("cuda", "rocm"), "mosaic": ("tpu",)}
 _KERNELS = {"triton": (gpu.forward, gpu_vjp.backward),
             "mosaic": (tpu.forward, tpu.backward)}
 
-# Filled by autotune.autotune(); consulted when block_sizes is None.
-# key -> BlockSizes, see `tuning_key`.
-TUNED_BLOCK_SIZES: dict[tuple[Any, ...], BlockSizes] = {}
+PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
+              "highest": lax.Precision.HIGHEST}
 
-
-def tuning_key(query, key, value, *, is_causal: bool, has_segments: bool,
-               backend: str) -> tuple[Any, ...]:
-  """Cache key of the autotuner: shapes, dtype, causal, segments, backend."""
-  return (tuple(query.shape), tuple(key.shape), tuple(value.shape),
-          jnp.dtype(query.dtype).name, bool(is_causal), bool(has_segments),
-          backend)
-
-
-# -------------------------------------------------------------- validation --
-
-
-def _split_segment_ids(segment_ids, q_len: int, kv_len: int):
-  if segment_ids is None:
-    return None, None
-  if isinstance(segment_ids, (tuple, list)):
-    if len(segment_ids) != 2:
-      raise ValueError("segment_ids must be one [batch, length] array or a"
-                       f" (q_ids, kv_ids) pair, got {len(segment_ids)} items.")
-    return segment_ids[0], segment_ids[1]
-  if q_len != kv_len:
-    raise ValueError(
-        "a single segment_ids array needs q_len == kv_len (self attention),"
-        f" got q_len={q_len}, kv_len={kv_len}; pass (q_ids, kv_ids) instead.")
-  return segment_ids, segment_ids
-
-
-def check_inputs(query, key, value, segment_ids=None):
-  """Returns (exception type, message) for unsupported inputs, else None."""
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if getattr(x, "ndim", None) != 4:
-      return ValueError, (f"{name} must be [batch, length, heads, head_dim],"
-                          f" got shape {getattr(x, 'shape', type(x))}.")
-    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-      return TypeError, (f"{name}.dtype must be bfloat16, float16 or float32,"
-                         f" got {x.dtype}.")
-  if not query.dtype == key.dtype == value.dtype:
-    return TypeError, ("query, key and value must share a dtype, got"
-                       f" {query.dtype}, {key.dtype}, {value.dtype}.")
-  batch, q_len, num_heads, head_dim = query.shape
-  if key.shape[0] != batch or value.shape[0] != batch:
-    return ValueError, (f"batch sizes differ: query {query.shape}, key"
-                        f" {key.shape}, value {value.shape}.")
-  if key.shape[:3] != value.shape[:3]:
-    return ValueError, ("key and value must agree on [batch, length, heads],"
-                        f" got key {key.shape}, value {value.shape}.")
-  if key.shape[-1] != head_dim:
-    return ValueError, (f"key head_dim {key.shape[-1]} != query head_dim"
-                        f" {head_dim}.")
-  num_kv_heads = key.shape[2]
-  if num_kv_heads == 0 or num_heads % num_kv_heads:
-    return ValueError, (f"query heads ({num_heads}) must be a multiple of"
-                        f" key/value heads ({num_kv_heads}).")
-  for name, d in (("query/key head_dim", head_dim),
-                  ("value head_dim", value.shape[-1])):
-    if not 1 <= d <= MAX_HEAD_DIM:
-      return ValueError, (f"{name} = {d} is not supported: the kernel keeps a"
-                          f" [block, head_dim] tile on chip; valid: 1 to"
-                          f" {MAX_HEAD_DIM}.")
-  if q_len == 0 or key.shape[1] == 0:
-    return ValueError, f"empty sequence: query {query.shape}, key {key.shape}."
-  try:
-    q_ids, kv_ids = _split_segment_ids(segment_ids, q_len, key.shape[1])
-  except ValueError as e:
-    return ValueError, str(e)
-  for name, ids, length in (("q segment ids", q_ids, q_len),
-                            ("kv segment ids", kv_ids, key.shape[1])):
-    if ids is None:
-      continue
-    if tuple(getattr(ids, "shape", ())) != (batch, length):
-      return ValueError, (f"{name} must have shape (batch, length) ="
-                          f" {(batch, length)}, got"
-                          f" {getattr(ids, 'shape', type(ids))}.")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      return TypeError, f"{name} must be integers, got {ids.dtype}."
-  return None
-
-
-def supports(query, key, value, *, segment_ids=None,
-             platform: str | None = None) -> str | None:
-  """Whether the kernel handles these inputs on `platform` with compiled code.
-
-  Args:
-    query, key, value, segment_ids: as for `flash_attention` (arrays or
-      jax.ShapeDtypeStruct).
-    platform: "cuda", "gpu", "rocm", "tpu", "cpu"; None = jax.default_backend().
-  Returns:
-    None if supported, else a human-readable reason. On the CPU the kernel
-    runs only in interpret mode (tests), which is reported as unsupported.
-  """
-  problem = check_inputs(query, key, value, segment_ids)
-  if problem is not None:
-    return problem[1]
-  platform = (platform or jax.default_backend()).lower()
-  if platform in ("gpu", "cuda", "rocm", "tpu"):
-    return None
-  return (f"no compiled flash attention kernel for platform {platform!r}"
-          " (only cuda/rocm via Triton and tpu via Mosaic); it runs there only"
-          " in interpret mode, which is for testing.")
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------- the kernel --
@@ -154,9 +61,10 @@ class _Config:
   """Static (hashable) arguments of the custom_vjp."""
   is_causal: bool
   scale: float
-  block_sizes: BlockSizes | None
+  block_sizes: BlockSizes | BlockTable | None
   interpret: bool | None
   backend: str | None
+  precision: lax.Precision
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -173,12 +81,10 @@ def _plan(cfg: _Config, backend: str, interpret: bool, q_shape, k_shape,
   batch, q_len, num_heads, head_dim = q_shape
   kv_len, num_kv_heads, head_dim_v = k_shape[1], k_shape[2], v_shape[3]
   blocks = cfg.block_sizes
-  if blocks is None:
-    blocks = TUNED_BLOCK_SIZES.get(tuning_key(
-        jax.ShapeDtypeStruct(q_shape, dtype), jax.ShapeDtypeStruct(k_shape,
-                                                                   dtype),
-        jax.ShapeDtypeStruct(v_shape, dtype), is_causal=cfg.is_causal,
-        has_segments=has_segments, backend=backend))
+  if isinstance(blocks, BlockTable):
+    blocks = blocks.lookup(TableKey.of(
+        backend, q_shape, k_shape, v_shape, dtype, causal=cfg.is_causal,
+        segments=has_segments))
   if blocks is not None:
     blocks = blocks.fit(q_len, kv_len, backend)
     try:
@@ -199,9 +105,21 @@ def _plan(cfg: _Config, backend: str, interpret: bool, q_shape, k_shape,
   problem = common.Problem(
       q_len=q_len, kv_len=kv_len, q_len_padded=q_len_padded,
       kv_len_padded=kv_len_padded, causal=cfg.is_causal, scale=cfg.scale,
-      has_segments=has_segments, group=num_heads // num_kv_heads)
+      has_segments=has_segments, group=num_heads // num_kv_heads,
+      precision=cfg.precision)
   del batch
   return blocks, problem, pad_dim(head_dim), pad_dim(head_dim_v)
+
+
+def _length_padding(backend: str, p: common.Problem,
+                    blocks: BlockSizes) -> tuple[int, int]:
+  """Lengths the operands are padded to. Triton masks its loads at the end
+  instead; it pads only a sequence shorter than one tile (a static slice may
+  not be larger than the array), which is a small copy."""
+  if backend == "triton":
+    return (max(p.q_len, *blocks.q_blocks()),
+            max(p.kv_len, *blocks.k_blocks()))
+  return p.q_len_padded, p.kv_len_padded
 
 
 def _run_forward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
@@ -209,12 +127,12 @@ def _run_forward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
   blocks, p, dqk, dv = _plan(cfg, backend, interpret, q.shape, k.shape,
                              v.shape, q.dtype, q_ids is not None)
   q_len, head_dim_v = q.shape[1], v.shape[3]
+  q_pad, kv_pad = _length_padding(backend, p, blocks)
   out, lse = _KERNELS[backend][0](
-      _pad_axis(_pad_axis(q, 1, p.q_len_padded), 3, dqk),
-      _pad_axis(_pad_axis(k, 1, p.kv_len_padded), 3, dqk),
-      _pad_axis(_pad_axis(v, 1, p.kv_len_padded), 3, dv),
-      _pad_axis(q_ids, 1, p.q_len_padded),
-      _pad_axis(kv_ids, 1, p.kv_len_padded),
+      _pad_axis(_pad_axis(q, 1, q_pad), 3, dqk),
+      _pad_axis(_pad_axis(k, 1, kv_pad), 3, dqk),
+      _pad_axis(_pad_axis(v, 1, kv_pad), 3, dv),
+      _pad_axis(q_ids, 1, q_pad), _pad_axis(kv_ids, 1, kv_pad),
       p=p, block_sizes=blocks, interpret=interpret)
   return out[:, :q_len, :, :head_dim_v], lse[:, :, :q_len]
 
@@ -223,13 +141,13 @@ def _run_backward(backend: str, interpret: bool, cfg: _Config, q, k, v, q_ids,
                   kv_ids, out, lse, dout):
   blocks, p, dqk, dv = _plan(cfg, backend, interpret, q.shape, k.shape,
                              v.shape, q.dtype, q_ids is not None)
-  pad_q = lambda x, d: _pad_axis(_pad_axis(x, 1, p.q_len_padded), 3, d)  # noqa
-  pad_k = lambda x, d: _pad_axis(_pad_axis(x, 1, p.kv_len_padded), 3, d)  # noqa
+  q_pad, kv_pad = _length_padding(backend, p, blocks)
+  pad_q = lambda x, d: _pad_axis(_pad_axis(x, 1, q_pad), 3, d)  # noqa
+  pad_k = lambda x, d: _pad_axis(_pad_axis(x, 1, kv_pad), 3, d)  # noqa
   dq, dk, dv_ = _KERNELS[backend][1](
       pad_q(q, dqk), pad_k(k, dqk), pad_k(v, dv),
-      _pad_axis(q_ids, 1, p.q_len_padded),
-      _pad_axis(kv_ids, 1, p.kv_len_padded),
-      pad_q(out, dv), _pad_axis(lse, 2, p.q_len_padded, value=np.inf),
+      _pad_axis(q_ids, 1, q_pad), _pad_axis(kv_ids, 1, kv_pad),
+      pad_q(out, dv), _pad_axis(lse, 2, q_pad, value=np.inf),
       pad_q(dout.astype(q.dtype), dv),
       p=p, block_sizes=blocks, interpret=interpret)
   q_len, kv_len = q.shape[1], k.shape[1]
@@ -280,12 +198,26 @@ def _flash_bwd(cfg: _Config, residuals, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _precision(precision, dtype) -> lax.Precision:
+  """The matmul precision: explicit, or HIGHEST for float32 (module doc)."""
+  if precision is None:
+    return (lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32
+            else lax.Precision.DEFAULT)
+  if isinstance(precision, lax.Precision):
+    return precision
+  if isinstance(precision, str) and precision.lower() in PRECISIONS:
+    return PRECISIONS[precision.lower()]
+  raise ValueError(f"precision must be None, one of {tuple(PRECISIONS)} or a"
+                   f" jax.lax.Precision, got {precision!r}.")
+
+
 def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                     is_causal: bool = False, segment_ids=None,
                     scale: float | None = None,
-                    block_sizes: BlockSizes | None = None,
+                    block_sizes: BlockSizes | BlockTable | None = None,
                     interpret: bool | None = None,
-                    backend: str | None = None) -> jax.Array:
+                    backend: str | None = None,
+                    precision: str | lax.Precision | None = None) -> jax.Array:
   """Fused, memory-efficient softmax attention (FlashAttention-2 algorithm).
 
   Never materialises the [Lq, Lk] score matrix; differentiable (custom VJP
@@ -303,12 +235,19 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       (q_ids [batch, q_len], kv_ids [batch, kv_len]); a query attends a key
       iff their ids are equal (0 is not special).
     scale: logits multiplier; default 1/sqrt(head_dim).
-    block_sizes: tiles; None = the autotuned entry for this shape if
-      `autotune` ran, else `BlockSizes.get_default(backend, head_dim)`.
+    block_sizes: tiles: a `BlockSizes`; or a `BlockTable` (tuned tiles read
+      from JSON, see autotune.py), whose entry for this call is used; None,
+      or no entry, = `BlockSizes.get_default(backend, head_dim)`.
     interpret: None = compiled on GPU/TPU, Pallas interpret mode elsewhere
       (CPU); True = interpret mode everywhere; False = never interpret.
     backend: None = Triton on GPU, Mosaic on TPU; "triton" or "mosaic" forces
       one kernel (e.g. to test the Mosaic kernel in interpret mode on a CPU).
+    precision: of the kernel's matmuls: "default", "high", "highest" or a
+      `jax.lax.Precision`. None (the default) = "highest" for float32 inputs
+      (IEEE float32 products, never silently TF32 on a GPU) and "default"
+      for bfloat16/float16 (which have one precision). Pass "default" with
+      float32 inputs to allow TF32 on Ampere and newer GPUs (faster, about 10
+      mantissa bits).
   Returns:
     [batch, q_len, heads, head_dim_v] in query's dtype (float32 accumulation);
     rows with no allowed key are zeros.
@@ -325,10 +264,16 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if interpret not in (None, True, False):
     raise ValueError(f"interpret must be None, True or False, got"
                      f" {interpret!r}.")
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a BlockSizes or None, got"
-                    f" {type(block_sizes).__name__}.")
-  if block_sizes is not None:
+  if block_sizes is not None and not isinstance(block_sizes,
+                                                (BlockSizes, BlockTable)):
+    raise TypeError(f"block_sizes must be a BlockSizes, a BlockTable or None,"
+                    f" got {type(block_sizes).__name__}.")
+  if isinstance(block_sizes, BlockTable) and block_sizes.device_kind not in (
+      None, jax.devices()[0].device_kind):
+    logger.warning("flash_attention: the BlockTable was tuned on %r, this"
+                   " device is %r; its tiles may not suit it.",
+                   block_sizes.device_kind, jax.devices()[0].device_kind)
+  if isinstance(block_sizes, BlockSizes):
     # The tiles must suit the kernel that runs on the default device; other
     # platforms' branches of the dispatch fall back to their default tiles.
     platform = jax.default_backend()
@@ -341,10 +286,12 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
     raise ValueError(f"scale must be a finite Python number (it is static),"
                      f" got {scale!r}.")
-  q_ids, kv_ids = _split_segment_ids(segment_ids, query.shape[1],
+  precision = _precision(precision, query.dtype)
+  q_ids, kv_ids = split_segment_ids(segment_ids, query.shape[1],
                                      key.shape[1])
   if q_ids is not None:
     q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
   cfg = _Config(is_causal=bool(is_causal), scale=float(scale),
-                block_sizes=block_sizes, interpret=interpret, backend=backend)
+                block_sizes=block_sizes, interpret=interpret, backend=backend,
+                precision=precision)
   return _flash(query, key, value, q_ids, kv_ids, cfg)

@@ -1,11 +1,15 @@
-"""Pick the fastest BlockSizes for one attention shape on the current device.
+"""Pick the fastest BlockSizes on the current device; write them as a table.
 
-    best = autotune(q, k, v, is_causal=True)   # times candidates, caches
-    out = flash_attention(q, k, v, is_causal=True)  # now uses `best`
+    best = autotune(q, k, v, is_causal=True)        # times candidates
+    out = flash_attention(q, k, v, is_causal=True, block_sizes=best)
 
-The winner is cached in memory (api.TUNED_BLOCK_SIZES) per (shapes, dtype,
-causal, segments, backend) key; `flash_attention(block_sizes=None)` looks it up
-at trace time, so tune before the first jit of the model.
+    table = autotune_table([dict(query=q, key=k, value=v, is_causal=True)],
+                           path="tuned_h100.json")  # one entry per case
+    out = flash_attention(q, k, v, is_causal=True,
+                          block_sizes=BlockTable.load("tuned_h100.json"))
+
+Nothing is cached in a module: the caller passes the tiles or the table, so
+what a call computes never depends on which calls came before it.
 """
 
 from __future__ import annotations
@@ -20,18 +24,24 @@ import jax.numpy as jnp
 
 from kernels.flash_attention import api
 from kernels.flash_attention.block_sizes import BlockSizes
+from kernels.flash_attention.block_table import BlockTable
+from kernels.flash_attention.block_table import TableKey
 
 
 def default_candidates(backend: str, head_dim: int) -> list[BlockSizes]:
   """A small grid around the defaults (Triton: tiles x warps x stages)."""
+  if backend == "mosaic_gpu":
+    return [BlockSizes(block_q=bq, block_k=bk, block_q_dkv=64, block_k_dkv=bk,
+                       block_q_dq=bq, block_k_dq=64)
+            for bq, bk in itertools.product((64, 128), (64, 128))]
   if backend == "mosaic":
     return [BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bq, block_k_dkv=bk,
                        block_q_dq=bq, block_k_dq=bk)
             for bq, bk in itertools.product((128, 256, 512), (128, 256, 512))]
   out = [BlockSizes.get_default("triton", head_dim)]
   fwd = [(128, 64), (128, 128), (64, 64), (64, 32)]
-  bwd = [(32, 128, 128, 32), (32, 64, 64, 32), (64, 64, 64, 64),
-         (16, 64, 64, 16)]
+  # Backward tiles keep >= 64 rows (tensor cores).
+  bwd = [(64, 128, 128, 64), (64, 64, 64, 64), (64, 128, 64, 64)]
   for (bq, bk), (dkv_q, dkv_k, dq_q, dq_k), warps, stages in itertools.product(
       fwd, bwd, (4, 8), (2, 3)):
     if head_dim > 128 and bq * bk > 64 * 64:
@@ -59,7 +69,7 @@ def autotune(query: jax.Array, key: jax.Array, value: jax.Array, *,
              include_backward: bool = True, reps: int = 10,
              interpret: bool | None = None, backend: str | None = None,
              verbose: bool = False) -> BlockSizes:
-  """Times `candidates` on the current device and caches the fastest.
+  """Times `candidates` on the current device; returns the fastest.
 
   Args:
     query, key, value, is_causal, segment_ids, scale: as `flash_attention`
@@ -72,7 +82,7 @@ def autotune(query: jax.Array, key: jax.Array, value: jax.Array, *,
     interpret, backend: as `flash_attention` (interpret mode for CPU tests).
     verbose: print each candidate's time.
   Returns:
-    The fastest BlockSizes (also stored in api.TUNED_BLOCK_SIZES).
+    The fastest BlockSizes.
   Raises:
     ValueError: if no candidate runs.
   """
@@ -80,7 +90,6 @@ def autotune(query: jax.Array, key: jax.Array, value: jax.Array, *,
   backend = backend or ("mosaic" if platform == "tpu" else "triton")
   if candidates is None:
     candidates = default_candidates(backend, query.shape[-1])
-  has_segments = segment_ids is not None
 
   def make(blocks):
     def loss(q, k, v):
@@ -107,8 +116,46 @@ def autotune(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if not results:
     raise ValueError("autotune: no candidate BlockSizes ran for query"
                      f" {query.shape}, key {key.shape}, value {value.shape}.")
-  best = min(results, key=lambda r: r[0])[1]
-  api.TUNED_BLOCK_SIZES[api.tuning_key(
-      query, key, value, is_causal=is_causal, has_segments=has_segments,
-      backend=backend)] = best
-  return best
+  return min(results, key=lambda r: r[0])[1]
+
+
+def autotune_table(cases: Iterable[dict], *, table: BlockTable | None = None,
+                   path: str | None = None, backend: str | None = None,
+                   **kwargs) -> BlockTable:
+  """Tunes every case into a `BlockTable` (and writes it to `path` as JSON).
+
+  Args:
+    cases: dicts of `autotune` arguments: query, key, value and optionally
+      is_causal, segment_ids, scale.
+    table: a table to extend (its entries for other keys are kept); None =
+      a new one for this device kind.
+    path: where to save the table (None: not saved).
+    backend: as `flash_attention`; None = the platform's kernel.
+    **kwargs: passed to `autotune` (candidates, reps, include_backward, ...).
+  Returns:
+    The table; pass it as `flash_attention(block_sizes=table)`.
+  """
+  backend = backend or ("mosaic" if jax.default_backend() == "tpu"
+                        else "triton")
+  if table is None:
+    table = BlockTable(device_kind=jax.devices()[0].device_kind)
+  for case in cases:
+    q, k, v = case["query"], case["key"], case["value"]
+    best = autotune(q, k, v, backend=backend, **case_options(case), **kwargs)
+    table = table.with_entry(TableKey.of(
+        backend, q.shape, k.shape, v.shape, q.dtype,
+        causal=case.get("is_causal", False),
+        segments=case.get("segment_ids") is not None), best)
+  if path is not None:
+    table.save(path)
+  return table
+
+
+def case_options(case: dict) -> dict:
+  """The options of an `autotune_table` case besides its operands."""
+  unknown = set(case) - {"query", "key", "value", "is_causal", "segment_ids",
+                         "scale"}
+  if unknown:
+    raise ValueError(f"autotune_table: unknown case keys {sorted(unknown)}.")
+  return {name: case[name] for name in ("is_causal", "segment_ids", "scale")
+          if name in case}

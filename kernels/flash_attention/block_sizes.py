@@ -1,7 +1,13 @@
-"""Tile sizes for the flash attention kernels, with per-backend defaults.
+"""Tile sizes for the flash attention kernels, as explicit data.
 
 A `BlockSizes` is a frozen (hashable) dataclass so that it can be a static
-argument of `jax.jit` and a key of the autotuner's cache.
+argument of `jax.jit`. Where tiles come from, in order (nothing global and
+nothing mutable, so results never depend on call order):
+  1. `flash_attention(block_sizes=BlockSizes(...))`: these tiles;
+  2. `flash_attention(block_sizes=table)` with a `BlockTable` (autotune.py
+     writes one as JSON, `block_table.BlockTable.load` reads it): the entry
+     for this backend, dtype, head dims, causal/segments and length buckets;
+  3. otherwise `DEFAULTS[backend]`, per head dim (below).
 
 Backend rules (checked by `BlockSizes.validate`):
   * "triton" (GPU): every block a power of two >= 16 (Triton tensors must have
@@ -9,14 +15,22 @@ Backend rules (checked by `BlockSizes.validate`):
   * "mosaic" (TPU): block_q/block_*_dq/block_q_dkv multiples of 8 (sublanes),
     key blocks multiples of 128 (lanes). In interpret mode multiples of 8 are
     enough everywhere, so tests can use small tiles.
+  * "mosaic_gpu" (Hopper): block_q and block_q_dq are the rows of one CTA's
+    two consumer warpgroups, multiples of 128; block_k_dkv likewise (the
+    dK/dV kernel's two warpgroups own key rows); the rest multiples of 64
+    (wgmma's M per warpgroup, 128-byte swizzled rows), at most 256.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+from typing import Mapping
 
-BACKENDS = ("triton", "mosaic")
+BACKENDS = ("triton", "mosaic", "mosaic_gpu")
+# mosaic_gpu tiles split over two consumer warpgroups (rows per CTA).
+_MGPU_PAIRED = ("block_q", "block_q_dq", "block_k_dkv")
 
 
 def next_power_of_2(x: int) -> int:
@@ -36,12 +50,13 @@ class BlockSizes:
     block_q: query rows per program of the forward kernel.
     block_k: key rows per inner-loop step of the forward kernel.
     block_q_dkv: query rows per inner-loop step of the dK/dV kernel
-      (None: block_q // 4, at least the backend minimum).
+      (None: min(block_q, 64): 64 rows keep the GPU matmuls on tensor cores).
     block_k_dkv: key rows per program of the dK/dV kernel (None: block_q).
     block_q_dq: query rows per program of the dQ kernel (None: block_q).
     block_k_dq: key rows per inner-loop step of the dQ kernel
       (None: block_q_dkv).
-    num_warps: Triton warps per program (None: heuristic from head dim).
+    num_warps: Triton warps per program (None: chosen per kernel from its
+      tile and head dim, see gpu.num_warps).
     num_stages: Triton software-pipelining stages (None: 2).
   """
 
@@ -69,7 +84,7 @@ class BlockSizes:
   @property
   def dkv(self) -> tuple[int, int]:
     """(block_q_dkv, block_k_dkv)."""
-    bq = self.block_q_dkv or max(self.block_q // 4, 16)
+    bq = self.block_q_dkv or min(self.block_q, 64)
     return bq, self.block_k_dkv or self.block_q
 
   @property
@@ -95,6 +110,10 @@ class BlockSizes:
     for i, (name, value) in enumerate(zip(names, values)):
       if backend == "triton":
         ok, rule = value >= 16 and value & (value - 1) == 0, "a power of 2 >= 16"
+      elif backend == "mosaic_gpu":
+        unit = 128 if name in _MGPU_PAIRED else 64
+        ok = value % unit == 0 and value <= 256
+        rule = f"a multiple of {unit}, at most 256"
       elif interpret or i < 3:
         ok, rule = value % 8 == 0, "a multiple of 8"
       else:
@@ -111,6 +130,8 @@ class BlockSizes:
     So a length-1 decode step pads to 16 rows, not to 128. Keeps the backend
     rules: halves powers of two (triton) or rounds up to the minimum multiple.
     """
+    if backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     def shrink(block: int, length: int, minimum: int) -> int:
       if backend == "triton":
         return max(min(block, next_power_of_2(length)), minimum)
@@ -118,34 +139,32 @@ class BlockSizes:
 
     q_min = 16 if backend == "triton" else 8
     k_min = 16 if backend == "triton" else 8
+    pair = q_min
+    if backend == "mosaic_gpu":
+      q_min = k_min = 64
+      pair = 128
     dkv_q, dkv_k = self.dkv
     dq_q, dq_k = self.dq
     return dataclasses.replace(
         self,
-        block_q=shrink(self.block_q, q_len, q_min),
+        block_q=shrink(self.block_q, q_len, max(q_min, pair)),
         block_k=shrink(self.block_k, kv_len, k_min),
         block_q_dkv=shrink(dkv_q, q_len, q_min),
-        block_k_dkv=shrink(dkv_k, kv_len, k_min),
-        block_q_dq=shrink(dq_q, q_len, q_min),
+        block_k_dkv=shrink(dkv_k, kv_len, max(k_min, pair)),
+        block_q_dq=shrink(dq_q, q_len, max(q_min, pair)),
         block_k_dq=shrink(dq_k, kv_len, k_min),
     )
 
   @classmethod
   def get_default(cls, backend: str, head_dim: int) -> BlockSizes:
-    """Starting points (FlashAttention-2 Triton tutorial tiles); see autotune."""
-    if backend == "mosaic":
-      return cls(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
-                 block_q_dq=128, block_k_dq=128)
-    if backend != "triton":
+    """The `DEFAULTS` entry of `backend` for head dims up to `head_dim`."""
+    if backend not in DEFAULTS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    if head_dim <= 64:
-      return cls(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=128,
-                 block_q_dq=128, block_k_dq=32, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-      return cls(block_q=128, block_k=64, block_q_dkv=32, block_k_dkv=64,
-                 block_q_dq=64, block_k_dq=32, num_warps=8, num_stages=3)
-    return cls(block_q=64, block_k=32, block_q_dkv=16, block_k_dkv=32,
-               block_q_dq=32, block_k_dq=16, num_warps=8, num_stages=2)
+    for max_head_dim, blocks in DEFAULTS[backend]:
+      if head_dim <= max_head_dim:
+        return blocks
+    raise ValueError(f"head_dim = {head_dim} exceeds the largest default"
+                     f" ({DEFAULTS[backend][-1][0]}) of backend {backend!r}.")
 
 
 def lcm_block(blocks: tuple[int, ...]) -> int:
@@ -154,3 +173,37 @@ def lcm_block(blocks: tuple[int, ...]) -> int:
   for b in blocks:
     out = out * b // math.gcd(out, b)
   return out
+
+
+# Defaults per backend: (largest head dim, tiles), the first that fits is used.
+# Triton: the forward keeps the FlashAttention-2 tiles (128 x 64, 64 x 64 at
+# 64 x 32 at head dim 256 to fit shared memory); the backward tiles have at least 64 rows
+# on both axes so that every matmul stays on the tensor cores (16/32-row tiles
+# fall off them on Ampere/Hopper). num_warps=None: per kernel, gpu.num_warps.
+# mosaic_gpu: FlashAttention-3's sm90 tiles (128 query rows = two consumer
+# warpgroups of 64; 64-row key tiles at head dim 256 so that the K/V ring fits
+# 227 KiB of shared memory).
+DEFAULTS: Mapping[str, tuple[tuple[int, BlockSizes], ...]] = (
+    types.MappingProxyType({
+        "triton": (
+            (64, BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
+                            block_k_dkv=128, block_q_dq=128, block_k_dq=64,
+                            num_stages=3)),
+            (128, BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
+                             block_k_dkv=64, block_q_dq=64, block_k_dq=64,
+                             num_stages=2)),
+            (256, BlockSizes(block_q=64, block_k=32, block_q_dkv=64,
+                             block_k_dkv=64, block_q_dq=64, block_k_dq=64,
+                             num_stages=2)),
+        ),
+        "mosaic": (
+            (256, BlockSizes(block_q=128, block_k=128, block_q_dkv=128,
+                             block_k_dkv=128, block_q_dq=128, block_k_dq=128)),
+        ),
+        "mosaic_gpu": (
+            (128, BlockSizes(block_q=128, block_k=128, block_q_dkv=64,
+                             block_k_dkv=128, block_q_dq=128, block_k_dq=64)),
+            (256, BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
+                             block_k_dkv=128, block_q_dq=128, block_k_dq=64)),
+        ),
+    }))

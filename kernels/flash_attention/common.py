@@ -42,6 +42,8 @@ class Problem:
     scale: logits multiplier (1/sqrt(head_dim) by default).
     has_segments: whether segment ids are passed to the kernels.
     group: query heads per key/value head (grouped-query attention).
+    precision: of the kernels' matmuls (lax.Precision); HIGHEST keeps float32
+      inputs in IEEE float32 instead of TF32 on GPUs.
   """
 
   q_len: int
@@ -52,6 +54,7 @@ class Problem:
   scale: float
   has_segments: bool
   group: int = 1
+  precision: lax.Precision = lax.Precision.DEFAULT
 
   @property
   def offset(self) -> int:
@@ -61,6 +64,10 @@ class Problem:
   @property
   def kv_padded(self) -> bool:
     return self.kv_len_padded != self.kv_len
+
+  @property
+  def q_padded(self) -> bool:
+    return self.q_len_padded != self.q_len
 
 
 def _i32(x):
@@ -155,12 +162,40 @@ def allowed(p: Problem, rows, cols, q_ids=None, kv_ids=None):
 
 
 def dot(a: jax.Array, b: jax.Array, *, trans_a: bool = False,
-        trans_b: bool = False) -> jax.Array:
+        trans_b: bool = False, precision=None) -> jax.Array:
   """2-D matmul with float32 accumulation, optionally transposing operands."""
   return lax.dot_general(
       a, b, ((((0,) if trans_a else (1,)), ((1,) if trans_b else (0,))),
              ((), ())),
-      preferred_element_type=jnp.float32)
+      precision=precision, preferred_element_type=jnp.float32)
+
+
+def segment_tile_bounds(ids_BL: jax.Array, block: int,
+                        num_tiles: int) -> jax.Array:
+  """Per-tile (min, max) segment id, computed once per call (in XLA).
+
+  Two tiles can hold an allowed (query, key) pair only if their id ranges
+  meet, so a kernel skips a tile pair whose ranges are disjoint (as splash
+  attention's mask info does). Packed sequences have sorted ids, so almost
+  every tile pair off the block diagonal is skipped.
+
+  Args:
+    ids_BL: int32 [B, L] segment ids (L <= num_tiles * block).
+  Returns:
+    int32 [B, 2, num_tiles]: [:, 0] the minimum, [:, 1] the maximum; the
+    padding past L repeats the last id, so it never widens a range.
+  """
+  batch, length = ids_BL.shape
+  ids = jnp.pad(ids_BL, ((0, 0), (0, num_tiles * block - length)),
+                mode="edge")
+  tiles = ids.reshape(batch, num_tiles, block)
+  return jnp.stack([tiles.min(-1), tiles.max(-1)], axis=1)
+
+
+def tiles_meet(q_bounds_ref, q_tile, kv_bounds_ref, kv_tile):
+  """Whether a query tile and a key tile may share a segment (bool scalar)."""
+  return jnp.logical_and(q_bounds_ref[0, q_tile] <= kv_bounds_ref[1, kv_tile],
+                         kv_bounds_ref[0, kv_tile] <= q_bounds_ref[1, q_tile])
 
 
 def kv_head(head, group: int):

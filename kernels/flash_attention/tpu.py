@@ -73,7 +73,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
   def compute(masked: bool):
-    s = common.dot(q_ref[...], k_ref[...], trans_b=True) * p.scale
+    s = common.dot(q_ref[...], k_ref[...], trans_b=True,
+                   precision=p.precision) * p.scale
     mask = None
     if masked:
       shape = (block_q, block_k)
@@ -94,7 +95,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref,  # inputs
     m_scr[...] = jnp.broadcast_to(m_next, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l_next, l_scr.shape)
     v = v_ref[...]
-    acc_scr[...] = acc_scr[...] * alpha + common.dot(probs.astype(v.dtype), v)
+    acc_scr[...] = acc_scr[...] * alpha + common.dot(
+        probs.astype(v.dtype), v, precision=p.precision)
 
   num_unmasked, num_total = common.kv_tile_range(p, q_tile, block_q, block_k)
   pl.when(kv_tile < num_unmasked)(lambda: compute(False))
@@ -179,7 +181,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
 
   def compute(masked: bool):
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s_t = common.dot(k, q, trans_b=True) * p.scale  # [bk, bq]
+    s_t = common.dot(k, q, trans_b=True,
+                     precision=p.precision) * p.scale  # [bk, bq]
     probs_t = jnp.exp(s_t - lse_ref[...])
     if masked:
       shape = (block_k, block_q)
@@ -190,10 +193,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
           kv_ids_ref[:, 0:1] if p.has_segments else None)
       if mask_t is not None:
         probs_t = jnp.where(mask_t, probs_t, 0.0)
-    dv_scr[...] += common.dot(probs_t.astype(do.dtype), do)
-    dp_t = common.dot(v, do, trans_b=True)  # [bk, bq]
+    dv_scr[...] += common.dot(probs_t.astype(do.dtype), do,
+                              precision=p.precision)
+    dp_t = common.dot(v, do, trans_b=True, precision=p.precision)  # [bk, bq]
     ds_t = probs_t * (dp_t - delta_ref[...])
-    dk_scr[...] += common.dot(ds_t.astype(q.dtype), q)
+    dk_scr[...] += common.dot(ds_t.astype(q.dtype), q,
+                              precision=p.precision)
 
   lo, mid = common.q_tile_range(p, kv_tile, block_q, block_k)
   pl.when(jnp.logical_and(q_tile >= lo, q_tile < mid))(lambda: compute(True))
@@ -221,7 +226,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
 
   def compute(masked: bool):
     k = k_ref[...]
-    s = common.dot(q_ref[...], k, trans_b=True) * p.scale
+    s = common.dot(q_ref[...], k, trans_b=True,
+                   precision=p.precision) * p.scale
     probs = jnp.exp(s - lse_ref[:, 0:1])
     if masked:
       shape = (block_q, block_k)
@@ -232,9 +238,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, do_ref, lse_ref,
           kv_ids_ref[0:1, :] if p.has_segments else None)
       if mask is not None:
         probs = jnp.where(mask, probs, 0.0)
-    dp = common.dot(do_ref[...], v_ref[...], trans_b=True)
+    dp = common.dot(do_ref[...], v_ref[...], trans_b=True,
+                    precision=p.precision)
     ds = probs * (dp - delta_ref[:, 0:1])
-    dq_scr[...] += common.dot(ds.astype(k.dtype), k)
+    dq_scr[...] += common.dot(ds.astype(k.dtype), k, precision=p.precision)
 
   num_unmasked, num_total = common.kv_tile_range(p, q_tile, block_q, block_k)
   pl.when(kv_tile < num_unmasked)(lambda: compute(False))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import tempfile
 from unittest import mock
 
 from absl.testing import parameterized
@@ -15,6 +18,7 @@ import pytest
 
 from jaxformer.attention import chunked as chunked_lib
 from jaxformer.attention import core
+from jaxformer.attention import gpu_table
 from jaxformer.attention import dot_product_attention, make_causal_mask
 
 import attention_reference as ref
@@ -347,7 +351,90 @@ class DispatchTest(parameterized.TestCase):
     np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-3)
 
 
+class GpuDefaultTest(parameterized.TestCase):
+  """implementation=None on a (mocked) GPU: cuDNN unless the benchmark table says."""
+
+  KIND = "Test GPU 80GB"
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.dir = tmp.name
+    self.enter_context(mock.patch.object(core, "_platform", lambda: "gpu"))
+    self.enter_context(mock.patch.object(core, "_device_kind", lambda: self.KIND))
+    self.enter_context(mock.patch.dict(os.environ, {gpu_table.ENV_VAR: self.dir}))
+
+  def _choose(self, q_len=4096, head_dim=128, causal=True, dtype=jnp.bfloat16):
+    q = jax.ShapeDtypeStruct((1, q_len, 4, head_dim), dtype)
+    opts = dict(has_mask=False, has_bias=False, hard=False, return_weights=False,
+                dropout=False)
+    with self.assertLogs(core.logger, "INFO") as logs:
+      impl = core._choose_implementation(q, q, q, None, None, causal, **opts)
+    return impl, "\n".join(logs.output)
+
+  def _write(self, fwd_ms, fwd_bwd_ms, seq_bucket=4096):
+    rows = [dict(seq_bucket=seq_bucket, dtype="bfloat16", causal=True, head_dim=128,
+                 mode=mode, ms=dict(pallas=ms[0], cudnn=ms[1]))
+            for mode, ms in (("fwd", fwd_ms), ("fwd+bwd", fwd_bwd_ms))]
+    path = os.path.join(self.dir, gpu_table.table_filename(self.KIND))
+    with open(path, "w") as f:
+      json.dump(dict(format=1, device_kind=self.KIND, cases=rows), f)
+    self.assertEqual(gpu_table.find_table(self.KIND).name, "attention-dispatch-test-gpu-80gb.json")
+
+  def test_no_table_means_cudnn(self):
+    impl, log = self._choose()
+    self.assertEqual(impl, "cudnn")
+    self.assertIn("no benchmark table for 'Test GPU 80GB'", log)
+
+  def test_table_shows_pallas_faster_in_every_mode(self):
+    self._write(fwd_ms=(1.0, 1.2), fwd_bwd_ms=(3.0, 3.3))
+    impl, log = self._choose(q_len=3000)  # bucket 4096
+    self.assertEqual(impl, "pallas")
+    self.assertIn("fwd+bwd: pallas 3.000 ms vs cudnn 3.300 ms", log)
+
+  def test_table_shows_cudnn_faster_somewhere_or_has_no_entry(self):
+    self._write(fwd_ms=(1.0, 1.2), fwd_bwd_ms=(3.5, 3.3))
+    impl, log = self._choose()
+    self.assertEqual(impl, "cudnn")
+    self.assertIn("fwd+bwd: pallas 3.500 ms vs cudnn 3.300 ms", log)
+    self.assertEqual(self._choose(q_len=8192)[0], "cudnn")  # no row for 8k
+    self.assertIn("no pallas/cudnn times", self._choose(head_dim=64)[1])
+
+  def test_cudnn_cannot_then_pallas(self):
+    impl, log = self._choose(dtype=jnp.float32)
+    self.assertEqual(impl, "pallas")
+    self.assertIn("not 'cudnn': cuDNN attention needs bfloat16/float16", log)
+
+
 class ValidationTest(parameterized.TestCase):
+
+  @parameterized.product(implementation=(None, "xla", "chunked", "pallas", "cudnn"),
+                         scale=(float("nan"), float("inf")))
+  def test_non_finite_scale_raises_for_every_implementation(self, implementation, scale):
+    q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="expected a finite number"):
+      dot_product_attention(q, q, q, scale=scale, implementation=implementation)
+
+  def test_empty_key_sequence_in_chunked(self):
+    q, k = jnp.ones((1, 4, 2, 8)), jnp.ones((1, 0, 2, 8))
+    with pytest.raises(ValueError, match="key sequence is empty"):
+      dot_product_attention(q, k, k, implementation="chunked")
+    with pytest.raises(ValueError, match="empty sequence"):
+      chunked_lib.chunked_attention(q, k, k)
+
+  @parameterized.parameters("xla", "chunked", "pallas")
+  def test_precision_reaches_the_matmuls(self, implementation):
+    q = jax.ShapeDtypeStruct((1, 16, 2, 16), jnp.float32)
+    text = str(jax.make_jaxpr(functools.partial(
+        dot_product_attention, implementation=implementation, precision="highest"))(q, q, q))
+    self.assertIn("Precision.HIGHEST", text)
+    self.assertNotIn("precision=None", text)
+
+  def test_bad_precision(self):
+    q = jnp.ones((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="precision='tf32'"):
+      dot_product_attention(q, q, q, precision="tf32")
 
   def _qkv(self, q_shape=(2, 5, 4, 8), k_shape=(2, 6, 2, 8), v_shape=(2, 6, 2, 3),
            dtypes=(jnp.float32,) * 3):

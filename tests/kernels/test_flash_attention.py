@@ -211,6 +211,30 @@ class TritonInterpretTest(FlashAttentionTestBase):
   BACKEND = "triton"
   BLOCKS = TINY_TRITON
 
+  def test_segments_unaligned_cross_lengths_gqa(self):
+    # Sorted ids: most tile pairs share no segment and are skipped.
+    self.check(batch=2, q_len=45, kv_len=29, num_heads=4, num_kv_heads=2,
+               segments=4)
+
+  def test_tiles_without_a_shared_segment_are_never_read(self):
+    """Key tile 1 holds only segment 9, which no query has: the forward, dQ
+    and dK/dV kernels skip it (from the per-tile id bounds), so NaNs there
+    never reach a product (a masked product would give 0 * NaN = NaN)."""
+    q, k, v, dout = _inputs(4, 1, 40, 48, 2, 1, 32)
+    q_ids = np.repeat([[0, 1]], 20, axis=1)
+    kv_ids = np.repeat([[0, 9, 1]], 16, axis=1)
+    poisoned = (k.at[:, 16:32].set(jnp.nan), v.at[:, 16:32].set(jnp.nan))
+    ids = (jnp.asarray(q_ids), jnp.asarray(kv_ids))
+    out, vjp = jax.vjp(lambda *a: self.attention(*a, segment_ids=ids),
+                       q, *poisoned)
+    ref_kwargs = dict(q_ids=q_ids, kv_ids=kv_ids)
+    np.testing.assert_allclose(out, reference_np(q, k, v, **ref_kwargs),
+                               atol=2e-5, rtol=2e-5)
+    for name, got, want in zip(("dq", "dk", "dv"), vjp(dout),
+                               reference_grads_np(q, k, v, dout, **ref_kwargs)):
+      np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4,
+                                 err_msg=name)
+
 
 class MosaicInterpretTest(FlashAttentionTestBase):
   __test__ = True

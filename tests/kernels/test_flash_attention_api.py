@@ -4,6 +4,9 @@ autotune. No kernel runs here except the autotune test (interpret mode)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import tempfile
 
 import jax
 from jax import export
@@ -14,9 +17,13 @@ from absl.testing import parameterized
 
 from kernels import flash_attention
 from kernels.flash_attention import BlockSizes
-from kernels.flash_attention import api
+from kernels.flash_attention import BlockTable
 from kernels.flash_attention import autotune
+from kernels.flash_attention import autotune_table
+from kernels.flash_attention import common
 from kernels.flash_attention import supports
+from kernels.flash_attention.block_sizes import DEFAULTS
+from kernels.flash_attention.block_table import TableKey
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 MOSAIC_CALL = "tpu_custom_call"
@@ -35,6 +42,12 @@ def _export(fn, platforms, *args):
   exported = export.export(jax.jit(fn), platforms=platforms,
                            disabled_checks=DISABLED)(*args)
   return exported.mlir_module()
+
+
+def _tmp_json(test) -> str:
+  tmp = tempfile.TemporaryDirectory()
+  test.addCleanup(tmp.cleanup)
+  return os.path.join(tmp.name, "table.json")
 
 
 class LoweringTest(parameterized.TestCase):
@@ -57,10 +70,26 @@ class LoweringTest(parameterized.TestCase):
     text = _export(fwd, [platform], q, k, v, ids)
     self.assertEqual(text.count(call), 1)
     text = _export(fwd_bwd, [platform], q, k, v, ids)
-    # forward + backward kernels (Triton: preprocess, dK/dV, dQ; Mosaic:
-    # dK/dV, dQ; delta in XLA).
-    self.assertEqual(text.count(call), 4 if platform == "cuda" else 3)
+    # forward + backward kernels (dK/dV, dQ; delta in XLA).
+    self.assertEqual(text.count(call), 3)
     self.assertNotIn(MOSAIC_CALL if platform == "cuda" else TRITON_CALL, text)
+
+  @parameterized.parameters(64, 128, 256)
+  def test_triton_unaligned_segments_gqa_lower_for_cuda(self, head_dim):
+    # Masked loads at the ends, tile skipping on segment ids, per-query-head
+    # dK/dV partials: all must lower for cuda with the default tiles.
+    q, k, v = _structs(q_len=200, kv_len=300, heads=4, kv_heads=1,
+                       head_dim=head_dim)
+    ids = (jax.ShapeDtypeStruct((1, 200), jnp.int32),
+           jax.ShapeDtypeStruct((1, 300), jnp.int32))
+
+    def fwd_bwd(q, k, v, ids):
+      return jax.grad(lambda *a: jnp.sum(flash_attention(
+          *a, is_causal=True, segment_ids=ids).astype(jnp.float32)),
+                      argnums=(0, 1, 2))(q, k, v)
+
+    text = _export(fwd_bwd, ["cuda"], q, k, v, ids)
+    self.assertEqual(text.count(TRITON_CALL), 3)
 
   def test_odd_shapes_lower_and_cpu_gets_interpret_mode(self):
     # Padded inside: lengths 100/300, head dim 80, GQA 4:2.
@@ -119,16 +148,23 @@ class SupportsAndErrorsTest(parameterized.TestCase):
 class BlockSizesTest(parameterized.TestCase):
 
   def test_defaults_are_valid_and_hashable(self):
-    for backend in ("triton", "mosaic"):
+    self.assertEqual(set(DEFAULTS), {"triton", "mosaic", "mosaic_gpu"})
+    for backend in DEFAULTS:
       for head_dim in (32, 64, 128, 256):
         blocks = BlockSizes.get_default(backend, head_dim)
         blocks.validate(backend)
         self.assertEqual(hash(blocks), hash(dataclasses.replace(blocks)))
+        if backend == "triton":  # backward tiles stay on the tensor cores
+          self.assertGreaterEqual(min(blocks.dkv + blocks.dq), 64)
+    with self.assertRaisesRegex(ValueError, "exceeds"):
+      BlockSizes.get_default("triton", 512)
+    with self.assertRaises(TypeError):
+      DEFAULTS["triton"] = ()  # read-only data
 
   def test_fit_shrinks_for_short_sequences(self):
     blocks = BlockSizes.get_default("triton", 64).fit(1, 37, "triton")
     self.assertEqual(blocks.q_blocks(), (16, 16, 16))
-    self.assertEqual(blocks.k_blocks(), (64, 64, 32))
+    self.assertEqual(blocks.k_blocks(), (64, 64, 64))
     blocks.validate("triton")
     mosaic = BlockSizes.get_default("mosaic", 64).fit(5, 300, "mosaic")
     self.assertEqual(mosaic.block_q, 8)
@@ -140,38 +176,98 @@ class BlockSizesTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "multiple of 128"):
       BlockSizes(block_q=128, block_k=64).validate("mosaic")
     BlockSizes(block_q=8, block_k=16).validate("mosaic", interpret=True)
-    self.assertEqual(BlockSizes(block_q=64).dkv, (16, 64))
-    self.assertEqual(BlockSizes(block_q=64).dq, (64, 16))
+    self.assertEqual(BlockSizes(block_q=128).dkv, (64, 128))
+    self.assertEqual(BlockSizes(block_q=128).dq, (128, 64))
+    with self.assertRaisesRegex(ValueError, "multiple of 64"):
+      BlockSizes(block_q=128, block_k=32).validate("mosaic_gpu")
+    self.assertEqual(
+        BlockSizes.get_default("mosaic_gpu", 64).fit(5, 300,
+                                                     "mosaic_gpu").block_q, 128)
+
+  def test_segment_tile_bounds(self):
+    ids = jnp.asarray([[0, 0, 1, 1, 1, 2, 2]], jnp.int32)
+    bounds = common.segment_tile_bounds(ids, 3, 3)  # padded with the last id
+    np.testing.assert_array_equal(bounds, [[[0, 1, 2], [1, 2, 2]]])
+    meet = [[bool(common.tiles_meet(bounds[0], i, bounds[0], j))
+             for j in range(3)] for i in range(3)]
+    self.assertEqual(meet, [[True, True, False], [True, True, True],
+                            [False, True, True]])
+
+
+class BlockTableTest(parameterized.TestCase):
+
+  def test_json_round_trip_lookup_and_replace(self):
+    key = TableKey.of("triton", (1, 100, 4, 64), (1, 300, 2, 64),
+                      (1, 300, 2, 32), jnp.bfloat16, causal=True,
+                      segments=False)
+    self.assertEqual((key.q_bucket, key.kv_bucket, key.dtype), (128, 512,
+                                                                "bfloat16"))
+    tiles = BlockSizes(block_q=64, block_k=32)
+    table = BlockTable(device_kind="NVIDIA H100").with_entry(key, tiles)
+    path = _tmp_json(self)
+    table.save(path)
+    loaded = BlockTable.load(path)
+    self.assertEqual(loaded, table)
+    self.assertEqual(hash(loaded), hash(table))
+    self.assertEqual(loaded.lookup(key), tiles)
+    self.assertIsNone(loaded.lookup(dataclasses.replace(key, causal=False)))
+    other = BlockSizes(block_q=16, block_k=16)
+    self.assertEqual(loaded.with_entry(key, other).entries, ((key, other),))
+    with self.assertRaisesRegex(ValueError, "duplicate"):
+      BlockTable(entries=((key, tiles), (key, other)))
+    with self.assertRaisesRegex(ValueError, "format"):
+      BlockTable.from_json({"entries": []})
 
 
 class AutotuneTest(parameterized.TestCase):
 
-  def tearDown(self):
-    api.TUNED_BLOCK_SIZES.clear()
-    super().tearDown()
-
-  def test_picks_a_candidate_caches_it_and_flash_attention_uses_it(self):
+  def test_tunes_into_a_table_that_flash_attention_uses(self):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(1, 32, 2, 16)), jnp.float32)
                for _ in range(3))
     good = [BlockSizes(block_q=16, block_k=16), BlockSizes(block_q=32,
                                                            block_k=32)]
     bad = BlockSizes(block_q=24, block_k=16)  # not a power of two: skipped
-    best = autotune(q, k, v, is_causal=True, candidates=[bad, *good], reps=1,
-                    include_backward=False, interpret=True)
+    path = _tmp_json(self)
+    table = autotune_table([dict(query=q, key=k, value=v, is_causal=True)],
+                           path=path, candidates=[bad, *good], reps=1,
+                           include_backward=False, interpret=True)
+    self.assertEqual(BlockTable.load(path), table)
+    ((key, best),) = table.entries
     self.assertIn(best, good)
-    key = api.tuning_key(q, k, v, is_causal=True, has_segments=False,
-                         backend="triton")
-    self.assertEqual(api.TUNED_BLOCK_SIZES[key], best)
-    # flash_attention(block_sizes=None) consults the cache: the Triton
-    # forward's grid is (q_len // block_q, batch, heads).
-    def triton_grids(tiles):
-      api.TUNED_BLOCK_SIZES[key] = tiles
-      text = str(jax.make_jaxpr(
-          lambda *a: flash_attention(*a, is_causal=True))(q, k, v))
-      return text
-    self.assertIn("grid=(2, 1, 2)", triton_grids(good[0]))
-    self.assertIn("grid=(1, 1, 2)", triton_grids(good[1]))
+    self.assertEqual((key.backend, key.causal, key.q_bucket), ("triton", True,
+                                                              32))
+
+    # The table is an explicit argument: the Triton forward's grid is
+    # (heads, batch, q_len // block_q); without it the defaults apply.
+    def grid(block_sizes):
+      return str(jax.make_jaxpr(lambda *a: flash_attention(
+          *a, is_causal=True, block_sizes=block_sizes))(q, k, v))
+    for tiles, want in ((good[0], "grid=(2, 1, 2)"),
+                        (good[1], "grid=(2, 1, 1)")):
+      self.assertIn(want, grid(table.with_entry(key, tiles)))
+    self.assertIn("grid=(2, 1, 1)", grid(None))  # 32 rows: one default tile
     with pytest.raises(ValueError, match="no candidate"):
       autotune(q, k, v, candidates=[bad], reps=1, include_backward=False,
                interpret=True)
+    with pytest.raises(ValueError, match="unknown case keys"):
+      autotune_table([dict(query=q, key=k, value=v, causal=True)])
+
+
+class PrecisionTest(parameterized.TestCase):
+
+  @parameterized.parameters((None, jnp.float32, "HIGHEST"),
+                            ("default", jnp.float32, "DEFAULT"),
+                            (None, jnp.bfloat16, "DEFAULT"),
+                            (jax.lax.Precision.HIGH, jnp.float32, "HIGH"))
+  def test_float32_is_not_silently_tf32(self, precision, dtype, want):
+    x = jax.ShapeDtypeStruct((1, 32, 2, 16), dtype)
+    text = str(jax.make_jaxpr(lambda *a: flash_attention(
+        *a, precision=precision, backend="triton"))(x, x, x))
+    found = set(re.findall(r"precision=\(Precision\.(\w+), ", text))
+    self.assertEqual(found, {want})
+
+  def test_bad_precision(self):
+    x = jnp.zeros((1, 8, 1, 16))
+    with self.assertRaisesRegex(ValueError, "precision must be"):
+      flash_attention(x, x, x, precision="tf32")
