@@ -13,6 +13,7 @@ workdir)``, importable from a notebook.
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 
@@ -35,6 +36,30 @@ _VERBOSE = flags.DEFINE_bool("verbose", False,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config file reported in one line."""
+  verbose = any(a in ("--verbose", "--verbose=true", "--verbose=True") for a in argv)
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    if verbose:
+      traceback.print_exc()
+    if isinstance(e, (AttributeError, KeyError)):  # an override of no config field
+      raw = str(e.args[0] if e.args else e)
+      name = re.search(r"'([^'\\]+)\\?'", raw)
+      hint = re.search(r'Did you mean "([^"]+)"', raw)
+      line = ("unknown config field in an override"
+              + (f": {name.group(1)!r}" if name else "")
+              + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+    else:
+      # A failing config file's traceback is embedded in the message: its last line
+      # is the error itself.
+      lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+      line = lines[-1] if lines else repr(e)
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -51,4 +76,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

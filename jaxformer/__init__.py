@@ -2,6 +2,7 @@
 
 Layers, bottom up: ``kernels`` (Pallas, jax only) -> ``jaxformer.attention`` ->
 ``jaxformer.layers`` -> ``jaxformer.models`` -> ``jaxformer.objectives`` /
+``jaxformer.data`` -> ``jaxformer.tasks`` (one module per task) ->
 ``jaxformer.training`` / ``jaxformer.generation`` -> ``experiments``.
 """
 

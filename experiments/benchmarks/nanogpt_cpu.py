@@ -416,7 +416,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help="workdir for experiments.train (default: a temporary one)")
   p.add_argument("--ours_override", action="append", default=[],
                  help="extra flag for experiments.train, e.g. "
-                      "--ours_override=--config.model.attention_impl=xla")
+                      "--ours_override=--config.model.block.attention_impl=xla")
   p.add_argument("--speed_tolerance", type=float, default=0.05)
   p.add_argument("--loss_tolerance", type=float, default=0.02)
   args = p.parse_args(argv)

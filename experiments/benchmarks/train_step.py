@@ -101,7 +101,7 @@ def bench_preset(name: str, *, steps_per_timing: int, repeats: int,
   peak = metrics_logger.peak_flops_per_device()
   row = {
       "preset": name, "params": num_params, "batch": batch, "length": length,
-      "dtype": jnp.dtype(cfg.dtype).name, "compile_s": compile_s,
+      "dtype": jnp.dtype(cfg.block.dtype).name, "compile_s": compile_s,
       "step_ms": 1000 * step_s, "step_ms_all": [1000 * t for t in times],
       "tokens_per_s": tokens_per_step / step_s, "model_tflops_per_s": flops / step_s / 1e12,
       "loss": float(metrics["loss"]),

@@ -106,7 +106,10 @@ run("axial_classifier", axial_cls, "axial", ("accuracy", "loss"))
 
 def grad_temp_bytes(config, batch, image_size=None, impl=None):
   """XLA's temporary-buffer size of ``grad(mean(logits**2))`` for one batch (bytes)."""
-  overrides = {} if image_size is None else {"model.image_size": image_size}
+  overrides = {}
+  if image_size is not None:  # ViT takes one side; ImageGPT and axial (height, width)
+    square = isinstance(config.model.image_size, int)
+    overrides["model.image_size"] = image_size if square else (image_size, image_size)
   if impl is not None:
     overrides["model.block.attention_impl"] = impl
   section = common.with_overrides(config, overrides).model

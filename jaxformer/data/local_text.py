@@ -30,7 +30,7 @@ NUM_WINDOWS = 1 << 30
 def match_files(path_or_glob: str | os.PathLike[str]) -> tuple[str, ...]:
   """The files of a file, a directory (all files under it) or a glob, sorted."""
   if not os.fspath(path_or_glob):
-    raise ValueError("data.path is not set: give a text file, a folder or a glob, "
+    raise ValueError("path is not set: give a text file, a folder or a glob, "
                      "e.g. --config.data.path='~/books/*.txt'")
   pattern = os.path.expanduser(os.fspath(path_or_glob))
   if os.path.isdir(pattern):
@@ -126,6 +126,21 @@ def _tail_start(text: bytes, fraction: float) -> int:
   return cut
 
 
+def check_options(path: str | None, validation_fraction: float, **unused: Any
+                  ) -> tuple[str, ...]:
+  """The files of ``path``; ValueError naming ``data.path`` or
+  ``data.validation_fraction`` when they cannot give a split."""
+  del unused
+  if not isinstance(validation_fraction, (int, float)) or not (
+      0 < validation_fraction < 1):
+    raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
+                     "(0, 1)")
+  try:
+    return match_files(path or "")
+  except ValueError as e:
+    raise ValueError(f"data.{e}") from None
+
+
 def text_split_source(split: str, *, path: str | None,
                       validation_fraction: float = 0.05, window_bytes: int = 1024,
                       seed: int = 0):
@@ -141,16 +156,10 @@ def text_split_source(split: str, *, path: str | None,
   Returns:
     A random-access source of ``{"text": bytes}`` with a ``texts()`` method.
   """
-  if path is None:
-    path = ""  # match_files says how to set it
   if split not in SPLITS:
     raise ValueError(f"data split {split!r} is not one of {SPLITS} for "
                      "data.source='text_files'")
-  if not isinstance(validation_fraction, (int, float)) or not (
-      0 < validation_fraction < 1):
-    raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
-                     "(0, 1)")
-  files = TextFilesSource(path)
+  files = TextFilesSource(path, paths=check_options(path, validation_fraction))
   if len(files) == 1:
     text = _read(files.paths[0])
     cut = _tail_start(text, validation_fraction)

@@ -285,6 +285,8 @@ class EncodeSeq2Seq:
     tok = self.tokenizer
     src = tok.encode_array(_get(record, self.source_key, "source_key"))
     tgt = tok.encode_array(_get(record, self.target_key, "target_key"))
+    for ids in (src, tgt):
+      tok_lib.check_ids(ids, tok.vocab_size, "token ids of a text")
     eos = np.asarray([tok.eos_id], np.int32)
     src = np.concatenate([src[:self.source_len - 1], eos])
     tgt = np.concatenate([tgt[:self.target_len - 1], eos])

@@ -20,7 +20,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
@@ -199,11 +198,3 @@ def make_optimizer(config: OptimizerConfig,
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
   return tx
-
-
-def learning_rate_at(config: OptimizerConfig, total_steps: int,
-                     step: jax.Array | int) -> jax.Array:
-  """The learning rate used at micro-step ``step`` (for logging)."""
-  k = config.grad_accum_steps
-  schedule = make_schedule(config, max(total_steps // k, 1))
-  return schedule(jnp.asarray(step) // k)

@@ -221,3 +221,7 @@ def test_token_ids_outside_the_vocabulary_are_an_error():
     next(pipeline.classification_pipeline([{"text": b"xyz", "label": 0}],
                                           _SmallVocab(), seq_len=4, batch_size=1,
                                           seed=0, num_epochs=1))
+  with pytest.raises(ValueError, match=r"token ids of a text must be in \[0, 100\)"):
+    next(pipeline.seq2seq_pipeline([{"source": b"abc", "target": b"xyz"}],
+                                   _SmallVocab(), source_len=4, target_len=4,
+                                   batch_size=1, seed=0, num_epochs=1))

@@ -34,21 +34,21 @@ def test_pairs_are_half_next_half_random():
 
 
 def test_build_pair_layout_and_truncation():
-  ex = nsp_pairs.build_pair([5, 6, 7], [8, 9], cls_id=CLS, sep_id=SEP, pad_id=PAD, seq_len=10)
+  kw = dict(cls_id=CLS, sep_id=SEP, pad_id=PAD)
+  ex = nsp_pairs.build_pair([5, 6, 7], [8, 9], seq_len=10, **kw)
   np.testing.assert_array_equal(ex["inputs"], [CLS, 5, 6, 7, SEP, 8, 9, SEP, PAD, PAD])
   np.testing.assert_array_equal(ex["token_types"], [0, 0, 0, 0, 0, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(ex["inputs_mask"], [1] * 8 + [0, 0])
-  ex = nsp_pairs.build_pair(list(range(10, 20)), [8, 9], cls_id=CLS, sep_id=SEP, pad_id=PAD,
-                      seq_len=8)
+  ex = nsp_pairs.build_pair(list(range(10, 20)), [8, 9], seq_len=8, **kw)
   # Longest-first truncation: 3 + 2 + 3 specials = 8.
   assert list(ex["inputs"]) == [CLS, 10, 11, 12, SEP, 8, 9, SEP]
   with pytest.raises(ValueError, match="seq_len"):
-    nsp_pairs.build_pair([1], [2], cls_id=CLS, sep_id=SEP, pad_id=PAD, seq_len=4)
+    nsp_pairs.build_pair([1], [2], seq_len=4, **kw)
 
 
 def test_source_is_deterministic_random_access():
   src = nsp_pairs.NSPSource(_documents(), num_examples=10, seq_len=12, cls_id=CLS,
-                      sep_id=SEP, pad_id=PAD, seed=3)
+                            sep_id=SEP, pad_id=PAD, seed=3)
   assert len(src) == 10
   for i in range(10):
     a, b = src[i], src[i]
@@ -56,8 +56,8 @@ def test_source_is_deterministic_random_access():
       np.testing.assert_array_equal(a[k], b[k])
     assert a["inputs"][0] == CLS and a["nsp_label"] in (0, 1)
   with pytest.raises(ValueError, match=">= 2 documents"):
-    nsp_pairs.NSPSource([[[1], [2]]], num_examples=1, seq_len=8, cls_id=CLS, sep_id=SEP,
-                  pad_id=PAD)
+    nsp_pairs.NSPSource([[[1], [2]]], num_examples=1, seq_len=8, cls_id=CLS,
+                        sep_id=SEP, pad_id=PAD)
 
 
 def test_sampler_rejects_corpora_without_pairs():
@@ -66,8 +66,8 @@ def test_sampler_rejects_corpora_without_pairs():
   with pytest.raises(ValueError, match=">= 2 segments"):
     nsp_pairs.PairSampler([[[1]], [[2]]])
   with pytest.raises(ValueError, match="seq_len"):
-    nsp_pairs.NSPSource(_documents(), num_examples=1, seq_len=4, cls_id=CLS, sep_id=SEP,
-                  pad_id=PAD)
+    nsp_pairs.NSPSource(_documents(), num_examples=1, seq_len=4, cls_id=CLS,
+                        sep_id=SEP, pad_id=PAD)
 
 
 def test_segment_documents():

@@ -125,11 +125,11 @@ def test_verdict_and_markdown_report():
 def test_ours_command_and_args():
   cmd = nb.ours_command("experiments/configs/gpt_bytes.py", "/w", steps=50,
                         log_every=10, eval_every=25, eval_batches=20,
-                        extra=["--config.model.attention_impl=xla"])
+                        extra=["--config.model.block.attention_impl=xla"])
   assert cmd[1:3] == ["-m", "experiments.train"]
   for flag in ("--config.train.num_steps=50", "--config.train.eval_every=25",
                "--config.train.eval_batches=20", "--config.train.checkpoint_every=50",
-               "--workdir=/w", "--config.model.attention_impl=xla"):
+               "--workdir=/w", "--config.model.block.attention_impl=xla"):
     assert flag in cmd
   args = nb.parse_args(["--steps", "5", "--sides", "ours"])
   assert args.sides == ("ours",) and args.steps == 5

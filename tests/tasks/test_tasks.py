@@ -255,3 +255,16 @@ class RegistryTest(parameterized.TestCase):
     self.assertEqual(extra, {"bits_per_byte": 1.0, "unigram_bits_per_byte": 0.0})
     chars = tasks.TASKS["causal_lm"]({"seq_len": 4}, None, tokenizer=TOK)
     self.assertEqual(chars.eval_metrics(None, [batch], {"nll": 1.0}, None), {})
+
+
+def test_masked_lm_on_packed_text_and_build_task():
+  data = dict(source="stdlib_text", pipeline="lm", seq_len=16,
+              train_split="validation")
+  config = {"task": "masked_lm", "task_options": {"mask_rate": 0.2}, "data": data}
+  task = tasks.build_task(config, tokenizer=tokenizers.ByteTokenizer())
+  assert isinstance(task, tasks.TASKS["masked_lm"]) and task.options["mask_rate"] == 0.2
+  batch = next(task.batches(batch_size=2, seed=0, train=True))
+  inputs, token_types, mask = task.model_inputs(batch)
+  assert inputs.shape == (2, 16) and token_types is None
+  np.testing.assert_array_equal(mask, batch["segment_ids"] > 0)
+  assert task.example_length() == 16

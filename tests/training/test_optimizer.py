@@ -54,12 +54,6 @@ class ScheduleTest(parameterized.TestCase):
     cfg = opt.OptimizerConfig(learning_rate=1e-3, warmup_steps=0)
     self.assertAlmostEqual(float(opt.make_schedule(cfg, 100)(0)), 1e-3, places=9)
 
-  def test_learning_rate_at_counts_optimizer_updates(self):
-    cfg = opt.OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=4,
-                              grad_accum_steps=2)
-    # micro-steps 4, 5 are optimizer update 2 of a 4-update warmup: lr 0.5
-    self.assertAlmostEqual(float(opt.learning_rate_at(cfg, 40, 5)), 0.5, places=6)
-
   @parameterized.parameters(
       dict(field="schedule", value="exp"),
       dict(field="learning_rate", value=0.0),
