@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from jaxformer.models import registry
+from jaxformer import axes
 from jaxformer.pretrained import checkpoint as ckpt_lib
 from jaxformer.pretrained import families
 from jaxformer.pretrained import mapping
@@ -176,11 +176,13 @@ def from_huggingface(directory: str, *, mesh: jax.sharding.Mesh | None = None,
       DistilBERT (DistilBertModel, DistilBertForMaskedLM), ViT (ViTModel,
       ViTForImageClassification).
     mesh, rules: place every parameter in its sharding on ``mesh`` under the logical
-      axis ``rules`` (``jaxformer.training.sharding.make_rules()``); None: one device.
+      axis ``rules`` (default ``jaxformer.axes.rules_for()``, as training uses);
+      mesh None: the default device.
     overrides: model fields the weights do not fix (``dropout_rate``, ``dtype``,
       ``scan_layers``, ``remat``, ``attention_impl``, ...), as in a model section.
     seed: initialises what the checkpoint lacks but the model has (BERT's pooler in a
-      BertForMaskedLM, which HF does not keep); a warning names it.
+      BertForMaskedLM, which HF does not keep) as HF would (normal(0.02) kernels, zero
+      biases); a warning names it.
   Returns:
     ``(model, params)``: the Flax module (its ``config`` is our model config) and
     its ``params`` collection.
@@ -188,38 +190,45 @@ def from_huggingface(directory: str, *, mesh: jax.sharding.Mesh | None = None,
   spec = spec_of(directory)
   section = families.model_section(spec, overrides)
   cfg, model = families.build(section)
-  abstract = abstract_variables(model, spec.model, cfg)
-  if mesh is not None:
-    from jaxformer.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-    rules = sharding_lib.make_rules() if rules is None else rules
-    with sharding_lib.activate(mesh, rules):
+  if mesh is None:
+    abstract, shardings = abstract_variables(model, spec.model, cfg), None
+  else:
+    rules = axes.rules_for(fsdp=True, tensor=True) if rules is None else rules
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       abstract = abstract_variables(model, spec.model, cfg)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract["params"]),
                                             mesh, rules)
-  else:
-    shardings = None
-  fallback = _fallback(directory, spec, abstract, model, cfg, shardings, seed, mesh, rules)
-  params = load_params(directory, nn.meta.unbox(abstract["params"]), shardings=shardings,
-                       fallback=fallback, spec=spec)
+  abstract = nn.meta.unbox(abstract["params"])
+  fallback = _fallback(directory, spec, abstract, shardings, seed)
+  params = load_params(directory, abstract, shardings=shardings, fallback=fallback,
+                       spec=spec)
   return model, params
 
 
-def _fallback(directory, spec, abstract, model, cfg, shardings, seed, mesh, rules):
-  """Freshly initialised optional parameters the checkpoint lacks (None if none)."""
+def _fallback(directory: str, spec: families.Spec, abstract: Any, shardings: Any,
+              seed: int) -> Any:
+  """Fresh values for the optional parameters the checkpoint lacks (None if none).
+
+  Initialised as Hugging Face initialises a missing weight, from numpy (no compile):
+  kernels normal(``initializer_range``, 0.02 by default), biases zero, norm scales one.
+  """
   ckpt = ckpt_lib.Checkpoint(directory)
   all_rules = mapping.RULES[spec.family](spec)
-  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract["params"]))
-  needed = [p for p in flat if p[0] in mapping.OPTIONAL and (
-      p not in all_rules or not all(ckpt.resolve(n, spec.prefix)
-                                    for n in all_rules[p].names))]
-  if not needed:
-    return None
-  init = lambda r: nn.meta.unbox(model.init(r, *init_inputs(spec.model, cfg))["params"])
-  if mesh is None:
-    return jax.jit(init)(jax.random.key(seed))
-  from jaxformer.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  with sharding_lib.activate(mesh, rules):
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+  flat = traverse_util.flatten_dict(abstract)
+  flat_sh = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+  std = float(ckpt_lib.read_config(directory).get("initializer_range", 0.02))
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, leaf in flat.items():
+    if path[0] not in mapping.OPTIONAL or (path in all_rules and all(
+        ckpt.resolve(n, spec.prefix) for n in all_rules[path].names)):
+      continue
+    if path[-1] in ("kernel", "embedding"):
+      value = rng.normal(0.0, std, leaf.shape)
+    else:
+      value = np.full(leaf.shape, 1.0 if path[-1] == "scale" else 0.0)
+    out[path] = _place(value.astype(leaf.dtype), flat_sh.get(path))
+  return traverse_util.unflatten_dict(out) if out else None
 
 
 def _host(x: jax.Array) -> np.ndarray:
