@@ -12,8 +12,6 @@ weight's ``embed`` dimension without also sharding the activations' feature dime
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 # --- parameter axes -------------------------------------------------------------------
 EMBED = "embed"          # model width d_model
 HEADS = "heads"          # query heads
@@ -82,11 +80,3 @@ def rules_for(*, fsdp: bool = True, tensor: bool = True) -> Rules:
 
 
 DEFAULT_RULES: Rules = rules_for()
-
-
-def check_names(names: Sequence[str | None]) -> None:
-  """Raises ValueError if ``names`` contains a logical name not defined here."""
-  known = {n for n, _ in DEFAULT_RULES}
-  bad = [n for n in names if n is not None and n not in known]
-  if bad:
-    raise ValueError(f"unknown logical axis names {bad}; known: {sorted(known)}")

@@ -8,7 +8,7 @@ every other one in ``len(axes)`` steps at ``O(N * sum(L_axis))`` cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,11 +28,15 @@ class AxialAttention(nn.Module):
     axis: which axis of ``x`` to attend along (numpy style, counting the batch: ``1`` is
       the first spatial axis, ``-2`` the last); neither the batch nor the features.
     is_causal: causal along that axis.
+    attention_kwargs: further ``MultiHeadAttention`` attributes, overriding the ones
+      below (a model passes ``BlockConfig.attention_kwargs(...)`` whole, so a new
+      attention knob needs no field here).
     The remaining attributes are passed to ``MultiHeadAttention``.
   """
   num_heads: int
   axis: int
   is_causal: bool = False
+  attention_kwargs: Mapping[str, Any] | None = None
   num_kv_heads: int | None = None
   head_dim: int | None = None
   out_features: int | None = None
@@ -63,15 +67,16 @@ class AxialAttention(nn.Module):
     x_moved = jnp.moveaxis(x, axis, -2)                   # [B, *others, L, D]
     folded_shape = x_moved.shape
     x_NLD = x_moved.reshape((-1,) + folded_shape[-2:])
-    y_NLO = MultiHeadAttention(
+    options = dict(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         out_features=self.out_features, use_bias=self.use_bias,
         dropout_rate=self.dropout_rate, scale=self.scale, hard=self.hard,
         rotary_base=self.rotary_base,
         implementation=self.implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-        bias_init=self.bias_init, out_kernel_init=self.out_kernel_init,
-        name="attention")(
+        bias_init=self.bias_init, out_kernel_init=self.out_kernel_init)
+    y_NLO = MultiHeadAttention(**{**options, **(self.attention_kwargs or {})},
+                               name="attention")(
             x_NLD, is_causal=self.is_causal, deterministic=deterministic,
             return_weights=return_weights)
     if return_weights:

@@ -8,7 +8,13 @@ Parameters (every one with logical axis names from ``jaxformer.axes``):
 | ``qkv``   | self attention, Hkv < H (GQA)| ``[E, Hkv, H/Hkv + 2, D]`` | embed, kv_heads, qkv, head_dim         |
 | ``query`` | cross attention              | ``[E, H, D]``              | embed, heads, head_dim                 |
 | ``kv``    | cross attention              | ``[Ekv, 2, Hkv, D]``       | embed, qkv, kv_heads, head_dim         |
-| ``out``   | always                       | ``[H, D, O]``              | heads, head_dim, embed                 |
+| ``out``   | always                       | ``[H, Dv, O]``             | heads, head_dim, embed                 |
+
+With a value width ``Dv = value_head_dim`` different from the query/key width ``D`` the
+q/k/v blocks no longer stack, so the fused kernels concatenate them along the last axis
+instead (still one matrix, one matmul): self attention ``qkv [E, Hkv, G*D + D + Dv]``
+(embed, heads or kv_heads, head_dim; ``G = H / Hkv``, each key/value head next to the
+``G`` query heads of its group) and cross attention ``kv [Ekv, Hkv, D + Dv]``.
 
 In the GQA layout each key/value head sits next to the query heads of its group, so
 tensor parallelism over ``kv_heads`` splits one fused kernel without any cross-talk.
@@ -19,7 +25,7 @@ kernel (so fan-in / fan-out are those of the unfused projection).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +35,7 @@ from jax import lax
 
 from jaxformer import axes
 from jaxformer.attention import core
+from jaxformer.attention.projections import Projection, blocks_init
 from jaxformer.attention.rotary import apply_rotary_embedding
 
 Array = jax.Array
@@ -37,66 +44,18 @@ Initializer = Callable[..., Array]
 logger = logging.getLogger(__name__)
 
 
-def _blocks_init(base_init: Initializer, in_dim: int, blocks: Sequence[tuple[int, ...]],
-                 axis: int, shape: tuple[int, ...]) -> Initializer:
-  """An initializer for a kernel made of blocks stacked along ``axis``.
-
-  Block ``i`` is ``base_init(key_i, (in_dim, prod(blocks[i])))`` reshaped to
-  ``(in_dim, *blocks[i])``; the blocks are concatenated on ``axis`` (of the full kernel).
-  """
-
-  def init(key, unused_shape, dtype=jnp.float32):
-    keys = jax.random.split(key, len(blocks))
-    parts = []
-    for k, block in zip(keys, blocks):
-      size = 1
-      for s in block:
-        size *= s
-      parts.append(base_init(k, (in_dim, size), dtype).reshape((in_dim,) + tuple(block)))
-    out = jnp.concatenate(parts, axis=axis)
-    assert out.shape == shape, (out.shape, shape)
-    return out
-
-  return init
-
-
-class _Projection(nn.Module):
-  """``y = x . kernel + bias``, contracting the last ``len(in_shape)`` dims of ``x``."""
-  kernel_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  num_contract: int
-  kernel_init: Initializer
-  bias_init: Initializer
-  use_bias: bool
-  dtype: Any
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init,
-                                                               self.kernel_axes),
-                        self.kernel_shape, self.param_dtype)
-    n = self.num_contract
-    y = lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
-                        ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
-    if self.use_bias:
-      bias_shape = self.kernel_shape[n:]
-      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init,
-                                                             self.kernel_axes[n:]),
-                        bias_shape, self.param_dtype)
-      y = y + jnp.asarray(bias, self.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias_shape)
-    return y
-
-
 class MultiHeadAttention(nn.Module):
   """Multi-head (optionally grouped-query) attention with fused projections.
 
   Attributes:
     num_heads: query heads H.
     num_kv_heads: key/value heads Hkv (``H % Hkv == 0``); None = H.
-    head_dim: D; None = features // H.
+    head_dim: D, the query/key width per head; None = features // H.
+    value_head_dim: Dv, the value width per head; None = D.
     out_features: output width; None = the query input width.
-    use_bias: biases in the projections.
+    use_bias: biases in the projections (the default of the next two).
+    qkv_bias: biases on the q/k/v projections; None = use_bias.
+    out_bias: bias on the output projection ``out``; None = use_bias.
     dropout_rate: dropout on the attention weights (forces the xla path while active).
     scale: logit multiplier (inverse temperature); None = 1/sqrt(D).
     hard: arg-max attention (see ``dot_product_attention``).
@@ -105,6 +64,9 @@ class MultiHeadAttention(nn.Module):
     decode: incremental decoding with a KV cache in the 'cache' collection (self
       attention only): initialise with a full-length input to size the cache, then each
       call appends its Lq tokens at ``cache_index`` and attends causally to the prefix.
+      A call whose tokens do not fit (``cache_index + Lq > max_len``) raises a
+      ValueError when the index is known (outside ``jit``) and otherwise returns NaN for
+      every position of that call and of every later one, never a clamped result.
     dtype: compute dtype; param_dtype: parameter dtype.
     kernel_init, bias_init: initializers (a fused kernel is initialised per block).
     out_kernel_init: initializer of the output projection ``out`` (as an
@@ -114,8 +76,11 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   num_kv_heads: int | None = None
   head_dim: int | None = None
+  value_head_dim: int | None = None
   out_features: int | None = None
   use_bias: bool = True
+  qkv_bias: bool | None = None
+  out_bias: bool | None = None
   dropout_rate: float = 0.0
   scale: float | None = None
   hard: bool = False
@@ -153,10 +118,11 @@ class MultiHeadAttention(nn.Module):
       ``[B, Lq, out_features]``, or ``(out, weights)`` with ``return_weights``.
     """
     num_heads, num_kv_heads, head_dim = self._check(inputs_q, inputs_kv, positions)
+    value_dim = self.value_head_dim or head_dim
     features = inputs_q.shape[-1]
     q_len = inputs_q.shape[1]
     q_BQHD, k_BSKD, v_BSKD = self._project_qkv(inputs_q, inputs_kv, num_heads,
-                                               num_kv_heads, head_dim)
+                                               num_kv_heads, head_dim, value_dim)
 
     decoding = self.decode and inputs_kv is None
     cache_index = None
@@ -184,13 +150,16 @@ class MultiHeadAttention(nn.Module):
         k_BSKD = apply_rotary_embedding(k_BSKD, kv_pos, base=self.rotary_base)
 
     implementation = self.implementation
+    overflow = None
     if cache_index is not None:
       # One decoding step: write the new keys/values at cache_index, attend to the
-      # prefix. (Indices past the cache length are clamped by dynamic_update_slice.)
+      # prefix. dynamic_update_slice clamps an index past the end (it would overwrite
+      # earlier keys), so such a call is an error or NaN, see `overflow`.
       if segment_ids is not None:
         raise ValueError("MultiHeadAttention: segment_ids are not supported in cached "
                          "decoding steps; express padding with `mask` [B, 1, Lq, max_len]")
       max_len = cached_key.value.shape[1]
+      overflow = _check_cache_room(cache_index, q_len, max_len)
       k_BSKD = lax.dynamic_update_slice(cached_key.value, k_BSKD.astype(
           cached_key.value.dtype), (0, cache_index, 0, 0))
       v_BSKD = lax.dynamic_update_slice(cached_value.value, v_BSKD.astype(
@@ -219,15 +188,18 @@ class MultiHeadAttention(nn.Module):
         return_weights=return_weights, implementation=implementation,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
     out_BQHD, weights = result if return_weights else (result, None)
+    if overflow is not None:  # traced index: a call past the cache cannot pass for right
+      out_BQHD = jnp.where(overflow, jnp.asarray(jnp.nan, out_BQHD.dtype), out_BQHD)
     if return_weights:
       self.sow("intermediates", "attention_weights", weights)
 
     out_features = self.out_features or features
-    out = _Projection(
-        kernel_shape=(num_heads, head_dim, out_features),
+    out = Projection(
+        kernel_shape=(num_heads, value_dim, out_features),
         kernel_axes=(axes.HEADS, axes.HEAD_DIM, axes.EMBED), num_contract=2,
-        kernel_init=self._out_init(num_heads, head_dim, out_features),
-        bias_init=self.bias_init, use_bias=self.use_bias, dtype=self.dtype,
+        kernel_init=self._out_init(num_heads, value_dim, out_features),
+        bias_init=self.bias_init, use_bias=_default(self.out_bias, self.use_bias),
+        dtype=self.dtype,
         param_dtype=self.param_dtype, name="out")(out_BQHD)
     out = nn.with_logical_constraint(out, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED))
     return (out, weights) if return_weights else out
@@ -249,47 +221,70 @@ class MultiHeadAttention(nn.Module):
 
     return init
 
-  def _project_qkv(self, inputs_q, inputs_kv, num_heads, num_kv_heads, head_dim):
-    """Returns ``q [B, Lq, H, D]``, ``k [B, Lk, Hkv, D]``, ``v [B, Lk, Hkv, D]``."""
+  def _project_qkv(self, inputs_q, inputs_kv, num_heads, num_kv_heads, head_dim,
+                   value_dim):
+    """Returns ``q [B, Lq, H, D]``, ``k [B, Lk, Hkv, D]``, ``v [B, Lk, Hkv, Dv]``."""
     embed = inputs_q.shape[-1]
-    proj = dict(bias_init=self.bias_init, use_bias=self.use_bias, dtype=self.dtype,
-                param_dtype=self.param_dtype, num_contract=1)
+    proj = dict(bias_init=self.bias_init, use_bias=_default(self.qkv_bias, self.use_bias),
+                dtype=self.dtype, param_dtype=self.param_dtype, num_contract=1)
     groups = num_heads // num_kv_heads
-    if inputs_kv is None and num_kv_heads == num_heads:
-      shape = (embed, 3, num_heads, head_dim)
-      qkv_BL3HD = _Projection(
+    b, l = inputs_q.shape[:2]
+    d, dv = head_dim, value_dim
+    if inputs_kv is None and d != dv:
+      # Widths differ: q, k, v of one kv head concatenated on the last axis.
+      heads_axis = axes.HEADS if groups == 1 else axes.KV_HEADS
+      shape = (embed, num_kv_heads, groups * d + d + dv)
+      qkv_BLKF = Projection(
+          kernel_shape=shape, kernel_axes=(axes.EMBED, heads_axis, axes.HEAD_DIM),
+          kernel_init=blocks_init(self.kernel_init, embed,
+                                   [(num_kv_heads, groups * d), (num_kv_heads, d),
+                                    (num_kv_heads, dv)], 2, shape),
+          name="qkv", **proj)(inputs_q)
+      q = qkv_BLKF[..., :groups * d].reshape(b, l, num_heads, d)
+      k, v = qkv_BLKF[..., groups * d:groups * d + d], qkv_BLKF[..., groups * d + d:]
+    elif inputs_kv is None and num_kv_heads == num_heads:
+      shape = (embed, 3, num_heads, d)
+      qkv_BL3HD = Projection(
           kernel_shape=shape, kernel_axes=(axes.EMBED, axes.QKV, axes.HEADS, axes.HEAD_DIM),
-          kernel_init=_blocks_init(self.kernel_init, embed, [(1, num_heads, head_dim)] * 3,
+          kernel_init=blocks_init(self.kernel_init, embed, [(1, num_heads, d)] * 3,
                                    1, shape), name="qkv", **proj)(inputs_q)
       q, k, v = qkv_BL3HD[:, :, 0], qkv_BL3HD[:, :, 1], qkv_BL3HD[:, :, 2]
     elif inputs_kv is None:
-      shape = (embed, num_kv_heads, groups + 2, head_dim)
-      qkv_BLKGD = _Projection(
+      shape = (embed, num_kv_heads, groups + 2, d)
+      qkv_BLKGD = Projection(
           kernel_shape=shape,
           kernel_axes=(axes.EMBED, axes.KV_HEADS, axes.QKV, axes.HEAD_DIM),
-          kernel_init=_blocks_init(self.kernel_init, embed,
-                                   [(num_kv_heads, groups, head_dim),
-                                    (num_kv_heads, 1, head_dim),
-                                    (num_kv_heads, 1, head_dim)], 2, shape),
+          kernel_init=blocks_init(self.kernel_init, embed,
+                                   [(num_kv_heads, groups, d), (num_kv_heads, 1, d),
+                                    (num_kv_heads, 1, d)], 2, shape),
           name="qkv", **proj)(inputs_q)
-      b, l = inputs_q.shape[:2]
-      q = qkv_BLKGD[:, :, :, :groups].reshape(b, l, num_heads, head_dim)
+      q = qkv_BLKGD[:, :, :, :groups].reshape(b, l, num_heads, d)
       k, v = qkv_BLKGD[:, :, :, groups], qkv_BLKGD[:, :, :, groups + 1]
     else:
-      q_shape = (embed, num_heads, head_dim)
-      q = _Projection(
+      q_shape = (embed, num_heads, d)
+      q = Projection(
           kernel_shape=q_shape, kernel_axes=(axes.EMBED, axes.HEADS, axes.HEAD_DIM),
-          kernel_init=_blocks_init(self.kernel_init, embed, [(num_heads, head_dim)], 1,
+          kernel_init=blocks_init(self.kernel_init, embed, [(num_heads, d)], 1,
                                    q_shape), name="query", **proj)(inputs_q)
       kv_embed = inputs_kv.shape[-1]
-      kv_shape = (kv_embed, 2, num_kv_heads, head_dim)
-      kv_BS2KD = _Projection(
-          kernel_shape=kv_shape,
-          kernel_axes=(axes.EMBED, axes.QKV, axes.KV_HEADS, axes.HEAD_DIM),
-          kernel_init=_blocks_init(self.kernel_init, kv_embed,
-                                   [(1, num_kv_heads, head_dim)] * 2, 1, kv_shape),
-          name="kv", **proj)(inputs_kv)
-      k, v = kv_BS2KD[:, :, 0], kv_BS2KD[:, :, 1]
+      if d == dv:
+        kv_shape = (kv_embed, 2, num_kv_heads, d)
+        kv_BS2KD = Projection(
+            kernel_shape=kv_shape,
+            kernel_axes=(axes.EMBED, axes.QKV, axes.KV_HEADS, axes.HEAD_DIM),
+            kernel_init=blocks_init(self.kernel_init, kv_embed,
+                                     [(1, num_kv_heads, d)] * 2, 1, kv_shape),
+            name="kv", **proj)(inputs_kv)
+        k, v = kv_BS2KD[:, :, 0], kv_BS2KD[:, :, 1]
+      else:
+        kv_shape = (kv_embed, num_kv_heads, d + dv)
+        kv_BSKF = Projection(
+            kernel_shape=kv_shape,
+            kernel_axes=(axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM),
+            kernel_init=blocks_init(self.kernel_init, kv_embed,
+                                     [(num_kv_heads, d), (num_kv_heads, dv)], 2, kv_shape),
+            name="kv", **proj)(inputs_kv)
+        k, v = kv_BSKF[..., :d], kv_BSKF[..., d:]
     q = nn.with_logical_constraint(q, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_HEADS,
                                        axes.ACT_HEAD_DIM))
     k = nn.with_logical_constraint(k, (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_KV_HEADS,
@@ -309,8 +304,13 @@ class MultiHeadAttention(nn.Module):
                        f"batch of inputs_q {inputs_q.shape}; got {inputs_kv.shape}")
     features = inputs_q.shape[-1]
     num_heads = self.num_heads
-    num_kv_heads = self.num_kv_heads or num_heads
-    if num_heads < 1 or num_heads % num_kv_heads:
+    num_kv_heads = num_heads if self.num_kv_heads is None else self.num_kv_heads
+    for field, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                         ("head_dim", self.head_dim or 1),
+                         ("value_head_dim", self.value_head_dim or 1)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}.{field}={value!r}: expected a positive int")
+    if num_heads % num_kv_heads:
       raise ValueError(f"{name}: num_heads={num_heads} must be a positive multiple of "
                        f"num_kv_heads={num_kv_heads}")
     head_dim = self.head_dim
@@ -324,3 +324,27 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"{name}: positions must be [batch, q_length] = [*, "
                        f"{inputs_q.shape[1]}], got shape {jnp.shape(positions)}")
     return num_heads, num_kv_heads, head_dim
+
+
+def _default(flag: bool | None, default: bool) -> bool:
+  return default if flag is None else flag
+
+
+def _check_cache_room(cache_index: Array, q_len: int, max_len: int) -> Array | None:
+  """Raises when ``q_len`` tokens at ``cache_index`` cannot fit in ``max_len`` slots.
+
+  Returns None when the check ran (lengths known at trace time), else a traced bool
+  scalar that is True when the call overflows (the caller then outputs NaN).
+  """
+  if q_len > max_len:
+    raise ValueError(f"MultiHeadAttention: {q_len} tokens in one decoding call exceed the "
+                     f"KV cache of max_len={max_len} (sized by the input given to init)")
+  if isinstance(cache_index, jax.core.Tracer):
+    return cache_index + q_len > max_len
+  index = int(cache_index)
+  if index + q_len > max_len:
+    raise ValueError(f"MultiHeadAttention: decoding {q_len} token(s) at cache index "
+                     f"{index} overflows the KV cache of max_len={max_len} (sized by "
+                     "the input given to init); init with a longer input")
+  return None
+

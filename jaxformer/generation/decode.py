@@ -19,8 +19,8 @@ Randomness: ``rng`` is one key or one key per row. The token a row samples at po
 of a batch given key ``k`` matches a single-row call given ``k[None]``. With one key, the
 row keys are ``jax.random.split(rng, batch)``.
 
-Models: ``generate`` drives any Flax module that (a) has a ``decode`` attribute or a
-``config`` dataclass with a ``decode`` field, (b) keeps its cache in the ``'cache'``
+Models: ``generate`` drives any Flax module that (a) has a ``config.block.decode``
+switch (every jaxformer model) or a ``decode`` attribute, (b) keeps its cache in the ``'cache'``
 collection, sized by ``init`` with a full-length input, and (c) maps ``(tokens_BL,
 positions=...)`` to logits ``[B, L, V]``. ``sample_loop`` takes any step function instead.
 """
@@ -53,23 +53,25 @@ StepFn = Callable[[PyTree, Array, Array], tuple[Array, PyTree]]
 
 
 def decoding_module(model: nn.Module) -> nn.Module:
-  """Returns a copy of ``model`` in incremental-decoding mode (``decode=True``).
+  """Returns a copy of ``model`` in incremental-decoding mode.
 
-  Accepts a module with a boolean ``decode`` attribute, or one whose ``config`` (or
-  ``cfg``) is a dataclass with a ``decode`` field.
+  The switch is the ``decode`` field of the model config's ``block`` (every jaxformer
+  model: ``model.config.block.decode``); a bare module with a boolean ``decode``
+  attribute (``MultiHeadAttention``, or a user's own) is accepted too.
   """
+  cfg = getattr(model, "config", None)
+  block = getattr(cfg, "block", None)
+  if dataclasses.is_dataclass(cfg) and dataclasses.is_dataclass(block) and any(
+      f.name == "decode" for f in dataclasses.fields(block)):
+    if block.decode:
+      return model
+    return model.clone(config=dataclasses.replace(
+        cfg, block=dataclasses.replace(block, decode=True)))
   if isinstance(getattr(model, "decode", None), bool):
     return model if model.decode else model.clone(decode=True)
-  for name in ("config", "cfg"):
-    cfg = getattr(model, name, None)
-    if dataclasses.is_dataclass(cfg) and any(f.name == "decode"
-                                             for f in dataclasses.fields(cfg)):
-      if cfg.decode:
-        return model
-      return model.clone(**{name: dataclasses.replace(cfg, decode=True)})
   raise TypeError(
-      f"model {type(model).__name__} has no `decode` attribute and no config with a "
-      "`decode` field; generation needs a model with a key/value cache")
+      f"model {type(model).__name__} has no config.block.decode switch and no `decode` "
+      "attribute; generation needs a model with a key/value cache")
 
 
 def as_variables(params: PyTree) -> dict[str, PyTree]:

@@ -7,8 +7,8 @@ encoder output computed once. The loop is ``decode.sample_loop``: stops per row 
 
 The model must follow ``jaxformer.models.EncoderDecoder``: ``encode(source_BS,
 source_mask)`` -> ``encoded_BSD``; ``decode(encoded_BSD, target_inputs_BT, source_mask,
-target_positions=...)`` -> logits; a ``config.decode`` field (or ``decode`` attribute)
-switching on the cache.
+target_positions=...)`` -> logits; a ``config.block.decode`` field switching on the
+cache.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Transformer blocks (encoder, decoder) and a layer ``Stack`` with remat / scan.
+"""Transformer blocks (encoder, decoder) and ``BlockConfig``, the one home of block fields.
 
 Placement of the norm (``BlockConfig.norm``):
   * ``"post"`` (original Transformer, BERT): ``x = LN(x + dropout(f(x)))``;
@@ -6,14 +6,15 @@ Placement of the norm (``BlockConfig.norm``):
     final LN (``final_norm``).
 Dropout sits where the papers put it: on attention weights (inside attention), and on
 each sublayer's output before the residual add; embedding dropout is the model's job.
+
+Every model config holds one ``BlockConfig`` in its ``block`` field, so a new block-level
+knob is one field here plus its use in ``attention_kwargs`` (or a block below).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,31 +24,40 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.attention import MultiHeadAttention
 from jaxformer.layers.mlp import MLP, check_activation
-from jaxformer.layers.norms import check_norm, make_norm
+from jaxformer.layers.norms import NORM_PLACEMENTS, NORM_TYPES, make_norm
+# The stack lives in its own module; re-exported so `blocks` stays the one import.
+from jaxformer.layers.stack import Stack, stack_layer_params, unstack_layer_params  # noqa: F401
 
 Array = jax.Array
 Dtype = Any
 
 _ACT_AXES = (axes.ACT_BATCH, axes.ACT_LENGTH, axes.ACT_EMBED)
+ATTENTION_IMPLS = (None, "xla", "chunked", "pallas", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-  """Everything one transformer block needs; models build it from their own config.
+  """Everything one transformer block needs; each model config holds one in ``block``.
 
   Attributes:
     num_heads: query heads.
     mlp_dim: feed-forward hidden width.
     num_kv_heads: key/value heads (grouped-query attention); None = num_heads.
-    head_dim: per-head width; None = features // num_heads.
+    head_dim: per-head width of queries and keys; None = features // num_heads.
+    value_head_dim: per-head width of values (d_v); None = head_dim.
     activation: MLP activation, see ``jaxformer.layers.mlp.ACTIVATIONS``.
     norm: ``"pre"`` or ``"post"``.
     norm_type: ``"layernorm"`` or ``"rmsnorm"``.
     norm_eps: epsilon of the norms.
-    use_bias: biases in attention and MLP projections.
-    dropout_rate: dropout on each sublayer's output (before the residual add).
+    use_bias: biases in the MLP, and the default of ``qkv_bias`` / ``out_bias``.
+    qkv_bias: biases on the query/key/value projections (W_q, W_k, W_v); None = use_bias.
+    out_bias: bias on the attention output projection (W_h); None = use_bias.
+    qk_norm: normalise q and k per head (a ``norm_type`` norm over head_dim, eps
+      ``norm_eps``) before the dot product.
+    dropout_rate: dropout on each sublayer's output (before the residual add); models
+      use it on their embeddings too.
     attention_dropout_rate: dropout on attention weights.
-    rotary_base: not None -> RoPE on q and k in self attention.
+    rotary_base: RoPE base, used when the model's ``positions == "rotary"``.
     attention_impl: ``implementation`` of ``dot_product_attention``.
     attention_scale_multiplier: the attention logits' inverse temperature as a multiple
       of the usual ``1/sqrt(head_dim)``: ``beta = attention_scale_multiplier /
@@ -56,26 +66,32 @@ class BlockConfig:
     attention_hard: arg-max (hard) attention: each query takes the value of its
       best-scoring allowed key. No gradient reaches the queries and keys (the weights
       are a step function of them), only the values; runs on the xla path.
-    decode: incremental decoding (self attention keeps a KV cache in 'cache').
+    decode: incremental decoding: causal self attention keeps a KV cache in 'cache'
+      (the one decode switch of every model; see ``jaxformer.generation``).
     return_weights: sow attention weights into 'intermediates'.
     init_stddev: None -> the attention/MLP default initializers (xavier uniform);
       a float -> normal(stddev) kernels (GPT-2 / BERT use 0.02).
     residual_init_stddev: None -> the residual-output projections (attention ``out``
       and MLP ``wo``) are initialised like the other kernels; a float -> normal(stddev)
-      for those two (GPT-2 / nanoGPT: ``init_stddev / sqrt(2 * num_layers)``).
+      for those two.
+    dtype / param_dtype: compute / parameter dtypes (strings such as "bfloat16" are
+      accepted and normalised).
   """
   num_heads: int
   mlp_dim: int
   num_kv_heads: int | None = None
   head_dim: int | None = None
+  value_head_dim: int | None = None
   activation: str = "gelu"
   norm: str = "pre"
   norm_type: str = "layernorm"
   norm_eps: float = 1e-5
   use_bias: bool = True
+  qkv_bias: bool | None = None
+  out_bias: bool | None = None
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  rotary_base: float | None = None
+  rotary_base: float = 10_000.0
   attention_impl: str | None = None
   attention_scale_multiplier: float = 1.0
   attention_hard: bool = False
@@ -87,29 +103,61 @@ class BlockConfig:
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    check_norm(self.norm, self.norm_type)
-    check_activation(self.activation)
+    own = "BlockConfig"
+    for name in ("dtype", "param_dtype"):
+      try:
+        object.__setattr__(self, name, jnp.dtype(getattr(self, name)))
+      except TypeError:
+        raise TypeError(f"{own}.{name}={getattr(self, name)!r}: expected a dtype such "
+                        "as 'float32' or 'bfloat16'") from None
+    if self.norm not in NORM_PLACEMENTS:
+      raise ValueError(f"{own}.norm={self.norm!r}: expected one of {NORM_PLACEMENTS} "
+                       "(pre-LN: x + f(LN(x)), GPT-2/ViT; post-LN: LN(x + f(x)), BERT)")
+    if self.norm_type not in NORM_TYPES:
+      raise ValueError(f"{own}.norm_type={self.norm_type!r}: expected one of "
+                       f"{NORM_TYPES}")
+    check_activation(self.activation, field=f"{own}.activation")
     for name in ("num_heads", "mlp_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"BlockConfig.{name}={value!r}; expected a positive int")
+      _check_int(own, name, getattr(self, name), optional=False)
+    for name in ("num_kv_heads", "head_dim", "value_head_dim"):
+      _check_int(own, name, getattr(self, name), optional=True)
+    if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+      raise ValueError(f"{own}.num_kv_heads={self.num_kv_heads}: expected a divisor of "
+                       f"num_heads={self.num_heads}")
+    for name in ("use_bias", "decode", "return_weights", "attention_hard"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{own}.{name}={getattr(self, name)!r}: expected a bool")
+    for name in ("qkv_bias", "out_bias"):
+      if getattr(self, name) not in (None, True, False):
+        raise TypeError(f"{own}.{name}={getattr(self, name)!r}: expected None (= "
+                        "use_bias) or a bool")
     for name in ("dropout_rate", "attention_dropout_rate"):
       value = getattr(self, name)
       if not 0.0 <= value < 1.0:
-        raise ValueError(f"BlockConfig.{name}={value!r}; expected 0 <= rate < 1")
+        raise ValueError(f"{own}.{name}={value!r}: expected 0 <= rate < 1")
     for name in ("init_stddev", "residual_init_stddev"):
       value = getattr(self, name)
       if value is not None and not value > 0:
-        raise ValueError(f"BlockConfig.{name}={value!r}; expected None or a float > 0")
-    check_attention_options(self, "BlockConfig")
+        raise ValueError(f"{own}.{name}={value!r}: expected None or a float > 0")
+    if not self.norm_eps > 0:
+      raise ValueError(f"{own}.norm_eps={self.norm_eps!r}: expected a float > 0")
+    if not self.rotary_base > 0:
+      raise ValueError(f"{own}.rotary_base={self.rotary_base!r}: expected a float > 0")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"{own}.attention_impl={self.attention_impl!r}: expected one of "
+                       f"{ATTENTION_IMPLS}")
+    check_attention_options(self, own)
+
+  def qk_dim(self, features: int) -> int:
+    """Per-head width of queries and keys for inputs ``[..., features]``."""
+    return self.head_dim or features // self.num_heads
 
   def attention_scale(self, features: int) -> float | None:
     """``scale`` of the attention modules for inputs ``[..., features]``.
 
     None (the default ``1/sqrt(head_dim)``) unless ``attention_scale_multiplier != 1``.
     """
-    return attention_scale(self.attention_scale_multiplier,
-                           self.head_dim or features // self.num_heads)
+    return attention_scale(self.attention_scale_multiplier, self.qk_dim(features))
 
   def kernel_init(self) -> dict[str, Any]:
     """``{'kernel_init': ...}`` for the sub-modules, or ``{}`` for their defaults."""
@@ -123,6 +171,30 @@ class BlockConfig:
       return {}
     return {"out_kernel_init": nn.initializers.normal(stddev=self.residual_init_stddev)}
 
+  def attention_kwargs(self, features: int, *, rotary: bool = False) -> dict[str, Any]:
+    """``MultiHeadAttention`` / ``AxialAttention`` attributes for inputs ``[..., features]``.
+
+    The one place a block-level attention knob turns into a module attribute (blocks and
+    the axial models both build their attention from it). ``decode`` is not included:
+    only causal self attention keeps a cache, so the caller decides.
+    """
+    return dict(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        value_head_dim=self.value_head_dim, use_bias=self.use_bias,
+        qkv_bias=self.qkv_bias, out_bias=self.out_bias,
+        dropout_rate=self.attention_dropout_rate, scale=self.attention_scale(features),
+        hard=self.attention_hard, rotary_base=self.rotary_base if rotary else None,
+        implementation=self.attention_impl, dtype=self.dtype,
+        param_dtype=self.param_dtype, **self.kernel_init(), **self.out_kernel_init())
+
+
+def _check_int(owner: str, name: str, value: Any, *, optional: bool) -> None:
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    what = "None or a positive int" if optional else "a positive int"
+    raise ValueError(f"{owner}.{name}={value!r}: expected {what}")
+
 
 def check_attention_options(cfg: Any, owner: str) -> None:
   """Validates ``cfg.attention_scale_multiplier`` / ``cfg.attention_hard``.
@@ -133,11 +205,11 @@ def check_attention_options(cfg: Any, owner: str) -> None:
   multiplier = cfg.attention_scale_multiplier
   if (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float))
       or not math.isfinite(multiplier) or multiplier < 0):
-    raise ValueError(f"{owner}.attention_scale_multiplier={multiplier!r}; expected a "
+    raise ValueError(f"{owner}.attention_scale_multiplier={multiplier!r}: expected a "
                      "finite float >= 0 (1.0 = the usual 1/sqrt(head_dim))")
   object.__setattr__(cfg, "attention_scale_multiplier", float(multiplier))
   if not isinstance(cfg.attention_hard, bool):
-    raise TypeError(f"{owner}.attention_hard={cfg.attention_hard!r}; expected a bool")
+    raise TypeError(f"{owner}.attention_hard={cfg.attention_hard!r}: expected a bool")
   if cfg.attention_hard and multiplier != 1.0:
     raise ValueError(f"{owner}.attention_hard=True with attention_scale_multiplier="
                      f"{multiplier!r}: the arg-max does not depend on the scale; leave "
@@ -152,19 +224,19 @@ def attention_scale(multiplier: float, head_dim: int) -> float | None:
 
 
 class _Block(nn.Module):
-  """Shared pieces: attention / MLP constructors and the pre/post-LN residual."""
+  """Shared pieces: attention / MLP constructors and the pre/post-LN residual.
+
+  ``rotary``: RoPE (``config.rotary_base``) on q and k of self attention; set by the
+  model from its ``positions``.
+  """
   config: BlockConfig
+  rotary: bool = False
 
   def _attention(self, name: str, decode: bool, features: int) -> MultiHeadAttention:
     """The attention sublayer for query inputs ``[..., features]``."""
-    c = self.config
-    return MultiHeadAttention(
-        num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-        use_bias=c.use_bias, dropout_rate=c.attention_dropout_rate,
-        scale=c.attention_scale(features), hard=c.attention_hard,
-        rotary_base=c.rotary_base if name == "self_attention" else None,
-        implementation=c.attention_impl, decode=decode, dtype=c.dtype,
-        param_dtype=c.param_dtype, name=name, **c.kernel_init(), **c.out_kernel_init())
+    rotary = self.rotary and name == "self_attention"
+    return MultiHeadAttention(decode=decode, name=name,
+                              **self.config.attention_kwargs(features, rotary=rotary))
 
   def _norm(self, name: str) -> nn.Module:
     c = self.config
@@ -254,132 +326,3 @@ class DecoderBlock(_Block):
           "cross_attention_norm", deterministic)
     return self._residual(x_BLD, lambda h: self._mlp(h, deterministic), "mlp_norm",
                           deterministic)
-
-
-class Stack(nn.Module):
-  """``num_layers`` blocks of one kind, optionally rematerialised and/or scanned.
-
-  ``__call__(x, *block_args, deterministic=False|True)``: ``block_args`` are the block's
-  positional arguments after ``x`` (e.g. ``mask, segment_ids, positions`` for
-  ``EncoderBlock``), the same for every layer.
-
-  Params: plain loop ``layers_0 .. layers_{n-1}``; ``scan=True`` -> one ``layers`` whose
-  leaves are stacked along a leading ``LAYERS`` axis (convert with
-  :func:`stack_layer_params` / :func:`unstack_layer_params`). ``final_norm`` (default: on
-  for pre-LN) adds ``final_norm`` after the last block. Under ``scan`` the 'cache' and
-  'intermediates' collections are stacked along the layer axis too.
-
-  Attributes:
-    block: ``EncoderBlock`` or ``DecoderBlock``.
-    config: the blocks' config.
-    num_layers: depth.
-    remat: ``nn.remat`` each block (recompute activations in the backward pass).
-    scan: ``nn.scan`` over layers (one traced block; faster compiles for deep stacks).
-    block_kwargs: extra block attributes, e.g. ``{"cross_attention": True}``.
-    final_norm: None -> ``config.norm == "pre"``.
-  """
-  block: Any
-  config: BlockConfig
-  num_layers: int
-  remat: bool = False
-  scan: bool = False
-  block_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  final_norm: bool | None = None
-
-  @nn.compact
-  def __call__(self, x_BLD: Array, *block_args: Any, deterministic: bool = True) -> Array:
-    if not isinstance(self.num_layers, int) or self.num_layers < 0:
-      raise ValueError(f"Stack.num_layers={self.num_layers!r}; expected an int >= 0")
-    block_cls = self.block
-    args = (*block_args, deterministic)
-    if self.remat:
-      # static_argnums counts `self` as 0 and x as 1, so deterministic (the last of
-      # `args`) is at 1 + len(args).
-      block_cls = nn.remat(block_cls, prevent_cse=not self.scan,
-                           static_argnums=(1 + len(args),))
-    if self.scan and self.num_layers > 0:
-      def body(module, carry, *xs):
-        return module(carry, *xs), None
-
-      scanned = nn.scan(
-          body,
-          variable_axes={"params": 0, "cache": 0, "intermediates": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=nn.broadcast,
-          length=self.num_layers,
-          metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-      layer = block_cls(self.config, name="layers", **self.block_kwargs)
-      x_BLD, _ = scanned(layer, x_BLD, *args)
-    else:
-      for i in range(self.num_layers):
-        x_BLD = block_cls(self.config, name=f"layers_{i}", **self.block_kwargs)(
-            x_BLD, *args)
-    use_final = self.config.norm == "pre" if self.final_norm is None else self.final_norm
-    if use_final:
-      x_BLD = make_norm(self.config.norm_type, eps=self.config.norm_eps,
-                        dtype=self.config.dtype, param_dtype=self.config.param_dtype,
-                        name="final_norm")(x_BLD)
-    return x_BLD
-
-
-_LAYER_KEY = re.compile(r"^layers_(\d+)$")
-
-
-def _is_box(x: Any) -> bool:
-  return isinstance(x, nn.Partitioned)
-
-
-def _stack_leaves(*xs: Any) -> Any:
-  if _is_box(xs[0]):  # keep logical names: prepend the LAYERS axis
-    return xs[0].replace(value=jnp.stack([x.value for x in xs]),
-                         names=(axes.LAYERS, *xs[0].names))
-  return jnp.stack(xs)
-
-
-def _index_leaf(x: Any, i: int) -> Any:
-  if _is_box(x):
-    return x.replace(value=x.value[i], names=tuple(x.names[1:]))
-  return x[i]
-
-
-def stack_layer_params(tree: Any) -> Any:
-  """Plain-loop variables -> scanned layout (``layers_i`` dicts -> one stacked ``layers``).
-
-  Works on any nested dict, e.g. a whole ``variables`` tree (boxed ``nn.Partitioned``
-  leaves get the ``layers`` axis name prepended); every dict holding
-  ``layers_0 .. layers_{n-1}`` is rewritten, other keys are kept.
-  """
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {}
-  layer_items = {}
-  for key, value in tree.items():
-    m = _LAYER_KEY.match(str(key))
-    if m:
-      layer_items[int(m.group(1))] = stack_layer_params(value)
-    else:
-      out[key] = stack_layer_params(value)
-  if layer_items:
-    if sorted(layer_items) != list(range(len(layer_items))):
-      raise ValueError(f"layer keys are not contiguous: {sorted(layer_items)}")
-    out["layers"] = jax.tree.map(_stack_leaves,
-                                 *[layer_items[i] for i in range(len(layer_items))],
-                                 is_leaf=_is_box)
-  return out
-
-
-def unstack_layer_params(tree: Any) -> Any:
-  """Scanned variables -> plain-loop layout (inverse of :func:`stack_layer_params`)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {}
-  for key, value in tree.items():
-    if key == "layers" and isinstance(value, Mapping):
-      n = jax.tree.leaves(value)[0].shape[0]
-      inner = unstack_layer_params(value)
-      for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: _index_leaf(x, i), inner,
-                                          is_leaf=_is_box)
-    else:
-      out[key] = unstack_layer_params(value)
-  return out

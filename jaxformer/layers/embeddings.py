@@ -147,17 +147,6 @@ def sinusoidal_embedding(positions_BL: Array, features: int, *,
   return emb.reshape(*positions_BL.shape, features).astype(dtype)
 
 
-class SinusoidalPositionEmbed(nn.Module):
-  """Module wrapper of :func:`sinusoidal_embedding` (no parameters)."""
-  features: int
-  max_timescale: float = 10_000.0
-  dtype: Dtype = jnp.float32
-
-  def __call__(self, positions_BL: Array) -> Array:
-    return sinusoidal_embedding(positions_BL, self.features,
-                                max_timescale=self.max_timescale, dtype=self.dtype)
-
-
 class PatchEmbed(nn.Module):
   """Image -> non-overlapping patches -> linear projection (the ViT stem).
 

@@ -44,8 +44,8 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.attention import AxialAttention
 from jaxformer.layers import embeddings
-from jaxformer.layers.blocks import attention_scale
-from jaxformer.layers.mlp import MLP, check_activation, dense
+from jaxformer.layers.blocks import BlockConfig
+from jaxformer.layers.mlp import MLP, dense
 from jaxformer.layers.norms import make_norm
 from jaxformer.models import common
 
@@ -66,14 +66,12 @@ class AxialTransformerConfig:
     num_clusters: the generative model's vocabulary (color clusters).
     num_layers: classifier depth / the generative outer (context) stack's depth.
     num_inner_layers: the generative inner (row) stack's depth; None = num_layers.
-    embed_dim / num_heads / mlp_dim / activation / norm_type / norm_eps: blocks (pre-LN).
+    embed_dim: width.
     positions: "learned" (separate row and column tables, summed) | "none".
-    dropout_rate / attention_dropout_rate / attention_impl / remat / dtype / param_dtype.
-    attention_scale_multiplier / attention_hard: every axial attention's inverse
-      temperature relative to ``1/sqrt(embed_dim / num_heads)`` / arg-max attention, as
-      in ``GPTConfig``.
-    return_weights: sow attention weights into 'intermediates' (see the module docstring).
-    scan_layers: must be False (not implemented for the axial stacks).
+    remat: ``nn.remat`` each block; scan_layers: must be False (not implemented).
+    block: the axial blocks (pre-LN only; no KV cache): heads, MLP, norms, dropout (also
+      on the embeddings), attention options (the scale multiplier is relative to
+      ``1/sqrt(embed_dim / num_heads)``), ``return_weights`` (see the module docstring).
   """
   image_size: int | tuple[int, int] = 32
   num_channels: int = 3
@@ -83,40 +81,30 @@ class AxialTransformerConfig:
   num_layers: int = 4
   num_inner_layers: int | None = None
   embed_dim: int = 128
-  num_heads: int = 4
-  mlp_dim: int = 512
-  activation: str = "gelu"
-  norm: str = "pre"
-  norm_type: str = "layernorm"
-  norm_eps: float = 1e-6
   positions: str = "learned"
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  attention_impl: str | None = None
-  attention_scale_multiplier: float = 1.0
-  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
-  return_weights: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
+      num_heads=4, mlp_dim=512, activation="gelu", norm="pre", norm_eps=1e-6))
 
   def __post_init__(self):
     size = self.image_size
     if isinstance(size, int):
       size = (size, size)
     if len(size) != 2 or min(size) < 1:
-      raise ValueError(f"AxialTransformerConfig.image_size={self.image_size!r}; expected "
+      raise ValueError(f"AxialTransformerConfig.image_size={self.image_size!r}: expected "
                        "an int or (height, width) of positive ints")
     object.__setattr__(self, "image_size", tuple(size))
     common.check_common(self)
-    check_activation(self.activation, field="AxialTransformerConfig.activation")
     if self.positions not in ("learned", "none"):
-      raise ValueError(f"AxialTransformerConfig.positions={self.positions!r}; expected "
+      raise ValueError(f"AxialTransformerConfig.positions={self.positions!r}: expected "
                        "'learned' or 'none'")
-    if self.norm != "pre":
-      raise ValueError(f"AxialTransformerConfig.norm={self.norm!r}; only 'pre' is "
-                       "implemented")
+    if self.block.norm != "pre":
+      raise ValueError(f"AxialTransformerConfig.block.norm={self.block.norm!r}: only "
+                       "'pre' is implemented")
+    if self.block.decode:
+      raise ValueError("AxialTransformerConfig.block.decode=True: the axial models have "
+                       "no KV cache (sampling runs the full forward per pixel)")
     if self.scan_layers:
       raise ValueError("AxialTransformerConfig.scan_layers=True is not supported; "
                        "expected False")
@@ -132,31 +120,28 @@ class AxialBlock(nn.Module):
   ``attend_axes[i]`` causal. With ``config.return_weights`` sublayer ``attention_i``
   sows ``axial_attention_weights`` ``[B, *other_axes, heads, L, L]``.
   """
-  config: AxialTransformerConfig
+  config: BlockConfig
   attend_axes: Sequence[int]
   causal: Sequence[bool]
 
   @nn.compact
   def __call__(self, x_BHWD: Array, deterministic: bool = True) -> Array:
-    cfg = self.config
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    drop = nn.Dropout(cfg.dropout_rate)
+    c = self.config
+    kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    drop = nn.Dropout(c.dropout_rate)
     for i, (axis, causal) in enumerate(zip(self.attend_axes, self.causal)):
-      h = make_norm(cfg.norm_type, eps=cfg.norm_eps, name=f"attention_norm_{i}", **kw)(
+      h = make_norm(c.norm_type, eps=c.norm_eps, name=f"attention_norm_{i}", **kw)(
           x_BHWD)
-      h = AxialAttention(num_heads=cfg.num_heads, axis=axis, is_causal=causal,
-                         dropout_rate=cfg.attention_dropout_rate,
-                         scale=attention_scale(cfg.attention_scale_multiplier,
-                                               x_BHWD.shape[-1] // cfg.num_heads),
-                         hard=cfg.attention_hard,
-                         implementation=cfg.attention_impl, name=f"attention_{i}",
-                         **kw)(h, deterministic=deterministic,
-                               return_weights=cfg.return_weights)
-      if cfg.return_weights:
+      h = AxialAttention(num_heads=c.num_heads, axis=axis, is_causal=causal,
+                         attention_kwargs=c.attention_kwargs(x_BHWD.shape[-1]),
+                         name=f"attention_{i}")(h, deterministic=deterministic,
+                                                return_weights=c.return_weights)
+      if c.return_weights:
         h = h[0]
       x_BHWD = x_BHWD + drop(h, deterministic=deterministic)
-    h = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="mlp_norm", **kw)(x_BHWD)
-    h = MLP(cfg.mlp_dim, activation=cfg.activation, name="mlp", **kw)(h, deterministic)
+    h = make_norm(c.norm_type, eps=c.norm_eps, name="mlp_norm", **kw)(x_BHWD)
+    h = MLP(c.mlp_dim, activation=c.activation, use_bias=c.use_bias, name="mlp",
+            **c.kernel_init(), **c.out_kernel_init(), **kw)(h, deterministic)
     return x_BHWD + drop(h, deterministic=deterministic)
 
 
@@ -165,7 +150,7 @@ def _axial_stack(cfg: AxialTransformerConfig, x_BHWD: Array, num_layers: int,
                  deterministic: bool) -> Array:
   block_cls = nn.remat(AxialBlock, static_argnums=(2,)) if cfg.remat else AxialBlock
   for i in range(num_layers):
-    x_BHWD = block_cls(cfg, tuple(attend_axes), tuple(causal), name=f"{prefix}_{i}")(
+    x_BHWD = block_cls(cfg.block, tuple(attend_axes), tuple(causal), name=f"{prefix}_{i}")(
         x_BHWD, deterministic)
   return x_BHWD
 
@@ -175,7 +160,7 @@ def _add_axial_positions(x_BHWD: Array, cfg: AxialTransformerConfig, name: str) 
   if cfg.positions == "none":
     return x_BHWD
   _, h, w, d = x_BHWD.shape
-  kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+  kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
   rows_HD = embeddings.LearnedPositionEmbed(h, d, name=f"{name}_rows", **kw)(
       jnp.arange(h, dtype=jnp.int32)[None, :])[0]
   cols_WD = embeddings.LearnedPositionEmbed(w, d, name=f"{name}_cols", **kw)(
@@ -194,17 +179,17 @@ class AxialClassifier(nn.Module):
     if images_BHWC.ndim != 4 or tuple(images_BHWC.shape[1:]) != expected:
       raise ValueError(f"AxialClassifier: images must be [batch, *{expected}], got "
                        f"shape {images_BHWC.shape}")
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
     b = images_BHWC.shape[0]
     gh, gw = cfg.image_size[0] // cfg.patch_size, cfg.image_size[1] // cfg.patch_size
     x = embeddings.PatchEmbed(cfg.patch_size, cfg.embed_dim, name="patch_embedding",
                               **kw)(images_BHWC)
     x_BHWD = _add_axial_positions(x.reshape(b, gh, gw, cfg.embed_dim), cfg, "position")
-    x_BHWD = nn.Dropout(cfg.dropout_rate)(x_BHWD, deterministic=deterministic)
+    x_BHWD = nn.Dropout(cfg.block.dropout_rate)(x_BHWD, deterministic=deterministic)
     x_BHWD = _axial_stack(cfg, x_BHWD, cfg.num_layers, (ALONG_ROW, ALONG_COLUMN),
                           (False, False),
                           "layers", deterministic)
-    x_BHWD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="final_norm", **kw)(x_BHWD)
+    x_BHWD = make_norm(cfg.block.norm_type, eps=cfg.block.norm_eps, name="final_norm", **kw)(x_BHWD)
     pooled_BD = x_BHWD.mean(axis=(1, 2))
     return dense(cfg.num_classes, axes.EMBED, axes.VOCAB, use_bias=True,
                  kernel_init=nn.initializers.lecun_normal(), name="head",
@@ -226,8 +211,8 @@ class AxialTransformer(nn.Module):
     if tuple(ids_BHW.shape[1:]) != cfg.image_size:
       raise ValueError(f"AxialTransformer: ids must be [batch, *{cfg.image_size}], got "
                        f"shape {ids_BHW.shape}")
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    drop = nn.Dropout(cfg.dropout_rate)
+    kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
+    drop = nn.Dropout(cfg.block.dropout_rate)
     e_BHWD = embeddings.Embed(cfg.num_clusters, cfg.embed_dim, name="token_embedding",
                               **kw)(ids_BHW)
     # Outer: rows < i. Shift down one row, unmasked row attention, causal column attention.
@@ -244,7 +229,7 @@ class AxialTransformer(nn.Module):
     num_inner = cfg.num_layers if cfg.num_inner_layers is None else cfg.num_inner_layers
     h_BHWD = _axial_stack(cfg, h_BHWD, num_inner, (ALONG_ROW,), (True,), "inner",
                           deterministic)
-    h_BHWD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="final_norm", **kw)(h_BHWD)
+    h_BHWD = make_norm(cfg.block.norm_type, eps=cfg.block.norm_eps, name="final_norm", **kw)(h_BHWD)
     return dense(cfg.num_clusters, axes.EMBED, axes.VOCAB, use_bias=True,
                  kernel_init=nn.initializers.lecun_normal(), name="head",
                  **kw)(h_BHWD).astype(jnp.float32)
@@ -254,8 +239,9 @@ class AxialTransformer(nn.Module):
 
 def axial_tiny(**overrides: Any) -> AxialTransformerConfig:
   """Test-sized: 4 x 4 grid, 3 channels, 10 classes, 16 clusters, 1 layer x 16, 2 heads."""
-  cfg = AxialTransformerConfig(image_size=4, num_classes=10, num_clusters=16,
-                               num_layers=1, embed_dim=16, num_heads=2, mlp_dim=32)
+  cfg = common.replace(AxialTransformerConfig(), image_size=4, num_classes=10,
+                       num_clusters=16, num_layers=1, embed_dim=16, num_heads=2,
+                       mlp_dim=32)
   return common.replace(cfg, **overrides)
 
 

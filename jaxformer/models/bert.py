@@ -26,84 +26,69 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.layers import embeddings
 from jaxformer.layers.blocks import BlockConfig, EncoderBlock, Stack
-from jaxformer.layers.mlp import ACTIVATIONS, check_activation, dense
+from jaxformer.layers.mlp import ACTIVATIONS, dense
 from jaxformer.layers.norms import make_norm
 from jaxformer.models import common
 
 Array = jax.Array
-POOLINGS = ("cls", "mean", "max")
+POOLINGS = ("cls", "max", "mean", "max_of_logits")
 
 
 @dataclasses.dataclass(frozen=True)
 class BERTConfig:
-  """BERT hyper-parameters (defaults: BERT-base, no heads).
+  """BERT hyper-parameters (defaults: BERT-base, no heads); block fields in ``block``.
 
   Attributes:
-    vocab_size / max_len / type_vocab_size: embedding table sizes.
-    num_layers / embed_dim / num_heads / mlp_dim / num_kv_heads / head_dim: the encoder.
-    activation: "gelu_exact" (BERT's erf GELU) or any MLP activation.
-    norm: "post" (BERT: LN after each residual, LN on the embeddings) or "pre" (final LN,
-      no embedding LN); norm_type, norm_eps (1e-12 as BERT).
+    vocab_size / max_len: embedding table sizes.
+    type_vocab_size: segment A/B table rows (0: no token-type embedding).
+    num_layers / embed_dim: the encoder's depth and width.
     positions: "learned" (BERT) | "sinusoidal" | "rotary" | "none".
-    mlm_head: masked-LM head (dense + GELU + LN transform, tied decoder + output bias).
+    mlm_head: masked-LM head (dense + activation + LN transform, tied decoder + bias).
     nsp_head: next-sentence head on the pooled output -> [B, 2].
-    num_classes: > 0 adds a classifier on the pooled output -> [B, num_classes].
-    pooling: "cls" (BERT pooler, tanh(dense(h[CLS]))) | "mean" | "max" over real tokens.
-    dropout_rate / attention_dropout_rate: 0.1 / 0.1 in BERT.
-    attention_impl, attention_scale_multiplier, attention_hard, remat, scan_layers,
-    return_weights, dtype, param_dtype: as GPTConfig.
+    num_classes: > 0 adds a classifier -> [B, num_classes].
+    pooling: how the classifier sees the sequence, in the NYU notes' order:
+      "cls" (BERT pooler, tanh(dense(h[CLS]))) | "max" / "mean" (over real tokens,
+      then the classifier) | "max_of_logits" (the classifier on every h_t, then the max
+      over real tokens: ``max_t Linear(h_t)``; needs num_classes > 0, no NSP head;
+      "pooled" is then the max of h).
+    remat / scan_layers: as GPTConfig.
+    block: the encoder blocks; BERT: gelu_exact, post-LN (plus a LN on the embeddings),
+      norm_eps 1e-12, dropout 0.1 / 0.1 (dropout also on embeddings and pooled output),
+      init_stddev 0.02 (also the embeddings'; None -> 0.02).
   """
   vocab_size: int = 30522
   max_len: int = 512
   type_vocab_size: int = 2
   num_layers: int = 12
   embed_dim: int = 768
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  activation: str = "gelu_exact"
-  norm: str = "post"
-  norm_type: str = "layernorm"
-  norm_eps: float = 1e-12
   positions: str = "learned"
-  rotary_base: float = 10_000.0
-  use_bias: bool = True
   mlm_head: bool = False
   nsp_head: bool = False
   num_classes: int = 0
   pooling: str = "cls"
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.1
-  init_stddev: float = 0.02
-  attention_impl: str | None = None
-  attention_scale_multiplier: float = 1.0
-  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
-  return_weights: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
+      num_heads=12, mlp_dim=3072, activation="gelu_exact", norm="post", norm_eps=1e-12,
+      dropout_rate=0.1, attention_dropout_rate=0.1, init_stddev=0.02))
 
   def __post_init__(self):
     common.check_common(self)
-    check_activation(self.activation, field="BERTConfig.activation")
+    common.check_positive(self, "vocab_size", "max_len")
     if self.pooling not in POOLINGS:
-      raise ValueError(f"BERTConfig.pooling={self.pooling!r}; expected one of {POOLINGS}")
-    if not isinstance(self.num_classes, int) or self.num_classes < 0:
-      raise ValueError(f"BERTConfig.num_classes={self.num_classes!r}; expected an int >= 0")
+      raise ValueError(f"BERTConfig.pooling={self.pooling!r}: expected one of {POOLINGS}")
+    for field in ("num_classes", "type_vocab_size", "num_layers"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"BERTConfig.{field}={value!r}: expected an int >= 0")
+    if self.pooling == "max_of_logits" and (not self.num_classes or self.nsp_head):
+      raise ValueError("BERTConfig.pooling='max_of_logits' pools the classifier's logits: "
+                       f"it needs num_classes > 0 (got {self.num_classes}) and "
+                       f"nsp_head=False (got {self.nsp_head})")
 
-  def block_config(self) -> BlockConfig:
-    return BlockConfig(
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        head_dim=self.head_dim, activation=self.activation, norm=self.norm,
-        norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl,
-        attention_scale_multiplier=self.attention_scale_multiplier,
-        attention_hard=self.attention_hard, return_weights=self.return_weights,
-        init_stddev=self.init_stddev, dtype=self.dtype, param_dtype=self.param_dtype)
+  @property
+  def init_stddev(self) -> float:
+    return 0.02 if self.block.init_stddev is None else self.block.init_stddev
 
 
 def masked_pool(x_BLD: Array, valid_BL: Array, kind: str) -> Array:
@@ -148,6 +133,7 @@ class BERT(nn.Module):
       dict with "sequence", "pooled" and the enabled heads' float32 logits.
     """
     cfg = self.config
+    block = cfg.block
     common.check_tokens("input_ids", input_ids_BL, max_length=cfg.max_len)
     if attention_mask is not None and padding_mask is not None:
       raise ValueError("BERT: pass attention_mask or padding_mask, not both")
@@ -163,23 +149,27 @@ class BERT(nn.Module):
     if positions is None:
       positions = embeddings.default_positions(input_ids_BL)
     init = nn.initializers.normal(cfg.init_stddev)
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
+    norm = dict(eps=block.norm_eps, **kw)
+    drop = nn.Dropout(block.dropout_rate)
 
     embed = embeddings.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=init,
                              name="token_embedding", **kw)
     x_BLD = embed(input_ids_BL)
     x_BLD = common.add_positions(x_BLD, positions, cfg, cfg.max_len)
-    x_BLD = x_BLD + embeddings.TokenTypeEmbed(
-        cfg.type_vocab_size, cfg.embed_dim, embedding_init=init,
-        name="token_type_embedding", **kw)(token_type_ids)
-    if cfg.norm == "post":
-      x_BLD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="embedding_norm", **kw)(x_BLD)
-    x_BLD = nn.Dropout(cfg.dropout_rate)(x_BLD, deterministic=deterministic)
+    if cfg.type_vocab_size:
+      x_BLD = x_BLD + embeddings.TokenTypeEmbed(
+          cfg.type_vocab_size, cfg.embed_dim, embedding_init=init,
+          name="token_type_embedding", **kw)(token_type_ids)
+    if block.norm == "post":
+      x_BLD = make_norm(block.norm_type, name="embedding_norm", **norm)(x_BLD)
+    x_BLD = drop(x_BLD, deterministic=deterministic)
     x_BLD = common.constrain(x_BLD)
 
     mask_B11L = valid_BL[:, None, None, :]          # keys: real tokens only
-    h_BLD = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, remat=cfg.remat,
-                  scan=cfg.scan_layers, name="encoder")(
+    h_BLD = Stack(EncoderBlock, dataclasses.replace(block, init_stddev=cfg.init_stddev),
+                  cfg.num_layers, remat=cfg.remat, scan=cfg.scan_layers,
+                  block_kwargs={"rotary": cfg.positions == "rotary"}, name="encoder")(
                       x_BLD, mask_B11L, None, positions, deterministic=deterministic)
     out = {"sequence": h_BLD}
 
@@ -187,7 +177,8 @@ class BERT(nn.Module):
       pooled_BD = jnp.tanh(dense(cfg.embed_dim, axes.EMBED, axes.MLP, use_bias=True,
                                  kernel_init=init, name="pooler", **kw)(h_BLD[:, 0]))
     else:
-      pooled_BD = masked_pool(h_BLD, valid_BL, cfg.pooling).astype(cfg.dtype)
+      kind = "max" if cfg.pooling == "max_of_logits" else cfg.pooling
+      pooled_BD = masked_pool(h_BLD, valid_BL, kind).astype(block.dtype)
     out["pooled"] = pooled_BD
 
     if cfg.mlm_head:
@@ -197,19 +188,23 @@ class BERT(nn.Module):
         m_BPD = jnp.take_along_axis(h_BLD, mlm_positions[:, :, None], axis=1)
       m_BPD = dense(cfg.embed_dim, axes.EMBED, axes.MLP, use_bias=True, kernel_init=init,
                     name="mlm_transform", **kw)(m_BPD)
-      m_BPD = ACTIVATIONS[cfg.activation][0](m_BPD)
-      m_BPD = make_norm(cfg.norm_type, eps=cfg.norm_eps, name="mlm_norm", **kw)(m_BPD)
+      m_BPD = ACTIVATIONS[block.activation][0](m_BPD)
+      m_BPD = make_norm(block.norm_type, name="mlm_norm", **norm)(m_BPD)
       bias_V = self.param("mlm_bias", nn.with_logical_partitioning(
-          nn.initializers.zeros, (axes.VOCAB,)), (cfg.vocab_size,), cfg.param_dtype)
+          nn.initializers.zeros, (axes.VOCAB,)), (cfg.vocab_size,), block.param_dtype)
       out["mlm_logits"] = embed.attend(m_BPD) + bias_V.astype(jnp.float32)[None, None, :]
-    pooled_BD = nn.Dropout(cfg.dropout_rate)(pooled_BD, deterministic=deterministic)
+    pooled_BD = drop(pooled_BD, deterministic=deterministic)
     if cfg.nsp_head:
       out["nsp_logits"] = dense(2, axes.EMBED, None, use_bias=True, kernel_init=init,
                                 name="nsp", **kw)(pooled_BD).astype(jnp.float32)
     if cfg.num_classes:
-      out["logits"] = dense(cfg.num_classes, axes.EMBED, axes.VOCAB, use_bias=True,
-                            kernel_init=init, name="classifier",
-                            **kw)(pooled_BD).astype(jnp.float32)
+      classifier = dense(cfg.num_classes, axes.EMBED, axes.VOCAB, use_bias=True,
+                         kernel_init=init, name="classifier", **kw)
+      if cfg.pooling == "max_of_logits":    # max_t Linear(h_t), over real tokens
+        h_BLD = drop(h_BLD, deterministic=deterministic)
+        out["logits"] = masked_pool(classifier(h_BLD), valid_BL, "max")
+      else:
+        out["logits"] = classifier(pooled_BD).astype(jnp.float32)
     return out
 
 
@@ -228,6 +223,25 @@ def bert_large(**overrides: Any) -> BERTConfig:
 
 def bert_tiny(**overrides: Any) -> BERTConfig:
   """Test-sized: 2 layers x 32 wide, 2 heads, 16 positions, vocab 64, no dropout."""
-  cfg = BERTConfig(vocab_size=64, max_len=16, num_layers=2, embed_dim=32, num_heads=2,
-                   mlp_dim=64, dropout_rate=0.0, attention_dropout_rate=0.0)
+  cfg = common.replace(BERTConfig(), vocab_size=64, max_len=16, num_layers=2,
+                       embed_dim=32, num_heads=2, mlp_dim=64, dropout_rate=0.0,
+                       attention_dropout_rate=0.0)
+  return common.replace(cfg, **overrides)
+
+
+def nyu_imdb_classifier(**overrides: Any) -> BERTConfig:
+  """The IMDB sentiment classifier of the NYU deep-learning notes, as written there.
+
+  One encoder layer, d_model 32, 2 heads, feed-forward 128 (ReLU), sinusoidal
+  positions, a vocabulary of 50,002, no bias on W_q/W_k/W_v and a bias on W_h,
+  post-LN, and the output ``max over time of Linear(h_t)`` to 2 classes
+  (``pooling="max_of_logits"``); no token types. Where the notes say nothing we keep
+  BERT's choices: a LN on the embeddings (eps 1e-6 throughout), dropout 0.1, 512
+  positions, normal(0.02) init.
+  """
+  cfg = common.replace(
+      BERTConfig(), vocab_size=50_002, max_len=512, type_vocab_size=0, num_layers=1,
+      embed_dim=32, positions="sinusoidal", num_classes=2, pooling="max_of_logits",
+      num_heads=2, mlp_dim=128, activation="relu", norm="post", norm_eps=1e-6,
+      qkv_bias=False, out_bias=True, attention_dropout_rate=0.0)
   return common.replace(cfg, **overrides)

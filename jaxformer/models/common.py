@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -11,55 +12,78 @@ import jax.numpy as jnp
 
 from jaxformer import axes
 from jaxformer.layers import embeddings
-from jaxformer.layers.blocks import check_attention_options
-from jaxformer.layers.norms import check_norm
+from jaxformer.layers.blocks import BlockConfig
 
 Array = jax.Array
 
-ATTENTION_IMPLS = (None, "xla", "chunked", "pallas", "cudnn")
+def init_block(cfg: Any) -> None:
+  """In ``__post_init__``: accepts ``block`` given as a mapping (builds the BlockConfig)."""
+  if isinstance(cfg.block, Mapping):
+    object.__setattr__(cfg, "block", BlockConfig(**cfg.block))
+  if not isinstance(cfg.block, BlockConfig):
+    raise TypeError(f"{type(cfg).__name__}.block={cfg.block!r}: expected a BlockConfig "
+                    "or a mapping of its fields")
 
 
 def check_common(cfg: Any) -> None:
-  """Validates the fields every model config shares; raises ValueError naming the field.
+  """Validates the fields most model configs share; raises ValueError naming the field.
 
-  Also normalises ``dtype`` / ``param_dtype`` given as strings (``"bfloat16"``, e.g. from
-  an ``ml_collections`` command-line override) to NumPy dtypes.
+  Checks ``positions`` and ``embed_dim`` against the block (``block.num_heads`` /
+  ``block.head_dim``), after :func:`init_block`.
   """
+  init_block(cfg)
   name = type(cfg).__name__
-  for field in ("dtype", "param_dtype"):
-    try:
-      object.__setattr__(cfg, field, jnp.dtype(getattr(cfg, field)))
-    except TypeError as e:
-      raise TypeError(f"{name}.{field}={getattr(cfg, field)!r} is not a dtype") from e
+  block = cfg.block
   embeddings.check_position_kind(cfg.positions, field=f"{name}.positions")
-  check_norm(cfg.norm, cfg.norm_type)
-  if cfg.attention_impl not in ATTENTION_IMPLS:
-    raise ValueError(f"{name}.attention_impl={cfg.attention_impl!r}; expected one of "
-                     f"{ATTENTION_IMPLS}")
-  check_attention_options(cfg, name)
-  for field in ("num_heads", "embed_dim", "mlp_dim"):
-    value = getattr(cfg, field, 1)
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name}.{field}={value!r}; expected a positive int")
-  if cfg.embed_dim % cfg.num_heads and getattr(cfg, "head_dim", None) is None:
+  if (isinstance(cfg.embed_dim, bool) or not isinstance(cfg.embed_dim, int)
+      or cfg.embed_dim <= 0):
+    raise ValueError(f"{name}.embed_dim={cfg.embed_dim!r}: expected a positive int")
+  if cfg.embed_dim % block.num_heads and block.head_dim is None:
     raise ValueError(f"{name}.embed_dim={cfg.embed_dim} is not divisible by "
-                     f"num_heads={cfg.num_heads}; set head_dim or change one of them")
-  head_dim = getattr(cfg, "head_dim", None) or cfg.embed_dim // cfg.num_heads
-  if cfg.positions == "rotary" and head_dim % 2:
-    raise ValueError(f"{name}.positions='rotary' needs an even head_dim")
+                     f"block.num_heads={block.num_heads}; set block.head_dim or change "
+                     "one of them")
+  if cfg.positions == "rotary" and block.qk_dim(cfg.embed_dim) % 2:
+    raise ValueError(f"{name}.positions='rotary' needs an even block.head_dim, got "
+                     f"{block.qk_dim(cfg.embed_dim)}")
   if cfg.positions == "sinusoidal" and cfg.embed_dim % 2:
     raise ValueError(f"{name}.positions='sinusoidal' needs an even embed_dim, "
                      f"got {cfg.embed_dim}")
 
 
+def check_positive(cfg: Any, *fields: str) -> None:
+  """Raises ValueError naming ``Config.field`` unless each field is a positive int."""
+  for field in fields:
+    value = getattr(cfg, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{type(cfg).__name__}.{field}={value!r}: expected a positive int")
+
+
 def replace(cfg: Any, **overrides: Any) -> Any:
-  """``dataclasses.replace`` that names the config class when a field is unknown."""
+  """``dataclasses.replace`` for model configs, as the presets use it.
+
+  Block fields may be given flat (``gpt_tiny(num_heads=4, decode=True)``) or as
+  ``block=`` (a BlockConfig, or a mapping of fields to change); both are applied to
+  ``cfg.block``. Unknown names raise a TypeError naming the config class.
+  """
   fields = {f.name for f in dataclasses.fields(cfg)}
-  unknown = sorted(set(overrides) - fields)
+  block_fields = {f.name for f in dataclasses.fields(BlockConfig)}
+  unknown = sorted(set(overrides) - fields - block_fields)
   if unknown:
-    raise TypeError(f"{type(cfg).__name__} has no field(s) {unknown}; "
-                    f"fields: {sorted(fields)}")
-  return dataclasses.replace(cfg, **overrides)
+    raise TypeError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: "
+                    f"{sorted(fields)}; block fields: {sorted(block_fields)}")
+  own = {k: v for k, v in overrides.items() if k in fields}
+  flat_block = {k: v for k, v in overrides.items() if k not in fields}
+  block = own.pop("block", cfg.block)
+  if isinstance(block, Mapping):
+    block = dataclasses.replace(cfg.block, **block)
+  if flat_block:
+    block = dataclasses.replace(block, **flat_block)
+  return dataclasses.replace(cfg, block=block, **own)
+
+
+def padded_size(size: int, multiple: int) -> int:
+  """``size`` rounded up to a multiple of ``multiple`` (vocabulary padding)."""
+  return -(-size // multiple) * multiple
 
 
 def check_tokens(name: str, tokens: Any, *, max_length: int | None = None,
@@ -98,13 +122,14 @@ def add_positions(x_BLD: Array, positions_BL: Array, cfg: Any, max_len: int,
 
   Must be called from a compact method (creates the learned table as a submodule).
   """
+  dtype = cfg.block.dtype
   if cfg.positions == "learned":
     pos_BLD = embeddings.LearnedPositionEmbed(
-        max_len, x_BLD.shape[-1], dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        max_len, x_BLD.shape[-1], dtype=dtype, param_dtype=cfg.block.param_dtype,
         name=name)(positions_BL)
   elif cfg.positions == "sinusoidal":
     pos_BLD = embeddings.sinusoidal_embedding(positions_BL, x_BLD.shape[-1],
-                                              dtype=cfg.dtype)
+                                              dtype=dtype)
   else:
     return x_BLD
   return x_BLD + pos_BLD.astype(x_BLD.dtype)

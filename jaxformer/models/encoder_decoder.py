@@ -11,7 +11,8 @@ encoded_BSD = model.apply(variables, source_BS, source_mask=src_valid_BS,
 logits_BTV = model.apply(variables, encoded_BSD, target_inputs_BT,
                          source_mask=src_valid_BS, method=EncoderDecoder.decode)
 ```
-KV-cache decoding: ``EncoderDecoder(replace(cfg, decode=True))``; ``init`` with a
+KV-cache decoding: ``EncoderDecoder(transformer_tiny(decode=True))`` (``block.decode``,
+the one switch); ``init`` with a
 full-length target sizes the cache; then call ``decode`` with one target token per step
 and ``mutable=['cache']`` (cross attention recomputes its keys from ``encoded``).
 ``target_inputs`` are the targets shifted right (BOS first).
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.layers import embeddings
 from jaxformer.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
-from jaxformer.layers.mlp import check_activation, dense
+from jaxformer.layers.mlp import dense
 from jaxformer.models import common
 
 Array = jax.Array
@@ -45,15 +46,14 @@ class EncoderDecoderConfig:
     share_embeddings: one table for source and target tokens (needs equal vocabularies).
     tie_output: output projection = target embedding transposed.
     max_len: longest source/target (learned positions; the error check for inputs).
-    num_encoder_layers / num_decoder_layers / embed_dim / num_heads / mlp_dim.
-    activation: "relu" (paper) or any MLP activation.
-    norm: "post" (paper, no final LN) | "pre" (final LN in encoder and decoder).
+    num_encoder_layers / num_decoder_layers / embed_dim: depths and width.
     positions: "sinusoidal" (paper) | "learned" | "rotary" | "none".
     scale_embeddings: multiply embeddings by sqrt(embed_dim) (paper; init stddev d^-0.5).
-    dropout_rate (0.1 in the paper: embeddings + every sublayer), attention_dropout_rate.
-    decode: KV-cache decoding in the decoder's self attention.
-    attention_impl, attention_scale_multiplier, attention_hard (self and cross
-    attention), remat, scan_layers, return_weights, dtype, param_dtype: as GPTConfig.
+    remat / scan_layers: as GPTConfig.
+    block: ONE block config for the encoder and the decoder blocks (the paper uses the
+      same sizes for both); relu, post-LN (no final LN; "pre" adds one to each stack),
+      norm_eps 1e-6, dropout 0.1 (embeddings + every sublayer). ``block.decode`` turns on
+      the KV cache of the decoder's self attention (the encoder never caches).
   """
   vocab_size: int = 32000
   source_vocab_size: int | None = None
@@ -64,33 +64,17 @@ class EncoderDecoderConfig:
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   embed_dim: int = 512
-  num_heads: int = 8
-  mlp_dim: int = 2048
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  activation: str = "relu"
-  norm: str = "post"
-  norm_type: str = "layernorm"
-  norm_eps: float = 1e-6
   positions: str = "sinusoidal"
-  rotary_base: float = 10_000.0
   scale_embeddings: bool = True
-  use_bias: bool = True
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.0
-  attention_impl: str | None = None
-  attention_scale_multiplier: float = 1.0
-  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
-  decode: bool = False
-  return_weights: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
+      num_heads=8, mlp_dim=2048, activation="relu", norm="post", norm_eps=1e-6,
+      dropout_rate=0.1))
 
   def __post_init__(self):
     common.check_common(self)
-    check_activation(self.activation, field="EncoderDecoderConfig.activation")
+    common.check_positive(self, "vocab_size", "max_len")
     if self.share_embeddings and self.src_vocab != self.tgt_vocab:
       raise ValueError(
           f"EncoderDecoderConfig.share_embeddings=True needs equal vocabularies, got "
@@ -104,18 +88,6 @@ class EncoderDecoderConfig:
   def tgt_vocab(self) -> int:
     return self.target_vocab_size or self.vocab_size
 
-  def block_config(self, decode: bool = False) -> BlockConfig:
-    return BlockConfig(
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        head_dim=self.head_dim, activation=self.activation, norm=self.norm,
-        norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl,
-        attention_scale_multiplier=self.attention_scale_multiplier,
-        attention_hard=self.attention_hard, decode=decode,
-        return_weights=self.return_weights, dtype=self.dtype, param_dtype=self.param_dtype)
-
 
 class EncoderDecoder(nn.Module):
   """``(source [B, S], target_inputs [B, T]) -> float32 logits [B, T, target_vocab]``.
@@ -127,7 +99,7 @@ class EncoderDecoder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
     init = nn.initializers.normal(cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02)
     self.source_embedding = embeddings.Embed(
         cfg.src_vocab, cfg.embed_dim, scale_by_sqrt_dim=cfg.scale_embeddings,
@@ -143,16 +115,18 @@ class EncoderDecoder(nn.Module):
                                                               **kw)
       self.target_positions = embeddings.LearnedPositionEmbed(cfg.max_len, cfg.embed_dim,
                                                               **kw)
-    self.encoder = Stack(EncoderBlock, cfg.block_config(), cfg.num_encoder_layers,
-                         remat=cfg.remat, scan=cfg.scan_layers)
-    self.decoder = Stack(DecoderBlock, cfg.block_config(decode=cfg.decode),
-                         cfg.num_decoder_layers, remat=cfg.remat, scan=cfg.scan_layers,
-                         block_kwargs={"cross_attention": True})
+    rotary = cfg.positions == "rotary"
+    self.encoder = Stack(EncoderBlock, cfg.block, cfg.num_encoder_layers,
+                         remat=cfg.remat, scan=cfg.scan_layers,
+                         block_kwargs={"rotary": rotary})
+    self.decoder = Stack(DecoderBlock, cfg.block, cfg.num_decoder_layers, remat=cfg.remat,
+                         scan=cfg.scan_layers,
+                         block_kwargs={"cross_attention": True, "rotary": rotary})
     if not cfg.tie_output:
       self.output = dense(cfg.tgt_vocab, axes.EMBED, axes.VOCAB, use_bias=False,
                           kernel_init=nn.initializers.xavier_uniform(), **kw)
-    self.embedding_dropout = nn.Dropout(cfg.dropout_rate)
-    if cfg.decode:
+    self.embedding_dropout = nn.Dropout(cfg.block.dropout_rate)
+    if cfg.block.decode:
       self.decode_positions = common.DecodePositions()
 
   def _add_positions(self, x_BLD: Array, positions_BL: Array, learned) -> Array:
@@ -190,10 +164,11 @@ class EncoderDecoder(nn.Module):
     """encoded [B, S, D], target_inputs int [B, T] -> float32 logits [B, T, V]."""
     cfg = self.config
     common.check_tokens("target_inputs", target_inputs_BT, max_length=cfg.max_len)
-    if cfg.decode and target_segment_ids is not None:
-      raise ValueError("EncoderDecoder: target_segment_ids are not supported with decode")
+    if cfg.block.decode and target_segment_ids is not None:
+      raise ValueError("EncoderDecoder: target_segment_ids are not supported with "
+                       "block.decode=True")
     if target_positions is None:
-      if cfg.decode:
+      if cfg.block.decode:
         target_positions = self.decode_positions(target_inputs_BT)
       elif target_segment_ids is not None:
         target_positions = embeddings.positions_from_segment_ids(target_segment_ids)
@@ -236,12 +211,12 @@ def transformer_base(**overrides: Any) -> EncoderDecoderConfig:
 def transformer_big(**overrides: Any) -> EncoderDecoderConfig:
   """Transformer big: 1024 wide, 16 heads, FFN 4096, dropout 0.3."""
   sizes = dict(embed_dim=1024, num_heads=16, mlp_dim=4096, dropout_rate=0.3)
-  return common.replace(EncoderDecoderConfig(), **{**sizes, **overrides})
+  return transformer_base(**{**sizes, **overrides})
 
 
 def transformer_tiny(**overrides: Any) -> EncoderDecoderConfig:
   """Test-sized: 2 + 2 layers x 32 wide, 2 heads, vocab 64, max_len 16, no dropout."""
-  cfg = EncoderDecoderConfig(vocab_size=64, max_len=16, num_encoder_layers=2,
-                             num_decoder_layers=2, embed_dim=32, num_heads=2, mlp_dim=64,
-                             dropout_rate=0.0)
+  cfg = common.replace(EncoderDecoderConfig(), vocab_size=64, max_len=16,
+                       num_encoder_layers=2, num_decoder_layers=2, embed_dim=32,
+                       num_heads=2, mlp_dim=64, dropout_rate=0.0)
   return common.replace(cfg, **overrides)

@@ -12,7 +12,7 @@ inputs_BL, targets_BL = image_gpt_inputs(cluster_ids_BHW, cfg)   # SOS-shifted
 variables = model.init(rng, inputs_BL)
 logits_BLC = model.apply(variables, inputs_BL)    # [B, H*W, num_clusters] float32
 ```
-Sampling: ``ImageGPT(replace(cfg, decode=True))``; init with a full-length input, feed
+Sampling: ``ImageGPT(image_gpt_tiny(decode=True))``; init with a full-length input, feed
 SOS then each sampled cluster one step at a time with ``mutable=['cache']``.
 """
 
@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.layers.blocks import check_attention_options
+from jaxformer.layers.blocks import BlockConfig
 from jaxformer.models import common
 from jaxformer.models.gpt import GPT, GPTConfig
 
@@ -40,50 +40,40 @@ class ImageGPTConfig:
     image_size: (height, width) in pixels (an int means square).
     num_clusters: color palette size; the input vocabulary adds one SOS token
       (id ``num_clusters``).
-    num_layers / embed_dim / num_heads / mlp_dim: the decoder (GPT-2 blocks, pre-LN).
+    num_layers / embed_dim: the decoder's depth and width.
     positions: "learned" (iGPT) | "sinusoidal" | "rotary" | "none".
-    activation, norm, norm_type, norm_eps, dropout_rate, attention_dropout_rate,
-    init_stddev, scaled_residual_init, attention_impl, attention_scale_multiplier,
-    attention_hard, remat, scan_layers, decode, return_weights, dtype, param_dtype: as
-    GPTConfig.
+    scaled_residual_init, vocab_pad_multiple, remat, scan_layers: as GPTConfig.
+    block: the decoder blocks (GPT-2 blocks, pre-LN), as GPTConfig.block; its
+      ``decode`` switches on KV-cache sampling.
   """
   image_size: int | tuple[int, int] = 32
   num_clusters: int = 512
   num_layers: int = 24
   embed_dim: int = 512
-  num_heads: int = 8
-  mlp_dim: int = 2048
-  activation: str = "gelu"
-  norm: str = "pre"
-  norm_type: str = "layernorm"
-  norm_eps: float = 1e-5
   positions: str = "learned"
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  init_stddev: float = 0.02
   scaled_residual_init: bool = True
-  attention_impl: str | None = None
-  attention_scale_multiplier: float = 1.0
-  attention_hard: bool = False
+  vocab_pad_multiple: int = 128
   remat: bool = False
   scan_layers: bool = False
-  decode: bool = False
-  return_weights: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
+      num_heads=8, mlp_dim=2048, activation="gelu", norm="pre", init_stddev=0.02))
 
   def __post_init__(self):
     size = self.image_size
     if isinstance(size, int):
       size = (size, size)
     if len(size) != 2 or min(size) < 1:
-      raise ValueError(f"ImageGPTConfig.image_size={self.image_size!r}; expected an int "
+      raise ValueError(f"ImageGPTConfig.image_size={self.image_size!r}: expected an int "
                        "or (height, width) of positive ints")
     object.__setattr__(self, "image_size", tuple(size))
-    if self.num_clusters < 2:
-      raise ValueError(f"ImageGPTConfig.num_clusters={self.num_clusters}; expected >= 2")
-    check_attention_options(self, "ImageGPTConfig")
-    self.gpt_config()  # validates the rest
+    if not isinstance(self.num_clusters, int) or self.num_clusters < 2:
+      raise ValueError(f"ImageGPTConfig.num_clusters={self.num_clusters!r}: expected an "
+                       "int >= 2")
+    common.init_block(self)
+    try:
+      self.gpt_config()  # validates the rest
+    except (TypeError, ValueError) as e:
+      raise type(e)(str(e).replace("GPTConfig.", "ImageGPTConfig.")) from None
 
   @property
   def seq_len(self) -> int:
@@ -93,20 +83,18 @@ class ImageGPTConfig:
   def sos_id(self) -> int:
     return self.num_clusters
 
+  def num_padding_params(self) -> int:
+    return self.gpt_config().num_padding_params()
+
   def gpt_config(self) -> GPTConfig:
+    """The GPT this model runs (its own vocabulary, positions and untied head)."""
     return GPTConfig(
         vocab_size=self.num_clusters + 1, output_vocab_size=self.num_clusters,
         tie_embeddings=False, max_len=self.seq_len, num_layers=self.num_layers,
-        embed_dim=self.embed_dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        activation=self.activation, norm=self.norm, norm_type=self.norm_type,
-        norm_eps=self.norm_eps, positions=self.positions, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, init_stddev=self.init_stddev,
-        scaled_residual_init=self.scaled_residual_init, attention_impl=self.attention_impl,
-        attention_scale_multiplier=self.attention_scale_multiplier,
-        attention_hard=self.attention_hard,
-        remat=self.remat, scan_layers=self.scan_layers,
-        decode=self.decode, return_weights=self.return_weights, dtype=self.dtype,
-        param_dtype=self.param_dtype)
+        embed_dim=self.embed_dim, positions=self.positions,
+        scaled_residual_init=self.scaled_residual_init,
+        vocab_pad_multiple=self.vocab_pad_multiple, remat=self.remat,
+        scan_layers=self.scan_layers, block=self.block)
 
 
 def color_quantize(images_BHWC: Array, palette_KC: Array) -> Array:
@@ -161,6 +149,6 @@ def image_gpt_small(**overrides: Any) -> ImageGPTConfig:
 
 def image_gpt_tiny(**overrides: Any) -> ImageGPTConfig:
   """Test-sized: 4 x 4 images, 16 clusters, 2 layers x 32 wide, 2 heads."""
-  cfg = ImageGPTConfig(image_size=4, num_clusters=16, num_layers=2, embed_dim=32,
-                       num_heads=2, mlp_dim=64)
+  cfg = common.replace(ImageGPTConfig(), image_size=4, num_clusters=16, num_layers=2,
+                       embed_dim=32, num_heads=2, mlp_dim=64)
   return common.replace(cfg, **overrides)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.layers import embeddings
 from jaxformer.layers.blocks import BlockConfig, EncoderBlock, Stack
-from jaxformer.layers.mlp import check_activation, dense
+from jaxformer.layers.mlp import dense
 from jaxformer.models import common
 
 Array = jax.Array
@@ -31,20 +31,19 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """ViT hyper-parameters (defaults: ViT-B/16 at 224, 1000 classes).
+  """ViT hyper-parameters (defaults: ViT-B/16 at 224, 1000 classes); blocks in ``block``.
 
   Attributes:
     image_size: square input side; patch_size: patch side; num_channels: input channels.
     num_classes: head outputs (0: no head, return pooled features [B, D]).
-    num_layers / embed_dim / num_heads / mlp_dim / num_kv_heads / head_dim: the encoder.
-    activation: "gelu_exact" (ViT) or any MLP activation.
-    norm: "pre" (ViT, final LN) | "post"; norm_type; norm_eps 1e-6.
+    num_layers / embed_dim: the encoder's depth and width.
     positions: "learned" (ViT; one row per patch + CLS) | "sinusoidal" | "rotary" | "none".
     pooling: "cls" ([CLS] token, ViT) | "mean" (global average pool, no CLS token).
     head_zero_init: zero-initialised head (big_vision's fine-tuning default).
-    dropout_rate / attention_dropout_rate: 0.0 / 0.0 for ImageNet-21k ViT-B.
-    attention_impl, attention_scale_multiplier, attention_hard, remat, scan_layers,
-    return_weights, dtype, param_dtype: as GPTConfig.
+    remat / scan_layers: as GPTConfig.
+    block: the encoder blocks; ViT: gelu_exact, pre-LN (final LN), norm_eps 1e-6, no
+      dropout for ImageNet-21k ViT-B (``dropout_rate`` also on the embeddings), xavier
+      init.
   """
   image_size: int = 224
   patch_size: int = 16
@@ -52,38 +51,22 @@ class ViTConfig:
   num_classes: int = 1000
   num_layers: int = 12
   embed_dim: int = 768
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  num_kv_heads: int | None = None
-  head_dim: int | None = None
-  activation: str = "gelu_exact"
-  norm: str = "pre"
-  norm_type: str = "layernorm"
-  norm_eps: float = 1e-6
   positions: str = "learned"
-  rotary_base: float = 10_000.0
   pooling: str = "cls"
   head_zero_init: bool = True
-  use_bias: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  attention_impl: str | None = None
-  attention_scale_multiplier: float = 1.0
-  attention_hard: bool = False
   remat: bool = False
   scan_layers: bool = False
-  return_weights: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
+      num_heads=12, mlp_dim=3072, activation="gelu_exact", norm="pre", norm_eps=1e-6))
 
   def __post_init__(self):
     common.check_common(self)
-    check_activation(self.activation, field="ViTConfig.activation")
+    common.check_positive(self, "image_size", "patch_size", "num_channels")
     if self.image_size % self.patch_size:
       raise ValueError(f"ViTConfig.image_size={self.image_size} is not divisible by "
                        f"patch_size={self.patch_size}")
     if self.pooling not in ("cls", "mean"):
-      raise ValueError(f"ViTConfig.pooling={self.pooling!r}; expected 'cls' or 'mean'")
+      raise ValueError(f"ViTConfig.pooling={self.pooling!r}: expected 'cls' or 'mean'")
 
   @property
   def num_patches(self) -> int:
@@ -92,18 +75,6 @@ class ViTConfig:
   @property
   def seq_len(self) -> int:
     return self.num_patches + (self.pooling == "cls")
-
-  def block_config(self) -> BlockConfig:
-    return BlockConfig(
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, num_kv_heads=self.num_kv_heads,
-        head_dim=self.head_dim, activation=self.activation, norm=self.norm,
-        norm_type=self.norm_type, norm_eps=self.norm_eps, use_bias=self.use_bias,
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        rotary_base=self.rotary_base if self.positions == "rotary" else None,
-        attention_impl=self.attention_impl,
-        attention_scale_multiplier=self.attention_scale_multiplier,
-        attention_hard=self.attention_hard, return_weights=self.return_weights,
-        dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class ViT(nn.Module):
@@ -121,22 +92,24 @@ class ViT(nn.Module):
     if images_BHWC.ndim != 4 or images_BHWC.shape[1:] != expected:
       raise ValueError(f"ViT: images must be [batch, {expected[0]}, {expected[1]}, "
                        f"{expected[2]}] for this config, got shape {images_BHWC.shape}")
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
     x_BND = embeddings.PatchEmbed(cfg.patch_size, cfg.embed_dim, name="patch_embedding",
                                   **kw)(images_BHWC)
     batch = x_BND.shape[0]
     if cfg.pooling == "cls":
       cls_11D = self.param("cls_token", nn.with_logical_partitioning(
           nn.initializers.zeros, (None, None, axes.EMBED)), (1, 1, cfg.embed_dim),
-                           cfg.param_dtype)
-      cls_B1D = jnp.broadcast_to(jnp.asarray(cls_11D, cfg.dtype), (batch, 1, cfg.embed_dim))
+                           cfg.block.param_dtype)
+      cls_B1D = jnp.broadcast_to(jnp.asarray(cls_11D, cfg.block.dtype),
+                                 (batch, 1, cfg.embed_dim))
       x_BND = jnp.concatenate([cls_B1D, x_BND], axis=1)
     positions_BN = embeddings.default_positions(x_BND)
     x_BND = common.add_positions(x_BND, positions_BN, cfg, cfg.seq_len)
-    x_BND = nn.Dropout(cfg.dropout_rate)(x_BND, deterministic=deterministic)
+    x_BND = nn.Dropout(cfg.block.dropout_rate)(x_BND, deterministic=deterministic)
     x_BND = common.constrain(x_BND)
-    h_BND = Stack(EncoderBlock, cfg.block_config(), cfg.num_layers, remat=cfg.remat,
-                  scan=cfg.scan_layers, name="encoder")(
+    h_BND = Stack(EncoderBlock, cfg.block, cfg.num_layers, remat=cfg.remat,
+                  scan=cfg.scan_layers, block_kwargs={"rotary": cfg.positions == "rotary"},
+                  name="encoder")(
                       x_BND, None, None, positions_BN, deterministic=deterministic)
     pooled_BD = h_BND[:, 0] if cfg.pooling == "cls" else h_BND.mean(axis=1)
     if not cfg.num_classes:
@@ -152,23 +125,24 @@ class ViT(nn.Module):
 
 def vit_b16(num_classes: int = 1000, **overrides: Any) -> ViTConfig:
   """ViT-B/16 at 224 x 224: 12 x 768, 12 heads, MLP 3072 (86,567,656 params at 1000)."""
-  return common.replace(ViTConfig(num_classes=num_classes), **overrides)
+  return common.replace(ViTConfig(), num_classes=num_classes, **overrides)
 
 
 def vit_s16(num_classes: int = 1000, **overrides: Any) -> ViTConfig:
   """ViT-S/16: 12 x 384, 6 heads, MLP 1536."""
   sizes = dict(embed_dim=384, num_heads=6, mlp_dim=1536)
-  return common.replace(ViTConfig(num_classes=num_classes), **{**sizes, **overrides})
+  return vit_b16(num_classes, **{**sizes, **overrides})
 
 
 def vit_l16(num_classes: int = 1000, **overrides: Any) -> ViTConfig:
   """ViT-L/16: 24 x 1024, 16 heads, MLP 4096."""
   sizes = dict(num_layers=24, embed_dim=1024, num_heads=16, mlp_dim=4096)
-  return common.replace(ViTConfig(num_classes=num_classes), **{**sizes, **overrides})
+  return vit_b16(num_classes, **{**sizes, **overrides})
 
 
 def vit_tiny(num_classes: int = 10, **overrides: Any) -> ViTConfig:
   """Test-sized: 8 x 8 x 3 images, patch 4 (4 patches), 2 layers x 32 wide, 2 heads."""
-  cfg = ViTConfig(image_size=8, patch_size=4, num_classes=num_classes, num_layers=2,
-                  embed_dim=32, num_heads=2, mlp_dim=64, head_zero_init=False)
+  cfg = common.replace(ViTConfig(), image_size=8, patch_size=4, num_classes=num_classes,
+                       num_layers=2, embed_dim=32, num_heads=2, mlp_dim=64,
+                       head_zero_init=False)
   return common.replace(cfg, **overrides)

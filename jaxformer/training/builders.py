@@ -13,34 +13,18 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxformer.data import embedded
 from jaxformer.data import pipeline
 from jaxformer.data import sources as sources_lib
 from jaxformer.data import tokenizers
-from jaxformer.models import axial_transformer
-from jaxformer.models import bert
-from jaxformer.models import encoder_decoder
-from jaxformer.models import gpt
-from jaxformer.models import image_gpt
-from jaxformer.models import vit
+from jaxformer.layers.blocks import BlockConfig
+from jaxformer.models import registry
 from jaxformer.objectives import nsp
 from jaxformer.training import task_data
 
-# name -> (config dataclass, module class)
-MODELS: dict[str, tuple[type[Any], type[nn.Module]]] = {
-    "gpt": (gpt.GPTConfig, gpt.GPT),
-    "bert": (bert.BERTConfig, bert.BERT),
-    "encoder_decoder": (encoder_decoder.EncoderDecoderConfig,
-                        encoder_decoder.EncoderDecoder),
-    "vit": (vit.ViTConfig, vit.ViT),
-    "image_gpt": (image_gpt.ImageGPTConfig, image_gpt.ImageGPT),
-    "axial_transformer": (axial_transformer.AxialTransformerConfig,
-                          axial_transformer.AxialTransformer),
-    "axial_classifier": (axial_transformer.AxialTransformerConfig,
-                         axial_transformer.AxialClassifier),
-}
+# name -> (config dataclass, module class): the models registry
+MODELS = registry.MODELS
 
 # name -> split -> random-access source (``data.source_options`` are passed as keywords:
 # ``data_dir=`` for TFDS names, ``num_examples=``/``image_size=`` for synthetic ones)
@@ -56,8 +40,6 @@ TOKENIZERS: dict[str, Callable[[], tokenizers.Tokenizer]] = {
     "bytes": tokenizers.ByteTokenizer,
 }
 
-_DTYPE_FIELDS = ("dtype", "param_dtype")
-
 
 def _lookup(table: Mapping[str, Any], key: str, field: str) -> Any:
   try:
@@ -69,25 +51,17 @@ def _lookup(table: Mapping[str, Any], key: str, field: str) -> Any:
 def model_config(section: Mapping[str, Any]) -> Any:
   """The model's frozen config dataclass from ``config.model``.
 
-  ``section["name"]`` picks the model (``MODELS``); the other keys are the dataclass's
-  fields, with dtypes given as strings (``"bfloat16"``).
+  ``section["name"]`` picks the model (``MODELS``); the other keys are its fields, the
+  block's given nested (``block``) or flat (moved into ``block``), dtypes as strings.
   """
-  fields = dict(section)
+  fields = registry._plain(section)
   name = fields.pop("name", None)
-  cfg_cls, _ = _lookup(MODELS, name, "model.name")
-  valid = {f.name for f in dataclasses.fields(cfg_cls)}
-  unknown = sorted(set(fields) - valid)
-  if unknown:
-    raise ValueError(f"model fields {unknown} are not fields of "
-                     f"{cfg_cls.__name__}; valid: {sorted(valid)}")
-  for key in _DTYPE_FIELDS:
-    if isinstance(fields.get(key), str):
-      try:
-        fields[key] = jnp.dtype(fields[key])
-      except TypeError:
-        raise ValueError(f"model.{key}={fields[key]!r} is not a dtype name "
-                         "(e.g. 'float32', 'bfloat16')") from None
-  return cfg_cls(**fields)
+  block_names = {f.name for f in dataclasses.fields(BlockConfig)}
+  block = dict(fields.pop("block", None) or {})
+  block.update({k: fields.pop(k) for k in list(fields) if k in block_names})
+  if block:
+    fields["block"] = block
+  return registry.config_from_dict(name, fields)
 
 
 def build_model(section: Mapping[str, Any]) -> tuple[Any, nn.Module]:

@@ -35,8 +35,8 @@ _MODELS = {
     "axial_transformer": (models.axial_tiny, models.AxialTransformer,
                           (_rng.integers(0, 16, (2, 4, 4)).astype(np.int32),)),
 }
-_CONFIGS = (models.GPTConfig, models.BERTConfig, models.EncoderDecoderConfig,
-            models.ViTConfig, models.ImageGPTConfig, models.AxialTransformerConfig)
+# model name -> a preset of it (config_from_dict starts from the model's defaults).
+_MODEL_NAMES = ("gpt", "bert", "encoder_decoder", "vit", "image_gpt", "axial_transformer")
 
 
 def _weights(name: str, **overrides) -> list[np.ndarray]:
@@ -66,24 +66,25 @@ def _gpt_qkv_scaled(variables, factor):
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.product(
-      cls=_CONFIGS,
+      name=_MODEL_NAMES,
       bad=(dict(attention_scale_multiplier=-1.0), dict(attention_scale_multiplier="2"),
            dict(attention_scale_multiplier=True),
            dict(attention_scale_multiplier=float("nan")),
            dict(attention_hard=True, attention_scale_multiplier=2.0)))
-  def test_bad_values_name_the_field(self, cls, bad):
+  def test_bad_values_name_the_field(self, name, bad):
     with self.assertRaisesRegex(ValueError,
-                                rf"{cls.__name__}\.attention_(scale_multiplier|hard)"):
-      cls(**bad)
+                                r"model\.block\.attention_(scale_multiplier|hard)"):
+      models.config_from_dict(name, {"block": bad})
 
-  @parameterized.parameters(*_CONFIGS)
-  def test_hard_must_be_a_bool_and_ints_become_floats(self, cls):
-    with self.assertRaisesRegex(TypeError, rf"{cls.__name__}\.attention_hard='yes'"):
-      cls(attention_hard="yes")
-    cfg = cls(attention_scale_multiplier=2)
-    self.assertIsInstance(cfg.attention_scale_multiplier, float)
-    self.assertEqual(cls().attention_scale_multiplier, 1.0)
-    self.assertFalse(cls().attention_hard)
+  @parameterized.parameters(*_MODEL_NAMES)
+  def test_hard_must_be_a_bool_and_ints_become_floats(self, name):
+    with self.assertRaisesRegex(ValueError, r"model\.block\.attention_hard='yes'"):
+      models.config_from_dict(name, {"block": {"attention_hard": "yes"}})
+    cfg = models.config_from_dict(name, {"block": {"attention_scale_multiplier": 2}})
+    self.assertIsInstance(cfg.block.attention_scale_multiplier, float)
+    default = models.config_from_dict(name, {})
+    self.assertEqual(default.block.attention_scale_multiplier, 1.0)
+    self.assertFalse(default.block.attention_hard)
 
   def test_block_config(self):
     with self.assertRaisesRegex(ValueError, "BlockConfig.attention_scale_multiplier"):

@@ -24,10 +24,10 @@ class ConfigTest(parameterized.TestCase):
     base, big = models.transformer_base(), models.transformer_big()
     self.assertIsInstance(base, models.EncoderDecoderConfig)
     self.assertEqual((base.num_encoder_layers, base.num_decoder_layers, base.embed_dim,
-                      base.num_heads, base.mlp_dim, base.dropout_rate, base.norm),
-                     (6, 6, 512, 8, 2048, 0.1, "post"))
-    self.assertEqual((big.embed_dim, big.num_heads, big.mlp_dim, big.dropout_rate),
-                     (1024, 16, 4096, 0.3))
+                      base.block.num_heads, base.block.mlp_dim, base.block.dropout_rate,
+                      base.block.norm), (6, 6, 512, 8, 2048, 0.1, "post"))
+    self.assertEqual((big.embed_dim, big.block.num_heads, big.block.mlp_dim,
+                      big.block.dropout_rate), (1024, 16, 4096, 0.3))
     # Shared, tied 32k vocabulary, sinusoidal positions, post-LN (no final norms):
     # V*D + 6 * (attention + FFN + 2 LN) + 6 * (2 attention + FFN + 3 LN).
     d, f, v = 512, 2048, 32000
@@ -40,14 +40,16 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(want, 60_522_496)
 
   @parameterized.parameters(
-      (models.EncoderDecoderConfig, dict(norm="mid")),
+      (models.EncoderDecoderConfig, dict(block=dict(num_heads=8, mlp_dim=8, norm="mid"))),
       (models.EncoderDecoderConfig, dict(source_vocab_size=10, target_vocab_size=12)),
       (models.ViTConfig, dict(image_size=30, patch_size=16)),
       (models.ViTConfig, dict(pooling="gap")),
       (models.ImageGPTConfig, dict(num_clusters=1)),
       (models.ImageGPTConfig, dict(image_size=(4, 0))),
       (models.AxialTransformerConfig, dict(positions="sinusoidal")),
-      (models.GPTConfig, dict(attention_impl="flash")))
+      (models.GPTConfig, dict(block=dict(num_heads=8, mlp_dim=8, attention_impl="flash"))),
+      (models.GPTConfig, dict(embed_dim=30)),               # not divisible by 12 heads
+      (models.GPTConfig, dict(vocab_pad_multiple=0)))
   def test_direct_construction_validates(self, cls, kwargs):
     with self.assertRaises(ValueError):
       cls(**kwargs)
@@ -56,7 +58,7 @@ class ConfigTest(parameterized.TestCase):
     for cls in (models.EncoderDecoderConfig, models.ViTConfig, models.ImageGPTConfig,
                 models.AxialTransformerConfig, models.GPTConfig, models.BERTConfig):
       cfg = cls()
-      self.assertEqual(jnp.dtype(cfg.dtype), jnp.float32, cls)
+      self.assertEqual(cfg.block.dtype, jnp.float32, cls)
     self.assertEqual(models.ImageGPTConfig(image_size=4).seq_len, 16)
 
 
@@ -68,14 +70,22 @@ class CommonTest(chex.TestCase):
     with self.assertRaisesRegex(TypeError, r"GPTConfig has no field\(s\) \['num_layer'\]"):
       common.replace(cfg, num_layer=3)
 
+  def test_replace_routes_block_fields_flat_or_nested(self):
+    cfg = models.gpt_tiny()
+    flat = models.override(cfg, num_heads=4, dropout_rate=0.1)
+    nested = models.override(cfg, block={"num_heads": 4, "dropout_rate": 0.1})
+    self.assertEqual(flat, nested)
+    self.assertEqual((flat.block.num_heads, flat.block.mlp_dim), (4, cfg.block.mlp_dim))
+    with self.assertRaisesRegex(TypeError, "block fields"):
+      models.override(cfg, num_head=4)
+
   def test_check_common_normalises_dtypes_and_validates(self):
     cfg = models.gpt_tiny(dtype="bfloat16")
-    self.assertEqual(cfg.dtype, jnp.bfloat16)
+    self.assertEqual(cfg.block.dtype, jnp.bfloat16)
     with self.assertRaisesRegex(ValueError, "GPTConfig.positions='alibi'"):
       models.gpt_tiny(positions="alibi")
     with self.assertRaisesRegex(ValueError, "needs an even head_dim"):
       models.gpt_tiny(positions="rotary", embed_dim=6, num_heads=2)
-    self.assertIn("pallas", common.ATTENTION_IMPLS)
 
   def test_check_tokens(self):
     common.check_tokens("ids", np.zeros((2, 4), np.int32), max_length=4)

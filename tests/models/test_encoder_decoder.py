@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import chex
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.models import EncoderDecoder, transformer_tiny
+from jaxformer.models import EncoderDecoder, override, transformer_tiny
 
 _B, _S, _T = 2, 6, 5
 _rng = np.random.default_rng(0)
@@ -70,7 +69,7 @@ class EncoderDecoderTest(chex.TestCase):
   def test_kv_cache_decoding_matches_full_forward(self):
     cfg, model, variables = _model()
     full = jax.jit(model.apply)(variables, _SRC, _TGT, _SRC_VALID)
-    dec = EncoderDecoder(dataclasses.replace(cfg, decode=True))
+    dec = EncoderDecoder(override(cfg, decode=True))
     # A fresh cache is all zeros: take its shapes without compiling init.
     shapes = jax.eval_shape(dec.init, jax.random.key(0), _SRC, _TGT)["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -12,7 +12,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from jaxformer.layers import stack_layer_params
-from jaxformer.models import (GPT, GPTConfig, gpt2_small, gpt_nano, gpt_tiny,
+from jaxformer.models import (GPT, GPTConfig, gpt2_small, gpt_nano, gpt_tiny, override,
                               image_gpt_tiny)
 
 _B, _L = 2, 8
@@ -95,7 +95,7 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
   def test_kv_cache_decoding_matches_full_forward(self, positions):
     cfg, variables = _params(positions=positions)
     full = jax.jit(GPT(cfg).apply)(variables, _TOKENS)
-    decoder = GPT(cfg, decode=True)
+    decoder = GPT(override(cfg, decode=True))
     # A fresh cache is all zeros: take its shapes without compiling init.
     shapes = jax.eval_shape(decoder.init, jax.random.key(0), _TOKENS)["cache"]
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -143,9 +143,10 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
   def test_untied_head_and_presets(self):
     cfg = gpt_tiny(num_layers=1, tie_embeddings=False)
     shapes = jax.eval_shape(GPT(cfg).init, jax.random.key(0), _TOKENS)
-    self.assertEqual(shapes["params"]["lm_head"]["kernel"].value.shape, (32, 64))
+    # [D, V] padded to a multiple of 128; the logits are sliced back to V = 64.
+    self.assertEqual(shapes["params"]["lm_head"]["kernel"].value.shape, (32, 128))
     nano = gpt_nano()
-    self.assertEqual((nano.num_layers, nano.embed_dim, nano.num_heads, nano.max_len),
+    self.assertEqual((nano.num_layers, nano.embed_dim, nano.block.num_heads, nano.max_len),
                      (4, 128, 4, 64))
 
   def test_scaled_residual_init_std(self):
@@ -155,7 +156,7 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
     params = nn.unbox(jax.jit(GPT(cfg).init)(jax.random.key(0), _TOKENS[:1, :4]))
     layers = params["params"]["decoder"]["layers"]  # scanned: [8, ...] per kernel
     residual = 0.02 / np.sqrt(2 * 8)
-    self.assertAlmostEqual(cfg.residual_init_stddev, residual)
+    self.assertAlmostEqual(cfg.block_config().residual_init_stddev, residual)
     # >= 32768 normal samples per kernel: sample stds are within ~0.4% (1 sigma).
     for kernel, want in ((layers["self_attention"]["out"]["kernel"], residual),
                          (layers["mlp"]["wo"]["kernel"], residual),
@@ -165,8 +166,10 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
                              delta=0.03, msg=kernel.shape)
     # Off: every kernel uses init_stddev (the block-level wiring is tested in layers/).
     off = gpt_tiny(num_layers=8, scaled_residual_init=False)
-    self.assertEqual(off.residual_init_stddev, off.init_stddev)
-    self.assertEqual(off.block_config().residual_init_stddev, 0.02)
+    self.assertIsNone(off.block_config().residual_init_stddev)   # = the kernels' init
+    self.assertEqual(off.block_config().init_stddev, 0.02)
+    with self.assertRaisesRegex(ValueError, "block.residual_init_stddev"):
+      gpt_tiny(residual_init_stddev=0.01)          # with scaled_residual_init=True
     self.assertAlmostEqual(cfg.block_config().residual_init_stddev, residual)
     # GPT-2 does it, so the default config and every preset do; ImageGPT passes it on.
     self.assertTrue(GPTConfig().scaled_residual_init)
@@ -183,8 +186,8 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
       dict(tie_embeddings=True, output_vocab_size=10))
   def test_config_errors(self, **kwargs):
     with self.assertRaises(ValueError):
-      GPTConfig(**{**dict(vocab_size=8, max_len=8, num_layers=1, embed_dim=8,
-                          num_heads=2, mlp_dim=8), **kwargs})
+      gpt_tiny(**{**dict(vocab_size=8, max_len=8, num_layers=1, embed_dim=8,
+                         num_heads=2, mlp_dim=8), **kwargs})
 
   def test_input_errors(self):
     cfg, variables = _params()

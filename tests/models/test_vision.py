@@ -188,7 +188,7 @@ class AxialTest(chex.TestCase):
       models.axial_tiny(norm="post")
 
   def test_axial_block_mixes_only_along_its_axes(self):
-    block = models.AxialBlock(models.axial_tiny(), attend_axes=(models.ALONG_ROW,),
+    block = models.AxialBlock(models.axial_tiny().block, attend_axes=(models.ALONG_ROW,),
                               causal=(True,))
     x = _rng.normal(size=(1, 3, 5, 16)).astype(np.float32)
     variables = block.init(jax.random.key(0), x)
