@@ -27,6 +27,7 @@ from jaxformer.pretrained import mapping
 
 log = logging.getLogger(__name__)
 Path = tuple[str, ...]
+Shape = tuple[int, ...]
 
 
 def spec_of(directory: str) -> families.Spec:
@@ -117,6 +118,7 @@ def load_params(directory: str, abstract: Any, *, shardings: Any = None,
       value = reader.value(rules[path], path)
     else:
       value = np.stack([reader.value(r, path) for r in layer_rules])
+    value = _pad_vocab(value, tuple(leaf.shape), rules.get(path))
     if value.shape != tuple(leaf.shape):
       if optional and path in flat_fb:
         out[path] = flat_fb[path]
@@ -130,6 +132,17 @@ def load_params(directory: str, abstract: Any, *, shardings: Any = None,
   if fresh:
     log.warning("not in %s, left as initialised: %s", directory, fresh)
   return traverse_util.unflatten_dict(out)
+
+
+def _pad_vocab(value: np.ndarray, shape: Shape, rule: mapping.Rule | None) -> np.ndarray:
+  """Zero rows up to our padded vocabulary (``vocab_pad_multiple``), else unchanged."""
+  axis = rule.vocab_axis if rule is not None else None
+  if axis is None or value.ndim != len(shape) or value.shape[axis] >= shape[axis]:
+    return value
+  if any(v != s for i, (v, s) in enumerate(zip(value.shape, shape)) if i != axis):
+    return value
+  widths = [(0, shape[i] - value.shape[i] if i == axis else 0) for i in range(value.ndim)]
+  return np.pad(value, widths)
 
 
 def _place(value: np.ndarray, sharding: Any) -> jax.Array:
@@ -261,7 +274,10 @@ def to_huggingface(model_config: Any, params: Any, directory: str) -> str:
         continue
       raise ValueError(f"parameter {'/'.join(path)} has no place in a {hf_class} "
                        "checkpoint")
-    for name, value in zip(rules[path].names, rules[path].to_hf(_host(leaf))):
+    rule, value = rules[path], _host(leaf)
+    if rule.vocab_axis is not None:  # drop the vocabulary padding (HF rows: [V, E])
+      value = np.take(value, np.arange(rule.shapes[0][0]), axis=rule.vocab_axis)
+    for name, value in zip(rule.names, rule.to_hf(value)):
       tensors[families.export_name(name, spec)] = value
   if jax.process_index() == 0:
     ckpt_lib.write(directory, hf, tensors)

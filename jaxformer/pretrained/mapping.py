@@ -34,15 +34,21 @@ Shape = tuple[int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One of our parameters from (and back to) one or more HF tensors."""
+  """One of our parameters from (and back to) one or more HF tensors.
+
+  ``vocab_axis``: our axis that may be longer than the checkpoint's (GPT's vocabulary
+  padded to ``vocab_pad_multiple``): the loader pads it with zeros, the writer slices
+  the padding off.
+  """
   names: tuple[str, ...]
   shapes: tuple[Shape, ...]
   to_ours: Callable[..., np.ndarray]
   to_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  vocab_axis: int | None = None
 
 
-def copy(name: str, shape: Shape) -> Rule:
-  return Rule((name,), (tuple(shape),), lambda x: x, lambda x: (x,))
+def copy(name: str, shape: Shape, vocab_axis: int | None = None) -> Rule:
+  return Rule((name,), (tuple(shape),), lambda x: x, lambda x: (x,), vocab_axis)
 
 
 def reshaped(name: str, hf_shape: Shape, our_shape: Shape) -> Rule:
@@ -50,9 +56,10 @@ def reshaped(name: str, hf_shape: Shape, our_shape: Shape) -> Rule:
               lambda x: (x.reshape(hf_shape),))
 
 
-def linear(name: str, d_in: int, d_out: int) -> Rule:
+def linear(name: str, d_in: int, d_out: int, vocab_axis: int | None = None) -> Rule:
   """``nn.Linear`` weight ``[out, in]`` -> kernel ``[in, out]``."""
-  return Rule((name,), ((d_out, d_in),), lambda w: w.T, lambda k: (k.T,))
+  return Rule((name,), ((d_out, d_in),), lambda w: w.T,
+              lambda k: (np.ascontiguousarray(k.T),), vocab_axis)
 
 
 def qkv_linear(names: tuple[str, str, str], e: int, h: int, d: int) -> Rule:
@@ -121,7 +128,8 @@ def gpt2(spec: Spec) -> dict[Path, Rule]:
   a = spec.architecture
   p = "transformer."
   tree: dict[str, Any] = {
-      "token_embedding": {"embedding": copy(p + "wte.weight", (a["vocab_size"], e))},
+      "token_embedding": {"embedding": copy(p + "wte.weight", (a["vocab_size"], e),
+                                                         vocab_axis=0)},
       "position_embedding": {"embedding": copy(p + "wpe.weight", (a["max_len"], e))},
       "decoder": {"final_norm": norm(p + "ln_f", e)}}
   for i in range(layers):
@@ -139,7 +147,8 @@ def gpt2(spec: Spec) -> dict[Path, Rule]:
                 "wo": {"kernel": copy(q + "mlp.c_proj.weight", (f, e)),
                        "bias": copy(q + "mlp.c_proj.bias", (e,))}}}
   if not a.get("tie_embeddings", True):
-    tree["lm_head"] = {"kernel": linear("lm_head.weight", e, a["vocab_size"])}
+    tree["lm_head"] = {"kernel": linear("lm_head.weight", e, a["vocab_size"],
+                                          vocab_axis=1)}
   return _flatten(tree)
 
 

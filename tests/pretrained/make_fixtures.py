@@ -126,8 +126,9 @@ def _train_tokenizers(out: str) -> dict[str, str]:
   return {"gpt2": bpe_dir, "bert": wp_dir}
 
 
-def _tokenizer_files(family: str, src: str, dst: str) -> int:
-  """Copies the vocabulary files into ``dst``; returns the vocabulary size."""
+def _tokenizer_files(family: str, src: str, dst: str) -> tuple[int, int | None]:
+  """Copies the vocabulary files into ``dst``; returns the vocabulary size and the
+  ``<|endoftext|>`` id (GPT-2's BOS / EOS)."""
   import shutil  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   names = ("vocab.json", "merges.txt") if family == "gpt2" else ("vocab.txt",)
@@ -142,7 +143,8 @@ def _tokenizer_files(family: str, src: str, dst: str) -> int:
   ids = {text: tok.encode(text, add_special_tokens=False) for text in TOKENIZER_TEXTS}
   with open(os.path.join(dst, "reference_tokens.json"), "w", encoding="utf-8") as f:
     json.dump(ids, f, indent=1, ensure_ascii=False)
-  return len(tok)
+  eot = tok.convert_tokens_to_ids("<|endoftext|>") if family == "gpt2" else None
+  return len(tok), eot
 
 
 def make(name: str, out: str, vocab_dirs: dict[str, str]) -> None:
@@ -153,9 +155,9 @@ def make(name: str, out: str, vocab_dirs: dict[str, str]) -> None:
   os.makedirs(directory, exist_ok=True)
   kwargs = {**WIDTH[family], **kwargs}
   if "vocab_size" not in kwargs and family in vocab_dirs:
-    kwargs["vocab_size"] = _tokenizer_files(family, vocab_dirs[family], directory)
-  if family == "gpt2" and "vocab_size" in kwargs:
-    kwargs.update(bos_token_id=kwargs["vocab_size"] - 1, eos_token_id=kwargs["vocab_size"] - 1)
+    kwargs["vocab_size"], eot = _tokenizer_files(family, vocab_dirs[family], directory)
+    if eot is not None:
+      kwargs.update(bos_token_id=eot, eos_token_id=eot)
   config_cls = getattr(transformers, {"gpt2": "GPT2Config", "bert": "BertConfig",
                                       "distilbert": "DistilBertConfig",
                                       "vit": "ViTConfig"}[family])
