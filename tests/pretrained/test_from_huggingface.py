@@ -180,3 +180,13 @@ def test_to_huggingface_rejects_what_hf_cannot_express(loaded, tmp_path):
   vit_model, vit_params = loaded("vit_model")
   with pytest.raises(ValueError, match="writes GPT and BERT models; got ViTConfig"):
     to_huggingface(vit_model.config, vit_params, str(tmp_path))
+
+
+@pytest.mark.skipif(not h.live_reference_available(),
+                    reason="torch + transformers not installed")
+@pytest.mark.parametrize("name", ["gpt2_lm", "bert_pretraining", "bert_classifier"])
+def test_transformers_loads_what_to_huggingface_writes(name, loaded, tmp_path):
+  model, params = loaded(name)
+  to_huggingface(model.config, params, str(tmp_path))
+  ref = h.make_fixtures.reference_outputs(str(tmp_path), h.FAMILY[name])
+  h.compare(h.run(model, params, h.FAMILY[name], ref), ref, name)
