@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
+from experiments.configs import common
+
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   """The config; ``arg="tiny"`` (alias ``"runlocal"``) shrinks it for a smoke test."""
@@ -115,6 +117,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       num_processes=config_dict.placeholder(int),
       process_id=config_dict.placeholder(int),
   ))
+
+  # A Hugging Face GPT-2 directory to start from (--config.init.pretrained=DIR): its
+  # model and BPE tokenizer replace the byte-level ones above.
+  c.init = common.init()
 
   if variant in ("tiny", "runlocal"):
     c.model.update(dict(max_len=32, num_layers=2, embed_dim=32, num_heads=2,

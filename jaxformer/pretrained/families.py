@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxformer.layers.blocks import BlockConfig
 from jaxformer.models import registry
 
 # Hugging Face ``hidden_act`` / ``activation_function`` -> our MLP activation. HF's
@@ -189,6 +190,17 @@ def _deep_update(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
   return out
 
 
+def _nested(section: Mapping[str, Any] | None) -> dict[str, Any]:
+  """A plain copy of a model section with flat block fields moved into ``block``."""
+  if section is None:
+    return {}
+  section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+  names = {f.name for f in dataclasses.fields(BlockConfig)}
+  block = dict(section.pop("block", None) or {})
+  block.update({k: section.pop(k) for k in list(section) if k in names})
+  return {**section, "block": block}
+
+
 def model_section(spec: Spec, section: Mapping[str, Any] | None = None,
                   *, with_heads: bool = True) -> dict[str, Any]:
   """A model section (``{"name": ..., **fields}``) for the checkpoint.
@@ -198,7 +210,7 @@ def model_section(spec: Spec, section: Mapping[str, Any] | None = None,
   checkpoint's architecture overrides it. ``with_heads`` adds the checkpoint's heads
   (when loading a checkpoint as it is, not for a task that chooses its own heads).
   """
-  section = dict(section or {})
+  section = _nested(section)
   name = section.pop("name", spec.model)
   if name != spec.model:
     raise ValueError(f"model.name={name!r} cannot take a {spec.family} checkpoint "

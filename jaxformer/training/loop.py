@@ -25,6 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxformer.generation import decode as generation
+from jaxformer.pretrained import runs as pretrained_runs
 from jaxformer.training import builders
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import distributed
@@ -175,6 +176,7 @@ def train(config: Any, workdir: str, *,
     "eval_bleu" (seq2seq with ``train.bleu_batches > 0``), "step_time_ms",
     "tokens_per_sec", "skipped_steps", "preempted", "sample", ...}``.
   """
+  config = pretrained_runs.configure(config)  # init.pretrained: checkpoint's model
   validate_config(config)
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
                                      config["data"]["batch_size"])
@@ -189,7 +191,7 @@ def train(config: Any, workdir: str, *,
   rules = sharding_lib.make_rules(fsdp=sc.get("fsdp", True),
                                   tensor=sc.get("tensor", True))
   model_cfg, model = builders.build_model(config["model"])
-  tokenizer = builders.build_tokenizer(dc)
+  tokenizer = pretrained_runs.tokenizer(config) or builders.build_tokenizer(dc)
   vocab = getattr(model_cfg, "vocab_size", None)
   if vocab is not None and tokenizer is not None and vocab < tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
@@ -228,6 +230,7 @@ def train(config: Any, workdir: str, *,
     state, shardings = state_lib.create_train_state(
         init_fn, tx, jax.random.key(tc["seed"]), mesh, rules)
     state = finetune_lib.init_from_pretrained(state, shardings.params, finetune_cfg)
+    state = pretrained_runs.load_into_state(state, shardings.params, config)
   else:
     checkpointer.check_config(start, config_json)
     shardings = state_lib.state_shardings(init_fn, tx, mesh, rules)
@@ -263,7 +266,8 @@ def train(config: Any, workdir: str, *,
       f"{type(model).__name__}: {num_params:,} params | mesh "
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {dc['batch_size']} x "
-      f"{seq_len} | " + (f"resuming at step {start}" if start else "from scratch"))
+      f"{seq_len} | " + (f"resuming at step {start}" if start else
+                         f"from {pretrained_runs.directory(config) or 'scratch'}"))
   if start == 0 and finetune_lib.describe(finetune_cfg):
     logger.log_text(finetune_lib.describe(finetune_cfg))
 
