@@ -46,12 +46,13 @@ class Checkpoint:
       raise ValueError(f"{directory!r} has no *.safetensors weights{hint}")
     self.directory = directory
     self._files: dict[str, str] = {}
-    self._handles = {}
+    self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in files:
-      handle = safe_open(path, framework="numpy")
-      self._handles[path] = handle
-      for name in handle.keys():
-        self._files[name] = path
+      with safe_open(path, framework="numpy") as handle:
+        for name in handle.keys():
+          piece = handle.get_slice(name)
+          self._files[name] = path
+          self._meta[name] = (tuple(piece.get_shape()), piece.get_dtype())
 
   @property
   def names(self) -> set[str]:
@@ -70,14 +71,19 @@ class Checkpoint:
     return next((c for c in candidates if c in self._files), None)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handles[self._files[name]].get_slice(name).get_shape())
+    return self._meta[name][0]
 
   def get(self, name: str) -> np.ndarray:
-    """The tensor ``name`` as a numpy array (bfloat16 via ``ml_dtypes``)."""
-    handle = self._handles[self._files[name]]
-    if handle.get_slice(name).get_dtype() == "BF16":
+    """The tensor ``name`` as a numpy array (bfloat16 via ``ml_dtypes``).
+
+    The file is opened for this one tensor and closed again: a handle kept open
+    keeps every page it has read mapped, and so counted in the process's memory.
+    """
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    if self._meta[name][1] == "BF16":
       return _read_bf16(self._files[name], name)
-    return handle.get_tensor(name)
+    with safe_open(self._files[name], framework="numpy") as handle:
+      return handle.get_tensor(name)
 
 
 def _read_bf16(path: str, name: str) -> np.ndarray:

@@ -69,7 +69,7 @@ class _Reader:
       if got != want:
         raise ValueError(f"checkpoint parameter {stored!r} has shape {got}, but "
                          f"{'/'.join(path)} needs {want} (from config.json)")
-      arrays.append(np.asarray(self.ckpt.get(stored), np.float32))
+      arrays.append(self.ckpt.get(stored).astype(np.float32, copy=False))
       self.used.add(stored)
     return rule.to_ours(*arrays)
 
@@ -126,7 +126,7 @@ def load_params(directory: str, abstract: Any, *, shardings: Any = None,
         continue
       raise ValueError(f"parameter {'/'.join(path)}: the checkpoint gives shape "
                        f"{value.shape}, the model has {tuple(leaf.shape)}")
-    out[path] = _place(value.astype(leaf.dtype), flat_sh.get(path))
+    out[path] = _place(value.astype(leaf.dtype, copy=False), flat_sh.get(path))
     del value
   _check_leftovers(ckpt, spec, rules, reader.used)
   if fresh:
@@ -240,7 +240,7 @@ def _fallback(directory: str, spec: families.Spec, abstract: Any, shardings: Any
       value = rng.normal(0.0, std, leaf.shape)
     else:
       value = np.full(leaf.shape, 1.0 if path[-1] == "scale" else 0.0)
-    out[path] = _place(value.astype(leaf.dtype), flat_sh.get(path))
+    out[path] = _place(value.astype(leaf.dtype, copy=False), flat_sh.get(path))
   return traverse_util.unflatten_dict(out) if out else None
 
 
