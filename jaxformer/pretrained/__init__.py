@@ -13,5 +13,7 @@ from jaxformer.pretrained.loading import from_huggingface
 from jaxformer.pretrained.loading import load_params
 from jaxformer.pretrained.loading import spec_of
 from jaxformer.pretrained.loading import to_huggingface
+from jaxformer.pretrained.tokenizers import load_tokenizer
 
-__all__ = ["from_huggingface", "to_huggingface", "load_params", "spec_of"]
+__all__ = ["from_huggingface", "to_huggingface", "load_params", "spec_of",
+           "load_tokenizer"]

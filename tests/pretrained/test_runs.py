@@ -115,8 +115,9 @@ def test_perplexity_is_the_mean_nll(gpt2):
 
 @pytest.mark.slow
 def test_cli_finetunes_bert_fixture_and_samples_gpt2_fixture(tmp_path):
-  """Fine-tunes the tiny BERT fixture 2 steps through experiments.train, then
-  prompts the tiny GPT-2 fixture through experiments.sample."""
+  """Fine-tunes the tiny BERT fixture 2 steps through experiments.train, trains the
+  tiny GPT-2 fixture 2 steps as a causal LM, and prompts it through
+  experiments.sample."""
   workdir = str(tmp_path / "ft")
   proc = _run(["-m", "experiments.train",
                "--config=experiments/configs/imdb_finetune.py:tiny",
@@ -137,6 +138,17 @@ def test_cli_finetunes_bert_fixture_and_samples_gpt2_fixture(tmp_path):
                 - hf["bert.encoder.layer.1.output.dense.weight"].T).max()
   assert diff < 5e-3
   assert params["classifier"]["kernel"].shape == (32, 3)
+
+  lm_dir = str(tmp_path / "lm")
+  proc = _run(["-m", "experiments.train", "--config=experiments/configs/gpt_bytes.py:tiny",
+               f"--workdir={lm_dir}", f"--config.init.pretrained={h.fixture('gpt2_lm')}",
+               "--config.train.num_steps=2", "--config.train.log_every=1",
+               "--config.train.eval_every=2", "--config.train.checkpoint_every=2"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(lm_dir, "summary.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  # a random 300-token model: about log(300) nats per token
+  assert abs(summary["eval_loss"] - math.log(h.hf_config("gpt2_lm")["vocab_size"])) < 1.0
 
   proc = _run(["-m", "experiments.sample", f"--pretrained={h.fixture('gpt2_lm')}",
                "--prompt=Hello world", "--max_new_tokens=5", "--seed=1"])
