@@ -36,22 +36,24 @@ AXIAL_WEIGHTS_NAME = "axial_attention_weights"   # what AxialAttention sows
 
 
 def with_weights(model: nn.Module) -> nn.Module:
-  """A copy of ``model`` whose config has ``return_weights=True`` (same parameters).
+  """A copy of ``model`` whose config has ``block.return_weights=True`` (same parameters).
 
   Raises:
-    TypeError: ``model`` has no ``config`` dataclass with a ``return_weights`` field
-      (every jaxformer model has one).
+    TypeError: ``model`` has no ``config`` dataclass with a ``block.return_weights``
+      field (every jaxformer model has one).
   """
   cfg = getattr(model, "config", None)
-  if not (dataclasses.is_dataclass(cfg)
-          and "return_weights" in {f.name for f in dataclasses.fields(cfg)}):
-    raise TypeError(f"{type(model).__name__} has no config with a return_weights field; "
-                    "expected a jaxformer model (GPT, BERT, EncoderDecoder, ViT, "
+  block = getattr(cfg, "block", None)
+  if not (dataclasses.is_dataclass(cfg) and dataclasses.is_dataclass(block)
+          and "return_weights" in {f.name for f in dataclasses.fields(block)}):
+    raise TypeError(f"{type(model).__name__} has no config with a block.return_weights "
+                    "field; expected a jaxformer model (GPT, BERT, EncoderDecoder, ViT, "
                     "ImageGPT, AxialClassifier, AxialTransformer). For a bare attention "
                     "module call it with return_weights=True.")
-  if cfg.return_weights:
+  if block.return_weights:
     return model
-  return model.clone(config=dataclasses.replace(cfg, return_weights=True))
+  return model.clone(config=dataclasses.replace(
+      cfg, block=dataclasses.replace(block, return_weights=True)))
 
 
 def _intermediates(model: nn.Module, variables: Mapping[str, Any], *args: Any,

@@ -9,6 +9,7 @@ Parameters (every one with logical axis names from ``jaxformer.axes``):
 | ``query`` | cross attention              | ``[E, H, D]``              | embed, heads, head_dim                 |
 | ``kv``    | cross attention              | ``[Ekv, 2, Hkv, D]``       | embed, qkv, kv_heads, head_dim         |
 | ``out``   | always                       | ``[H, Dv, O]``             | heads, head_dim, embed                 |
+| ``query_norm``, ``key_norm`` | ``qk_norm`` | scale (+ bias) ``[D]``     | head_dim                              |
 
 With a value width ``Dv = value_head_dim`` different from the query/key width ``D`` the
 q/k/v blocks no longer stack, so the fused kernels concatenate them along the last axis
@@ -60,6 +61,10 @@ class MultiHeadAttention(nn.Module):
     scale: logit multiplier (inverse temperature); None = 1/sqrt(D).
     hard: arg-max attention (see ``dot_product_attention``).
     rotary_base: not None -> RoPE with this base on queries and keys.
+    qk_norm: None, "layernorm" or "rmsnorm": normalise each head's query and key over
+      ``head_dim`` (one learned scale per norm, shared by the heads) before RoPE and
+      the dot product, which bounds the logits (QK-norm, Dehghani et al. 2023).
+    qk_norm_eps: epsilon of those norms.
     implementation: passed to ``dot_product_attention``.
     decode: incremental decoding with a KV cache in the 'cache' collection (self
       attention only): initialise with a full-length input to size the cache, then each
@@ -85,6 +90,8 @@ class MultiHeadAttention(nn.Module):
   scale: float | None = None
   hard: bool = False
   rotary_base: float | None = None
+  qk_norm: str | None = None
+  qk_norm_eps: float = 1e-6
   implementation: str | None = None
   decode: bool = False
   dtype: Any = jnp.float32
@@ -137,6 +144,9 @@ class MultiHeadAttention(nn.Module):
       if initialized:
         cache_index = index_var.value
 
+    if self.qk_norm is not None:
+      q_BQHD = self._qk_norm("query_norm")(q_BQHD)
+      k_BSKD = self._qk_norm("key_norm")(k_BSKD)
     if self.rotary_base is not None:
       if positions is None:
         positions = jnp.arange(q_len, dtype=jnp.int32)[None, :]
@@ -212,6 +222,21 @@ class MultiHeadAttention(nn.Module):
                   implementation)
       return None
     return implementation
+
+  def _qk_norm(self, name: str) -> nn.Module:
+    """A LayerNorm / RMSNorm over ``head_dim`` (statistics in float32)."""
+    kinds = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+    if self.qk_norm not in kinds:
+      raise ValueError(f"MultiHeadAttention.qk_norm={self.qk_norm!r}: expected None or "
+                       f"one of {sorted(kinds)}")
+    extra = {}
+    if self.qk_norm == "layernorm":
+      extra["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros,
+                                                        (axes.HEAD_DIM,))
+    return kinds[self.qk_norm](
+        epsilon=self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.HEAD_DIM,)),
+        name=name, **extra)
 
   def _out_init(self, num_heads: int, head_dim: int, out_features: int) -> Initializer:
     base = self.kernel_init if self.out_kernel_init is None else self.out_kernel_init

@@ -89,6 +89,7 @@ class BlockConfig:
   use_bias: bool = True
   qkv_bias: bool | None = None
   out_bias: bool | None = None
+  qk_norm: bool = False
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   rotary_base: float = 10_000.0
@@ -124,7 +125,7 @@ class BlockConfig:
     if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
       raise ValueError(f"{own}.num_kv_heads={self.num_kv_heads}: expected a divisor of "
                        f"num_heads={self.num_heads}")
-    for name in ("use_bias", "decode", "return_weights", "attention_hard"):
+    for name in ("use_bias", "qk_norm", "decode", "return_weights", "attention_hard"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{own}.{name}={getattr(self, name)!r}: expected a bool")
     for name in ("qkv_bias", "out_bias"):
@@ -182,6 +183,7 @@ class BlockConfig:
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         value_head_dim=self.value_head_dim, use_bias=self.use_bias,
         qkv_bias=self.qkv_bias, out_bias=self.out_bias,
+        qk_norm=self.norm_type if self.qk_norm else None, qk_norm_eps=self.norm_eps,
         dropout_rate=self.attention_dropout_rate, scale=self.attention_scale(features),
         hard=self.attention_hard, rotary_base=self.rotary_base if rotary else None,
         implementation=self.attention_impl, dtype=self.dtype,

@@ -125,8 +125,8 @@ class AttentionWeightsTest(chex.TestCase):
   def test_with_weights_copies_the_model(self):
     model, _, _ = _gpt()
     copy = analysis.with_weights(model)
-    self.assertTrue(copy.config.return_weights)
-    self.assertFalse(model.config.return_weights)
+    self.assertTrue(copy.config.block.return_weights)
+    self.assertFalse(model.config.block.return_weights)
     self.assertEqual(copy.config, gpt_tiny(return_weights=True))
     self.assertIs(analysis.with_weights(copy), copy)
     decoding = analysis.with_weights(GPT(gpt_tiny(), decode=True))
@@ -208,7 +208,7 @@ class VisionTest(chex.TestCase):
     inter = model.apply(variables, images, capture_intermediates=True,
                         mutable=["intermediates"])[1]["intermediates"]
     h_BHWD = inter["layers_0"]["attention_norm_0"]["__call__"][0]
-    layer = AxialAttention(num_heads=cfg.num_heads, axis=2)
+    layer = AxialAttention(num_heads=cfg.block.num_heads, axis=2)
     p = {"params": variables["params"]["layers_0"]["attention_0"]}
     _, want = layer.apply(p, h_BHWD[1:2, 1:2], return_weights=True)   # [1, 1, H, W, W]
     np.testing.assert_allclose(rows[1, 1], want[0, 0], atol=1e-5)

@@ -45,7 +45,6 @@ class ParamsTest(parameterized.TestCase):
     params = nn.unbox(variables["params"])
     self.assertEqual(params["qkv"]["kernel"].shape, (12, 3, 2, 8))
     self.assertEqual(params["out"]["kernel"].shape, (2, 8, 12))
-    axes.check_names([n for v in names.values() for n in v])
 
   def test_gqa_fused_kernel_groups_query_heads_with_their_kv_head(self):
     mha = MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=8, use_bias=False)
@@ -268,3 +267,116 @@ class ValidationTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="positions must be"):
       MultiHeadAttention(num_heads=2, rotary_base=1e4).init(
           jax.random.key(0), jnp.ones((1, 3, 8)), positions=jnp.zeros((1, 4)))
+
+
+class ValueHeadDimTest(chex.TestCase, parameterized.TestCase):
+  """d_v != d_qk: the fused kernels stay one matrix, concatenated on the last axis."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("mha", 2), ("gqa", 1))
+  def test_self_attention_matches_reference(self, kv_heads):
+    x = _inputs((2, 7, 12))
+    mha = MultiHeadAttention(num_heads=2, num_kv_heads=kv_heads, head_dim=8,
+                             value_head_dim=4)
+    variables = mha.init(jax.random.key(1), x)
+    groups = 2 // kv_heads
+    names = _boxed_names(variables["params"])
+    self.assertEqual(names["qkv/kernel"][2], axes.HEAD_DIM)
+    params = jax.tree.map(lambda p: p + 0.1, nn.unbox(variables["params"]))
+    self.assertEqual(params["qkv"]["kernel"].shape, (12, kv_heads, groups * 8 + 8 + 4))
+    self.assertEqual(params["out"]["kernel"].shape, (2, 4, 12))
+    out = self.variant(lambda p, x: mha.apply({"params": p}, x, is_causal=True))(params, x)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    qkv = np.einsum("ble,ekf->blkf", np.asarray(x, np.float64), p["qkv"]["kernel"])
+    qkv = qkv + p["qkv"]["bias"]
+    q = qkv[..., :groups * 8].reshape(2, 7, 2, 8)
+    k, v = qkv[..., groups * 8:groups * 8 + 8], qkv[..., groups * 8 + 8:]
+    att, _ = ref.attention(q, k, v, is_causal=True)
+    want = np.einsum("blhd,hdo->blo", att, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
+
+  def test_cross_attention_and_decoding(self):
+    x, y = _inputs((2, 5, 12)), _inputs((2, 9, 6), seed=1)
+    mha = MultiHeadAttention(num_heads=4, num_kv_heads=2, head_dim=8, value_head_dim=6,
+                             use_bias=False)
+    params = nn.unbox(mha.init(jax.random.key(1), x, y)["params"])
+    self.assertEqual(params["kv"]["kernel"].shape, (6, 2, 8 + 6))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    q = np.einsum("ble,ehd->blhd", x, p["query"]["kernel"])
+    kv = np.einsum("ble,ekf->blkf", y, p["kv"]["kernel"])
+    att, _ = ref.attention(q, kv[..., :8], kv[..., 8:])
+    want = np.einsum("blhd,hdo->blo", att, p["out"]["kernel"])
+    np.testing.assert_allclose(mha.apply({"params": params}, x, y), want, atol=1e-4,
+                               rtol=1e-4)
+    # The KV cache holds values of width Dv.
+    dec = MultiHeadAttention(num_heads=2, head_dim=8, value_head_dim=4, decode=True)
+    cache = dec.init(jax.random.key(0), x)["cache"]
+    self.assertEqual(cache["cached_value"].shape, (2, 5, 2, 4))
+
+
+class BiasFlagsTest(parameterized.TestCase):
+
+  @parameterized.parameters((False, True), (True, False), (None, None))
+  def test_qkv_and_out_bias_are_separate(self, qkv_bias, out_bias):
+    """The NYU notes: no bias on W_q/W_k/W_v, a bias on W_h (qkv_bias=False)."""
+    for y in (None, jnp.ones((1, 4, 12))):
+      mha = MultiHeadAttention(num_heads=2, qkv_bias=qkv_bias, out_bias=out_bias,
+                               use_bias=True)
+      params = nn.unbox(mha.init(jax.random.key(0), jnp.ones((1, 3, 12)), y)["params"])
+      has = {name for name, p in params.items() if "bias" in p}
+      want_qkv = True if qkv_bias is None else qkv_bias
+      want_out = True if out_bias is None else out_bias
+      self.assertEqual("out" in has, want_out)
+      self.assertEqual(bool(has - {"out"}), want_qkv)
+
+
+class KVCacheOverflowTest(parameterized.TestCase):
+  """Decoding past the cache: an error when the index is known, else NaN (never clamped)."""
+
+  def _setup(self):
+    x = _inputs((1, 6, 8))
+    dec = MultiHeadAttention(num_heads=2, decode=True)
+    variables = dec.init(jax.random.key(0), x[:, :4])          # a cache of 4 slots
+    want = MultiHeadAttention(num_heads=2).apply(
+        {"params": variables["params"]}, x, is_causal=True)
+    return x, dec, variables, want
+
+  def test_eager_overflow_raises(self):
+    x, dec, variables, want = self._setup()
+    cache = variables["cache"]
+    for t in range(4):
+      out, state = dec.apply({**variables, "cache": cache}, x[:, t:t + 1],
+                             mutable=["cache"])
+      cache = state["cache"]
+      np.testing.assert_allclose(out[:, 0], want[:, t], atol=1e-5)
+    with pytest.raises(ValueError, match="cache index 4 overflows the KV cache of "
+                       "max_len=4"):
+      dec.apply({**variables, "cache": cache}, x[:, 4:5], mutable=["cache"])
+    with pytest.raises(ValueError, match="5 tokens in one decoding call"):
+      dec.apply(variables, x[:, :5], mutable=["cache"])
+
+  def test_traced_overflow_gives_nan(self):
+    x, dec, variables, want = self._setup()
+    step = jax.jit(lambda c, x_t: dec.apply({**variables, "cache": c}, x_t,
+                                            mutable=["cache"]))
+    cache, outs = variables["cache"], []
+    for t in range(6):
+      out, state = step(cache, x[:, t:t + 1])
+      cache = state["cache"]
+      outs.append(out[:, 0])
+    np.testing.assert_allclose(np.stack(outs[:4], 1), want[:, :4], atol=1e-5)
+    self.assertTrue(np.isnan(np.stack(outs[4:])).all())
+    # A chunk that only partly fits is NaN throughout (its write would be clamped).
+    cache = variables["cache"]
+    _, state = step(cache, x[:, 0:1])
+    chunk = jax.jit(lambda c, x_t: dec.apply({**variables, "cache": c}, x_t,
+                                             mutable=["cache"]))
+    out, _ = chunk(state["cache"], x[:, 1:5])
+    self.assertTrue(np.isnan(np.asarray(out)).all())
+
+  def test_zero_kv_heads_raises(self):
+    with pytest.raises(ValueError, match="num_kv_heads=0: expected a positive int"):
+      MultiHeadAttention(num_heads=2, num_kv_heads=0).init(jax.random.key(0),
+                                                           jnp.ones((1, 2, 8)))
+

@@ -134,6 +134,48 @@ class BlockConfigTest(parameterized.TestCase):
     self.assertEqual(BlockConfig(num_heads=2, mlp_dim=4).out_kernel_init(), {})
 
 
+class QKNormTest(chex.TestCase, parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("layernorm", "rmsnorm")
+  def test_qk_norm_normalises_each_head_before_the_dot_product(self, norm_type):
+    """BlockConfig.qk_norm: attention of the block == a float64 numpy reference."""
+    from jaxformer import models
+    from jaxformer.attention import MultiHeadAttention
+    cfg = BlockConfig(num_heads=2, mlp_dim=16, qk_norm=True, norm_type=norm_type,
+                      norm_eps=1e-5)
+    attn = MultiHeadAttention(**cfg.attention_kwargs(8))
+    params = _unbox(attn.init(jax.random.key(0), _X))["params"]
+    rng = np.random.default_rng(3)    # non-trivial scales / biases
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + rng.normal(size=x.shape).astype(np.float32)
+        if "norm" in jax.tree_util.keystr(path) else x, params)
+    got = self.variant(attn.apply)({"params": params}, _X)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    qkv = np.einsum("ble,ethd->blthd", _X.astype(np.float64), p["qkv"]["kernel"])
+    qkv = qkv + p["qkv"]["bias"]
+    def norm(x, n):                                   # over head_dim
+      if norm_type == "layernorm":
+        x = x - x.mean(-1, keepdims=True)
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * n["scale"] + n["bias"]
+      return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * n["scale"]
+    q, k, v = norm(qkv[:, :, 0], p["query_norm"]), norm(qkv[:, :, 1], p["key_norm"]), \
+        qkv[:, :, 2]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(4)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", w, v)
+    want = np.einsum("bqhd,hde->bqe", o, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    # The knob reaches every model through its block.
+    shapes = jax.eval_shape(models.GPT(models.gpt_tiny(qk_norm=True)).init,
+                            jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    self.assertIn("key_norm", shapes["params"]["decoder"]["layers_0"]["self_attention"])
+    self.assertNotIn("key_norm", _unbox(EncoderBlock(_CFG).init(
+        jax.random.key(0), _X))["params"]["self_attention"])
+
+
 class StructureTest(parameterized.TestCase):
 
   def test_post_ln_output_is_normalized_and_has_no_final_norm(self):

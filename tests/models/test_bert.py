@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from jaxformer.models import BERT, BERTConfig, bert_tiny, masked_pool
+from jaxformer import models
+from jaxformer.models import BERT, BERTConfig, bert_tiny, masked_pool, nyu_imdb_classifier
 
 _B, _L = 2, 8
 _IDS = np.random.default_rng(0).integers(1, 64, (_B, _L)).astype(np.int32)
@@ -104,3 +105,66 @@ class BERTTest(chex.TestCase, parameterized.TestCase):
     model, variables, _ = _model()
     with self.assertRaisesRegex(ValueError, "attention_mask shape"):
       model.apply(variables, _IDS, attention_mask=_VALID[:, :4])
+    with self.assertRaisesRegex(ValueError, "max_of_logits"):
+      bert_tiny(pooling="max_of_logits")                    # no classifier
+    with self.assertRaisesRegex(ValueError, "max_of_logits"):
+      bert_tiny(pooling="max_of_logits", num_classes=2, nsp_head=True)
+
+
+class PoolingTest(chex.TestCase, parameterized.TestCase):
+
+  def test_the_options_in_the_notes_order(self):
+    self.assertEqual(models.POOLINGS, ("cls", "max", "mean", "max_of_logits"))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters("max", "mean", "max_of_logits")
+  def test_classifier_pooling_matches_numpy(self, pooling):
+    model = BERT(bert_tiny(num_layers=1, num_classes=3, pooling=pooling))
+    variables = jax.jit(model.init)(jax.random.key(0), _IDS)
+    out = self.variant(model.apply)(variables, _IDS, attention_mask=_VALID)
+    h = np.asarray(out["sequence"], np.float64)
+    w = np.asarray(variables["params"]["classifier"]["kernel"].value, np.float64)
+    b = np.asarray(variables["params"]["classifier"]["bias"].value, np.float64)
+    rows = []
+    for r in range(_B):
+      h_r = h[r, _VALID[r] == 1]                           # real tokens only
+      if pooling == "max_of_logits":                      # max_t Linear(h_t)
+        rows.append((h_r @ w + b).max(axis=0))
+      else:                                                # Linear(pool_t h_t)
+        rows.append(getattr(np, pooling)(h_r, axis=0) @ w + b)
+    np.testing.assert_allclose(out["logits"], np.stack(rows), atol=1e-5, rtol=1e-5)
+    self.assertNotIn("pooler", variables["params"])
+
+
+class NYUClassifierTest(parameterized.TestCase):
+
+  def test_preset_is_the_model_of_the_notes(self):
+    cfg = nyu_imdb_classifier()
+    b = cfg.block
+    self.assertEqual((cfg.num_layers, cfg.embed_dim, b.num_heads, b.mlp_dim,
+                      cfg.positions, cfg.vocab_size, cfg.num_classes, cfg.pooling),
+                     (1, 32, 2, 128, "sinusoidal", 50_002, 2, "max_of_logits"))
+    self.assertEqual((b.qkv_bias, b.out_bias), (False, True))
+    model = BERT(cfg)
+    variables = jax.jit(model.init)(jax.random.key(0), _IDS)
+    attn = variables["params"]["encoder"]["layers_0"]["self_attention"]
+    self.assertNotIn("bias", attn["qkv"])                  # no bias on W_q, W_k, W_v
+    self.assertIn("bias", attn["out"])                     # a bias on W_h
+    self.assertNotIn("position_embedding", variables["params"])    # sinusoidal
+    self.assertNotIn("token_type_embedding", variables["params"])
+    out = jax.jit(model.apply)(variables, _IDS, attention_mask=_VALID)
+    chex.assert_shape(out["logits"], (_B, 2))
+    # 50,002 x 32 embeddings + one layer + the 2-class head.
+    d, f = 32, 128
+    layer = 3 * d * d + (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d
+    want = 50_002 * d + 2 * d + layer + d * 2 + 2
+    self.assertEqual(models.num_params(cfg, variables["params"]), want)
+
+  @parameterized.parameters("bert_tiny", "nyu_imdb_classifier")
+  def test_sinusoidal_positions_from_a_config_section(self, preset):
+    section = models.preset_dict(preset, positions="sinusoidal", num_classes=2)
+    cfg, model = models.build_model(section)
+    variables = jax.jit(model.init)(jax.random.key(0), _IDS)
+    out = jax.jit(model.apply)(variables, _IDS)
+    self.assertTrue(np.isfinite(np.asarray(out["logits"])).all())
+

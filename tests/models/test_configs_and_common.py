@@ -84,7 +84,7 @@ class CommonTest(chex.TestCase):
     self.assertEqual(cfg.block.dtype, jnp.bfloat16)
     with self.assertRaisesRegex(ValueError, "GPTConfig.positions='alibi'"):
       models.gpt_tiny(positions="alibi")
-    with self.assertRaisesRegex(ValueError, "needs an even head_dim"):
+    with self.assertRaisesRegex(ValueError, "needs an even block.head_dim"):
       models.gpt_tiny(positions="rotary", embed_dim=6, num_heads=2)
 
   def test_check_tokens(self):

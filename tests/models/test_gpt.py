@@ -37,7 +37,7 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
 
   def test_bfloat16_compute_keeps_float32_params_and_logits(self):
     cfg = gpt_tiny(num_layers=1, dtype="bfloat16")           # strings are normalised
-    self.assertEqual(cfg.dtype, jnp.bfloat16)
+    self.assertEqual(cfg.block.dtype, jnp.bfloat16)
     variables = jax.eval_shape(GPT(cfg).init, jax.random.key(0), _TOKENS)
     self.assertTrue(all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables)))
     out = jax.eval_shape(GPT(cfg).apply, variables, _TOKENS)
@@ -199,3 +199,45 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
       gpt_tiny(num_layer=3)
     with self.assertRaisesRegex(TypeError, "dtype"):
       gpt_tiny(dtype="float33")
+
+
+class VocabPaddingTest(chex.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(True, False)
+  def test_padded_rows_are_invisible(self, tied):
+    """Padding changes no logit and gets no gradient; the logits have the real vocab."""
+    cfg, variables = _params(tie_embeddings=tied, output_vocab_size=None if tied else 50)
+    out_vocab = 64 if tied else 50
+    params = nn.unbox(variables)["params"]
+    self.assertEqual(params["token_embedding"]["embedding"].shape, (128, 32))
+    logits = jax.jit(GPT(cfg).apply)({"params": params}, _TOKENS)
+    chex.assert_shape(logits, (_B, _L, out_vocab))
+    # The same real rows without padding give the same logits.
+    unpadded = GPT(override(cfg, vocab_pad_multiple=1))
+    cut = jax.tree_util.tree_map_with_path(
+        lambda path, x: x[:64] if "token_embedding" in jax.tree_util.keystr(path)
+        else x[:, :out_vocab] if "lm_head" in jax.tree_util.keystr(path) else x, params)
+    np.testing.assert_allclose(unpadded.apply({"params": cut}, _TOKENS), logits, atol=1e-5)
+
+    def loss(p):
+      return jax.nn.logsumexp(GPT(cfg).apply({"params": p}, _TOKENS), -1).sum()
+    grads = jax.grad(loss)(params)
+    np.testing.assert_array_equal(grads["token_embedding"]["embedding"][64:], 0.0)
+    if not tied:
+      np.testing.assert_array_equal(grads["lm_head"]["kernel"][:, 50:], 0.0)
+
+  def test_decoding_past_the_cache_is_nan_not_wrong(self):
+    cfg, variables = _params()
+    decoder = GPT(override(cfg, decode=True))
+    shapes = jax.eval_shape(decoder.init, jax.random.key(0), _TOKENS[:, :4])["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    step = jax.jit(lambda c, tok: decoder.apply({**variables, "cache": c}, tok,
+                                                mutable=["cache"]))
+    outs = []
+    for t in range(6):
+      logits, mutated = step(cache, _TOKENS[:, t:t + 1])
+      cache = mutated["cache"]
+      outs.append(np.asarray(logits[:, 0]))
+    self.assertTrue(np.isfinite(np.stack(outs[:4])).all())
+    self.assertTrue(np.isnan(np.stack(outs[4:])).all())
+

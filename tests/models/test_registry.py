@@ -57,7 +57,7 @@ class RegistryTest(parameterized.TestCase):
       models.config_from_dict("gpt3", {})
     with self.assertRaisesRegex(ValueError, r"model preset='gpt5' is not known"):
       models.preset_dict("gpt5")
-    with self.assertRaisesRegex(ValueError, r"model\.image_size=\(4, 0\)"):
+    with self.assertRaisesRegex(ValueError, r"model\.image_size=\[4, 0\]"):
       models.config_from_dict("image_gpt", {"image_size": [4, 0]})
 
   def test_preset_dict_overrides_and_build_model(self):
