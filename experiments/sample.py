@@ -61,9 +61,10 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(sample(flags.FLAGS.pretrained, flags.FLAGS.prompt, max_new_tokens=flags.FLAGS.max_new_tokens,
-               temperature=flags.FLAGS.temperature, top_k=flags.FLAGS.top_k, top_p=flags.FLAGS.top_p,
-               seed=flags.FLAGS.seed))
+  f = flags.FLAGS
+  print(sample(f.pretrained, f.prompt, max_new_tokens=f.max_new_tokens,
+               temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+               seed=f.seed))
 
 
 if __name__ == "__main__":

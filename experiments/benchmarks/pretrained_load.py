@@ -1,14 +1,15 @@
 """Load time and peak memory of ``from_huggingface`` for the 124M GPT-2.
 
 A GPT-2 small with random weights is written in the Hugging Face format
-(``config.json`` + ``model.safetensors``, 498 MB of float32, by ``to_huggingface``);
+(``config.json`` + ``model.safetensors``, 475 MB of float32, by ``to_huggingface``);
 then each repeat loads it in a fresh Python process that reports:
 
 * ``load_s``: ``from_huggingface`` wall time (read, convert, place on the device);
 * ``forward_s``: the first forward pass on 1 x 64 tokens (compilation included);
 * ``baseline_mb``: the process's peak RSS after importing jax and jaxformer;
 * ``peak_mb``: its peak RSS after loading and the forward (``VmHWM``); ``peak -
-  baseline`` is what loading (and the forward's compilation) costs. The parameters themselves are 498 MB (on a CPU they live in host RAM).
+  baseline`` is what loading (and the forward's compilation) costs. The parameters
+  themselves are 475 MB (on a CPU they live in host RAM).
 
   python -m experiments.benchmarks.pretrained_load --out experiments/benchmarks/results
 """

@@ -56,7 +56,8 @@ class HuggingFaceTokenizer(Tokenizer):
 def gpt2_tokenizer(vocab_json: str, merges_txt: str) -> HuggingFaceTokenizer:
   """GPT-2's byte-level BPE (regex pre-split, no prefix space) from its two files."""
   from tokenizers import Tokenizer as RustTokenizer  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import (  # pylint: disable=g-import-not-at-top
+      decoders, models, pre_tokenizers)
   tok = RustTokenizer(models.BPE.from_file(vocab_json, merges_txt))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -71,7 +72,8 @@ def gpt2_tokenizer(vocab_json: str, merges_txt: str) -> HuggingFaceTokenizer:
 def wordpiece_tokenizer(vocab_txt: str, *, lowercase: bool = True) -> HuggingFaceTokenizer:
   """BERT's WordPiece (BERT normaliser and pre-tokenizer, ``##`` continuations)."""
   from tokenizers import Tokenizer as RustTokenizer  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, normalizers, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import (  # pylint: disable=g-import-not-at-top
+      decoders, models, normalizers, pre_tokenizers)
   tok = RustTokenizer(models.WordPiece.from_file(vocab_txt, unk_token=st.UNK))
   tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                               strip_accents=None, lowercase=lowercase)
