@@ -124,9 +124,16 @@ def distributed() -> config_dict.ConfigDict:
   ))
 
 
+def init() -> config_dict.ConfigDict:
+  """``init.pretrained``: a Hugging Face checkpoint directory to start from (its model
+  and tokenizer replace the config's; see ``jaxformer/pretrained/runs.py``)."""
+  return config_dict.ConfigDict(dict(pretrained=config_dict.placeholder(str)))
+
+
 def finish(c: config_dict.ConfigDict, **sharding_overrides: Any
            ) -> config_dict.ConfigDict:
-  """Adds the sharding and distributed sections."""
+  """Adds the sharding, distributed and init sections."""
   c.sharding = sharding(**sharding_overrides)
   c.distributed = distributed()
+  c.init = init()
   return c

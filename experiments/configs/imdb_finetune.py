@@ -26,6 +26,13 @@ embedded standard library into 3 kinds (comment / def-or-class / other code; the
       --workdir=runs/imdb_finetune_tiny \\
       --config.finetune.pretrained_workdir=runs/bert_mlm_tiny
 
+A Hugging Face BERT or DistilBERT instead (``config.json`` + ``model.safetensors`` +
+``vocab.txt``, as ``save_pretrained`` writes them): its model and WordPiece tokenizer
+replace the byte-level ones, the classifier starts fresh::
+
+  python -m experiments.train --config=experiments/configs/imdb_finetune.py \\
+      --workdir=runs/imdb_bert --config.init.pretrained=path/to/bert-base-uncased
+
 The tiny variant reads ``imdb_reviews`` instead with
 ``--config.data.source=imdb_reviews --config.model.num_classes=2`` (tests run it under
 ``tfds.testing.mock_data``).

@@ -73,26 +73,42 @@ def pretrained_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def load_pretrained_params(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """The ``params`` of a loop checkpoint as host numpy arrays (nothing else is read).
+def _state_path(workdir: str, step: int | None) -> str:
+  step = pretrained_step(workdir, step)
+  return os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def _params_metadata(checkpointer: Any, path: str) -> Any:
+  metadata = checkpointer.metadata(path)
+  metadata = getattr(metadata, "item_metadata", metadata)  # StepMetadata (0.12)
+  tree = getattr(metadata, "tree", metadata)               # TreeMetadata
+  if "params" not in tree:
+    raise ValueError(f"checkpoint {path} has no 'params' (it has {sorted(tree)})")
+  return tree["params"]
+
+
+def load_pretrained_params(workdir: str, step: int | None = None, *,
+                           target: Any = None) -> dict[str, Any]:
+  """The ``params`` of a loop checkpoint (nothing else is read).
 
   Args:
     workdir: a training workdir (``<workdir>/checkpoints/<step>/state``).
     step: the checkpoint step; None = the newest.
+    target: None: every parameter as a host numpy array (one process only). Or a tree,
+      a subset of the checkpoint's params, of ``jax.ShapeDtypeStruct`` leaves with
+      shardings: only those are read, each straight into its sharding (every process
+      reads just its own shards, so no host holds the whole model).
   """
-  step = pretrained_step(workdir, step)
-  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "state"))
+  path = _state_path(workdir, step)
   with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path)
-    metadata = getattr(metadata, "item_metadata", metadata)  # StepMetadata (0.12)
-    tree = getattr(metadata, "tree", metadata)               # TreeMetadata
-    if "params" not in tree:
-      raise ValueError(f"checkpoint {path} has no 'params' (it has {sorted(tree)})")
-    item = {"params": tree["params"]}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                item)
+    item = {"params": _params_metadata(checkpointer, path) if target is None else target}
+    if target is None:
+      make_args = lambda _: ocp.RestoreArgs(restore_type=np.ndarray)  # noqa: E731
+    else:
+      make_args = lambda s: ocp.ArrayRestoreArgs(  # noqa: E731
+          sharding=s.sharding, global_shape=s.shape, dtype=s.dtype)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+        item=item, restore_args=jax.tree.map(make_args, item), partial_restore=True))
   return restored["params"]
 
 
@@ -110,22 +126,36 @@ def merge_pretrained(params: Any, pretrained: Any, *, head: Sequence[str]) -> An
     ValueError: a body parameter is missing from ``pretrained`` or has another shape
       (every offending path is named).
   """
+  flat_pre = traverse_util.flatten_dict(pretrained)
+  merged = traverse_util.flatten_dict(params)
+  for path in body_paths(params, pretrained, head=head):
+    merged[path] = np.asarray(flat_pre[path], dtype=merged[path].dtype)
+  return traverse_util.unflatten_dict(merged)
+
+
+def body_paths(params: Any, pretrained: Any, *, head: Sequence[str]) -> list[tuple]:
+  """The paths of ``params``' body leaves, checked against ``pretrained``.
+
+  Leaves of either tree may be arrays, ``jax.ShapeDtypeStruct`` or orbax metadata
+  (anything with a ``shape``). Raises the ValueError described in
+  :func:`merge_pretrained`.
+  """
   head = _check_head(head)
+  shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))  # noqa: E731
   flat = traverse_util.flatten_dict(params)
   flat_pre = traverse_util.flatten_dict(pretrained)
-  missing, mismatched, merged = [], [], {}
+  missing, mismatched, body = [], [], []
   for path, value in flat.items():
     if path[0] in head:
-      merged[path] = value
       continue
     name = "/".join(path)
     if path not in flat_pre:
       missing.append(name)
-    elif tuple(np.shape(flat_pre[path])) != tuple(np.shape(value)):
-      mismatched.append(f"{name}: pretrained {tuple(np.shape(flat_pre[path]))} != "
-                        f"model {tuple(np.shape(value))}")
+    elif shape(flat_pre[path]) != shape(value):
+      mismatched.append(f"{name}: pretrained {shape(flat_pre[path])} != "
+                        f"model {shape(value)}")
     else:
-      merged[path] = np.asarray(flat_pre[path], dtype=value.dtype)
+      body.append(path)
   if missing or mismatched:
     raise ValueError(
         "the pretrained checkpoint does not match the fine-tuning model's body "
@@ -136,7 +166,7 @@ def merge_pretrained(params: Any, pretrained: Any, *, head: Sequence[str]) -> An
   if unknown_head:
     raise ValueError(f"finetune.head names {unknown_head} that are not top-level "
                      f"parameters of the model; it has {sorted({p[0] for p in flat})}")
-  return traverse_util.unflatten_dict(merged)
+  return body
 
 
 def freeze_body(tx: optax.GradientTransformation,
@@ -170,16 +200,25 @@ def init_from_pretrained(state: Any, param_shardings: Any,
                          section: Mapping[str, Any] | None) -> Any:
   """A fresh ``TrainState`` with its body replaced by the pretrained params.
 
-  Does nothing unless ``section.pretrained_workdir`` is set. The optimizer state
-  need not change: it was initialised from the shapes only (zero moments).
+  Does nothing unless ``section.pretrained_workdir`` is set. The body is restored
+  straight into ``param_shardings`` (each process reads only its own shards; works
+  with any number of processes); the head keeps its fresh values. The optimizer
+  state need not change: it was initialised from the shapes only (zero moments).
   """
   if not section or not section.get("pretrained_workdir"):
     return state
-  pretrained = load_pretrained_params(section["pretrained_workdir"],
-                                      section.get("step"))
-  host_params = jax.device_get(state.params)
-  merged = merge_pretrained(host_params, pretrained, head=section["head"])
-  return state.replace(params=jax.device_put(merged, param_shardings))
+  workdir, step = section["pretrained_workdir"], section.get("step")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = _params_metadata(checkpointer, _state_path(workdir, step))
+  paths = body_paths(state.params, metadata, head=section["head"])
+  flat = traverse_util.flatten_dict(state.params)
+  flat_sh = traverse_util.flatten_dict(param_shardings)
+  target = traverse_util.unflatten_dict({
+      p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype, sharding=flat_sh[p])
+      for p in paths})
+  flat.update(traverse_util.flatten_dict(
+      load_pretrained_params(workdir, step, target=target)))
+  return state.replace(params=traverse_util.unflatten_dict(flat))
 
 
 def describe(section: Mapping[str, Any] | None) -> str:

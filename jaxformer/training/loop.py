@@ -31,6 +31,7 @@ import numpy as np
 from jaxformer import tasks as tasks_lib
 from jaxformer.data import vocab
 from jaxformer.models import registry
+from jaxformer.pretrained import runs as pretrained_runs
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import distributed
 from jaxformer.training import divergence
@@ -121,6 +122,7 @@ def train(config: Any, workdir: str, *,
     divergence.TrainingDivergedError: ``train.max_consecutive_skipped`` steps in a row
       were skipped.
   """
+  config = pretrained_runs.configure(config)  # init.pretrained: checkpoint's model
   validate_config(config)
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
                                      config["data"]["batch_size"])
@@ -145,7 +147,8 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   mesh = sharding_lib.make_mesh(tuple(sc["mesh_shape"]))
   rules = sharding_lib.make_rules(fsdp=sc.get("fsdp", True),
                                   tensor=sc.get("tensor", True))
-  tokenizer = vocab.build_tokenizer(dc, workdir)
+  tokenizer = (pretrained_runs.tokenizer(config)
+               or vocab.build_tokenizer(dc, workdir))
   model_cfg, model = build_model(config, tokenizer)
   # Every sharded dimension must divide its mesh axes: say which field, before tracing.
   registry.check_shardable(config["model"]["name"], model_cfg,
@@ -200,6 +203,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
     state, shardings = state_lib.create_train_state(
         init_fn, tx, jax.random.key(tc["seed"]), mesh, rules)
     state = finetune_lib.init_from_pretrained(state, shardings.params, finetune_cfg)
+    state = pretrained_runs.load_into_state(state, shardings.params, config)
   else:
     start, state, _ = restored
     shardings = state_lib.state_shardings(init_fn, tx, mesh, rules)
@@ -232,7 +236,8 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
       f"{type(model).__name__}: {num_params:,} params | mesh "
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {dc['batch_size']} x "
-      f"{seq_len} | " + (f"resuming at step {start}" if start else "from scratch"))
+      f"{seq_len} | " + (f"resuming at step {start}" if start else
+                         f"from {pretrained_runs.directory(config) or 'scratch'}"))
   if start == 0 and finetune_lib.describe(finetune_cfg):
     logger.log_text(finetune_lib.describe(finetune_cfg))
   resume_check.log_changes(logger, start, changes, config)
