@@ -14,6 +14,7 @@ from jaxformer.data import local_text
 from jaxformer.data import sources
 from jaxformer.data import vocab
 from jaxformer.models import registry
+from jaxformer.pretrained import runs as pretrained_runs
 from jaxformer.training import divergence
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import resume_check
@@ -73,7 +74,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
     raise ValueError(f"data.source={data.get('source')!r} is not a known source; "
                      f"known: {sorted(sources.SOURCES)}")
   kind = data.get("tokenizer")
-  if kind is not None and kind not in vocab.TOKENIZERS:
+  # init.pretrained brings the checkpoint's own tokenizer (jaxformer.pretrained.runs).
+  pretrained = kind == pretrained_runs.TOKENIZER and pretrained_runs.directory(config)
+  if kind is not None and kind not in vocab.TOKENIZERS and not pretrained:
     raise ValueError(f"data.tokenizer={kind!r} is not one of {vocab.TOKENIZERS}")
   model = dict(config["model"])
   if model.get("vocab_size", 0) is None and kind is not None:
