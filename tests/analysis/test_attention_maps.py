@@ -129,8 +129,8 @@ class AttentionWeightsTest(chex.TestCase):
     self.assertFalse(model.config.block.return_weights)
     self.assertEqual(copy.config, gpt_tiny(return_weights=True))
     self.assertIs(analysis.with_weights(copy), copy)
-    decoding = analysis.with_weights(GPT(gpt_tiny(), decode=True))
-    self.assertTrue(decoding.decode)
+    decoding = analysis.with_weights(GPT(gpt_tiny(decode=True)))
+    self.assertTrue(decoding.config.block.decode)
 
   def test_model_without_attention_layers(self):
     model, variables, tokens = _gpt(num_layers=0)
