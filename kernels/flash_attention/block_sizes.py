@@ -9,6 +9,10 @@ Backend rules (checked by `BlockSizes.validate`):
   * "mosaic" (TPU): block_q/block_*_dq/block_q_dkv multiples of 8 (sublanes),
     key blocks multiples of 128 (lanes). In interpret mode multiples of 8 are
     enough everywhere, so tests can use small tiles.
+  * "mosaic_gpu" (Hopper): block_q and block_q_dq are the rows of one CTA's
+    two consumer warpgroups, multiples of 128; block_k_dkv likewise (the
+    dK/dV kernel's two warpgroups own key rows); the rest multiples of 64
+    (wgmma's M per warpgroup, 128-byte swizzled rows), at most 256.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-BACKENDS = ("triton", "mosaic")
+BACKENDS = ("triton", "mosaic", "mosaic_gpu")
+# mosaic_gpu tiles split over two consumer warpgroups (rows per CTA).
+_MGPU_PAIRED = ("block_q", "block_q_dq", "block_k_dkv")
 
 
 def next_power_of_2(x: int) -> int:
@@ -95,6 +101,10 @@ class BlockSizes:
     for i, (name, value) in enumerate(zip(names, values)):
       if backend == "triton":
         ok, rule = value >= 16 and value & (value - 1) == 0, "a power of 2 >= 16"
+      elif backend == "mosaic_gpu":
+        unit = 128 if name in _MGPU_PAIRED else 64
+        ok = value % unit == 0 and value <= 256
+        rule = f"a multiple of {unit}, at most 256"
       elif interpret or i < 3:
         ok, rule = value % 8 == 0, "a multiple of 8"
       else:
@@ -112,21 +122,27 @@ class BlockSizes:
     rules: halves powers of two (triton) or rounds up to the minimum multiple.
     """
     def shrink(block: int, length: int, minimum: int) -> int:
+      if backend == "mosaic_gpu":
+        return min(block, round_up(length, minimum))
       if backend == "triton":
         return max(min(block, next_power_of_2(length)), minimum)
       return min(block, round_up(length, minimum))
 
     q_min = 16 if backend == "triton" else 8
     k_min = 16 if backend == "triton" else 8
+    pair = q_min
+    if backend == "mosaic_gpu":
+      q_min = k_min = 64
+      pair = 128
     dkv_q, dkv_k = self.dkv
     dq_q, dq_k = self.dq
     return dataclasses.replace(
         self,
-        block_q=shrink(self.block_q, q_len, q_min),
+        block_q=shrink(self.block_q, q_len, max(q_min, pair)),
         block_k=shrink(self.block_k, kv_len, k_min),
         block_q_dkv=shrink(dkv_q, q_len, q_min),
-        block_k_dkv=shrink(dkv_k, kv_len, k_min),
-        block_q_dq=shrink(dq_q, q_len, q_min),
+        block_k_dkv=shrink(dkv_k, kv_len, max(k_min, pair)),
+        block_q_dq=shrink(dq_q, q_len, max(q_min, pair)),
         block_k_dq=shrink(dq_k, kv_len, k_min),
     )
 
@@ -136,6 +152,10 @@ class BlockSizes:
     if backend == "mosaic":
       return cls(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128,
                  block_q_dq=128, block_k_dq=128)
+    if backend == "mosaic_gpu":  # FA3's sm90 tiles; K/V ring fits 227 KiB
+      block_k = 128 if head_dim <= 128 else 64
+      return cls(block_q=128, block_k=block_k, block_q_dkv=64,
+                 block_k_dkv=128, block_q_dq=128, block_k_dq=64)
     if backend != "triton":
       raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     if head_dim <= 64:
