@@ -57,6 +57,14 @@ def smem_transforms(dtype):
           plgpu.SwizzleTransform(128))
 
 
+def load_gmem(ref, layout):
+  """A small 1-D HBM slice (ids, lse, delta) into registers, in `layout`.
+
+  Not through TMA/SMEM: each is read once per tile and cached in L1/L2.
+  """
+  return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
 def tile_overlap(p: common.Problem, q_ids, kv_ids, *, batch: int, block_q: int,
                  block_k: int):
   """Which (query tile, key tile) pairs hold at least one allowed pair.
@@ -161,7 +169,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
                             q_ready.at[wg])
     q_ids = None
     if p.has_segments:
-      q_ids = plgpu.load(q_ids_ref.at[batch, pl.ds(row0, bq)], (), layout=_ROW)
+      q_ids = load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], _ROW)
     plgpu.barrier_wait(q_ready.at[wg])
 
     @pl.when(hi > lo)
@@ -188,8 +196,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
       if masked:
         kv_ids = None
         if p.has_segments:
-          kv_ids = plgpu.load(kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)],
-                              (), layout=_COL)
+          kv_ids = load_gmem(
+              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], _COL)
         mask = tile_mask(p, row0, kv_tile * bk, (bq, bk), q_ids, kv_ids)
         if mask is not None:  # -inf scores give p = 0 as m stays finite
           s = jnp.where(mask, s, -jnp.inf)

@@ -73,8 +73,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
     plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, v_ready.at[wg])
     kv_ids = None
     if p.has_segments:
-      kv_ids = plgpu.load(kv_ids_ref.at[batch, pl.ds(col0, bk)], (),
-                          layout=_ROW)
+      kv_ids = fwd.load_gmem(kv_ids_ref.at[batch, pl.ds(col0, bk)], _ROW)
     plgpu.barrier_wait(k_ready.at[wg])
     plgpu.barrier_wait(v_ready.at[wg])
 
@@ -94,11 +93,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
       if masked:
         q_ids = None
         if p.has_segments:
-          q_ids = plgpu.load(q_ids_ref.at[batch, qs], (), layout=_COL)
+          q_ids = fwd.load_gmem(q_ids_ref.at[batch, qs], _COL)
         mask = _mask_t(p, q_tile * bq, col0, (bk, bq), q_ids, kv_ids)
         if mask is not None:
           s_t = jnp.where(mask, s_t, -jnp.inf)
-      lse2 = plgpu.load(lse_ref.at[batch, head, qs], (), layout=_COL)
+      lse2 = fwd.load_gmem(lse_ref.at[batch, head, qs], _COL)
       p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse2, s_t.shape,
                                                            [1]))
       plgpu.barrier_wait(do_ready.at[slot])
@@ -113,7 +112,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
       dv, dp_t = pl.run_state(dv_dpt)((plgpu.ACC.init(dv),
                                         plgpu.ACC.init(zeros)))
       plgpu.barrier_arrive(do_free.at[slot])
-      delta = plgpu.load(delta_ref.at[batch, head, qs], (), layout=_COL)
+      delta = fwd.load_gmem(delta_ref.at[batch, head, qs], _COL)
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
 
       def dk_step(acc_ref):  # dK += dS^T Q
@@ -212,13 +211,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
     rows = (batch, pl.ds(row0, bq), head)
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_ready.at[wg])
     plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_ready.at[wg])
-    lse2 = plgpu.load(lse_ref.at[batch, head, pl.ds(row0, bq)], (),
-                      layout=_ROW)
-    delta = plgpu.load(delta_ref.at[batch, head, pl.ds(row0, bq)], (),
-                       layout=_ROW)
+    lse2 = fwd.load_gmem(lse_ref.at[batch, head, pl.ds(row0, bq)], _ROW)
+    delta = fwd.load_gmem(delta_ref.at[batch, head, pl.ds(row0, bq)], _ROW)
     q_ids = None
     if p.has_segments:
-      q_ids = plgpu.load(q_ids_ref.at[batch, pl.ds(row0, bq)], (), layout=_ROW)
+      q_ids = fwd.load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], _ROW)
     plgpu.barrier_wait(q_ready.at[wg])
     plgpu.barrier_wait(do_ready.at[wg])
 
@@ -238,8 +235,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
       if masked:
         kv_ids = None
         if p.has_segments:
-          kv_ids = plgpu.load(kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)],
-                              (), layout=_COL)
+          kv_ids = fwd.load_gmem(
+              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], _COL)
         mask = fwd.tile_mask(p, row0, kv_tile * bk, (bq, bk), q_ids, kv_ids)
         if mask is not None:
           s = jnp.where(mask, s, -jnp.inf)

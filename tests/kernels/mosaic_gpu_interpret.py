@@ -11,7 +11,11 @@ the test process only (the kernels are unchanged):
     and `plgpu.layout_cast` (no CPU lowering): the identity;
   * wgmma with the A operand in registers (P in P @ V) and operands seen
     through `transpose_ref` (K^T in Q @ K^T): read, transposed, multiplied.
-`interpret_context()` installs them and returns the context that runs every
+Two speed-ups, also test-only: each simulated warpgroup thread compiled its
+kernel body afresh on every call (`thread_map._run_jaxpr`); it is compiled
+once per body here. And the callbacks' small bookkeeping arrays (allocation
+keys) are built with NumPy instead of dispatching jnp ops.
+`interpret_context()` installs all of this and returns the context that runs every
 Mosaic GPU kernel traced under it in interpret mode with race detection, on
 an abstract H100, as the kernels' lowering and dispatch expect.
 """
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import types
 
 import jax
 from jax._src import callback
@@ -27,6 +33,7 @@ from jax._src import core as jax_core
 from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 from jax._src.pallas import primitives as pallas_primitives
+from jax._src.pallas.mosaic.interpret import thread_map
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu import core as gpu_core
 from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
@@ -40,6 +47,7 @@ from jax._src.state import indexing
 from jax._src.state import primitives as state_primitives
 from jax._src.state import types as state_types
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
 import numpy as np
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
@@ -180,23 +188,71 @@ def _interpret_wgmma(self, eqn, token, get_invals):
       self.thread_id, acc, a, b, acc_t, a_t, b_t, ordered=True), []
 
 
+_COMPILED: dict = {}  # (id(jaxpr), arg types) -> (jaxpr, executable)
+_COMPILE_LOCK = threading.Lock()
+
+
+def _run_body(jaxpr, consts, *args):
+  jax_core.eval_jaxpr(jaxpr, consts, *args)
+
+
+def _run_jaxpr_cached(jaxpr, consts, *args):
+  """thread_map's per-thread runner, compiling each body once."""
+  key = (id(jaxpr), tuple((np.shape(a), np.result_type(a)) for a in args))
+  with _COMPILE_LOCK:
+    hit = _COMPILED.get(key)
+    if hit is None:  # keep jaxpr alive so that its id stays unique
+      exe = jax.jit(_run_body, static_argnums=(0,)).trace(
+          jaxpr, consts, *args).lower().compile()
+      _COMPILED[key] = hit = (jaxpr, exe)
+  hit[1](consts, *args)
+
+
+class _NumpyArrays(types.ModuleType):
+  """jnp, except that `array` builds a NumPy array (callback results)."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+  @staticmethod
+  def array(x, dtype=None):
+    return np.array(x, dtype=dtype)
+
+
 @contextlib.contextmanager
 def interpret_context(detect_races: bool = True):
   """Interpret mode on an abstract H100, with the additions above.
 
-  Yields a function returning the races detected so far (a falsy value when
-  none were).
+  Yields a function returning whether any kernel interpreted so far inside
+  the context had a race (jax keeps one race record per shared-memory
+  lifetime, so the records are collected as they are replaced).
   """
-  patches = {"interpret": _interpret,
-             "_interpret_wgmma_ref_p": _interpret_wgmma}
-  saved = {name: getattr(_Interpreter, name) for name in patches}
-  for name, fn in patches.items():
-    setattr(_Interpreter, name, fn)
+  found = []
+  init = gpu_callbacks._initialize_shared_memory  # noqa: SLF001
+
+  def init_and_collect(*args, **kwargs):
+    races = gpu_callbacks._races  # noqa: SLF001
+    found.append(races is not None and races.races_found)
+    return init(*args, **kwargs)
+
+  def races_found() -> bool:
+    races = gpu_callbacks._races  # noqa: SLF001
+    return any(found) or (races is not None and races.races_found)
+
+  patches = [(_Interpreter, "interpret", _interpret),
+             (_Interpreter, "_interpret_wgmma_ref_p", _interpret_wgmma),
+             (thread_map, "_run_jaxpr", _run_jaxpr_cached),
+             (gpu_callbacks, "jnp", _NumpyArrays("jnp")),
+             (gpu_callbacks, "_initialize_shared_memory", init_and_collect)]
+  saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+  for obj, name, value in patches:
+    setattr(obj, name, value)
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=H100)
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
   try:
     with jax.sharding.use_abstract_mesh(mesh), force_gpu_interpret_mode(
         InterpretGPUParams(detect_races=detect_races)):
-      yield lambda: interpret_pallas_call.get_races().races_found
+      yield races_found
   finally:
-    for name, fn in saved.items():
-      setattr(_Interpreter, name, fn)
+    for obj, name, value in saved:
+      setattr(obj, name, value)
