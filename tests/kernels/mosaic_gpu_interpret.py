@@ -13,7 +13,7 @@ the test process only (the kernels are unchanged):
     through `transpose_ref` (K^T in Q @ K^T): read, transposed, multiplied.
 Two speed-ups, also test-only: each simulated warpgroup thread compiled its
 kernel body afresh on every call (`thread_map._run_jaxpr`); it is compiled
-once per body here. And the callbacks' small bookkeeping arrays (allocation
+once per body and thread here. And the callbacks' small bookkeeping arrays (allocation
 keys) are built with NumPy instead of dispatching jnp ops.
 `interpret_context()` installs all of this and returns the context that runs every
 Mosaic GPU kernel traced under it in interpret mode with race detection, on
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import types
 
@@ -188,24 +189,32 @@ def _interpret_wgmma(self, eqn, token, get_invals):
       self.thread_id, acc, a, b, acc_t, a_t, b_t, ordered=True), []
 
 
-_COMPILED: dict = {}  # (id(jaxpr), arg types) -> (jaxpr, executable)
+_COMPILED: dict = {}  # (id(jaxpr), thread, arg types) -> (jaxpr, executable)
 _COMPILE_LOCK = threading.Lock()
 
 
-def _run_body(jaxpr, consts, *args):
-  jax_core.eval_jaxpr(jaxpr, consts, *args)
+def _run_jaxpr_cached(jaxpr, consts, thread_id, *args):
+  """thread_map's per-thread runner, compiling each thread's body once.
 
-
-def _run_jaxpr_cached(jaxpr, consts, *args):
-  """thread_map's per-thread runner, compiling each body once."""
-  key = (id(jaxpr), tuple((np.shape(a), np.result_type(a)) for a in args))
+  Each simulated thread gets its own executable (its id baked in): threads
+  that share one executable can block each other inside the XLA runtime
+  while one waits on a simulated barrier.
+  """
+  thread_id = int(thread_id)
+  key = (id(jaxpr), thread_id,
+         tuple((np.shape(a), np.result_type(a)) for a in args))
   with _COMPILE_LOCK:
     hit = _COMPILED.get(key)
     if hit is None:  # keep jaxpr alive so that its id stays unique
-      exe = jax.jit(_run_body, static_argnums=(0,)).trace(
-          jaxpr, consts, *args).lower().compile()
+      body = lambda consts, *xs: jax_core.eval_jaxpr(  # noqa: E731
+          jaxpr, consts, np.int32(thread_id), *xs)
+      exe = jax.jit(body).trace(consts, *args).lower().compile()
       _COMPILED[key] = hit = (jaxpr, exe)
-  hit[1](consts, *args)
+  try:
+    hit[1](consts, *args)
+  except Exception:  # the other threads may now wait forever: say why
+    logging.exception("a simulated warpgroup failed")
+    raise
 
 
 class _NumpyArrays(types.ModuleType):
