@@ -4,8 +4,9 @@ One jitted `flash_attention` lowers to the Mosaic GPU kernel on Hopper
 (cuda, bf16/fp16), to the Triton kernel on other cuda GPUs and rocm, to the
 Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
 (CPU), via `jax.lax.platform_dependent` inside the custom_vjp's forward and
-backward rules (`hopper_gpu` says how the GPU is recognised at trace time). The custom_vjp's residuals are the *unpadded* operands, output
-and log-sum-exp, so every platform branch has the same residual shapes and
+backward rules (`hopper_gpu` says how the GPU is recognised at trace time).
+The custom_vjp's residuals are the *unpadded* operands, output and
+log-sum-exp, so every platform branch has the same residual shapes and
 does its own padding:
   * lengths are padded to a multiple of the tiles; padded keys are masked in
     the kernels (`common.allowed`), padded query rows are sliced off (their

@@ -41,9 +41,9 @@ import jax.numpy as jnp
 from kernels.flash_attention import common
 from kernels.flash_attention.block_sizes import BlockSizes
 
-_WGMMA = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
-_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column
 COMPUTE_WGS = 2
 HEAD_DIM_MULTIPLE = 64
 SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on H100/H200
@@ -114,8 +114,8 @@ def tile_ranges(overlap):
 
 def tile_mask(p: common.Problem, row0, col0, shape, q_ids=None, kv_ids=None):
   """Allowed pairs of one [rows, cols] tile in the WGMMA layout (or None)."""
-  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA)
-  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA)
+  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
   ids = None
   if q_ids is not None:
     ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
@@ -169,7 +169,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
                             q_ready.at[wg])
     q_ids = None
     if p.has_segments:
-      q_ids = load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], _ROW)
+      q_ids = load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], ROW)
     plgpu.barrier_wait(q_ready.at[wg])
 
     @pl.when(hi > lo)
@@ -197,7 +197,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
         kv_ids = None
         if p.has_segments:
           kv_ids = load_gmem(
-              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], _COL)
+              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], COL)
         mask = tile_mask(p, row0, kv_tile * bk, (bq, bk), q_ids, kv_ids)
         if mask is not None:  # -inf scores give p = 0 as m stays finite
           s = jnp.where(mask, s, -jnp.inf)
@@ -226,10 +226,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
       return acc, m_next, l_next
 
     dv = v_ref.shape[-1]
-    carry = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA),
+    carry = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), WGMMA),
              plgpu.layout_cast(jnp.full((bq,), common.MASK_VALUE,
-                                        jnp.float32), _ROW),
-             plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROW))
+                                        jnp.float32), ROW),
+             plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW))
     mid = unmasked_end(p, row0, lo, hi, bk)
     carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False),
                           carry)

@@ -36,7 +36,7 @@ from kernels.flash_attention import common
 from kernels.flash_attention import mosaic_gpu as fwd
 from kernels.flash_attention.block_sizes import BlockSizes
 
-_ROW, _COL = fwd._ROW, fwd._COL  # noqa: SLF001
+ROW, COL = fwd.ROW, fwd.COL
 WGS = fwd.COMPUTE_WGS
 
 
@@ -73,7 +73,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
     plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, v_ready.at[wg])
     kv_ids = None
     if p.has_segments:
-      kv_ids = fwd.load_gmem(kv_ids_ref.at[batch, pl.ds(col0, bk)], _ROW)
+      kv_ids = fwd.load_gmem(kv_ids_ref.at[batch, pl.ds(col0, bk)], ROW)
     plgpu.barrier_wait(k_ready.at[wg])
     plgpu.barrier_wait(v_ready.at[wg])
 
@@ -93,11 +93,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
       if masked:
         q_ids = None
         if p.has_segments:
-          q_ids = fwd.load_gmem(q_ids_ref.at[batch, qs], _COL)
+          q_ids = fwd.load_gmem(q_ids_ref.at[batch, qs], COL)
         mask = _mask_t(p, q_tile * bq, col0, (bk, bq), q_ids, kv_ids)
         if mask is not None:
           s_t = jnp.where(mask, s_t, -jnp.inf)
-      lse2 = fwd.load_gmem(lse_ref.at[batch, head, qs], _COL)
+      lse2 = fwd.load_gmem(lse_ref.at[batch, head, qs], COL)
       p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse2, s_t.shape,
                                                            [1]))
       plgpu.barrier_wait(do_ready.at[slot])
@@ -108,11 +108,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
         plgpu.wgmma(dpt_ref, v_smem,
                     plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
 
-      zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), fwd._WGMMA)  # noqa: SLF001
+      zeros = plgpu.layout_cast(jnp.zeros((bk, bq), jnp.float32), fwd.WGMMA)
       dv, dp_t = pl.run_state(dv_dpt)((plgpu.ACC.init(dv),
                                         plgpu.ACC.init(zeros)))
       plgpu.barrier_arrive(do_free.at[slot])
-      delta = fwd.load_gmem(delta_ref.at[batch, head, qs], _COL)
+      delta = fwd.load_gmem(delta_ref.at[batch, head, qs], COL)
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
 
       def dk_step(acc_ref):  # dK += dS^T Q
@@ -132,7 +132,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
                            carry)
 
     zero = lambda d: plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32),  # noqa
-                                       fwd._WGMMA)  # noqa: SLF001
+                                       fwd.WGMMA)
     dk, dv = lax.fori_loop(0, p.group, per_head,
                            (zero(k_ref.shape[-1]), zero(v_ref.shape[-1])))
     k_smem[...] = (dk * p.scale).astype(k_smem.dtype)  # K, V now unneeded
@@ -169,8 +169,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
 
 def _mask_t(p, row0, col0, shape, q_ids, kv_ids):
   """Allowed pairs of a transposed [key, query] tile (or None)."""
-  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=fwd._WGMMA)  # noqa: SLF001
-  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=fwd._WGMMA)  # noqa: SLF001
+  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=fwd.WGMMA)
+  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=fwd.WGMMA)
   ids = (None, None)
   if q_ids is not None:
     ids = (lax.broadcast_in_dim(q_ids, shape, [1]),
@@ -211,11 +211,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
     rows = (batch, pl.ds(row0, bq), head)
     plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_ready.at[wg])
     plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, do_ready.at[wg])
-    lse2 = fwd.load_gmem(lse_ref.at[batch, head, pl.ds(row0, bq)], _ROW)
-    delta = fwd.load_gmem(delta_ref.at[batch, head, pl.ds(row0, bq)], _ROW)
+    lse2 = fwd.load_gmem(lse_ref.at[batch, head, pl.ds(row0, bq)], ROW)
+    delta = fwd.load_gmem(delta_ref.at[batch, head, pl.ds(row0, bq)], ROW)
     q_ids = None
     if p.has_segments:
-      q_ids = fwd.load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], _ROW)
+      q_ids = fwd.load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], ROW)
     plgpu.barrier_wait(q_ready.at[wg])
     plgpu.barrier_wait(do_ready.at[wg])
 
@@ -236,7 +236,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
         kv_ids = None
         if p.has_segments:
           kv_ids = fwd.load_gmem(
-              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], _COL)
+              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], COL)
         mask = fwd.tile_mask(p, row0, kv_tile * bk, (bq, bk), q_ids, kv_ids)
         if mask is not None:
           s = jnp.where(mask, s, -jnp.inf)
@@ -266,7 +266,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
 
     mid = fwd.unmasked_end(p, row0, lo, hi, bk)
     dq = plgpu.layout_cast(jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
-                           fwd._WGMMA)  # noqa: SLF001
+                           fwd.WGMMA)
     dq = lax.fori_loop(lo, mid, functools.partial(body, masked=False), dq)
     dq = lax.fori_loop(mid, hi, functools.partial(body, masked=True), dq)
     q_smem[...] = (dq * p.scale).astype(q_smem.dtype)  # Q now unneeded
