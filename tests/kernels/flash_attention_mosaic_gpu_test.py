@@ -38,6 +38,7 @@ TINY_MGPU = BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
                        block_k_dkv=128, block_q_dq=128, block_k_dq=64)
 
 
+@pytest.mark.slow  # the interpreter runs 3 threads per CTA through callbacks
 class MosaicGpuInterpretTest(FlashAttentionTestBase):
   """The shared cases, interpreted; fails on any reported race."""
 
