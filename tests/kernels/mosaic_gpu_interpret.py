@@ -11,10 +11,11 @@ the test process only (the kernels are unchanged):
     and `plgpu.layout_cast` (no CPU lowering): the identity;
   * wgmma with the A operand in registers (P in P @ V) and operands seen
     through `transpose_ref` (K^T in Q @ K^T): read, transposed, multiplied.
-Two speed-ups, also test-only: each simulated warpgroup thread compiled its
-kernel body afresh on every call (`thread_map._run_jaxpr`); it is compiled
-once per body and thread here. And the callbacks' small bookkeeping arrays (allocation
-keys) are built with NumPy instead of dispatching jnp ops.
+A speed-up, also test-only: the callbacks' small bookkeeping arrays
+(allocation keys) are built with NumPy instead of dispatching jnp ops.
+(Caching each thread's compiled body across calls was 3x faster but
+deadlocked intermittently inside the XLA CPU runtime, so jax's own runner,
+which compiles per call, is kept.)
 `interpret_context()` installs all of this and returns the context that runs every
 Mosaic GPU kernel traced under it in interpret mode with race detection, on
 an abstract H100, as the kernels' lowering and dispatch expect.
@@ -24,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import threading
 import types
 
 import jax
@@ -34,7 +33,6 @@ from jax._src import core as jax_core
 from jax._src import linear_util as lu
 from jax._src.interpreters import partial_eval as pe
 from jax._src.pallas import primitives as pallas_primitives
-from jax._src.pallas.mosaic.interpret import thread_map
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu import core as gpu_core
 from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
@@ -189,34 +187,6 @@ def _interpret_wgmma(self, eqn, token, get_invals):
       self.thread_id, acc, a, b, acc_t, a_t, b_t, ordered=True), []
 
 
-_COMPILED: dict = {}  # (id(jaxpr), thread, arg types) -> (jaxpr, executable)
-_COMPILE_LOCK = threading.Lock()
-
-
-def _run_jaxpr_cached(jaxpr, consts, thread_id, *args):
-  """thread_map's per-thread runner, compiling each thread's body once.
-
-  Each simulated thread gets its own executable (its id baked in): threads
-  that share one executable can block each other inside the XLA runtime
-  while one waits on a simulated barrier.
-  """
-  thread_id = int(thread_id)
-  key = (id(jaxpr), thread_id,
-         tuple((np.shape(a), np.result_type(a)) for a in args))
-  with _COMPILE_LOCK:
-    hit = _COMPILED.get(key)
-    if hit is None:  # keep jaxpr alive so that its id stays unique
-      body = lambda consts, *xs: jax_core.eval_jaxpr(  # noqa: E731
-          jaxpr, consts, np.int32(thread_id), *xs)
-      exe = jax.jit(body).trace(consts, *args).lower().compile()
-      _COMPILED[key] = hit = (jaxpr, exe)
-  try:
-    hit[1](consts, *args)
-  except Exception:  # the other threads may now wait forever: say why
-    logging.exception("a simulated warpgroup failed")
-    raise
-
-
 class _NumpyArrays(types.ModuleType):
   """jnp, except that `array` builds a NumPy array (callback results)."""
 
@@ -250,7 +220,6 @@ def interpret_context(detect_races: bool = True):
 
   patches = [(_Interpreter, "interpret", _interpret),
              (_Interpreter, "_interpret_wgmma_ref_p", _interpret_wgmma),
-             (thread_map, "_run_jaxpr", _run_jaxpr_cached),
              (gpu_callbacks, "jnp", _NumpyArrays("jnp")),
              (gpu_callbacks, "_initialize_shared_memory", init_and_collect)]
   saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
