@@ -1,12 +1,12 @@
-"""Fused flash attention: Triton (GPU) and Mosaic (TPU) Pallas kernels.
+"""Fused flash attention: Mosaic GPU (Hopper), Triton (GPU), Mosaic (TPU).
 
     from kernels.flash_attention import flash_attention, supports, BlockSizes
     out_BLHD = flash_attention(q_BLHD, k_BLKD, v_BLKD, is_causal=True)
 
 Files: api.py (entry point, dispatch, custom_vjp), checks.py (input checks,
-supports), reference.py (einsum
-reference), gpu.py / gpu_vjp.py (Triton forward / backward), tpu.py (Mosaic),
-common.py (masks and tile ranges), block_sizes.py (tiles, per-backend
+supports), reference.py (einsum reference), gpu.py / gpu_vjp.py (Triton forward /
+backward), mosaic_gpu.py / mosaic_gpu_vjp.py (Mosaic GPU forward / backward, sm_90),
+tpu.py (Mosaic), common.py (masks and tile ranges), block_sizes.py (tiles, per-backend
 defaults), block_table.py (tuned tiles as JSON), autotune.py.
 """
 

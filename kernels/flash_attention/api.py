@@ -1,11 +1,13 @@
 """Entry point: padding, custom_vjp wiring, platform dispatch (checks.py
 validates the inputs).
 
-One jitted `flash_attention` lowers to the Triton kernel on cuda/rocm, to the
+One jitted `flash_attention` lowers to the Mosaic GPU kernel on Hopper
+(cuda, bf16/fp16), to the Triton kernel on other cuda GPUs and rocm, to the
 Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
 (CPU), via `jax.lax.platform_dependent` inside the custom_vjp's forward and
-backward rules. The custom_vjp's residuals are the *unpadded* operands, output
-and log-sum-exp, so every platform branch has the same residual shapes and
+backward rules (`hopper_gpu` says how the GPU is recognised at trace time).
+The custom_vjp's residuals are the *unpadded* operands, output and
+log-sum-exp, so every platform branch has the same residual shapes and
 does its own padding:
   * Triton reads lengths as they are (masked loads and stores at the ends);
     Mosaic TPU pads them to a multiple of the tiles; padded keys are masked
@@ -31,6 +33,8 @@ import numpy as np
 from kernels.flash_attention import common
 from kernels.flash_attention import gpu
 from kernels.flash_attention import gpu_vjp
+from kernels.flash_attention import mosaic_gpu
+from kernels.flash_attention import mosaic_gpu_vjp
 from kernels.flash_attention import tpu
 from kernels.flash_attention.block_sizes import BlockSizes
 from kernels.flash_attention.block_table import BlockTable
@@ -43,9 +47,40 @@ from kernels.flash_attention.block_sizes import next_power_of_2
 from kernels.flash_attention.block_sizes import round_up
 
 # Platforms with a compiled kernel, per backend.
-NATIVE_PLATFORMS = {"triton": ("cuda", "rocm"), "mosaic": ("tpu",)}
+NATIVE_PLATFORMS = {"triton": ("cuda", "rocm"), "mosaic": ("tpu",),
+                    "mosaic_gpu": ("cuda",)}
 _KERNELS = {"triton": (gpu.forward, gpu_vjp.backward),
-            "mosaic": (tpu.forward, tpu.backward)}
+            "mosaic": (tpu.forward, tpu.backward),
+            "mosaic_gpu": (mosaic_gpu.forward, mosaic_gpu_vjp.backward)}
+MOSAIC_GPU_DTYPES = (jnp.bfloat16, jnp.float16)
+# Device kinds of sm_90 parts, for abstract devices that carry no
+# compute_capability (jax.export under an AbstractMesh).
+_HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def hopper_gpu() -> bool:
+  """Whether the cuda device being traced for is a Hopper (sm_90) GPU.
+
+  Decided at trace time, so the choice is static: the abstract mesh's device
+  (`jax.sharding.use_abstract_mesh`, e.g. for `jax.export` on a CPU host)
+  wins, else the first local cuda device. Its `compute_capability` must be
+  9.x: the kernel is built on wgmma, which Blackwell (10.x) does not have.
+  Abstract devices without a capability are matched by device kind. No cuda
+  device at all (a CPU host exporting without a mesh): False (Triton).
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  if device is None:
+    try:
+      device = jax.devices("cuda")[0]
+    except RuntimeError:
+      return False
+  if getattr(device, "platform", "gpu") not in ("gpu", "cuda"):
+    return False
+  capability = getattr(device, "compute_capability", None)
+  if capability is not None:
+    return str(capability).split(".")[0] == "9"
+  kind = str(getattr(device, "device_kind", "")).upper()
+  return any(k in kind for k in _HOPPER_KINDS)
 
 PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
               "highest": lax.Precision.HIGHEST}
@@ -98,6 +133,8 @@ def _plan(cfg: _Config, backend: str, interpret: bool, q_shape, k_shape,
         q_len, kv_len, backend)
   if backend == "triton":
     pad_dim = lambda d: next_power_of_2(max(d, 16))  # noqa: E731
+  elif backend == "mosaic_gpu":  # 128-byte swizzled bf16/fp16 rows
+    pad_dim = lambda d: round_up(d, mosaic_gpu.HEAD_DIM_MULTIPLE)  # noqa
   else:
     pad_dim = lambda d: round_up(d, 128)  # noqa: E731
   q_len_padded = round_up(q_len, lcm_block(blocks.q_blocks()))
@@ -161,7 +198,9 @@ def _dispatch(run, cfg: _Config, *args):
     backends = {plat: cfg.backend for plat in NATIVE_PLATFORMS[cfg.backend]}
     default = cfg.backend
   else:
-    backends = {"cuda": "triton", "rocm": "triton", "tpu": "mosaic"}
+    cuda = ("mosaic_gpu" if hopper_gpu() and jnp.dtype(args[0].dtype) in
+            [jnp.dtype(d) for d in MOSAIC_GPU_DTYPES] else "triton")
+    backends = {"cuda": cuda, "rocm": "triton", "tpu": "mosaic"}
     default = "triton"
   if cfg.interpret:  # everywhere in interpret mode: no dispatch needed
     if cfg.backend is None:
@@ -240,8 +279,11 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
       or no entry, = `BlockSizes.get_default(backend, head_dim)`.
     interpret: None = compiled on GPU/TPU, Pallas interpret mode elsewhere
       (CPU); True = interpret mode everywhere; False = never interpret.
-    backend: None = Triton on GPU, Mosaic on TPU; "triton" or "mosaic" forces
-      one kernel (e.g. to test the Mosaic kernel in interpret mode on a CPU).
+    backend: None = Mosaic GPU on Hopper for bf16/fp16 (`hopper_gpu`),
+      Triton on other GPUs, Mosaic on TPU; "triton", "mosaic" or
+      "mosaic_gpu" forces one kernel (e.g. to test the Mosaic kernel in
+      interpret mode on a CPU; "mosaic_gpu" interprets under jax's
+      `force_gpu_interpret_mode`, see tests/kernels/mosaic_gpu_interpret.py).
     precision: of the kernel's matmuls: "default", "high", "highest" or a
       `jax.lax.Precision`. None (the default) = "highest" for float32 inputs
       (IEEE float32 products, never silently TF32 on a GPU) and "default"
@@ -259,8 +301,12 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   if problem is not None:
     raise problem[0](problem[1])
   if backend not in (None, *NATIVE_PLATFORMS):
-    raise ValueError(f"backend must be None, 'triton' or 'mosaic', got"
-                     f" {backend!r}.")
+    raise ValueError(f"backend must be None, 'triton', 'mosaic' or"
+                     f" 'mosaic_gpu', got {backend!r}.")
+  if backend == "mosaic_gpu" and jnp.dtype(query.dtype) not in [
+      jnp.dtype(d) for d in MOSAIC_GPU_DTYPES]:
+    raise TypeError(f"backend='mosaic_gpu' takes bfloat16 or float16 inputs"
+                    f" (wgmma would run float32 as TF32), got {query.dtype}.")
   if interpret not in (None, True, False):
     raise ValueError(f"interpret must be None, True or False, got"
                      f" {interpret!r}.")

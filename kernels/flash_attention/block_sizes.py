@@ -133,6 +133,8 @@ class BlockSizes:
     if backend not in BACKENDS:
       raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     def shrink(block: int, length: int, minimum: int) -> int:
+      if backend == "mosaic_gpu":
+        return min(block, round_up(length, minimum))
       if backend == "triton":
         return max(min(block, next_power_of_2(length)), minimum)
       return min(block, round_up(length, minimum))

@@ -1,0 +1,345 @@
+"""Flash attention forward pass, Pallas Mosaic GPU lowering (Hopper, sm_90).
+
+FlashAttention-3 design, after JAX's `attention_mgpu.py` and tokamax's sm90
+kernel. One CTA per (kv head's query head h, batch b, query program i) owns
+`2 * block_q` query rows and runs three warpgroups:
+  * warpgroup 2 is the TMA producer: it streams K and V tiles of the program's
+    key range into a `num_stages`-deep SMEM ring (one barrier per slot and
+    operand, "consumed" barriers back from the consumers);
+  * warpgroups 0 and 1 each own `block_q` rows (wgmma's M = 64 per
+    warpgroup). They take turns on the tensor cores through a schedule
+    barrier (ping-pong): while one runs its S = Q K^T / O += P V wgmmas, the
+    other does the softmax of its tile, so the exp2 work hides behind the other
+    warpgroup's matmuls. P stays in registers (wgmma's A operand), O
+    accumulates in place (`pl.run_state` on the accumulator).
+Numerics: the softmax runs in base 2 with the scale folded in (one FMA,
+`exp2(s * scale * log2 e - m)`), f32 accumulation, running max initialised to
+a finite MASK_VALUE so a row with no allowed key stays NaN-free; it writes
+zeros and an lse of +inf (natural log, as the other backends).
+Skipped work: each program visits only the key tiles `[lo, hi)` that
+`tile_ranges` (computed once per call, in XLA, from per-tile min/max segment
+ids and the causal diagonal, as splash attention's mask info) marks as having
+an allowed pair; tiles inside the range whose every pair is allowed (left of
+the causal diagonal, no padded key, no segment ids) run without any mask.
+Causal programs are launched heaviest first (the query-tile grid axis is the
+slowest and reversed), so the long rows do not form the tail of the launch.
+Operands are padded by api.py: lengths to the tiles, head dims to a multiple
+of 64 (the 128-byte swizzle of a bf16/fp16 row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from kernels.flash_attention import common
+from kernels.flash_attention.block_sizes import BlockSizes
+
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per accumulator row
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per accumulator column
+COMPUTE_WGS = 2
+HEAD_DIM_MULTIPLE = 64
+SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on H100/H200
+NUM_STAGES = 2
+
+
+def smem_transforms(dtype):
+  """Tiling + 128-byte swizzle of a [rows, head_dim] wgmma operand in SMEM."""
+  swizzle_elems = 128 // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, swizzle_elems)),
+          plgpu.SwizzleTransform(128))
+
+
+def load_gmem(ref, layout):
+  """A small 1-D HBM slice (ids, lse, delta) into registers, in `layout`.
+
+  Not through TMA/SMEM: each is read once per tile and cached in L1/L2.
+  """
+  return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def tile_overlap(p: common.Problem, q_ids, kv_ids, *, batch: int, block_q: int,
+                 block_k: int):
+  """Which (query tile, key tile) pairs hold at least one allowed pair.
+
+  Computed once per call from the causal diagonal, the real (unpadded) lengths
+  and per-tile min/max segment ids: tiles whose id ranges do not intersect are
+  fully masked.
+  Returns:
+    bool [B, Lq_pad // block_q, Lk_pad // block_k].
+  """
+  nq, nk = p.q_len_padded // block_q, p.kv_len_padded // block_k
+  qi = jnp.arange(nq, dtype=jnp.int32)[:, None]
+  kj = jnp.arange(nk, dtype=jnp.int32)[None, :]
+  ok = jnp.logical_and(kj * block_k < p.kv_len, qi * block_q < p.q_len)
+  if p.causal:  # the tile's last row sees keys <= (qi+1)*block_q - 1 + offset
+    ok = jnp.logical_and(ok, kj * block_k <= (qi + 1) * block_q - 1 + p.offset)
+  ok = jnp.broadcast_to(ok[None], (batch, nq, nk))
+  if q_ids is None:
+    return ok
+  big = jnp.iinfo(jnp.int32).max
+
+  def minmax(ids, length, tile):  # padded positions excluded
+    real = jnp.arange(ids.shape[1]) < length
+    lo = jnp.where(real, ids, big).reshape(batch, -1, tile).min(-1)
+    hi = jnp.where(real, ids, -big).reshape(batch, -1, tile).max(-1)
+    return lo, hi
+
+  q_lo, q_hi = minmax(q_ids, p.q_len, block_q)
+  k_lo, k_hi = minmax(kv_ids, p.kv_len, block_k)
+  meet = jnp.logical_and(k_hi[:, None, :] >= q_lo[:, :, None],
+                         k_lo[:, None, :] <= q_hi[:, :, None])
+  return jnp.logical_and(ok, meet)
+
+
+def tile_ranges(overlap):
+  """[lo, hi) hull of the True entries along the last axis -> int32 [..., 2].
+
+  Tiles inside the hull that hold no allowed pair (non-sorted segment ids) are
+  visited with the mask applied; an empty row gives lo = hi = 0.
+  """
+  n = overlap.shape[-1]
+  anyv = overlap.any(-1)
+  lo = jnp.argmax(overlap, axis=-1).astype(jnp.int32)
+  hi = (n - jnp.argmax(overlap[..., ::-1], axis=-1)).astype(jnp.int32)
+  return jnp.stack([jnp.where(anyv, lo, 0), jnp.where(anyv, hi, 0)], -1)
+
+
+def tile_mask(p: common.Problem, row0, col0, shape, q_ids=None, kv_ids=None):
+  """Allowed pairs of one [rows, cols] tile in the WGMMA layout (or None)."""
+  rows = row0 + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=WGMMA)
+  cols = col0 + plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=WGMMA)
+  ids = None
+  if q_ids is not None:
+    ids = (lax.broadcast_in_dim(q_ids, shape, [0]),
+           lax.broadcast_in_dim(kv_ids, shape, [1]))
+  return common.allowed(p, rows, cols, *(ids or (None, None)))
+
+
+def unmasked_end(p: common.Problem, row0, lo, hi, block_k: int):
+  """Key tiles [lo, end) need no mask for rows >= row0 (see common)."""
+  if p.has_segments:
+    return lo
+  full = p.kv_len // block_k
+  if p.causal:
+    end = lax.div(jnp.maximum(row0 + (p.offset + 1), 0), jnp.int32(block_k))
+    full = jnp.minimum(end, full)
+  return jnp.clip(full, lo, hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+  block_q: int  # rows per consumer warpgroup
+  block_k: int
+  num_stages: int
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
+                    out_ref, lse_ref, qo_smem2, o_smem2, k_smem, v_smem,
+                    lse_smem2, k_ready, v_ready, q_ready, k_free, v_free,
+                    schedule, *, p: common.Problem, t: _Tiles, num_programs):
+  """Refs: q [B, Lq, H, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (GMEM);
+  ids [B, L] int32 or None; range [B, programs, 2]; out like q with Dv;
+  lse [B, H, Lq] f32."""
+  bq, bk, stages = t.block_q, t.block_k, t.num_stages
+  head, batch = lax.axis_index("h"), lax.axis_index("b")
+  prog = num_programs - 1 - lax.axis_index("q")  # heavy (causal) first
+  wg = lax.axis_index("wg")
+  lo, hi = range_ref[batch, prog, 0], range_ref[batch, prog, 1]
+  dtype = q_ref.dtype
+  qk_scale = p.scale * common.LOG2E  # base 2, scale folded into the exp2 FMA
+
+  def schedule_sync():
+    plgpu.barrier_arrive(schedule)
+    plgpu.barrier_wait(schedule)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    row0 = prog * (COMPUTE_WGS * bq) + wg * bq
+    q_smem = qo_smem2.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], q_smem,
+                            q_ready.at[wg])
+    q_ids = None
+    if p.has_segments:
+      q_ids = load_gmem(q_ids_ref.at[batch, pl.ds(row0, bq)], ROW)
+    plgpu.barrier_wait(q_ready.at[wg])
+
+    @pl.when(hi > lo)
+    def _():
+      plgpu.barrier_wait(k_ready.at[0])
+
+    pl.when(wg == 1)(schedule_sync)  # offset the two warpgroups by one phase
+
+    def body(kv_tile, carry, *, masked: bool):
+      acc, m_prev, l_prev = carry
+      slot = lax.rem(kv_tile - lo, stages)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem,
+                    plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+        schedule_sync()  # let the other warpgroup's P V go first
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      scale = qk_scale
+      if scale < 0:  # max(s) * scale is not max(s * scale)
+        s, scale = s * scale, 1.0
+      if masked:
+        kv_ids = None
+        if p.has_segments:
+          kv_ids = load_gmem(
+              kv_ids_ref.at[batch, pl.ds(kv_tile * bk, bk)], COL)
+        mask = tile_mask(p, row0, kv_tile * bk, (bq, bk), q_ids, kv_ids)
+        if mask is not None:  # -inf scores give p = 0 as m stays finite
+          s = jnp.where(mask, s, -jnp.inf)
+      m_next = jnp.maximum(m_prev, s.max(axis=1) * scale)
+      alpha = jnp.exp2(m_prev - m_next)
+      probs = jnp.exp2(s * scale - lax.broadcast_in_dim(m_next, s.shape, [0]))
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_next = l_prev * alpha + probs.sum(axis=1)
+      p16 = probs.astype(dtype)
+      acc, l_next, m_next, p16 = lax.optimization_barrier(
+          (acc, l_next, m_next, p16))
+      plgpu.barrier_arrive(schedule)  # softmax done
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)  # tensor cores free
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        nxt = kv_tile + 1
+
+        @pl.when(nxt < hi)
+        def _():
+          plgpu.barrier_wait(k_ready.at[lax.rem(nxt - lo, stages)])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_next, l_next
+
+    dv = v_ref.shape[-1]
+    carry = (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), WGMMA),
+             plgpu.layout_cast(jnp.full((bq,), common.MASK_VALUE,
+                                        jnp.float32), ROW),
+             plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), ROW))
+    mid = unmasked_end(p, row0, lo, hi, bk)
+    carry = lax.fori_loop(lo, mid, functools.partial(body, masked=False),
+                          carry)
+    acc, m, l = lax.fori_loop(mid, hi, functools.partial(body, masked=True),
+                              carry)
+    pl.when(wg == 0)(schedule_sync)  # balance the offset taken above
+
+    empty = l == 0.0  # no allowed key: zeros and lse = +inf
+    l_safe = jnp.where(empty, 1.0, l)
+    acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+    o_smem = qo_smem2.at[wg] if o_smem2 is None else o_smem2.at[wg]
+    o_smem[...] = acc.astype(dtype)
+    lse_smem2[wg] = jnp.where(empty, jnp.inf,
+                              m * common.LN2 + jnp.log(l_safe))
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[batch, pl.ds(row0, bq), head],
+                            commit_group=False)
+    plgpu.copy_smem_to_gmem(lse_smem2.at[wg],
+                            lse_ref.at[batch, head, pl.ds(row0, bq)],
+                            commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = common.kv_head(head, p.group)
+
+    def load(kv_tile, slot):
+      rows = (batch, pl.ds(kv_tile * bk, bk), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot],
+                              k_ready.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot],
+                              v_ready.at[slot])
+
+    for i in range(stages):
+      pl.when(lo + i < hi)(functools.partial(load, lo + i, i))
+
+    @pl.loop(lo + stages, hi)
+    def _(kv_tile):
+      slot = lax.rem(kv_tile - lo, stages)
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+      load(kv_tile, slot)
+
+
+def smem_bytes(block_q: int, block_k: int, head_dim: int, head_dim_v: int,
+               num_stages: int = NUM_STAGES, itemsize: int = 2) -> int:
+  """Shared memory of the forward kernel (Q/O, K/V ring, lse)."""
+  q = COMPUTE_WGS * block_q * head_dim
+  o = 0 if head_dim == head_dim_v else COMPUTE_WGS * block_q * head_dim_v
+  kv = num_stages * block_k * (head_dim + head_dim_v)
+  return (q + o + kv) * itemsize + COMPUTE_WGS * block_q * 4
+
+
+def forward(q, k, v, q_ids, kv_ids, *, p: common.Problem,
+            block_sizes: BlockSizes, interpret: bool):
+  """Padded forward pass (bf16/fp16).
+
+  Args:
+    q: [B, Lq_pad, H, Dqk]; k: [B, Lk_pad, Hkv, Dqk]; v: [B, Lk_pad, Hkv, Dv];
+      Lq_pad a multiple of block_sizes.block_q (two warpgroups' rows), head
+      dims multiples of 64.
+    q_ids: int32 [B, Lq_pad] or None; kv_ids: int32 [B, Lk_pad] or None.
+    interpret: unused; interpret mode is selected by the caller's
+      `force_gpu_interpret_mode` context (Mosaic GPU's own interpreter).
+  Returns:
+    out [B, Lq_pad, H, Dv] (q.dtype), lse [B, H, Lq_pad] float32.
+  """
+  del interpret
+  batch, q_len, num_heads, head_dim = q.shape
+  head_dim_v = v.shape[-1]
+  rows, bk = block_sizes.block_q, block_sizes.block_k
+  t = _Tiles(block_q=rows // COMPUTE_WGS, block_k=bk,
+             num_stages=min(NUM_STAGES, p.kv_len_padded // bk))
+  num_programs = q_len // rows
+  ranges = tile_ranges(tile_overlap(p, q_ids, kv_ids, batch=batch,
+                                    block_q=rows, block_k=bk))
+  tq, tv = smem_transforms(q.dtype), smem_transforms(v.dtype)
+  scratch = dict(
+      qo_smem2=plgpu.SMEM((COMPUTE_WGS, t.block_q, head_dim), q.dtype,
+                          transforms=tq),
+      o_smem2=(None if head_dim == head_dim_v else plgpu.SMEM(
+          (COMPUTE_WGS, t.block_q, head_dim_v), q.dtype, transforms=tv)),
+      k_smem=plgpu.SMEM((t.num_stages, bk, head_dim), k.dtype, transforms=tq),
+      v_smem=plgpu.SMEM((t.num_stages, bk, head_dim_v), v.dtype,
+                        transforms=tv),
+      lse_smem2=plgpu.SMEM((COMPUTE_WGS, t.block_q), jnp.float32),
+      k_ready=plgpu.Barrier(num_barriers=t.num_stages),
+      v_ready=plgpu.Barrier(num_barriers=t.num_stages),
+      q_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
+      k_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS,
+                           num_barriers=t.num_stages),
+      v_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS,
+                           num_barriers=t.num_stages),
+      schedule=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+  )
+  kernel = functools.partial(_forward_kernel, p=p, t=t,
+                             num_programs=num_programs)
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((batch, q_len, num_heads, head_dim_v),
+                                     q.dtype),
+                jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)),
+      scratch_types=scratch,
+      grid=(num_heads, batch, num_programs),
+      grid_names=("h", "b", "q"),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      kernel_name="flash_attention_fwd_mgpu",
+  )(q, k, v, q_ids, kv_ids, ranges)
+  return out, lse

@@ -1,0 +1,236 @@
+"""Runs Mosaic GPU kernels in JAX's GPU interpret mode on the CPU (tests only).
+
+jax's interpreter (`jax._src.pallas.mosaic_gpu.interpret`) simulates SMEM,
+TMA, barriers and wgmma and detects races, but lacks three things a
+FlashAttention-3 kernel uses. This module adds them to the interpreter, for
+the test process only (the kernels are unchanged):
+  * `pl.run_state` (a wgmma accumulating into live registers): interpreted as
+    a scoped register accumulator initialised with the value, the body, and a
+    read back;
+  * `plgpu.load` (a load with an explicit register layout): a plain ref read,
+    and `plgpu.layout_cast` (no CPU lowering): the identity;
+  * wgmma with the A operand in registers (P in P @ V) and operands seen
+    through `transpose_ref` (K^T in Q @ K^T): read, transposed, multiplied.
+A speed-up, also test-only: the callbacks' small bookkeeping arrays
+(allocation keys) are built with NumPy instead of dispatching jnp ops.
+(Caching each thread's compiled body across calls was 3x faster but
+deadlocked intermittently inside the XLA CPU runtime, so jax's own runner,
+which compiles per call, is kept.)
+`interpret_context()` installs all of this and returns the context that runs every
+Mosaic GPU kernel traced under it in interpret mode with race detection, on
+an abstract H100, as the kernels' lowering and dispatch expect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import jax
+from jax._src import callback
+from jax._src import core as jax_core
+from jax._src import linear_util as lu
+from jax._src.interpreters import partial_eval as pe
+from jax._src.pallas import primitives as pallas_primitives
+from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+from jax._src.pallas.mosaic_gpu import core as gpu_core
+from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
+from jax._src.state import discharge as state_discharge
+from jax._src.state import indexing
+from jax._src.state import primitives as state_primitives
+from jax._src.state import types as state_types
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+import numpy as np
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                   platform="gpu", num_cores=132)
+_Interpreter = jaxpr_interpret.JaxprInterpreter
+_ORIGINAL_INTERPRET = _Interpreter.interpret
+
+
+def _run_state_as_scoped(outer_avals, *args, jaxpr, is_initialized, **_):
+  """run_state -> run_scoped over register buffers: write, body, read.
+
+  Arguments that are already refs pass through; the others (the wgmma
+  accumulator, closed-over register values) get a scoped register buffer.
+  """
+  fresh = [i for i, a in enumerate(outer_avals)
+           if not isinstance(a, state_types.AbstractRef)]
+  types = []
+  for i in fresh:
+    aval = jaxpr.invars[i].aval
+    if isinstance(aval, gpu_core.WGMMAAbstractAccumulatorRef):
+      types.append(plgpu.ACC(aval.shape, aval.dtype))
+    else:
+      types.append(gpu_core.MemorySpace.REGS(aval.shape, aval.dtype))
+
+  def body(*scoped):
+    refs = list(args)
+    for i, ref in zip(fresh, scoped):
+      if is_initialized[i]:
+        state_primitives.ref_set(ref, (), args[i])
+      refs[i] = ref
+    jax_core.eval_jaxpr(jaxpr, (), *refs)
+    return [ref[...] for ref in scoped]
+
+  finals = pallas_primitives.run_scoped(body, *types)
+  outs = list(args)
+  for i, value in zip(fresh, finals):
+    outs[i] = value
+  return outs
+
+
+def _rewrite_eval(jaxpr, consts, *args):
+  """Evaluates `jaxpr`, replacing the primitives the interpreter lacks."""
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]  # noqa
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if eqn.primitive is gpu_primitives.load_p:
+      outs = [state_primitives.get_p.bind(*invals, tree=eqn.params["tree"])]
+    elif eqn.primitive is gpu_core.layout_cast_p:  # registers are arrays here
+      outs = invals
+    elif eqn.primitive is state_discharge.run_state_p:
+      outs = _run_state_as_scoped([v.aval for v in eqn.invars],
+                                    *invals, **eqn.params)
+    else:
+      outs = eqn.primitive.bind(*invals, **eqn.params)
+      outs = outs if eqn.primitive.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _interpret(self, jaxpr, token, *args):
+  lacking = (gpu_primitives.load_p, state_discharge.run_state_p,
+             gpu_core.layout_cast_p)
+  if not any(eqn.primitive in lacking for eqn in jaxpr.eqns):
+    return _ORIGINAL_INTERPRET(self, jaxpr, token, *args)
+  n_consts = len(jaxpr.constvars)
+  avals = [v.aval for v in jaxpr.constvars + jaxpr.invars]
+  fun = lu.wrap_init(
+      lambda *xs: _rewrite_eval(jaxpr, xs[:n_consts], *xs[n_consts:]),
+      debug_info=jaxpr.debug_info)
+  new_jaxpr, _, new_consts = pe.trace_to_jaxpr_dynamic(fun, avals)
+  return _ORIGINAL_INTERPRET(self, new_jaxpr, token, *new_consts, *args)
+
+
+def _read_operand(memory, key_array, transforms, thread, logging_info):
+  """Buffer contents through NDIndexer and transpose transforms."""
+  transforms = gpu_callbacks._remove_noop_transforms(transforms)  # noqa
+  indexers = [t for t in transforms if isinstance(t, indexing.NDIndexer)]
+  perms = [t.permutation for t in transforms
+           if isinstance(t, state_types.TransposeTransform)]
+  if len(indexers) + len(perms) != len(transforms) or (
+      perms and not isinstance(transforms[-1],
+                               state_types.TransposeTransform)):
+    raise NotImplementedError(f"wgmma operand transforms {transforms}")
+  key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+  value, _, _ = memory.get_buffer_content(
+      key, interpret_utils.to_range(jax.tree.map(int, indexers)), thread,
+      logging_info=logging_info)
+  for perm in perms:
+    value = np.transpose(value, perm)
+  return value
+
+
+def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
+                    acc_transforms, a_transforms, b_transforms, *,
+                    a_in_registers: bool, acc_dtype, source_info):
+  device_id, thread_id = int(device_id), int(thread_id)
+  memory = gpu_callbacks._get_shared_memory()  # noqa
+  thread = memory.get_global_thread_id(device_id, thread_id)
+  info = interpret_utils.GPULoggingInfo(
+      device_id=device_id,
+      grid_point_coords=tuple(int(x) for x in grid_point_coords),
+      thread_id=thread_id, source_info=source_info)
+  read = functools.partial(_read_operand, memory, thread=thread,
+                           logging_info=info)
+  a = np.asarray(a) if a_in_registers else read(a, a_transforms)
+  b = read(b, b_transforms)
+  acc_key = gpu_callbacks.HostAllocationKey.from_array(acc)
+  acc_range = interpret_utils.to_range(
+      jax.tree.map(int, gpu_callbacks._remove_noop_transforms(  # noqa
+          acc_transforms)))
+  acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread,
+                                        logging_info=info)
+  out = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(
+      acc_dtype)
+  memory.store_buffer_content(acc_key, acc_range, out, thread,
+                              logging_info=info)
+  return token
+
+
+def _interpret_wgmma(self, eqn, token, get_invals):
+  acc, a, b, *leaves = get_invals()
+  empty = jax.tree.structure([])
+  acc_t, a_t, b_t = jax.tree.unflatten(
+      jax.tree_util.treedef_tuple((
+          eqn.params["acc_transforms_tree"] or empty,
+          eqn.params["a_transforms_tree"] or empty,
+          eqn.params["b_transforms_tree"] or empty)), leaves)
+  a_in_registers = not isinstance(eqn.invars[1].aval,
+                                  state_types.AbstractRef)
+  return callback.io_callback(
+      functools.partial(_wgmma_callback, a_in_registers=a_in_registers,
+                        acc_dtype=eqn.invars[0].aval.dtype,
+                        source_info=eqn.source_info),
+      gpu_callbacks.TOKEN_SHAPE_DTYPE,
+      token, self.device_info.device_id, self.grid_point_coords,
+      self.thread_id, acc, a, b, acc_t, a_t, b_t, ordered=True), []
+
+
+class _NumpyArrays(types.ModuleType):
+  """jnp, except that `array` builds a NumPy array (callback results)."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+  @staticmethod
+  def array(x, dtype=None):
+    return np.array(x, dtype=dtype)
+
+
+@contextlib.contextmanager
+def interpret_context(detect_races: bool = True):
+  """Interpret mode on an abstract H100, with the additions above.
+
+  Yields a function returning whether any kernel interpreted so far inside
+  the context had a race (jax keeps one race record per shared-memory
+  lifetime, so the records are collected as they are replaced).
+  """
+  found = []
+  init = gpu_callbacks._initialize_shared_memory  # noqa: SLF001
+
+  def init_and_collect(*args, **kwargs):
+    races = gpu_callbacks._races  # noqa: SLF001
+    found.append(races is not None and races.races_found)
+    return init(*args, **kwargs)
+
+  def races_found() -> bool:
+    races = gpu_callbacks._races  # noqa: SLF001
+    return any(found) or (races is not None and races.races_found)
+
+  patches = [(_Interpreter, "interpret", _interpret),
+             (_Interpreter, "_interpret_wgmma_ref_p", _interpret_wgmma),
+             (gpu_callbacks, "jnp", _NumpyArrays("jnp")),
+             (gpu_callbacks, "_initialize_shared_memory", init_and_collect)]
+  saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+  for obj, name, value in patches:
+    setattr(obj, name, value)
+  mesh = jax.sharding.AbstractMesh((), (), abstract_device=H100)
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
+  try:
+    with jax.sharding.use_abstract_mesh(mesh), force_gpu_interpret_mode(
+        InterpretGPUParams(detect_races=detect_races)):
+      yield races_found
+  finally:
+    for obj, name, value in saved:
+      setattr(obj, name, value)
