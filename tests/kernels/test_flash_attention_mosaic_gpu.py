@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -29,15 +30,26 @@ from kernels.flash_attention import api
 from kernels.flash_attention import flash_attention
 from kernels.flash_attention import mosaic_gpu
 from tests.kernels import mosaic_gpu_interpret
-from tests.kernels.flash_attention_test import FlashAttentionTestBase
-from tests.kernels.flash_attention_test import _inputs
-from tests.kernels.flash_attention_test import reference_np
+from tests.kernels.test_flash_attention import FlashAttentionTestBase
+from tests.kernels.test_flash_attention import _inputs
+from tests.kernels.test_flash_attention import reference_np
+
+# The interpreted runs are opt-in: under jax 0.10.2's Mosaic GPU interpreter one
+# forward+backward case takes minutes on 2 CPU cores, and the simulated warpgroup
+# threads were seen to deadlock intermittently, which would hang CI. Export, dispatch
+# and tile tests below always run. JAXFORMER_MOSAIC_GPU_INTERPRET=1 runs them too.
+INTERPRET_ENV = "JAXFORMER_MOSAIC_GPU_INTERPRET"
+interpreted = pytest.mark.skipif(
+    os.environ.get(INTERPRET_ENV) != "1",
+    reason=f"Mosaic GPU interpret runs are opt-in ({INTERPRET_ENV}=1): slow, and the "
+    "interpreter's threads can deadlock")
 
 # The smallest legal tiles: one CTA = two 64-row warpgroups.
 TINY_MGPU = BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
                        block_k_dkv=128, block_q_dq=128, block_k_dq=64)
 
 
+@interpreted
 @pytest.mark.slow  # the interpreter runs 3 threads per CTA through callbacks
 class MosaicGpuInterpretTest(FlashAttentionTestBase):
   """The shared cases, interpreted; fails on any reported race."""
@@ -161,6 +173,7 @@ class MosaicGpuExportTest(parameterized.TestCase):
     self.assertNotIn("custom_call @mosaic_gpu", text)
 
 
+@interpreted
 @pytest.mark.slow
 class MosaicGpuInterpretLargerTest(parameterized.TestCase):
   """Several CTAs and key tiles per CTA: the pipeline's ring wraps around."""
