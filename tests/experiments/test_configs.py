@@ -114,7 +114,8 @@ def test_image_configs(tmp_path, name):
 
 def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   """From the bert_mlm checkpoint, body frozen: after training, the body is exactly
-  the pretrained one (see tests/training/test_finetune.py for step 0)."""
+  the pretrained one (see tests/training/test_finetune.py for step 0). NSP trained the
+  pooler, so it stays in the frozen body."""
   pretrained_dir, _ = bert_mlm_run
   c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
   c.model.num_classes = 2
@@ -125,6 +126,7 @@ def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   pretrained = traverse_util.flatten_dict(
       finetune.load_pretrained_params(pretrained_dir))
   tuned = traverse_util.flatten_dict(finetune.load_pretrained_params(str(tmp_path)))
+  assert finetune.resolve(c.finetune)["head"] == ("classifier",)
   body = [k for k in tuned if k[0] != "classifier"]
   assert body and {k[0] for k in body} >= {"encoder", "pooler", "token_embedding"}
   for path in body:
