@@ -14,12 +14,15 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
+from ml_collections import config_flags
 
 from experiments.configs import axial_shapes
 from experiments.configs import bert_mlm
 from experiments.configs import common
 from experiments.configs import image_gpt_shapes
 from experiments.configs import imdb_finetune
+from experiments.configs import nyu_imdb
 from experiments.configs import transformer_reversal
 from experiments.configs import vit_shapes
 from flax import traverse_util
@@ -37,6 +40,7 @@ CONFIGS = {
     "image_gpt_shapes": image_gpt_shapes,
     "axial_shapes": axial_shapes,
     "imdb_finetune": imdb_finetune,
+    "nyu_imdb": nyu_imdb,
 }
 
 # The smallest model of each kind (overrides of the tiny variant's model section).
@@ -49,6 +53,7 @@ SMALL = {
     "image_gpt_shapes": dict(num_layers=1, embed_dim=16, block=B),
     "axial_shapes": dict(embed_dim=16, block=dict(mlp_dim=32)),
     "imdb_finetune": dict(num_layers=1, embed_dim=16, max_len=16, block=B),
+    "nyu_imdb": dict(max_len=16),   # the notes' model is already tiny
 }
 
 
@@ -155,6 +160,33 @@ def test_real_size_config_reads_its_data(name):
     size = model_cfg.image_size
     height_width = (size, size) if isinstance(size, int) else tuple(size)
     assert batch["image"].shape == (2, *height_width, 3)
+
+
+@pytest.mark.parametrize("name", ["nyu_imdb", "imdb_finetune"])
+def test_classifier_cli_sets_positions_and_pooling(name):
+  """``--config.model.positions`` / ``pooling`` parse from the command line and build."""
+  argv = ["prog", f"--config=experiments/configs/{name}.py:tiny",
+          "--config.model.positions=sinusoidal", "--config.model.pooling=mean"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+  fv(argv)
+  model_cfg, _ = registry.build_model(fv.config.model)
+  assert (model_cfg.positions, model_cfg.pooling) == ("sinusoidal", "mean")
+
+
+def test_nyu_imdb_tiny(tmp_path):
+  """The notes' classifier on the local labelled set, 2 steps (accuracy of 3 classes)."""
+  summary = run(quick("nyu_imdb"), tmp_path)
+  assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+def test_nyu_imdb_is_the_notes_model():
+  c = nyu_imdb.get_config("tiny")
+  model_cfg, _ = registry.build_model(c.model)
+  assert (model_cfg.vocab_size, model_cfg.num_layers, model_cfg.embed_dim) == (
+      50_002, 1, 32)
+  assert (model_cfg.pooling, model_cfg.positions) == ("max_of_logits", "sinusoidal")
+  assert c.data.source == "stdlib_line_kinds" and c.model.num_classes == 3
 
 
 def test_variant_arg_is_checked():
