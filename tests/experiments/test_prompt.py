@@ -4,6 +4,7 @@ workdir (jaxformer.training.saved_run), classifies a labelled file by prompting.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,3 +93,14 @@ def test_read_labelled(tmp_path):
   empty.write_text("\n")
   with pytest.raises(ValueError, match="no labelled"):
     labelled.read_labelled(empty)
+
+
+def test_prompt_with_a_hugging_face_directory():
+  """--pretrained: the tiny random GPT-2 fixture and its BPE tokenizer."""
+  fixture = os.path.join(os.path.dirname(__file__), "..", "pretrained", "fixtures",
+                         "gpt2_lm")
+  loaded = prompt.load_model(None, fixture)
+  texts, labels = map(list, zip(*labelled.SENTIMENT[:4]))
+  result = prompt.evaluate(loaded, texts, labels, verbalizer={
+      "negative": " bad", "positive": " good"})
+  assert 0.0 <= result["accuracy"] <= 1.0 and result["num_examples"] == 4
