@@ -139,9 +139,11 @@ def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_real_size_config_reads_its_data(name):
+def test_real_size_config_reads_its_data(name, monkeypatch):
   """The default (accelerator) config validates, builds its model config and reads a
   batch of its TFDS data (mocked), without compiling anything."""
+  # nyu_imdb picks IMDB only where it is prepared: the local set here, on any machine.
+  monkeypatch.setattr(nyu_imdb, "imdb_prepared", lambda *a, **k: False)
   c = CONFIGS[name].get_config()
   loop.validate_config(c)
   model_cfg, _ = registry.build_model(c.model)
@@ -174,10 +176,24 @@ def test_classifier_cli_sets_positions_and_pooling(name):
   assert (model_cfg.positions, model_cfg.pooling) == ("sinusoidal", "mean")
 
 
+@pytest.mark.slow  # ~20 s on 2 cores (compilation)
 def test_nyu_imdb_tiny(tmp_path):
   """The notes' classifier on the local labelled set, 2 steps (accuracy of 3 classes)."""
   summary = run(quick("nyu_imdb"), tmp_path)
   assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+def test_nyu_imdb_on_imdb_when_prepared(monkeypatch):
+  assert not nyu_imdb.imdb_prepared(data_dir="/nonexistent")
+  with tfds.testing.mock_data(num_examples=2):
+    assert nyu_imdb.imdb_prepared()
+  monkeypatch.setattr(nyu_imdb, "imdb_prepared", lambda *a, **k: True)
+  c = nyu_imdb.get_config()
+  loop.validate_config(c)
+  assert (c.data.source, c.data.tokenizer, c.data.vocab_size) == (
+      "imdb_reviews", "sentencepiece", 50_002)
+  assert (c.model.num_classes, c.model.vocab_size, c.data.eval_split) == (2, 50_002, "test")
+  assert nyu_imdb.get_config("tiny").data.source == "stdlib_line_kinds"
 
 
 def test_nyu_imdb_is_the_notes_model():
