@@ -4,7 +4,10 @@ Loads the body of a ``bert_mlm.py`` run (every parameter except the new
 ``classifier`` head, read from the newest checkpoint of
 ``finetune.pretrained_workdir``), attaches a fresh classifier on the pooled ``[CLS]``
 vector, and trains on labelled text; ``--config.finetune.freeze_body=True`` trains the
-head only (a linear probe: the body stays bit-identical). The model section is
+head only (a linear probe: the body stays bit-identical). BERT's ``pooler`` is only
+trained by NSP: after an MLM-only ``bert_mlm`` run (the default) it joins the head,
+fresh and trainable, instead of being loaded as a random frozen projection (the log
+line says so and lists what trains). The model section is
 ``bert_mlm``'s (same variant), so the body's shapes match; without
 ``pretrained_workdir`` the same model trains from scratch (the baseline).
 

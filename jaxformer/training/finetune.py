@@ -15,6 +15,12 @@ ignored. With ``freeze_body`` the optimizer zeroes the body's gradients before `
 and its updates after (:func:`freeze_body`), so the body stays bit-identical to the
 checkpoint; gradient clipping then sees only the head's gradients.
 Resuming a fine-tuning run restores its own checkpoint, not the pretrained one.
+
+BERT's ``pooler`` (tanh(dense(h[CLS]))) only gets a gradient from NSP or a classifier on
+"cls" pooling; after MLM-only pre-training it is still its random init. Loading it as
+body (and freezing it) would fit the head on a random frozen projection, so
+:func:`resolve` adds ``"pooler"`` to the head (fresh and trainable) whenever the
+pretrained run never trained it or does not have it, and says so in the log.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from flax import traverse_util
 from jaxformer.training import checkpoint as ckpt_lib
 
 HEAD, BODY = "head", "body"
+POOLER = "pooler"
 
 
 def _check_head(head: Sequence[str]) -> tuple[str, ...]:
@@ -133,12 +140,14 @@ def merge_pretrained(params: Any, pretrained: Any, *, head: Sequence[str]) -> An
   return traverse_util.unflatten_dict(merged)
 
 
-def body_paths(params: Any, pretrained: Any, *, head: Sequence[str]) -> list[tuple]:
+def body_paths(params: Any, pretrained: Any, *, head: Sequence[str],
+               optional: Sequence[str] = ()) -> list[tuple]:
   """The paths of ``params``' body leaves, checked against ``pretrained``.
 
   Leaves of either tree may be arrays, ``jax.ShapeDtypeStruct`` or orbax metadata
   (anything with a ``shape``). Raises the ValueError described in
-  :func:`merge_pretrained`.
+  :func:`merge_pretrained`. Names in ``optional`` (added by :func:`resolve`) may be
+  absent from ``params``.
   """
   head = _check_head(head)
   shape = lambda x: tuple(getattr(x, "shape", np.shape(x)))  # noqa: E731
@@ -162,7 +171,7 @@ def body_paths(params: Any, pretrained: Any, *, head: Sequence[str]) -> list[tup
         f"(head={head}):\n  missing: {missing}\n  shape mismatches: {mismatched}\n"
         "Use the pretrained model's sizes in config.model, or list new top-level "
         "parameters in finetune.head.")
-  unknown_head = sorted(set(head) - {path[0] for path in flat})
+  unknown_head = sorted(set(head) - set(optional) - {path[0] for path in flat})
   if unknown_head:
     raise ValueError(f"finetune.head names {unknown_head} that are not top-level "
                      f"parameters of the model; it has {sorted({p[0] for p in flat})}")
@@ -210,7 +219,8 @@ def init_from_pretrained(state: Any, param_shardings: Any,
   workdir, step = section["pretrained_workdir"], section.get("step")
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = _params_metadata(checkpointer, _state_path(workdir, step))
-  paths = body_paths(state.params, metadata, head=section["head"])
+  paths = body_paths(state.params, metadata, head=section["head"],
+                     optional=section.get("auto_head", ()))
   flat = traverse_util.flatten_dict(state.params)
   flat_sh = traverse_util.flatten_dict(param_shardings)
   target = traverse_util.unflatten_dict({
@@ -221,11 +231,73 @@ def init_from_pretrained(state: Any, param_shardings: Any,
   return state.replace(params=traverse_util.unflatten_dict(flat))
 
 
-def describe(section: Mapping[str, Any] | None) -> str:
-  """One log line about the fine-tuning setup ("" when there is none)."""
+def pooler_trained(stored_config: Mapping[str, Any] | None) -> bool:
+  """Whether a run with this stored config gave BERT's ``pooler`` a gradient.
+
+  Only the NSP head or a classifier on "cls" pooling reads the pooler; MLM alone never
+  does, and other poolings have no pooler at all.
+  """
+  model = (stored_config or {}).get("model") or {}
+  if model.get("pooling", "cls") != "cls":
+    return False
+  return bool(model.get("nsp_head")) or bool(model.get("num_classes"))
+
+
+def resolve(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  """``section`` with ``"pooler"`` added to ``head`` when the pretrained run never
+  trained it (:func:`pooler_trained` of its stored config) or has no pooler params.
+
+  The added names are listed under ``auto_head`` (they may be absent from the
+  fine-tuning model, e.g. with ``pooling="max"``). Without ``pretrained_workdir`` the
+  section is returned as a plain dict, unchanged.
+  """
+  if not section:
+    return None
+  section = dict(section)
+  section["head"] = _check_head(section.get("head", ()))
+  if not section.get("pretrained_workdir") or POOLER in section["head"]:
+    return section
+  workdir = section["pretrained_workdir"]
+  step = pretrained_step(workdir, section.get("step"))
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=None, async_save=False,
+                                       read_only=True)
+  try:
+    stored = checkpointer.stored_config(step)
+  finally:
+    checkpointer.close()
+  with ocp.PyTreeCheckpointer() as reader:
+    has_pooler = POOLER in _params_metadata(reader, _state_path(workdir, step))
+  if not has_pooler or not pooler_trained(stored):
+    section["head"] += (POOLER,)
+    section["auto_head"] = (POOLER,)
+  return section
+
+
+def trainable(params: Any, section: Mapping[str, Any] | None) -> list[str]:
+  """The top-level names of ``params`` that the optimizer updates."""
+  names = sorted({_top_name(path) for path, _ in
+                  jax.tree_util.tree_flatten_with_path(params)[0]})
+  if not section or not section.get("freeze_body"):
+    return names
+  return [n for n in names if n in tuple(section["head"])]
+
+
+def describe(section: Mapping[str, Any] | None, params: Any = None) -> str:
+  """One log line about the fine-tuning setup ("" when there is none); with
+  ``params``, also the trainable top-level names and their parameter count."""
   if not section or not section.get("pretrained_workdir"):
     return ""
-  return (f"fine-tuning: body from {section['pretrained_workdir']} (step "
+  line = (f"fine-tuning: body from {section['pretrained_workdir']} (step "
           f"{section.get('step') or 'newest'}), fresh head "
           f"{tuple(section['head'])}, body "
           f"{'frozen' if section.get('freeze_body') else 'trained'}")
+  if section.get("auto_head"):
+    line += (f" ({', '.join(section['auto_head'])} added to the head: the pretrained "
+             "run never trained it)")
+  if params is not None:
+    names = trainable(params, section)
+    count = sum(int(np.prod(np.shape(x))) for n in names
+                for x in jax.tree.leaves(params[n]))
+    line += f" | trainable: {', '.join(names)} ({count:,} params)"
+  return line

@@ -158,7 +158,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
       model=model, shard=lambda batch: sharding_lib.shard_batch(batch, mesh),
       to_host=sharding_lib.to_host,
       activate=lambda: sharding_lib.activate(mesh, rules))
-  finetune_cfg = config.get("finetune")
+  finetune_cfg = finetune_lib.resolve(config.get("finetune"))
   opt_cfg = opt_lib.OptimizerConfig.from_mapping(config["optimizer"])
   tx = finetune_lib.wrap_optimizer(opt_lib.make_optimizer(opt_cfg, num_steps),
                                   finetune_cfg)
@@ -239,7 +239,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
       f"{seq_len} | " + (f"resuming at step {start}" if start else
                          f"from {pretrained_runs.directory(config) or 'scratch'}"))
   if start == 0 and finetune_lib.describe(finetune_cfg):
-    logger.log_text(finetune_lib.describe(finetune_cfg))
+    logger.log_text(finetune_lib.describe(finetune_cfg, state.params))
   resume_check.log_changes(logger, start, changes, config)
   if start >= num_steps:
     return metrics_logger.finished_summary(logger, workdir, start, num_steps,

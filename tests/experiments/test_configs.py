@@ -14,12 +14,15 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
+from ml_collections import config_flags
 
 from experiments.configs import axial_shapes
 from experiments.configs import bert_mlm
 from experiments.configs import common
 from experiments.configs import image_gpt_shapes
 from experiments.configs import imdb_finetune
+from experiments.configs import nyu_imdb
 from experiments.configs import transformer_reversal
 from experiments.configs import vit_shapes
 from flax import traverse_util
@@ -37,6 +40,7 @@ CONFIGS = {
     "image_gpt_shapes": image_gpt_shapes,
     "axial_shapes": axial_shapes,
     "imdb_finetune": imdb_finetune,
+    "nyu_imdb": nyu_imdb,
 }
 
 # The smallest model of each kind (overrides of the tiny variant's model section).
@@ -49,6 +53,7 @@ SMALL = {
     "image_gpt_shapes": dict(num_layers=1, embed_dim=16, block=B),
     "axial_shapes": dict(embed_dim=16, block=dict(mlp_dim=32)),
     "imdb_finetune": dict(num_layers=1, embed_dim=16, max_len=16, block=B),
+    "nyu_imdb": dict(max_len=16),   # the notes' model is already tiny
 }
 
 
@@ -114,7 +119,8 @@ def test_image_configs(tmp_path, name):
 
 def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   """From the bert_mlm checkpoint, body frozen: after training, the body is exactly
-  the pretrained one (see tests/training/test_finetune.py for step 0)."""
+  the pretrained one (see tests/training/test_finetune.py for step 0). NSP trained the
+  pooler, so it stays in the frozen body."""
   pretrained_dir, _ = bert_mlm_run
   c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
   c.model.num_classes = 2
@@ -125,6 +131,7 @@ def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   pretrained = traverse_util.flatten_dict(
       finetune.load_pretrained_params(pretrained_dir))
   tuned = traverse_util.flatten_dict(finetune.load_pretrained_params(str(tmp_path)))
+  assert finetune.resolve(c.finetune)["head"] == ("classifier",)
   body = [k for k in tuned if k[0] != "classifier"]
   assert body and {k[0] for k in body} >= {"encoder", "pooler", "token_embedding"}
   for path in body:
@@ -132,9 +139,11 @@ def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_real_size_config_reads_its_data(name):
+def test_real_size_config_reads_its_data(name, monkeypatch):
   """The default (accelerator) config validates, builds its model config and reads a
   batch of its TFDS data (mocked), without compiling anything."""
+  # nyu_imdb picks IMDB only where it is prepared: the local set here, on any machine.
+  monkeypatch.setattr(nyu_imdb, "imdb_prepared", lambda *a, **k: False)
   c = CONFIGS[name].get_config()
   loop.validate_config(c)
   model_cfg, _ = registry.build_model(c.model)
@@ -153,6 +162,47 @@ def test_real_size_config_reads_its_data(name):
     size = model_cfg.image_size
     height_width = (size, size) if isinstance(size, int) else tuple(size)
     assert batch["image"].shape == (2, *height_width, 3)
+
+
+@pytest.mark.parametrize("name", ["nyu_imdb", "imdb_finetune"])
+def test_classifier_cli_sets_positions_and_pooling(name):
+  """``--config.model.positions`` / ``pooling`` parse from the command line and build."""
+  argv = ["prog", f"--config=experiments/configs/{name}.py:tiny",
+          "--config.model.positions=sinusoidal", "--config.model.pooling=mean"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+  fv(argv)
+  model_cfg, _ = registry.build_model(fv.config.model)
+  assert (model_cfg.positions, model_cfg.pooling) == ("sinusoidal", "mean")
+
+
+@pytest.mark.slow  # ~20 s on 2 cores (compilation)
+def test_nyu_imdb_tiny(tmp_path):
+  """The notes' classifier on the local labelled set, 2 steps (accuracy of 3 classes)."""
+  summary = run(quick("nyu_imdb"), tmp_path)
+  assert 0.0 <= summary["eval_accuracy"] <= 1.0
+
+
+def test_nyu_imdb_on_imdb_when_prepared(monkeypatch):
+  assert not nyu_imdb.imdb_prepared(data_dir="/nonexistent")
+  with tfds.testing.mock_data(num_examples=2):
+    assert nyu_imdb.imdb_prepared()
+  monkeypatch.setattr(nyu_imdb, "imdb_prepared", lambda *a, **k: True)
+  c = nyu_imdb.get_config()
+  loop.validate_config(c)
+  assert (c.data.source, c.data.tokenizer, c.data.vocab_size) == (
+      "imdb_reviews", "sentencepiece", 50_002)
+  assert (c.model.num_classes, c.model.vocab_size, c.data.eval_split) == (2, 50_002, "test")
+  assert nyu_imdb.get_config("tiny").data.source == "stdlib_line_kinds"
+
+
+def test_nyu_imdb_is_the_notes_model():
+  c = nyu_imdb.get_config("tiny")
+  model_cfg, _ = registry.build_model(c.model)
+  assert (model_cfg.vocab_size, model_cfg.num_layers, model_cfg.embed_dim) == (
+      50_002, 1, 32)
+  assert (model_cfg.pooling, model_cfg.positions) == ("max_of_logits", "sinusoidal")
+  assert c.data.source == "stdlib_line_kinds" and c.model.num_classes == 3
 
 
 def test_variant_arg_is_checked():

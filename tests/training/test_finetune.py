@@ -53,21 +53,31 @@ def _init_state(model_section, seed, tx=None):
   return state, shardings
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A 'pretrained' BERT checkpoint (MLM + NSP heads, params off their init) written by
-  the loop's Checkpointer: ``(workdir, params)``."""
-  workdir = str(tmp_path_factory.mktemp("pretrained"))
+def _write_pretrained(workdir, nsp):
   c = _finetune_config(None, False)
-  section = dict(c.model, mlm_head=True, nsp_head=True, num_classes=0)
+  section = dict(c.model, mlm_head=True, nsp_head=nsp, num_classes=0)
   state, _ = _init_state(section, seed=123)
   noise = jax.tree.map(lambda x: x + 0.5 * jnp.ones_like(x), state.params)
   state = state.replace(params=noise)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                        async_save=False)
-  checkpointer.save(7, state, force=True)
+  checkpointer.save(7, state, force=True, config={"model": {
+      k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in section.items()}})
   checkpointer.close()
   return workdir, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A 'pretrained' BERT checkpoint (MLM + NSP heads, params off their init) written by
+  the loop's Checkpointer: ``(workdir, params)``."""
+  return _write_pretrained(str(tmp_path_factory.mktemp("pretrained")), nsp=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained_mlm_only(tmp_path_factory):
+  """As ``pretrained`` but MLM only: its pooler never had a gradient."""
+  return _write_pretrained(str(tmp_path_factory.mktemp("mlm_only")), nsp=False)
 
 
 def test_load_pretrained_params_reads_exact_params(pretrained):
@@ -132,11 +142,51 @@ def test_freeze_body_zero_updates_for_body_only():
   assert np.all(np.asarray(updates["classifier"]["k"]) != 0.0)
 
 
+def _updated_names(section, params):
+  """Top-level names whose one-step updates are nonzero under the section's tx."""
+  base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
+  tx = finetune.wrap_optimizer(base, section)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  for _ in range(2):
+    updates, opt_state = tx.update(grads, opt_state, params)
+  return sorted(name for name, tree in updates.items()
+                if any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("nsp,want_head", [(True, ("classifier",)),
+                                           (False, ("classifier", "pooler"))])
+def test_frozen_body_trains_exactly_the_head(nsp, want_head, pretrained,
+                                             pretrained_mlm_only):
+  """MLM-only pre-training never trains the pooler: it joins the head (fresh and
+  trainable); after NSP it is loaded and frozen. The optimizer updates exactly the head."""
+  workdir, params = pretrained if nsp else pretrained_mlm_only
+  c = _finetune_config(workdir, True)
+  section = finetune.resolve(c.finetune)
+  assert section["head"] == want_head
+  state, shardings = _init_state(c.model, seed=0)
+  fresh = jax.device_get(state.params)
+  state = finetune.init_from_pretrained(state, shardings.params, section)
+  got = jax.device_get(state.params)
+  chex.assert_trees_all_equal(got["encoder"], params["encoder"])
+  pooler_source = params if nsp else fresh
+  chex.assert_trees_all_equal(got["pooler"], pooler_source["pooler"])
+  assert finetune.trainable(got, section) == list(want_head)
+  assert _updated_names(section, got) == list(want_head)
+  assert "trainable: " + ", ".join(want_head) in finetune.describe(section, got)
+  # Not frozen: everything trains; an explicit pooler in the head is kept as given.
+  assert finetune.trainable(got, {**section, "freeze_body": False}) == sorted(got)
+  explicit = finetune.resolve({**c.finetune, "head": ("classifier", "pooler")})
+  assert explicit["head"] == ("classifier", "pooler") and "auto_head" not in explicit
+
+
 def test_describe():
   c = _finetune_config("runs/bert", True)
   assert finetune.describe(c.finetune) == (
       "fine-tuning: body from runs/bert (step newest), fresh head ('classifier',), "
       "body frozen")
+  assert finetune.resolve(None) is None
+  assert finetune.resolve(_finetune_config(None, True).finetune)["head"] == HEAD
   assert finetune.describe(_finetune_config(None, True).finetune) == ""
   assert finetune.describe(None) == ""
 

@@ -1,0 +1,78 @@
+"""A finished (or running) training run, read back: model, params and tokenizer.
+
+:func:`load_run` rebuilds what ``experiments/train.py`` trained in a workdir from the
+config stored with its checkpoint (not from a config file, which may have changed since)
+and restores that checkpoint's ``params`` read-only (no optimizer state, nothing is
+written, the run may still be training). The tokenizer is the run's own: bytes, the
+vocabulary fitted into ``<workdir>/tokenizer/``, or the Hugging Face one of
+``init.pretrained``. Sampling, perplexity or prompting commands share it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flax import linen as nn
+
+from jaxformer.data import tokenizers as tok_lib
+from jaxformer.data import vocab
+from jaxformer.pretrained import runs as pretrained_runs
+from jaxformer.training import finetune
+from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import loop
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """A run read back: its stored ``config`` (plain dicts), the rebuilt ``model`` and
+  ``model_config``, the checkpoint's ``params`` (host numpy arrays), the ``tokenizer``
+  and the checkpoint ``step``."""
+  config: dict[str, Any]
+  model: nn.Module
+  model_config: Any
+  params: Any
+  tokenizer: tok_lib.Tokenizer | None
+  step: int
+
+
+def run_tokenizer(config: dict[str, Any], workdir: str) -> tok_lib.Tokenizer | None:
+  """The tokenizer the run in ``workdir`` trained with (never fits a new one)."""
+  hf = pretrained_runs.tokenizer(config)
+  if hf is not None:
+    return hf
+  data = config.get("data") or {}
+  kind = data.get("tokenizer")
+  if kind in vocab.FILES:
+    path = os.path.join(workdir, "tokenizer", vocab.FILES[kind])
+    if not os.path.exists(path):
+      raise ValueError(f"{workdir!r} trained with data.tokenizer={kind!r} but has no "
+                       f"fitted vocabulary at {path}")
+    return vocab.load(kind, path)
+  return vocab.build_tokenizer(data)
+
+
+def load_run(workdir: str, step: int | None = None) -> SavedRun:
+  """The model, params and tokenizer of the checkpoint ``step`` (newest if None) of
+  the training run in ``workdir``.
+
+  Raises:
+    ValueError: ``workdir`` has no checkpoint (or not ``step``), or lacks its fitted
+      vocabulary.
+  """
+  step = finetune.pretrained_step(workdir, step)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=None, async_save=False,
+                                       read_only=True)
+  try:
+    config = checkpointer.stored_config(step)
+  finally:
+    checkpointer.close()
+  if not config.get("model"):
+    raise ValueError(f"checkpoint {step} of {workdir!r} stores no model config")
+  tokenizer = run_tokenizer(config, workdir)
+  model_config, model = loop.build_model(config, tokenizer)
+  params = finetune.load_pretrained_params(workdir, step)
+  return SavedRun(config=config, model=model, model_config=model_config,
+                  params=params, tokenizer=tokenizer, step=step)
