@@ -243,6 +243,18 @@ def pooler_trained(stored_config: Mapping[str, Any] | None) -> bool:
   return bool(model.get("nsp_head")) or bool(model.get("num_classes"))
 
 
+def stored_config(workdir: str, step: int) -> dict[str, Any]:
+  """The config saved with checkpoint ``step`` of the run in ``workdir`` (read-only:
+  another run's in-flight saves and temp directories are left alone)."""
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=None, async_save=False,
+                                       read_only=True)
+  try:
+    return checkpointer.stored_config(step)
+  finally:
+    checkpointer.close()
+
+
 def resolve(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
   """``section`` with ``"pooler"`` added to ``head`` when the pretrained run never
   trained it (:func:`pooler_trained` of its stored config) or has no pooler params.
@@ -259,13 +271,7 @@ def resolve(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return section
   workdir = section["pretrained_workdir"]
   step = pretrained_step(workdir, section.get("step"))
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=None, async_save=False,
-                                       read_only=True)
-  try:
-    stored = checkpointer.stored_config(step)
-  finally:
-    checkpointer.close()
+  stored = stored_config(workdir, step)
   with ocp.PyTreeCheckpointer() as reader:
     has_pooler = POOLER in _params_metadata(reader, _state_path(workdir, step))
   if not has_pooler or not pooler_trained(stored):

@@ -20,7 +20,6 @@ from jaxformer.data import tokenizers as tok_lib
 from jaxformer.data import vocab
 from jaxformer.pretrained import runs as pretrained_runs
 from jaxformer.training import finetune
-from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import loop
 
 
@@ -62,13 +61,7 @@ def load_run(workdir: str, step: int | None = None) -> SavedRun:
       vocabulary.
   """
   step = finetune.pretrained_step(workdir, step)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                       max_to_keep=None, async_save=False,
-                                       read_only=True)
-  try:
-    config = checkpointer.stored_config(step)
-  finally:
-    checkpointer.close()
+  config = finetune.stored_config(workdir, step)
   if not config.get("model"):
     raise ValueError(f"checkpoint {step} of {workdir!r} stores no model config")
   tokenizer = run_tokenizer(config, workdir)
