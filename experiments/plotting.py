@@ -213,14 +213,27 @@ def series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.
   return np.asarray(steps), np.asarray(values, np.float64)
 
 
-def plot_loss_curves(runs: Mapping[str, str | os.PathLike[str]], *,
+def _mean_band(runs: Sequence[Sequence[Mapping[str, Any]]], key: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(steps, mean, std)`` over seeds, on the steps every seed logged."""
+  per_seed = [dict(zip(*series(rows, key))) for rows in runs]
+  common_steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+  if not common_steps:
+    return np.zeros((0,)), np.zeros((0,)), np.zeros((0,))
+  values = np.asarray([[s[t] for t in common_steps] for s in per_seed], np.float64)
+  std = values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(common_steps))
+  return np.asarray(common_steps), values.mean(0), std
+
+
+def plot_loss_curves(runs: Mapping[str, Any], *,
                      keys: Sequence[str] = ("loss", "eval_loss"),
                      title: str | None = None, log_y: bool = False,
                      path: str | os.PathLike[str] | None = None) -> Figure:
   """Several runs' curves on one plot per key (train loss, eval loss, ...).
 
   Args:
-    runs: ``{label: workdir or metrics.jsonl}``.
+    runs: ``{label: workdir or metrics.jsonl}``, or ``{label: [one per seed, ...]}``:
+      a list is drawn as its mean over seeds with a ±1 std band.
     keys: metrics to plot, one panel each.
     title: figure title.
     log_y: log-scale y axes.
@@ -228,14 +241,19 @@ def plot_loss_curves(runs: Mapping[str, str | os.PathLike[str]], *,
   """
   if not runs:
     raise ValueError("plot_loss_curves: runs is empty")
-  data = {label: read_metrics(p) for label, p in runs.items()}
+  data = {label: [read_metrics(q) for q in p] if isinstance(p, (list, tuple))
+          else [read_metrics(p)] for label, p in runs.items()}
   fig, axes = plt.subplots(1, len(keys), squeeze=False, figsize=(4.6 * len(keys), 3.4))
   for ax, key in zip(axes[0], keys):
-    for label, rows in data.items():
-      steps, values = series(rows, key)
+    for label, seeds in data.items():
+      steps, mean, std = _mean_band(seeds, key)
       if len(steps):
-        ax.plot(steps, values, marker="o" if len(steps) <= 3 else None, markersize=3,
-                label=label)
+        n = f" (n={len(seeds)})" if len(seeds) > 1 else ""
+        line, = ax.plot(steps, mean, marker="o" if len(steps) <= 3 else None,
+                        markersize=3, label=label + n)
+        if len(seeds) > 1:
+          ax.fill_between(steps, mean - std, mean + std, color=line.get_color(),
+                          alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     if log_y:
@@ -250,11 +268,20 @@ def plot_loss_curves(runs: Mapping[str, str | os.PathLike[str]], *,
 
 def plot_sweep(xs: Sequence[float], ys: Mapping[str, Sequence[float]], *, xlabel: str,
                ylabel: str, log_x: bool = False, title: str | None = None,
+               errors: Mapping[str, Sequence[float]] | None = None,
                path: str | os.PathLike[str] | None = None) -> Figure:
-  """One line per series over a swept value (e.g. eval loss against beta)."""
+  """One line per series over a swept value (e.g. eval loss against beta).
+
+  ``errors``: ``{series: [std per x]}`` drawn as error bars (e.g. over seeds).
+  """
   fig, ax = plt.subplots(figsize=(4.6, 3.4))
   for label, values in ys.items():
-    ax.plot(list(xs), list(values), marker="o", label=label)
+    err = (errors or {}).get(label)
+    if err is None:
+      ax.plot(list(xs), list(values), marker="o", label=label)
+    else:
+      ax.errorbar(list(xs), list(values), yerr=list(err), marker="o", capsize=3,
+                  label=label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   if log_x:
@@ -269,11 +296,14 @@ def plot_sweep(xs: Sequence[float], ys: Mapping[str, Sequence[float]], *, xlabel
 
 
 def plot_bars(values: Mapping[str, float], *, ylabel: str, title: str | None = None,
+              errors: Mapping[str, float] | None = None,
               path: str | os.PathLike[str] | None = None) -> Figure:
-  """A bar per labelled value (e.g. step time per attention kind)."""
+  """A bar per labelled value (e.g. step time per attention kind); ``errors``: ±std."""
   fig, ax = plt.subplots(figsize=(max(3.0, 1.1 * len(values) + 1.0), 3.2))
   labels = list(values)
-  ax.bar(np.arange(len(labels)), [float(values[k]) for k in labels], color="tab:blue")
+  yerr = None if errors is None else [float(errors.get(k, 0.0)) for k in labels]
+  ax.bar(np.arange(len(labels)), [float(values[k]) for k in labels], color="tab:blue",
+         yerr=yerr, capsize=4)
   ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
   ax.set_ylabel(ylabel)
   if title:
@@ -293,10 +323,45 @@ def _fmt(value: Any) -> str:
   return str(value)
 
 
+def _is_std_of(key: str, row: Mapping[str, Any]) -> bool:
+  return key.endswith("_std") and key[:-len("_std")] in row
+
+
+def _cell(row: Mapping[str, Any], column: str) -> str:
+  text = _fmt(row.get(column, ""))
+  std = row.get(f"{column}_std")
+  if isinstance(std, float) and not math.isnan(std) and text:
+    text += f" ± {std:.2g}"
+  return text
+
+
+def mean_std_row(per_seed: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                 **columns: Any) -> dict[str, Any]:
+  """One table row from per-seed rows: ``key`` = mean, ``key_std`` = sample std.
+
+  ``columns`` (labels: run, arm, ...) are copied; ``n`` is the number of seeds. With
+  one seed the std is nan (printed as the bare mean). Missing or None values are
+  skipped; a key no seed has is left out.
+  """
+  if not per_seed:
+    raise ValueError("mean_std_row: no per-seed rows")
+  row: dict[str, Any] = {**columns, "n": len(per_seed)}
+  for key in keys:
+    values = [float(r[key]) for r in per_seed if r.get(key) is not None]
+    if not values:
+      continue
+    row[key] = float(np.mean(values))
+    row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+  return row
+
+
 def results_table(rows: Sequence[Mapping[str, Any]], *,
                   columns: Sequence[str] | None = None,
                   path: str | os.PathLike[str] | None = None) -> str:
   """A markdown table of ``rows`` (and a CSV beside it when ``path`` ends in ``.md``).
+
+  A column ``c`` whose row also has ``c_std`` (see ``mean_std_row``) prints as
+  ``mean ± std``; the CSV keeps both as numbers (``c``, ``c_std``).
 
   Args:
     rows: one mapping per run; missing values print as empty cells.
@@ -309,11 +374,16 @@ def results_table(rows: Sequence[Mapping[str, Any]], *,
   if columns is None:
     columns = []
     for row in rows:
-      columns += [k for k in row if k not in columns]
+      columns += [k for k in row if k not in columns and not _is_std_of(k, row)]
   lines = ["| " + " | ".join(columns) + " |",
            "|" + "|".join("---" for _ in columns) + "|"]
   for row in rows:
-    lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    lines.append("| " + " | ".join(_cell(row, c) for c in columns) + " |")
+  csv_columns = []
+  for c in columns:
+    csv_columns.append(c)
+    if any(f"{c}_std" in row for row in rows):
+      csv_columns.append(f"{c}_std")
   text = "\n".join(lines) + "\n"
   if path is not None:
     path = os.fspath(path)
@@ -323,7 +393,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], *,
       with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     with open(stem + ".csv", "w", encoding="utf-8", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+      writer = csv.DictWriter(f, fieldnames=csv_columns, extrasaction="ignore")
       writer.writeheader()
       writer.writerows(rows)
   return text

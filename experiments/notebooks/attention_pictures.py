@@ -50,9 +50,10 @@ from jaxformer.data import synthetic
 from jaxformer.data import vocab
 from jaxformer.models import registry
 
-FULL = os.environ.get("FULL") == "1"
+SIZE = common.size()
+FULL = SIZE == "full"
 OUT = common.out_dir("attention_pictures")
-RUNS = OUT / "runs"
+RUNS = common.runs_dir("attention_pictures")
 VARIANT = "" if FULL else "tiny"
 rows = []
 

@@ -1,7 +1,15 @@
-"""What every notebook shares: where outputs go and how one short training run is made.
+"""What every notebook shares: its size, where outputs go, and how runs are made.
 
 A run is ``jaxformer.training.loop.train(config, workdir)`` on a config from
 ``experiments/configs`` with dotted overrides; nothing here trains by itself.
+
+Sizes (``NOTEBOOK_SIZE``; ``FULL=1`` still means ``full``):
+  * ``tiny`` (default): every arm end to end in a minute or two, one seed; what CI runs.
+    A smoke test of the machinery, not a result.
+  * ``cpu``: the committed results (``experiments/notebooks/results/``): sized to show
+    real differences in about ten minutes per notebook on 2 CPU cores, with ``SEEDS``
+    seeds per arm and mean ± std in every table.
+  * ``full``: the real configs (an accelerator).
 """
 
 from __future__ import annotations
@@ -24,6 +32,55 @@ from jaxformer.models import registry
 from jaxformer.training import loop
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SIZES = ("tiny", "cpu", "full")
+SEEDS = {"tiny": (0,), "cpu": (0, 1, 2), "full": (0, 1, 2)}
+
+
+def size() -> str:
+  """The notebook size: ``$NOTEBOOK_SIZE`` (tiny | cpu | full), ``full`` if ``FULL=1``."""
+  if os.environ.get("FULL") == "1":
+    return "full"
+  value = os.environ.get("NOTEBOOK_SIZE") or "tiny"
+  if value not in SIZES:
+    raise ValueError(f"NOTEBOOK_SIZE={value!r}; expected one of {SIZES}")
+  return value
+
+
+def runs_dir(name: str) -> pathlib.Path:
+  """Where a notebook's training workdirs go: ``$RUNS_DIR/<name>`` or ``<out_dir>/runs``.
+
+  Kept apart from the outputs so that committing ``results/`` never takes checkpoints.
+  """
+  root = os.environ.get("RUNS_DIR")
+  path = pathlib.Path(root) / name if root else out_dir(name) / "runs"
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> None:
+  """JAX's persistent compilation cache (seeds of one arm compile once).
+
+  Default ``experiments/notebooks/out/jax_cache`` (git-ignored); every compilation is
+  cached, however short, since a notebook's runs repeat the same programs.
+  """
+  path = pathlib.Path(path or REPO_ROOT / "experiments" / "notebooks" / "out" /
+                      "jax_cache")
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def show_table(text: str) -> None:
+  """A markdown table: rendered in a notebook, printed in a script."""
+  try:
+    from IPython import display, get_ipython  # pylint: disable=g-import-not-at-top
+  except ImportError:  # pragma: no cover - IPython is a test dependency
+    get_ipython = lambda: None  # noqa: E731
+  if get_ipython() is not None:
+    display.display(display.Markdown(text))
+  else:
+    print(text)
 
 
 def out_dir(name: str) -> pathlib.Path:
@@ -84,6 +141,23 @@ def train_run(config: config_dict.ConfigDict, workdir: str | os.PathLike[str], *
   summary["workdir"] = str(workdir)
   summary["run_seconds"] = time.perf_counter() - start
   return summary
+
+
+def train_seeds(config: config_dict.ConfigDict, runs: str | os.PathLike[str],
+                label: str, seeds: tuple[int, ...], *,
+                overrides: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+  """``train_run`` once per seed (``train.seed``: initialisation and data order).
+
+  Workdirs are ``<runs>/<label>/s<seed>``; returns the summaries in seed order, each
+  with ``seed`` added.
+  """
+  summaries = []
+  for seed in seeds:
+    summary = train_run(config, pathlib.Path(runs) / label / f"s{seed}",
+                        overrides={**dict(overrides or {}), "train.seed": seed})
+    summary["seed"] = seed
+    summaries.append(summary)
+  return summaries
 
 
 def final_train_loss(workdir: str | os.PathLike[str], last: int = 3) -> float:

@@ -55,8 +55,9 @@ def test_notebook_converts_and_follows_the_conventions(name):
   kinds = [cell.cell_type for cell in notebook.cells]
   assert kinds[0] == "markdown" and kinds.count("code") >= 2, kinds
   source = path.read_text(encoding="utf-8")
-  assert 'FULL = os.environ.get("FULL") == "1"' in source
+  assert "SIZE = common.size()" in source        # tiny | cpu | full
   assert f'common.out_dir("{name}")' in source
+  assert f'common.runs_dir("{name}")' in source  # workdirs apart from the outputs
   # Training goes through the library's loop (common.train_run), not a local copy.
   assert "common.train_run(" in source
   assert "optax" not in source and "value_and_grad" not in source
@@ -77,6 +78,78 @@ def test_out_dir_follows_the_environment(tmp_path, monkeypatch):
   assert (tmp_path / "x").is_dir()
   monkeypatch.delenv("OUT_DIR")
   assert common.out_dir("any") == REPO / "experiments" / "notebooks" / "out" / "any"
+
+
+def test_size_reads_the_environment(monkeypatch):
+  monkeypatch.delenv("FULL", raising=False)
+  monkeypatch.delenv("NOTEBOOK_SIZE", raising=False)
+  assert common.size() == "tiny"
+  monkeypatch.setenv("NOTEBOOK_SIZE", "cpu")
+  assert common.size() == "cpu" and len(common.SEEDS["cpu"]) == 3
+  monkeypatch.setenv("FULL", "1")
+  assert common.size() == "full"
+  monkeypatch.setenv("FULL", "0")
+  monkeypatch.setenv("NOTEBOOK_SIZE", "huge")
+  with pytest.raises(ValueError, match="NOTEBOOK_SIZE='huge'"):
+    common.size()
+
+
+def test_runs_dir_is_apart_from_the_outputs(tmp_path, monkeypatch):
+  monkeypatch.setenv("OUT_DIR", str(tmp_path / "out"))
+  monkeypatch.delenv("RUNS_DIR", raising=False)
+  assert common.runs_dir("nb") == tmp_path / "out" / "runs"
+  monkeypatch.setenv("RUNS_DIR", str(tmp_path / "runs"))
+  assert common.runs_dir("nb") == tmp_path / "runs" / "nb"
+  assert (tmp_path / "runs" / "nb").is_dir()
+
+
+def test_train_seeds_runs_each_seed_in_its_own_workdir(tmp_path):
+  config = common.with_overrides(gpt_bytes.get_config("tiny"), {
+      "train.num_steps": 2, "train.log_every": 1, "train.eval_every": 2,
+      "train.eval_batches": 1})
+  summaries = common.train_seeds(config, tmp_path, "arm", (0, 1))
+  assert [s["seed"] for s in summaries] == [0, 1]
+  assert [pathlib.Path(s["workdir"]) for s in summaries] == [
+      tmp_path / "arm" / "s0", tmp_path / "arm" / "s1"]
+  losses = [common.final_train_loss(s["workdir"], last=1) for s in summaries]
+  assert losses[0] != losses[1]   # a different initialisation and data order
+
+
+def test_build_ipynb_executes_into_out_dir(tmp_path, monkeypatch):
+  # Executing writes <out>/<name>.ipynb with outputs, and the notebook's tables into
+  # <out>/<name>/ while its workdirs go to runs_dir (checked on a stand-in notebook).
+  source = (
+      "# ---\n# jupyter:\n#   jupytext:\n#     text_representation:\n"
+      "#       format_name: percent\n# ---\n\n# %% [markdown]\n# # t\n\n# %%\n"
+      "import os, pathlib\n"
+      "out = pathlib.Path(os.environ['OUT_DIR']); out.mkdir(parents=True)\n"
+      "(out / 't.md').write_text(os.environ['NOTEBOOK_SIZE'])\n"
+      "pathlib.Path(os.environ['RUNS_DIR']).mkdir(parents=True)\n"
+      "print('size', os.environ['NOTEBOOK_SIZE'])\n")
+  (tmp_path / "nbs").mkdir()
+  (tmp_path / "nbs" / "stand_in.py").write_text(source, encoding="utf-8")
+  monkeypatch.setattr(build_ipynb, "NOTEBOOK_DIR", tmp_path / "nbs")
+  written = build_ipynb.build(tmp_path / "res", execute=True, size="cpu",
+                              runs_dir=tmp_path / "runs")
+  assert written == [tmp_path / "res" / "stand_in.ipynb"]
+  outputs = [o for c in jupytext.read(written[0]).cells for o in c.get("outputs", [])]
+  assert any("size cpu" in o.get("text", "") for o in outputs), outputs
+  assert (tmp_path / "res" / "stand_in" / "t.md").read_text() == "cpu"
+  assert (tmp_path / "runs").is_dir() and "NOTEBOOK_SIZE" not in os.environ
+
+
+def test_mean_std_rows_print_the_spread(tmp_path):
+  from experiments import plotting  # pylint: disable=g-import-not-at-top
+  row = plotting.mean_std_row([{"loss": 1.0}, {"loss": 2.0}, {"loss": 3.0}],
+                              ["loss", "absent"], run="a")
+  assert row == {"run": "a", "n": 3, "loss": 2.0, "loss_std": 1.0}
+  one = plotting.mean_std_row([{"loss": 1.5}], ["loss"], run="b")
+  text = plotting.results_table([row, one], path=tmp_path / "t.md")
+  assert "| a | 3 | 2 ± 1 |" in text and "| b | 1 | 1.5 |" in text
+  assert _read_csv(tmp_path / "t.csv")[0] == {"run": "a", "n": "3", "loss": "2.0",
+                                              "loss_std": "1.0"}
+  with pytest.raises(ValueError, match="no per-seed rows"):
+    plotting.mean_std_row([], ["loss"])
 
 
 def test_with_overrides_copies_and_checks_sections():

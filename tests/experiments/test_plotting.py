@@ -89,6 +89,16 @@ def test_plot_rollout_overlay_upsamples_the_grid(tmp_path):
     plotting.plot_rollout_overlay(images, np.ones((2, 3, 3)))
 
 
+def test_loss_curves_over_seeds_draw_mean_and_band(tmp_path):
+  for seed, offset in ((0, 0.0), (1, 1.0)):
+    _write_metrics(tmp_path / f"s{seed}", {1: 3.0 + offset, 2: 2.0 + offset}, {})
+  fig = plotting.plot_loss_curves({"arm": [tmp_path / "s0", tmp_path / "s1"]},
+                                  keys=("loss",))
+  np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [3.5, 2.5])
+  assert len(fig.axes[0].collections) == 1   # the ±1 std band
+  assert fig.axes[0].get_legend().get_texts()[0].get_text() == "arm (n=2)"
+
+
 def test_plot_image_maps_sweep_and_bars(tmp_path):
   fig = plotting.plot_image_maps(np.ones((2, 3, 3)), titles=["a", "b"],
                                  marks=[(1, 2), None], path=tmp_path / "m.png")
@@ -96,8 +106,14 @@ def test_plot_image_maps_sweep_and_bars(tmp_path):
   fig = plotting.plot_sweep([1, 2, 4], {"s": [3.0, 2.0, 1.0]}, xlabel="x", ylabel="y",
                             log_x=True, path=tmp_path / "s.png")
   np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [3.0, 2.0, 1.0])
+  fig = plotting.plot_sweep([1, 2], {"s": [3.0, 2.0]}, errors={"s": [0.5, 0.1]},
+                            xlabel="x", ylabel="y")
+  segments = fig.axes[0].collections[0].get_segments()   # the error bars
+  np.testing.assert_allclose([seg[:, 1] for seg in segments], [[2.5, 3.5], [1.9, 2.1]])
   fig = plotting.plot_bars({"a": 1.0, "b": 2.5}, ylabel="ms", path=tmp_path / "b.png")
   assert [p.get_height() for p in fig.axes[0].patches] == [1.0, 2.5]
+  fig = plotting.plot_bars({"a": 1.0}, ylabel="ms", errors={"a": 0.25})
+  assert len(fig.axes[0].lines) >= 1   # the error bar's caps
   for name in ("m.png", "s.png", "b.png"):
     assert (tmp_path / name).read_bytes()[:8] == PNG
 
