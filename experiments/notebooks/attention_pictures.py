@@ -20,11 +20,15 @@
 #    `shapes` images (`vit_shapes.py`).
 # 3. Axial attention maps of the axial classifier on the same images: the row and column
 #    maps of one pixel, and where that pixel reads from after both.
+# 4. Token embeddings: the nearest bytes (cosine similarity) in the trained GPT's table,
+#    and whether neighbours share a kind (letter, digit, space, punctuation) more often
+#    than chance.
 #
 # The maps come from `jaxformer.analysis` (every `MultiHeadAttention` sows its weights
 # into 'intermediates'); the models are trained here with
-# `jaxformer.training.loop.train`. Default: tiny runs on the CPU; `FULL=1`: the configs'
-# real sizes.
+# `jaxformer.training.loop.train`. Sizes (`NOTEBOOK_SIZE`): `tiny` (CI, seconds per
+# model), `cpu` (the committed `results/attention_pictures.ipynb`: the GPT is the real
+# `gpt_bytes` run, 2,000 steps), `full` (`FULL=1`, accelerator).
 
 # %%
 import os
@@ -61,8 +65,8 @@ rows = []
 # ## 1. Byte-level GPT on a line of code
 
 # %%
-gpt_config = gpt_bytes.get_config(VARIANT)
-if not FULL:
+gpt_config = gpt_bytes.get_config("" if SIZE != "tiny" else "tiny")
+if SIZE == "tiny":
   gpt_config = common.with_overrides(gpt_config, {
       "train.num_steps": 300, "train.log_every": 50, "train.eval_every": 300,
       "train.eval_batches": 4, "optimizer.warmup_steps": 20})
@@ -167,5 +171,48 @@ plotting.plot_attention_heads(
     title="axial attention along one row and one column (per head)",
     path=OUT / "axial_heads.png")
 
+# %% [markdown]
+# ## 4. Nearest tokens in the GPT's embedding table
+#
+# `analysis.nearest_neighbours` ranks rows of the token table by cosine similarity (the
+# angle, not the length, which mostly tracks frequency). Only the printable ASCII bytes
+# (plus newline and tab) are compared: the other 160-odd byte rows and the padding rows
+# never occur in the training text and keep their initialisation. A table that learned
+# something puts bytes used alike (lower-case letters, digits, brackets) near each other;
+# the last column measures that against the share a random neighbour would have.
+
 # %%
-print(plotting.results_table(rows, path=OUT / "results.md"))
+KINDS = {"lower": str.islower, "upper": str.isupper, "digit": str.isdigit,
+         "space": str.isspace}
+kind_of = lambda ch: next((k for k, f in KINDS.items() if f(ch)), "punct")  # noqa: E731
+chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+char_ids = np.asarray([tokenizer.encode(c)[0] for c in chars], np.int32)
+table = np.asarray(analysis.embedding_table(params))[char_ids]   # [97, D]
+queries = ["e", "a", "E", "0", "7", "(", "[", ",", " ", "\n", "=", "_"]
+q_rows = np.asarray([chars.index(c) for c in queries], np.int32)
+nn_ids, nn_sims = analysis.nearest_neighbours(table, q_rows, k=5)
+show = lambda c: repr(c)[1:-1] if c in "\n\t" else (c if c != " " else "␣")  # noqa
+lines = ["| byte | nearest 5 (cosine) |", "|---|---|"]
+for c, ids_k, sims_k in zip(queries, np.asarray(nn_ids), np.asarray(nn_sims)):
+  near = ", ".join(f"`{show(chars[i])}` {s:.2f}" for i, s in zip(ids_k, sims_k))
+  lines.append(f"| `{show(c)}` | {near} |")
+common.show_table("\n".join(lines))
+
+# Same-kind share among the 5 nearest, per kind, against a random neighbour's chance.
+kinds = np.asarray([kind_of(c) for c in chars])
+all_ids, _ = analysis.nearest_neighbours(table, np.arange(len(chars), dtype=np.int32),
+                                         k=5)
+same = kinds[np.asarray(all_ids)] == kinds[:, None]
+kind_rows = []
+for kind in ("lower", "upper", "digit", "punct", "space"):
+  members = kinds == kind
+  kind_rows.append(dict(kind=kind, bytes=int(members.sum()),
+                        same_kind_in_top5=float(same[members].mean()),
+                        chance=float((members.sum() - 1) / (len(chars) - 1))))
+common.show_table(plotting.results_table(kind_rows, path=OUT / "embedding_kinds.md"))
+rows.append(dict(model="gpt_bytes embeddings",
+                 same_kind_in_top5=float(same.mean()),
+                 chance=float(np.mean([r["chance"] for r in kind_rows]))))
+
+# %%
+common.show_table(plotting.results_table(rows, path=OUT / "results.md"))

@@ -35,6 +35,7 @@ EXPECTED = {
                        "classification.png", "classification.md", "step_time.png",
                        "results.md", "results.csv"],
     "attention_pictures": ["gpt_heads.png", "vit_rollout.png", "axial_pixel.png",
+                           "embedding_kinds.md",
                            "axial_heads.png", "results.md", "results.csv"],
 }
 
