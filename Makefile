@@ -27,8 +27,9 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -n 2 tests
 
+# Re-runs the notebooks at their CPU size into experiments/notebooks/results/ (committed).
 notebooks: venv
-	$(PY) -m experiments.notebooks.build_ipynb --execute
+	$(PY) -m experiments.notebooks.build_ipynb --execute --size=cpu
 
 clean:
 	rm -rf $(VENV) runs
