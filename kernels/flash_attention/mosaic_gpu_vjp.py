@@ -252,16 +252,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
       plgpu.barrier_arrive(v_free.at[slot])
       ds = probs * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
 
+      def wait_next_k():
+        @pl.when(kv_tile + 1 < hi)
+        def _():
+          plgpu.barrier_wait(k_ready.at[_ring(kv_tile + 1 - lo, stages)])
+
       def dq_step(acc_ref):  # dQ += dS K
         plgpu.wgmma(acc_ref, ds.astype(k_ref.dtype), k_smem.at[slot])
-        nxt = kv_tile + 1
-
-        @pl.when(nxt < hi)
-        def _():
-          plgpu.barrier_wait(k_ready.at[_ring(nxt - lo, stages)])
+        if stages > 1:  # the next K tile is in another slot: wait meanwhile
+          wait_next_k()
 
       dq = pl.run_state(dq_step)(plgpu.ACC.init(dq))
       plgpu.barrier_arrive(k_free.at[slot])
+      if stages == 1:  # it reuses this slot: only loaded once released above
+        wait_next_k()
       return dq
 
     mid = fwd.unmasked_end(p, row0, lo, hi, bk)

@@ -11,11 +11,18 @@ the test process only (the kernels are unchanged):
     and `plgpu.layout_cast` (no CPU lowering): the identity;
   * wgmma with the A operand in registers (P in P @ V) and operands seen
     through `transpose_ref` (K^T in Q @ K^T): read, transposed, multiplied.
-A speed-up, also test-only: the callbacks' small bookkeeping arrays
-(allocation keys) are built with NumPy instead of dispatching jnp ops.
-(Caching each thread's compiled body across calls was 3x faster but
-deadlocked intermittently inside the XLA CPU runtime, so jax's own runner,
-which compiles per call, is kept.)
+Three changes to how the interpreter runs, also test-only:
+  * each simulated warpgroup's body is evaluated eagerly, one primitive at a
+    time in its own Python thread, instead of being compiled per call into an
+    XLA CPU executable that runs its barrier waits as callbacks (these could
+    starve XLA's intra-op thread pool, one thread per core, and deadlock; see
+    `_eval_eagerly`). Also 4-5x faster: nothing is compiled per call;
+  * a warpgroup that fails aborts its kernel, and a barrier wait past
+    BARRIER_WAIT_TIMEOUT_S raises: no kernel hangs on a barrier;
+  * a pipeline may leave its last `num_stages` barrier completions unwaited
+    (see `_barrier_deallocate`).
+And the callbacks' small bookkeeping arrays (allocation keys) are built with
+NumPy instead of dispatching jnp ops.
 `interpret_context()` installs all of this and returns the context that runs every
 Mosaic GPU kernel traced under it in interpret mode with race detection, on
 an abstract H100, as the kernels' lowering and dispatch expect.
@@ -25,20 +32,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import time
 import types
 
 import jax
 from jax._src import callback
 from jax._src import core as jax_core
 from jax._src import linear_util as lu
+from jax._src import pjit
 from jax._src.interpreters import partial_eval as pe
+from jax._src.lax.control_flow import conditionals
+from jax._src.lax.control_flow import loops
 from jax._src.pallas import primitives as pallas_primitives
+from jax._src.pallas.mosaic.interpret import thread_map
 from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu import core as gpu_core
 from jax._src.pallas.mosaic_gpu import primitives as gpu_primitives
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 from jax._src.pallas.mosaic_gpu.interpret import jaxpr_interpret
+from jax._src.pallas.mosaic_gpu.interpret import shared_memory
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
 from jax._src.state import discharge as state_discharge
@@ -187,6 +201,157 @@ def _interpret_wgmma(self, eqn, token, get_invals):
       self.thread_id, acc, a, b, acc_t, a_t, b_t, ordered=True), []
 
 
+# -- The simulated threads: evaluated eagerly, one primitive at a time. --------
+#
+# jax's runner (`thread_map._run_jaxpr`) jit-compiles each warpgroup's body
+# afresh on every call and runs it as an XLA CPU executable, with its barrier
+# waits as Python callbacks inside. XLA runs parts of an executable on its
+# intra-op thread pool, which has one thread per core (2 in CI): a callback
+# blocked there (a barrier wait, or the kernel's own thread_map callback
+# waiting for its warpgroups) holds a pool thread, and once every pool thread
+# is held so, the warpgroup that would release them waits for a pool thread
+# forever (seen in gdb: both pool threads in Python callbacks, the remaining
+# warpgroups in `CpuPjRtRawLoadedExecutable::Execute` -> `BlockUntilReady`).
+# Here each body is evaluated in its own Python thread instead: control flow
+# (while, scan, cond, jit) in Python, every other primitive dispatched eagerly
+# (small cached single-op executables, no callbacks inside), the callbacks
+# called directly. No callback ever runs on an XLA pool thread, so none can
+# starve it; and nothing is compiled per call (4-5x faster).
+
+
+def _eval_eagerly(jaxpr: jax_core.Jaxpr, consts, args) -> list:
+  env = dict(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  read = lambda v: v.val if isinstance(v, jax_core.Literal) else env[v]  # noqa
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    prim, params = eqn.primitive, eqn.params
+    if prim is callback.io_callback_p:
+      outs = [np.asarray(x) for x in
+              params["callback"](*[np.asarray(x) for x in invals])]
+    elif prim is loops.while_p:
+      nc, nb = params["cond_nconsts"], params["body_nconsts"]
+      cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+      cc, bc, outs = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+      while bool(_eval_eagerly(cond.jaxpr, cond.consts, [*cc, *outs])[0]):
+        outs = _eval_eagerly(body.jaxpr, body.consts, [*bc, *outs])
+    elif prim is loops.scan_p:
+      outs = _scan_eagerly(eqn, invals)
+    elif prim is conditionals.cond_p:
+      branch = params["branches"][int(invals[0])]
+      outs = _eval_eagerly(branch.jaxpr, branch.consts, invals[1:])
+    elif prim is pjit.jit_p:
+      outs = _eval_eagerly(params["jaxpr"].jaxpr, params["jaxpr"].consts,
+                           invals)
+    else:
+      if any(sub.effects for sub in jax_core.jaxprs_in_params(params)):
+        raise NotImplementedError(  # would run its callbacks inside XLA
+            f"eager evaluation of {prim} with effects")
+      outs = prim.bind(*invals, **params)
+      outs = outs if prim.multiple_results else [outs]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _scan_eagerly(eqn, invals) -> list:
+  p = eqn.params
+  n_consts, n_carry, body = p["num_consts"], p["num_carry"], p["jaxpr"]
+  consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
+  xs = invals[n_consts + n_carry:]
+  steps = range(p["length"])
+  ys = []
+  for i in (reversed(steps) if p["reverse"] else steps):
+    outs = _eval_eagerly(body.jaxpr, body.consts,
+                         [*consts, *carry, *(x[i] for x in xs)])
+    carry = outs[:n_carry]
+    ys.append(outs[n_carry:])
+  if p["reverse"]:
+    ys.reverse()
+  if not ys:
+    return [*carry, *(jnp.zeros(v.aval.shape, v.aval.dtype)
+                      for v in eqn.outvars[n_carry:])]
+  return [*carry, *(jnp.stack(column) for column in zip(*ys))]
+
+
+# -- No simulated thread waits forever. ----------------------------------------
+#
+# jax's barrier wait has no timeout: if one warpgroup fails (an exception in a
+# callback), the others wait forever for its arrivals, and the test hangs.
+# Here a failing warpgroup aborts the kernel: every barrier wait re-checks
+# each second and raises once aborted, or once it has waited longer than
+# BARRIER_WAIT_TIMEOUT_S (a kernel deadlock: the error names the wait).
+
+BARRIER_WAIT_TIMEOUT_S = 120.0  # a legitimate wait takes well under a second
+_abort = threading.Event()
+_abort_reason: list[str] = []
+_waiting = threading.local()
+
+
+def _abort_kernel(reason: str):
+  _abort_reason.append(reason)
+  _abort.set()
+
+
+class _AbortableCondition(threading.Condition):
+  """A barrier's condition variable whose waits fail instead of hanging."""
+
+  def wait(self, timeout=None):
+    del timeout  # `Barrier.wait` waits without one and loops on the phase
+    super().wait(1.0)
+    if _abort.is_set():
+      raise RuntimeError("Mosaic GPU interpret: another simulated thread "
+                         f"failed ({_abort_reason[0]})")
+    since = getattr(_waiting, "since", None)
+    if since is not None and time.monotonic() - since > BARRIER_WAIT_TIMEOUT_S:
+      info = _waiting.info
+      where = info if isinstance(info, str) else info.format("barrier wait")
+      reason = (f"a barrier wait took over {BARRIER_WAIT_TIMEOUT_S:.0f} s, "
+                f"the kernel deadlocked: {where}")
+      _abort_kernel(reason)
+      raise TimeoutError(f"Mosaic GPU interpret: {reason}")
+    return True
+
+
+_BARRIER_INIT = shared_memory.Barrier.__init__
+_BARRIER_WAIT = shared_memory.Barrier.wait
+
+
+def _barrier_init(self, *args, **kwargs):
+  _BARRIER_INIT(self, *args, **kwargs)
+  self.cv = _AbortableCondition()
+
+
+def _barrier_timed_wait(self, device_id, local_thread_id, logging_info=None):
+  _waiting.since = time.monotonic()
+  _waiting.info = logging_info or f"thread {local_thread_id}"
+  try:
+    return _BARRIER_WAIT(self, device_id, local_thread_id,
+                         logging_info=logging_info)
+  finally:
+    _waiting.since = None
+
+
+def _barrier_deallocate(self):
+  """`Barrier.deallocate` without its check that a thread that waited on a
+  barrier saw every completion. A pipeline's producer never waits for the
+  consumers' releases of its last `num_stages` loads (jax's own
+  attention_mgpu.py does the same): harmless, as the barrier is not used
+  again, but the check rejects every kernel whose ring wraps around. A wait
+  for a completion that was missed still fails (`Barrier.wait`)."""
+  with self.cv:
+    self.ref_count -= 1
+
+
+def _run_thread(jaxpr, consts, *args):
+  """`thread_map._run_jaxpr`: one simulated thread's body, eagerly."""
+  try:
+    _eval_eagerly(jaxpr, consts, args)
+  except BaseException as e:
+    if not _abort.is_set():
+      _abort_kernel(f"{type(e).__name__}: {str(e)[:2000]}")
+    raise
+
+
 class _NumpyArrays(types.ModuleType):
   """jnp, except that `array` builds a NumPy array (callback results)."""
 
@@ -220,6 +385,10 @@ def interpret_context(detect_races: bool = True):
 
   patches = [(_Interpreter, "interpret", _interpret),
              (_Interpreter, "_interpret_wgmma_ref_p", _interpret_wgmma),
+             (thread_map, "_run_jaxpr", _run_thread),
+             (shared_memory.Barrier, "__init__", _barrier_init),
+             (shared_memory.Barrier, "wait", _barrier_timed_wait),
+             (shared_memory.Barrier, "deallocate", _barrier_deallocate),
              (gpu_callbacks, "jnp", _NumpyArrays("jnp")),
              (gpu_callbacks, "_initialize_shared_memory", init_and_collect)]
   saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
@@ -227,6 +396,8 @@ def interpret_context(detect_races: bool = True):
     setattr(obj, name, value)
   mesh = jax.sharding.AbstractMesh((), (), abstract_device=H100)
   interpret_pallas_call.reset_gpu_interpret_mode_state()
+  _abort.clear()
+  _abort_reason.clear()
   try:
     with jax.sharding.use_abstract_mesh(mesh), force_gpu_interpret_mode(
         InterpretGPUParams(detect_races=detect_races)):

@@ -1,11 +1,16 @@
 """Mosaic GPU (Hopper) flash attention, tested on the CPU.
 
 * Numerics: the shared kernel test body (`FlashAttentionTestBase`: odd
-  lengths, causal, segments, GQA, cross lengths, bf16) runs for
-  backend="mosaic_gpu", forward and gradients, in fp16 by default, in jax's
+  lengths, causal, segments, GQA, cross lengths, bf16), and cases with
+  several CTAs whose K/V (or Q/dO) rings wrap around in all three kernels
+  (causal, segments, GQA, Lq != Lk, d_v != d_qk, head dim 256, fp16 and
+  bf16), forward and gradients against the float64 reference, in jax's
   Mosaic GPU interpret mode (simulated SMEM, TMA, barriers and wgmma) on an
   abstract H100, with race detection; every test asserts that no race was
-  reported. See mosaic_gpu_interpret.py for what the harness adds.
+  reported. See mosaic_gpu_interpret.py for what the harness adds (about a
+  minute for all of them on 2 CPU cores).
+* Harness: a race is reported; a deadlocked or failing kernel raises instead
+  of hanging.
 * Lowering: `jax.export(..., platforms=["cuda"])` under the abstract H100
   lowers the real kernels (layouts, barriers, the shared-memory budget) for
   head dims 64/128/256, causal or not, segments, GQA, bf16, forward and
@@ -15,15 +20,20 @@
 
 from __future__ import annotations
 
-import os
+import faulthandler
 import re
+import sys
+from unittest import mock
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.flash_attention import BlockSizes
 from kernels.flash_attention import api
@@ -31,42 +41,140 @@ from kernels.flash_attention import flash_attention
 from kernels.flash_attention import mosaic_gpu
 from tests.kernels import mosaic_gpu_interpret
 from tests.kernels.test_flash_attention import FlashAttentionTestBase
-from tests.kernels.test_flash_attention import _inputs
-from tests.kernels.test_flash_attention import reference_np
 
-# The interpreted runs are opt-in: under jax 0.10.2's Mosaic GPU interpreter one
-# forward+backward case takes minutes on 2 CPU cores, and the simulated warpgroup
-# threads were seen to deadlock intermittently, which would hang CI. Export, dispatch
-# and tile tests below always run. JAXFORMER_MOSAIC_GPU_INTERPRET=1 runs them too.
-INTERPRET_ENV = "JAXFORMER_MOSAIC_GPU_INTERPRET"
-interpreted = pytest.mark.skipif(
-    os.environ.get(INTERPRET_ENV) != "1",
-    reason=f"Mosaic GPU interpret runs are opt-in ({INTERPRET_ENV}=1): slow, and the "
-    "interpreter's threads can deadlock")
+# Last resort against a hang the harness cannot turn into an error (a kernel
+# looping forever): dump every thread's stack and end the test process, so
+# that CI fails instead of waiting. A case takes seconds to a minute.
+WATCHDOG_S = 600
 
 # The smallest legal tiles: one CTA = two 64-row warpgroups.
 TINY_MGPU = BlockSizes(block_q=128, block_k=64, block_q_dkv=64,
                        block_k_dkv=128, block_q_dq=128, block_k_dq=64)
 
 
-@interpreted
-@pytest.mark.slow  # the interpreter runs 3 threads per CTA through callbacks
-class MosaicGpuInterpretTest(FlashAttentionTestBase):
-  """The shared cases, interpreted; fails on any reported race."""
+def _start_watchdog(test):
+  faulthandler.dump_traceback_later(WATCHDOG_S, exit=True,
+                                    file=sys.__stderr__)
+  test.addCleanup(faulthandler.cancel_dump_traceback_later)
 
-  __test__ = True
-  BACKEND = "mosaic_gpu"
-  BLOCKS = TINY_MGPU
-  DTYPE = jnp.float16  # wgmma inputs: fp16/bf16 only
+
+class InterpretedTestCase(parameterized.TestCase):
+  """Runs the test in Mosaic GPU interpret mode; fails on any race."""
+
+  __test__ = False
 
   def setUp(self):
     super().setUp()
+    _start_watchdog(self)
     self.races_found = self.enter_context(
         mosaic_gpu_interpret.interpret_context(detect_races=True))
 
   def tearDown(self):
     self.assertFalse(self.races_found(), "GPU interpret mode found races")
     super().tearDown()
+
+
+@pytest.mark.slow  # the interpreter runs 3 threads per CTA through callbacks
+class MosaicGpuInterpretTest(InterpretedTestCase, FlashAttentionTestBase):
+  """The shared cases, and these multi-tile ones, interpreted.
+
+  Tiles (TINY_MGPU): forward and dQ CTAs take 128 query rows and stream
+  64-key tiles, dK/dV CTAs take 128 keys and stream 64-row (q, dO) tiles,
+  through 2-slot rings: a kernel's ring wraps around once it streams 3 tiles.
+  """
+
+  __test__ = True
+  BACKEND = "mosaic_gpu"
+  BLOCKS = TINY_MGPU
+  DTYPE = jnp.float16  # wgmma inputs: fp16/bf16 only
+
+  CASES = (
+      # 2 query CTAs x up to 4 key tiles (forward, dQ), up to 4 (q, dO)
+      # tiles per dK/dV CTA and group head: every ring wraps around.
+      ("causal_gqa", dict(q_len=200, num_heads=2, num_kv_heads=1,
+                          head_dim=64, is_causal=True)),
+      # Lq != Lk, both unaligned, sorted segment ids (tiles skipped by id
+      # range), several CTAs per axis, bf16.
+      ("segments_cross_lengths_bf16", dict(
+          batch=2, q_len=150, kv_len=230, num_heads=2, head_dim=64,
+          segments=3, dtype=jnp.bfloat16)),
+      # Causal with Lq < Lk (a chunk of queries at the end of the keys), GQA.
+      ("causal_chunked_prefill_gqa", dict(
+          q_len=40, kv_len=210, num_heads=4, num_kv_heads=2, head_dim=64,
+          is_causal=True)),
+      # d_v != d_qk after padding (separate O buffer), a custom scale.
+      ("value_head_dim_differs", dict(q_len=130, kv_len=150, head_dim=64,
+                                      head_dim_v=128, num_heads=1,
+                                      scale=0.3)),
+      # Head dim 256: the backward kernels' rings have a single slot.
+      ("head_dim_256_causal", dict(q_len=130, num_heads=1, head_dim=256,
+                                   is_causal=True)),
+  )
+
+  @parameterized.named_parameters(*CASES)
+  def test_case(self, kwargs):
+    self.check(**kwargs)
+
+
+def _copy_kernel(body, **scratch):
+  """A 2-thread kernel copying 128 floats through `body`."""
+  x = jnp.arange(128, dtype=jnp.float32)
+  return jax.jit(plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((128,), jnp.float32),
+      scratch_types=scratch, num_threads=2, thread_name="wg"))(x)
+
+
+class MosaicGpuHarnessTest(parameterized.TestCase):
+  """The harness reports races, and fails (never hangs) on a stuck kernel."""
+
+  def setUp(self):
+    super().setUp()
+    _start_watchdog(self)
+
+  def test_unsynchronised_writes_are_a_race(self):
+    def body(x_ref, o_ref, smem):
+      wg = lax.axis_index("wg")
+      smem[...] = x_ref[...] + wg.astype(jnp.float32)  # both threads write
+
+      @pl.when(wg == 0)
+      def _():
+        o_ref[...] = smem[...]
+
+    with mosaic_gpu_interpret.interpret_context() as races:
+      np.asarray(_copy_kernel(body, smem=plgpu.SMEM((128,), jnp.float32)))
+      self.assertTrue(races())
+
+  def test_barrier_nobody_arrives_at_times_out(self):
+    def body(x_ref, o_ref, never):
+      @pl.when(lax.axis_index("wg") == 0)
+      def _():
+        plgpu.barrier_wait(never)
+        o_ref[...] = x_ref[...]
+
+    self.enter_context(mock.patch.object(
+        mosaic_gpu_interpret, "BARRIER_WAIT_TIMEOUT_S", 2.0))
+    with mosaic_gpu_interpret.interpret_context():
+      with self.assertRaisesRegex(Exception, "the kernel deadlocked"):
+        np.asarray(_copy_kernel(body, never=plgpu.Barrier()))
+
+  def test_failing_thread_aborts_the_others(self):
+    def body(x_ref, o_ref, never, twice):
+      wg = lax.axis_index("wg")
+
+      @pl.when(wg == 0)
+      def _():
+        plgpu.barrier_wait(never)  # thread 1 fails instead of arriving
+        o_ref[...] = x_ref[...]
+
+      @pl.when(wg == 1)
+      def _():
+        plgpu.barrier_arrive(twice)
+        plgpu.barrier_arrive(twice)  # a completion nobody saw: an error
+
+    with mosaic_gpu_interpret.interpret_context():
+      with self.assertRaisesRegex(Exception, "another simulated thread failed"):
+        np.asarray(_copy_kernel(body, never=plgpu.Barrier(),
+                                twice=plgpu.Barrier()))
 
 
 class MosaicGpuApiTest(parameterized.TestCase):
@@ -171,23 +279,6 @@ class MosaicGpuExportTest(parameterized.TestCase):
     text = _export(lambda q: flash_attention(q, q, q), q32).mlir_module()
     self.assertIn(TRITON_CALL, text)
     self.assertNotIn("custom_call @mosaic_gpu", text)
-
-
-@interpreted
-@pytest.mark.slow
-class MosaicGpuInterpretLargerTest(parameterized.TestCase):
-  """Several CTAs and key tiles per CTA: the pipeline's ring wraps around."""
-
-  def test_two_programs_three_tiles(self):
-    q, k, v, _ = _inputs(4, 1, 200, 200, 1, 1, 64, dtype=jnp.bfloat16)
-    with mosaic_gpu_interpret.interpret_context() as races:
-      out = jax.jit(lambda q, k, v: flash_attention(
-          q, k, v, is_causal=True, backend="mosaic_gpu",
-          block_sizes=TINY_MGPU))(q, k, v)
-      out = np.asarray(out, np.float64)
-      self.assertFalse(races())
-    want = reference_np(q, k, v, is_causal=True)
-    np.testing.assert_allclose(out, want, atol=2e-2 * np.abs(want).max())
 
 
 if __name__ == "__main__":
