@@ -104,16 +104,22 @@ def test_runs_dir_is_apart_from_the_outputs(tmp_path, monkeypatch):
   assert (tmp_path / "runs" / "nb").is_dir()
 
 
-def test_train_seeds_runs_each_seed_in_its_own_workdir(tmp_path):
-  config = common.with_overrides(gpt_bytes.get_config("tiny"), {
-      "train.num_steps": 2, "train.log_every": 1, "train.eval_every": 2,
-      "train.eval_batches": 1})
-  summaries = common.train_seeds(config, tmp_path, "arm", (0, 1))
+def test_train_seeds_runs_each_seed_in_its_own_workdir(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train_run(config, workdir, *, overrides=None):
+    calls.append((config, pathlib.Path(workdir), dict(overrides)))
+    return {"workdir": str(workdir)}
+
+  monkeypatch.setattr(common, "train_run", fake_train_run)
+  config = gpt_bytes.get_config("tiny")
+  summaries = common.train_seeds(config, tmp_path, "arm", (0, 1),
+                                 overrides={"model.block.norm": "post"})
   assert [s["seed"] for s in summaries] == [0, 1]
-  assert [pathlib.Path(s["workdir"]) for s in summaries] == [
-      tmp_path / "arm" / "s0", tmp_path / "arm" / "s1"]
-  losses = [common.final_train_loss(s["workdir"], last=1) for s in summaries]
-  assert losses[0] != losses[1]   # a different initialisation and data order
+  assert [c[1] for c in calls] == [tmp_path / "arm" / "s0", tmp_path / "arm" / "s1"]
+  assert [c[2] for c in calls] == [{"model.block.norm": "post", "train.seed": 0},
+                                   {"model.block.norm": "post", "train.seed": 1}]
+  assert all(c[0] is config for c in calls)
 
 
 def test_build_ipynb_executes_into_out_dir(tmp_path, monkeypatch):
