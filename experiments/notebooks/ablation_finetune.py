@@ -1,0 +1,158 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # BERT fine-tuning ablations: pooling, and pretrained vs from scratch vs frozen
+#
+# One MLM-only `experiments/configs/bert_mlm.py` body per seed, fine-tuned with
+# `experiments/configs/imdb_finetune.py` (same seed) in several ways:
+#
+# 1. **Pretrained vs from scratch vs frozen body**: the whole model fine-tuned from
+#    the body; the same model trained from a random init (no `pretrained_workdir`);
+#    the body frozen (`finetune.freeze_body=True`: only the head trains, a probe).
+# 2. **Pooling** (`model.pooling`): `cls` (BERT's pooler, `tanh(dense(h[CLS]))`) vs
+#    `max` vs `mean` over the real tokens, each fine-tuned and each on the frozen body.
+#    After MLM-only pre-training the pooler was never trained, so with `cls` it joins
+#    the head, fresh and trainable (the config's pooler rule); `max`/`mean` have no
+#    pooler: the classifier reads the pooled hidden states directly. (`max_of_logits`,
+#    the NYU notes' `max_t Linear(h_t)`, is the fourth option; see `nyu_imdb.py`.)
+#
+# Sizes (`NOTEBOOK_SIZE`): `tiny` (CI, one seed, a smoke test, not a result); `cpu`
+# (the committed results in `results/ablation_finetune.ipynb`: the tiny model, 2 x 64
+# over bytes, pre-trained 600 steps, fine-tuned 150 steps, 3 seeds per arm, a few
+# minutes on 2 cores); `full` (BERT-base pre-trained on `imdb_reviews`, fine-tuned on
+# IMDB sentiment; an accelerator and the prepared TFDS data).
+#
+# The downstream task at `tiny`/`cpu` is `stdlib_line_kinds` (comment / definition /
+# other code) with `strip_markers=True`, so the first byte does not give the label
+# away (see `ablation_bert.py`); chance is 1/3, 1024 held-out lines are scored.
+
+# %%
+import pathlib
+import sys
+
+ROOT = pathlib.Path.cwd()
+while not (ROOT / "pyproject.toml").exists() and ROOT != ROOT.parent:
+  ROOT = ROOT.parent
+sys.path.insert(0, str(ROOT))
+
+from experiments import plotting
+from experiments.configs import bert_mlm
+from experiments.configs import imdb_finetune
+from experiments.notebooks import common
+
+SIZE = common.size()
+SEEDS = common.SEEDS[SIZE]
+OUT = common.out_dir("ablation_finetune")
+RUNS = common.runs_dir("ablation_finetune")
+common.use_compilation_cache()   # the seeds of an arm, and most arms, share programs
+
+pre_base = bert_mlm.get_config("" if SIZE == "full" else "tiny")
+ft_base = imdb_finetune.get_config("" if SIZE == "full" else "tiny")
+if SIZE != "full":
+  ft_base = common.with_overrides(ft_base, {"data.source_options.strip_markers": True})
+if SIZE == "tiny":
+  pre_base = common.with_overrides(pre_base, {
+      "train.num_steps": 40, "train.log_every": 10, "train.eval_every": 40,
+      "train.eval_batches": 2, "data.batch_size": 16, "data.eval_batch_size": 32})
+  ft_base = common.with_overrides(ft_base, {
+      "train.num_steps": 30, "train.log_every": 10, "train.eval_every": 30,
+      "train.eval_batches": 2})
+elif SIZE == "cpu":
+  # The same sizes as ablation_bert.py's cpu runs.
+  pre_base = common.with_overrides(pre_base, {
+      "train.num_steps": 600, "train.log_every": 50, "train.eval_every": 200,
+      "train.eval_batches": 8})
+  ft_base = common.with_overrides(ft_base, {
+      "train.num_steps": 150, "train.log_every": 25, "train.eval_every": 50,
+      "train.eval_batches": 16})
+print(f"size {SIZE} | seeds {SEEDS} | pre-training {pre_base.train.num_steps} steps | "
+      f"fine-tuning {ft_base.train.num_steps} steps of {ft_base.data.batch_size} on "
+      f"{ft_base.data.source} | model {pre_base.model.num_layers} x "
+      f"{pre_base.model.embed_dim}")
+
+# %%
+bodies = common.train_seeds(pre_base, RUNS, "mlm", SEEDS)
+pre_rows = [dict(eval_mlm_loss=s["eval_mlm_loss"], eval_mlm_accuracy=s["eval_accuracy"],
+                 seconds=s["run_seconds"]) for s in bodies]
+common.show_table(plotting.results_table(
+    [plotting.mean_std_row(pre_rows, ["eval_mlm_loss", "eval_mlm_accuracy", "seconds"],
+                           run="mlm body")], path=OUT / "pretraining.md"))
+
+per_seed = {}   # arm -> one row per seed
+workdirs = {}   # arm -> fine-tuning workdirs
+
+
+def finetune(arm, *, init, pooling="cls"):
+  """``init``: "pretrained" (all trains), "frozen" (head only) or "scratch"."""
+  rows, dirs = [], []
+  for seed, body in zip(SEEDS, bodies):
+    overrides = {"model.pooling": pooling, "train.seed": seed}
+    if init != "scratch":
+      overrides["finetune.pretrained_workdir"] = body["workdir"]
+      overrides["finetune.freeze_body"] = init == "frozen"
+    summary = common.train_run(ft_base, RUNS / arm / f"s{seed}", overrides=overrides)
+    rows.append(dict(accuracy=summary["eval_accuracy"], eval_loss=summary["eval_loss"],
+                     train_loss=common.final_train_loss(summary["workdir"]),
+                     seconds=summary["run_seconds"]))
+    dirs.append(summary["workdir"])
+  per_seed[arm] = plotting.mean_std_row(
+      rows, ["accuracy", "eval_loss", "train_loss", "seconds"], run=arm, init=init,
+      pooling=pooling)
+  workdirs[arm] = dirs
+
+
+for pooling in ("cls", "max", "mean"):
+  finetune(f"pretrained_{pooling}", init="pretrained", pooling=pooling)
+  finetune(f"frozen_{pooling}", init="frozen", pooling=pooling)
+finetune("scratch_cls", init="scratch")
+COLUMNS = ["run", "init", "pooling", "n", "accuracy", "eval_loss", "train_loss",
+           "seconds"]
+
+# %% [markdown]
+# ## 1. Pretrained vs from scratch vs frozen body (cls pooling)
+
+# %%
+init_arms = {"pretrained": "pretrained_cls", "from scratch": "scratch_cls",
+             "frozen body": "frozen_cls"}
+common.show_table(plotting.results_table([per_seed[a] for a in init_arms.values()],
+                                         columns=COLUMNS, path=OUT / "init.md"))
+plotting.plot_loss_curves({k: workdirs[a] for k, a in init_arms.items()},
+                          keys=("loss", "eval_accuracy"),
+                          title="fine-tuning: pretrained vs scratch vs frozen "
+                                "(mean ± std over seeds)", path=OUT / "init.png")
+
+# %% [markdown]
+# **What the numbers show (cpu size, 3 seeds).** To be filled from the executed run.
+
+# %% [markdown]
+# ## 2. Pooling: cls vs max vs mean
+
+# %%
+pool_rows = [per_seed[f"{init}_{p}"] for init in ("pretrained", "frozen")
+             for p in ("cls", "max", "mean")]
+common.show_table(plotting.results_table(pool_rows, columns=COLUMNS,
+                                         path=OUT / "pooling.md"))
+plotting.plot_bars({f"{r['init']} {r['pooling']}": r["accuracy"] for r in pool_rows},
+                   errors={f"{r['init']} {r['pooling']}": r.get("accuracy_std", 0.0)
+                           for r in pool_rows},
+                   ylabel="held-out accuracy (chance 1/3)",
+                   title="pooling, fine-tuned and frozen body (± std over seeds)",
+                   path=OUT / "pooling.png")
+
+# %% [markdown]
+# **What the numbers show (cpu size, 3 seeds).** To be filled from the executed run.
+
+# %%
+common.show_table(plotting.results_table(list(per_seed.values()), columns=COLUMNS,
+                                         path=OUT / "results.md"))
