@@ -229,12 +229,12 @@ plotting.plot_loss_curves({f"{rate:.0%}": workdirs[arm] for rate, arm in rate_ar
 # **What the numbers show (cpu size, 3 seeds).** Scored at the same 15 % masks, the
 # bodies trained at 30 % and 50 % predict better than the 15 % one: MLM accuracy
 # 0.308 ± 0.004 and 0.305 ± 0.004 vs 0.287 ± 0.006, paired +0.021 ± 0.010 and
-# +0.018 ± 0.007 (every seed gains); the loss, 2.85 ± 0.02 and 2.86 ± 0.05 vs
+# +0.018 ± 0.007 (2-3 paired stds from zero); the loss, 2.85 ± 0.02 and 2.86 ± 0.05 vs
 # 2.97 ± 0.10, is lower too but its paired gap (−0.12 ± 0.09, −0.11 ± 0.12; see the
-# last table) is within the spread: suggestive, the accuracy gap is the clear part. With a
-# fixed budget of 600 steps, more masking means more predictions per step; in this
-# early regime that outweighs the lost context (as in Wettig et al. 2022, "Should you
-# mask 15 % in MLM?"). 30 % and 50 % do not differ from each other. Downstream the rates
+# last table) is within the spread: suggestive, the accuracy gap is the clear part.
+# With a fixed budget of 600 steps, more masking means more predictions per step; in
+# this early regime that outweighs the lost context (as in Wettig et al. 2022,
+# "Should you mask 15 % in MLM?"). 30 % and 50 % do not differ from each other. Downstream the rates
 # do not separate: 0.745 ± 0.026, 0.767 ± 0.010, 0.762 ± 0.041 (paired +0.022 ± 0.017,
 # +0.017 ± 0.032): noise. For reference, the held-out bytes' unigram entropy is 3.31
 # nats and always guessing the most frequent byte (space) scores 0.28: these bodies
@@ -264,14 +264,14 @@ plotting.plot_bars({r["replacement"]: r["ft_accuracy"] for r in repl_rows},
 # **What the numbers show (cpu size, 3 seeds).** The 100 % [MASK] body is far worse
 # when scored with BERT's 80/10/10 corruption: loss 3.31 ± 0.02 (no better than the
 # unigram entropy, 3.31) and accuracy 0.196 ± 0.005 vs 2.97 ± 0.10 and 0.287 ± 0.006
-# (paired +0.34 ± 0.08 nats and −0.092 ± 0.005; last table).
-# It never saw a random or an unmasked token at a scored position, so it has no
-# reason to trust, or copy, a real byte there. Scored on all-[MASK] inputs, the two
-# bodies are alike (3.17 ± 0.03 vs 3.22 ± 0.11: noise): the 80/10/10 body lost nothing
-# on the [MASK] positions. Downstream, where no input has a [MASK], they are also alike:
-# 0.748 ± 0.044 vs 0.745 ± 0.026 (paired +0.003 ± 0.019). The mismatch that 80/10/10 is meant to fix is real for
-# the MLM head on unmasked input, but at this size it does not reach the fine-tuned
-# accuracy: no downstream difference beyond noise.
+# (paired +0.34 ± 0.08 nats and −0.092 ± 0.005; last table). It never saw a random
+# or an unmasked token at a scored position, so it has no reason to trust, or copy, a
+# real byte there. Scored on all-[MASK] inputs, the two bodies are alike (3.17 ± 0.03
+# vs 3.22 ± 0.11: noise): 80/10/10 cost nothing measurable on the [MASK] positions.
+# Downstream, where no input has a [MASK], they are also alike: 0.748 ± 0.044 vs
+# 0.745 ± 0.026 (paired +0.003 ± 0.019). The mismatch that 80/10/10 is meant to fix
+# is real for the MLM head on unmasked input, but at this size it does not reach the
+# fine-tuned accuracy: no downstream difference beyond noise.
 
 # %%
 common.show_table(plotting.results_table(

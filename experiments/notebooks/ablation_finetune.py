@@ -149,8 +149,8 @@ plotting.plot_loss_curves({k: workdirs[a] for k, a in init_arms.items()},
 # pretrained body beats training the same model from scratch, by a small margin that
 # is consistent across seeds: 0.745 ± 0.026 vs 0.707 ± 0.041 accuracy, the bare means
 # within about one std of each other, but paired by seed the gain is
-# +0.037 ± 0.016 (every seed gains: +0.05, +0.02, +0.04). The pretrained run is
-# ahead from the first evaluation (step 50) and its training loss is lower
+# +0.037 ± 0.016 (every seed gains: +0.05, +0.02, +0.04). On average the pretrained
+# runs are ahead from the first evaluation (step 50) and their training loss is lower
 # throughout. The MLM bodies are small and short-trained (600 steps, just past the
 # unigram stage), so a bigger gap is not expected at this size. The frozen body (only
 # the pooler and classifier train) is far behind both: 0.540 ± 0.037, −0.167 ± 0.008
