@@ -57,6 +57,8 @@ while not (ROOT / "pyproject.toml").exists() and ROOT != ROOT.parent:
   ROOT = ROOT.parent
 sys.path.insert(0, str(ROOT))
 
+from absl import logging as absl_logging
+
 from experiments import plotting
 from experiments.configs import bert_mlm
 from experiments.configs import imdb_finetune
@@ -67,6 +69,7 @@ SEEDS = common.SEEDS[SIZE]
 OUT = common.out_dir("ablation_bert")
 RUNS = common.runs_dir("ablation_bert")
 common.use_compilation_cache()   # the seeds of an arm, and most arms, share programs
+absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's notes on read-only restores
 
 pre_base = bert_mlm.get_config("" if SIZE == "full" else "tiny")
 ft_base = imdb_finetune.get_config("" if SIZE == "full" else "tiny")
@@ -122,7 +125,7 @@ def pretrain(arm, overrides):
 
 
 def finetune(arm):
-  """Fine-tunes each seed's body of ``arm`` (same seed); adds the accuracy to its rows."""
+  """Fine-tunes each seed's body of ``arm`` (same seed); adds ft_* to its rows."""
   for row, body in zip(per_seed[arm], workdirs[arm]):
     summary = common.train_run(ft_base, RUNS / f"ft_{arm}" / f"s{row['seed']}",
                                overrides={"finetune.pretrained_workdir": str(body),
@@ -176,12 +179,13 @@ plotting.plot_loss_curves({"MLM": workdirs["mlm"], "MLM + NSP": workdirs["mlm_ns
                           keys=("mlm_loss", "eval_mlm_loss", "eval_nsp_accuracy"),
                           title="BERT with and without NSP (mean ± std over seeds)",
                           path=OUT / "nsp.png")
-plotting.plot_bars({"MLM": nsp_rows[0]["ft_accuracy"],
-                    "MLM + NSP": nsp_rows[1]["ft_accuracy"]},
-                   errors={"MLM": nsp_rows[0].get("ft_accuracy_std", 0.0),
-                           "MLM + NSP": nsp_rows[1].get("ft_accuracy_std", 0.0)},
-                   ylabel="fine-tuned accuracy", title="downstream, ± std over seeds",
-                   path=OUT / "nsp_downstream.png")
+_ = plotting.plot_bars({"MLM": nsp_rows[0]["ft_accuracy"],
+                        "MLM + NSP": nsp_rows[1]["ft_accuracy"]},
+                       errors={"MLM": nsp_rows[0].get("ft_accuracy_std", 0.0),
+                               "MLM + NSP": nsp_rows[1].get("ft_accuracy_std", 0.0)},
+                       ylabel="fine-tuned accuracy",
+                       title="downstream, ± std over seeds",
+                       path=OUT / "nsp_downstream.png")
 
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds; mean ± sample std; `d_`: paired by
@@ -221,9 +225,10 @@ plotting.plot_sweep(
     errors={"fine-tuned": std(rate_rows, "ft_accuracy")},
     xlabel="mask rate (pre-training)", ylabel="fine-tuned accuracy",
     title="downstream accuracy per mask rate", path=OUT / "mask_rate_downstream.png")
-plotting.plot_loss_curves({f"{rate:.0%}": workdirs[arm] for rate, arm in rate_arms.items()},
-                          keys=("mlm_loss",), title="train MLM loss per mask rate",
-                          path=OUT / "mask_rate_curves.png")
+_ = plotting.plot_loss_curves(
+    {f"{rate:.0%}": workdirs[arm] for rate, arm in rate_arms.items()},
+    keys=("mlm_loss",), title="train MLM loss per mask rate",
+    path=OUT / "mask_rate_curves.png")
 
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds).** Scored at the same 15 % masks, the
@@ -249,16 +254,18 @@ plotting.plot_loss_curves({f"{rate:.0%}": workdirs[arm] for rate, arm in rate_ar
 # on); `ft_accuracy` is the fine-tuned accuracy (inputs without any `[MASK]`).
 
 # %%
-repl_rows = [row("mlm", replacement="80/10/10"), row("all_mask", replacement="100% [MASK]")]
+repl_rows = [row("mlm", replacement="80/10/10"),
+             row("all_mask", replacement="100% [MASK]")]
 common.show_table(plotting.results_table(
-    repl_rows, columns=["run", "replacement", "n", "mlm_loss_at_15", "mlm_accuracy_at_15",
+    repl_rows, columns=["run", "replacement", "n", "mlm_loss_at_15",
+                        "mlm_accuracy_at_15",
                         "mlm_loss_all_mask", "ft_accuracy", "d_ft_accuracy", "seconds"],
     path=OUT / "replacement.md"))
-plotting.plot_bars({r["replacement"]: r["ft_accuracy"] for r in repl_rows},
-                   errors={r["replacement"]: r.get("ft_accuracy_std", 0.0)
-                           for r in repl_rows},
-                   ylabel="fine-tuned accuracy", title="80/10/10 vs 100% [MASK]",
-                   path=OUT / "replacement.png")
+_ = plotting.plot_bars({r["replacement"]: r["ft_accuracy"] for r in repl_rows},
+                       errors={r["replacement"]: r.get("ft_accuracy_std", 0.0)
+                               for r in repl_rows},
+                       ylabel="fine-tuned accuracy", title="80/10/10 vs 100% [MASK]",
+                       path=OUT / "replacement.png")
 
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds).** The 100 % [MASK] body is far worse

@@ -49,6 +49,8 @@ while not (ROOT / "pyproject.toml").exists() and ROOT != ROOT.parent:
   ROOT = ROOT.parent
 sys.path.insert(0, str(ROOT))
 
+from absl import logging as absl_logging
+
 from experiments import plotting
 from experiments.configs import bert_mlm
 from experiments.configs import imdb_finetune
@@ -59,6 +61,7 @@ SEEDS = common.SEEDS[SIZE]
 OUT = common.out_dir("ablation_finetune")
 RUNS = common.runs_dir("ablation_finetune")
 common.use_compilation_cache()   # the seeds of an arm, and most arms, share programs
+absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's notes on read-only restores
 
 pre_base = bert_mlm.get_config("" if SIZE == "full" else "tiny")
 ft_base = imdb_finetune.get_config("" if SIZE == "full" else "tiny")
@@ -139,10 +142,10 @@ init_arms = {"pretrained": "pretrained_cls", "from scratch": "scratch_cls",
 common.show_table(plotting.results_table(
     [row(a, "scratch_cls") for a in init_arms.values()], columns=COLUMNS,
     path=OUT / "init.md"))
-plotting.plot_loss_curves({k: workdirs[a] for k, a in init_arms.items()},
-                          keys=("loss", "eval_accuracy"),
-                          title="fine-tuning: pretrained vs scratch vs frozen "
-                                "(mean ± std over seeds)", path=OUT / "init.png")
+_ = plotting.plot_loss_curves({k: workdirs[a] for k, a in init_arms.items()},
+                              keys=("loss", "eval_accuracy"),
+                              title="fine-tuning: pretrained vs scratch vs frozen "
+                                    "(mean ± std over seeds)", path=OUT / "init.png")
 
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds; mean ± sample std).** Fine-tuning the
@@ -166,12 +169,13 @@ pool_rows = [row(f"{init}_{p}", f"{init}_cls") for init in ("pretrained", "scrat
              for p in ("cls", "max", "mean")]
 common.show_table(plotting.results_table(pool_rows, columns=COLUMNS,
                                          path=OUT / "pooling.md"))
-plotting.plot_bars({f"{r['init']} {r['pooling']}": r["accuracy"] for r in pool_rows},
-                   errors={f"{r['init']} {r['pooling']}": r.get("accuracy_std", 0.0)
-                           for r in pool_rows},
-                   ylabel="held-out accuracy (chance 1/3)",
-                   title="pooling per init (± std over seeds)",
-                   path=OUT / "pooling.png")
+bar_label = lambda r: f"{r['init']} {r['pooling']}"  # noqa: E731
+_ = plotting.plot_bars({bar_label(r): r["accuracy"] for r in pool_rows},
+                       errors={bar_label(r): r.get("accuracy_std", 0.0)
+                               for r in pool_rows},
+                       ylabel="held-out accuracy (chance 1/3)",
+                       title="pooling per init (± std over seeds)",
+                       path=OUT / "pooling.png")
 
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds).** Fine-tuning the pretrained body, the
