@@ -26,6 +26,21 @@ def line_kind(line: bytes) -> int | None:
   return 2
 
 
+MARKERS = (b"async def ", b"def ", b"class ")
+
+
+def strip_marker(line: bytes, kind: int) -> bytes:
+  """``line`` without what gives its kind away: a comment's leading ``#``s, a
+  definition's ``def`` / ``class`` / ``async def`` keyword (other code unchanged)."""
+  if kind == 0:
+    return line.lstrip(b"#").strip()
+  if kind == 1:
+    for marker in MARKERS:
+      if line.startswith(marker):
+        return line[len(marker):].strip()
+  return line
+
+
 class LineKindSource:
   """``{"text": bytes, "label": int}``: standard-library lines by kind (balanced).
 
@@ -39,10 +54,16 @@ class LineKindSource:
     max_files: read only the first files of the split (fast start).
     max_bytes: longest line kept.
     seed: drawing seed.
+    strip_markers: remove the marker that decides the kind (:func:`strip_marker`:
+      ``#``, ``def``, ``class``), so the first byte no longer gives the label away and
+      a classifier has to read the rest of the line (prose vs a signature vs code);
+      lines left empty are dropped. Some stripped comments are commented-out code, so
+      the task is not perfectly separable.
   """
 
   def __init__(self, split: str = "train", *, num_examples: int = 30_000,
-               max_files: int = 150, max_bytes: int = 120, seed: int = 0):
+               max_files: int = 150, max_bytes: int = 120, seed: int = 0,
+               strip_markers: bool = False):
     if num_examples < 1:
       raise ValueError(f"num_examples={num_examples!r} must be >= 1")
     text = embedded.stdlib_text_source(split)
@@ -51,7 +72,9 @@ class LineKindSource:
       for line in text[i]["text"].splitlines():
         line = line.strip()[:max_bytes]
         kind = line_kind(line)
-        if kind is not None:
+        if kind is not None and strip_markers:
+          line = strip_marker(line, kind)
+        if kind is not None and line:
           lines[kind].append(line)
     if not all(lines):
       raise ValueError(f"LineKindSource: split {split!r} (first {max_files} files) "

@@ -128,6 +128,23 @@ def test_line_kind_source():
     source[30]
 
 
+def test_line_kind_source_can_strip_the_markers():
+  assert [line_kinds.strip_marker(x, line_kinds.line_kind(x)) for x in
+          (b"## hi there", b"def f(x):", b"class A(B):", b"async def g():", b"x = 1")
+          ] == [b"hi there", b"f(x):", b"A(B):", b"g():", b"x = 1"]
+  plain = sources.get_source("stdlib_line_kinds", "validation", num_examples=60,
+                             max_files=20)
+  source = sources.get_source("stdlib_line_kinds", "validation", num_examples=60,
+                              max_files=20, strip_markers=True)
+  for i in range(60):
+    record = source[i]
+    assert record["label"] == i % 3 and record["text"]
+    if i % 3 < 2:   # no comment or definition starts with its marker any more
+      assert not record["text"].startswith((b"#", b"def ", b"class ", b"async def "))
+  assert [source[i]["text"] for i in range(2, 60, 3)] == [
+      plain[i]["text"] for i in range(2, 60, 3)]   # other code is unchanged
+
+
 def test_synthetic_sources_deterministic():
   a = sources.get_source("reversal", "train", num_examples=50, seed=1)
   b = synthetic.reversal_source("train", num_examples=50, seed=1)
