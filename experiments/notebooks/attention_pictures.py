@@ -214,5 +214,16 @@ rows.append(dict(model="gpt_bytes embeddings",
                  same_kind_in_top5=float(same.mean()),
                  chance=float(np.mean([r["chance"] for r in kind_rows]))))
 
+# %% [markdown]
+# **What the table shows** (cpu size, the committed `results/attention_pictures.ipynb`;
+# the tiny run trains for seconds and shows far less). After the 2,000-step
+# `gpt_bytes` run the table is organised by use, not by code point: each vowel's nearest
+# bytes are the other vowels (`e` → `a i o y`, `E` → `A O I`), the digits' five nearest
+# are all digits (100 % against 9 % for a random byte), the opening brackets `( [ {`
+# sit together, and so do operators (`=` → `+ ! < >`) and the punctuation that ends an
+# expression (`,` → `) : .`). Among the whitespace bytes, space and newline are each
+# other's nearest, while tab (rare in the standard library, which indents with spaces)
+# is in neither's five nearest: hence the low same-kind share of that row.
+
 # %%
 common.show_table(plotting.results_table(rows, path=OUT / "results.md"))
