@@ -15,7 +15,9 @@
 # # Architecture ablations on the byte-level GPT
 #
 # Short runs of `experiments/configs/gpt_bytes.py` (the main job) that differ in one
-# thing each, with identical seeds and data order:
+# thing each, every arm trained with the same seeds (`train.seed` sets the
+# initialisation and the data order), and each table gives the mean ± sample std over
+# the seeds so that a difference can be told from noise:
 #
 # 1. **Norm placement**: pre-LN (GPT-2) vs post-LN (original Transformer).
 # 2. **Positions**: learned vs sinusoidal vs rotary (RoPE).
@@ -23,21 +25,38 @@
 #    default `1/sqrt(head_dim)` (`model.block.attention_scale_multiplier`), and arg-max
 #    attention (`model.block.attention_hard`; gradients reach the values only).
 # 4. **Attention implementations**: `xla`, `chunked` and `pallas` (interpret mode on
-#    the CPU) must give the same curves up to float rounding.
+#    the CPU) must give the same curves up to float rounding (a correctness check: one
+#    seed, short, at every size).
 #
-# Default: the tiny config at 300 steps (CPU, one to two minutes in all). That is a
-# smoke test of the machinery, not a result: at 300 steps the baseline is still at the
-# unigram level (4.40 bits/byte against 4.38 for a unigram model, issue 13),
-# so the quality differences between arms of sections 1-3 at this size are noise, not
-# findings (section 4's agreement of the implementations is a real check at any size).
-# `FULL=1`: the real config
-# (4 x 128, context 64, 2000 steps per run; use an accelerator). Outputs (PNG, markdown,
-# CSV) go to `$OUT_DIR` (default `experiments/notebooks/out/ablation_architecture/`).
+# Sizes (`NOTEBOOK_SIZE`, see `experiments/notebooks/common.py`):
+#
+# * `tiny` (default; what CI runs): the tiny config, one seed, a smoke test of the
+#   machinery. Its numbers are not results.
+# * `cpu` (the committed results in `experiments/notebooks/results/`): `gpt_bytes` cut
+#   to 2 layers x 128 (context 64, batch 12) at learning rate 3e-3 for 600 steps, which
+#   learned the most per CPU second among the sizes tried; 3 seeds per arm, about ten
+#   minutes on 2 CPU cores. Each row also gives the unigram baseline (the entropy of
+#   the eval bytes' own frequencies) so that a reader sees how far past it a run got.
+# * `full` (`FULL=1`): the real config (4 x 128, 2000 steps per run, a wider β sweep;
+#   use an accelerator).
+#
+# Outputs (PNG, markdown, CSV) go to `$OUT_DIR` (default
+# `experiments/notebooks/out/ablation_architecture/`), workdirs to `$RUNS_DIR`.
 
 # %%
+import contextlib
 import os
 import pathlib
 import sys
+import time
+
+# On a loaded machine one of the 2 CPU devices' threads can wait longer than XLA's
+# 40 s for the other at a gradient all-reduce, and XLA then aborts the process: allow
+# more (set before JAX starts its CPU backend).
+if "collective_call_terminate" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                             " --xla_cpu_collective_timeout_seconds=900").strip()
 
 ROOT = pathlib.Path.cwd()
 while not (ROOT / "pyproject.toml").exists() and ROOT != ROOT.parent:
@@ -50,129 +69,175 @@ from experiments import plotting
 from experiments.configs import gpt_bytes
 from experiments.notebooks import common
 
-FULL = os.environ.get("FULL") == "1"
+START = time.perf_counter()
+SIZE = common.size()
+SEEDS = common.SEEDS[SIZE]
 OUT = common.out_dir("ablation_architecture")
-RUNS = OUT / "runs"
+RUNS = common.runs_dir("ablation_architecture")
+common.use_compilation_cache()   # the seeds of an arm compile once (~8 s a run on CPU)
 
-base = gpt_bytes.get_config("" if FULL else "tiny")
-if not FULL:
-  # 300 steps of the tiny model (compilation dominates the run time anyway): enough to
-  # exercise every arm end to end, not to leave the unigram stage (see above).
+base = gpt_bytes.get_config("tiny" if SIZE == "tiny" else "")
+if SIZE == "tiny":
+  # The tiny model, 150 steps: every arm end to end, not a result.
   base = common.with_overrides(base, {
-      "train.num_steps": 300, "train.log_every": 10, "train.eval_every": 100,
+      "train.num_steps": 150, "train.log_every": 10, "train.eval_every": 50,
       "train.eval_batches": 8, "optimizer.warmup_steps": 20})
-print("steps per run:", base.train.num_steps, "| model:", dict(base.model))
+elif SIZE == "cpu":
+  base = common.with_overrides(base, {
+      "model.num_layers": 2, "optimizer.learning_rate": 3e-3,
+      "optimizer.warmup_steps": 50, "train.num_steps": 600, "train.log_every": 25,
+      "train.eval_every": 150, "train.eval_batches": 16})
+# The reference path everywhere (section 4 compares the others with it).
+base = common.with_overrides(base, {"model.block.attention_impl": "xla"})
+print(f"size {SIZE}, seeds {SEEDS}, steps per run {base.train.num_steps}, "
+      f"model: {dict(base.model)}")
 
 # %%
-results = {}
+results = {}     # label -> mean ± std row
+workdirs = {}    # label -> [workdir per seed]
+METRICS = ("train_loss", "eval_loss", "eval_bits_per_byte", "unigram_bits_per_byte",
+           "step_ms", "seconds")
 
 
-def run(label, overrides=None, **columns):
-  summary = common.train_run(base, RUNS / label, overrides=overrides)
-  results[label] = dict(
-      run=label, **columns,
-      train_loss=common.final_train_loss(summary["workdir"]),
-      eval_loss=summary.get("eval_loss"),
-      eval_bits_per_byte=summary.get("eval_bits_per_byte"),
-      step_ms=summary.get("step_time_ms"), params=summary["num_params"],
-      seconds=round(summary["run_seconds"], 1))
-  return summary
+def run(label, overrides=None, seeds=SEEDS, config=None, **columns):
+  """Trains one arm once per seed; its row holds the mean ± std over the seeds."""
+  # The training loop's per-step lines go to <runs>/<label>.log, not the notebook.
+  with open(RUNS / f"{label}.log", "w", encoding="utf-8") as log, \
+      contextlib.redirect_stdout(log):
+    summaries = common.train_seeds(config or base, RUNS, label, seeds,
+                                   overrides=overrides)
+  per_seed = [dict(
+      train_loss=common.final_train_loss(s["workdir"]),
+      eval_loss=s.get("eval_loss"), eval_bits_per_byte=s.get("eval_bits_per_byte"),
+      unigram_bits_per_byte=s.get("eval_unigram_bits_per_byte"),
+      step_ms=s.get("step_time_ms"), seconds=s["run_seconds"]) for s in summaries]
+  workdirs[label] = [s["workdir"] for s in summaries]
+  results[label] = plotting.mean_std_row(per_seed, METRICS, run=label, **columns,
+                                         params=summaries[0]["num_params"])
+  print(f"{label}: eval bits/byte " + ", ".join(
+      f"{r['eval_bits_per_byte']:.3f}" for r in per_seed) + f" (seeds {list(seeds)})")
+  return results[label]
 
 
-BASELINE = dict(norm="pre", positions="learned", attention="soft", beta="1x",
-                impl="xla")
-run("baseline", {"model.block.attention_impl": "xla"}, **BASELINE)
+def std(row, key):
+  """The seeds' std of ``row[key]`` (0 with one seed, for error bars)."""
+  value = row.get(f"{key}_std", 0.0)
+  return 0.0 if np.isnan(value) else value
+
+
+def show(labels, path, columns=None):
+  table = plotting.results_table([results[r] for r in labels], path=path,
+                                 columns=columns or ["run", *ARM_COLUMNS, "n",
+                                                     *METRICS, "params"])
+  common.show_table(table)
+
+
+def curves(arms, title, path):
+  plotting.plot_loss_curves({k: workdirs[r] for k, r in arms.items()}, title=title,
+                            path=path)
+
+
+ARM_COLUMNS = ["norm", "positions", "attention", "beta"]
+BASELINE = dict(norm="pre", positions="learned", attention="soft", beta="1x")
+run("baseline", **BASELINE)
 
 # %% [markdown]
 # ## 1. Pre-LN vs post-LN
 
 # %%
-run("post_ln", {"model.block.norm": "post", "model.block.attention_impl": "xla"},
-    **{**BASELINE, "norm": "post"})
-norm_rows = [results["baseline"], results["post_ln"]]
-print(plotting.results_table(norm_rows, path=OUT / "norm.md"))
-plotting.plot_loss_curves({"pre-LN": RUNS / "baseline", "post-LN": RUNS / "post_ln"},
-                          title="norm placement", path=OUT / "norm.png")
+run("post_ln", {"model.block.norm": "post"}, **{**BASELINE, "norm": "post"})
+show(["baseline", "post_ln"], OUT / "norm.md")
+curves({"pre-LN": "baseline", "post-LN": "post_ln"}, "norm placement", OUT / "norm.png")
+
+# %% [markdown]
+# **What the numbers show** (cpu size, 3 seeds): NORM_FINDINGS
 
 # %% [markdown]
 # ## 2. Learned vs sinusoidal vs rotary positions
 
 # %%
 for kind in ("sinusoidal", "rotary"):
-  run(f"pos_{kind}", {"model.positions": kind, "model.block.attention_impl": "xla"},
-      **{**BASELINE, "positions": kind})
+  run(f"pos_{kind}", {"model.positions": kind}, **{**BASELINE, "positions": kind})
 pos_runs = {"learned": "baseline", "sinusoidal": "pos_sinusoidal", "rotary": "pos_rotary"}
-print(plotting.results_table([results[r] for r in pos_runs.values()],
-                             path=OUT / "positions.md"))
-plotting.plot_loss_curves({k: RUNS / r for k, r in pos_runs.items()},
-                          title="positions", path=OUT / "positions.png")
+show(list(pos_runs.values()), OUT / "positions.md")
+curves(pos_runs, "positions", OUT / "positions.png")
+
+# %% [markdown]
+# **What the numbers show** (cpu size, 3 seeds): POS_FINDINGS
 
 # %% [markdown]
 # ## 3. Soft vs hard attention; the inverse temperature β
 #
 # β multiplies `q·k`; `1x` is the usual `1/sqrt(head_dim)`
-# (`--config.model.block.attention_scale_multiplier=10` on the command line, once the config
-# file lists the field). Small β flattens the attention towards a uniform average over
-# the prefix; large β sharpens it towards the arg-max.
+# (`--config.model.block.attention_scale_multiplier=10` on the command line). Small β
+# flattens the attention towards a uniform average over the prefix; large β sharpens
+# it towards the arg-max.
 #
-# Hard attention (`model.block.attention_hard=True`) is the arg-max itself. The weights are a
-# step function of `q·k`, so **no gradient reaches the query and key projections**:
-# they keep their random initialisation (weight decay only shrinks them, which leaves
-# the arg-max alone: their biases start at zero and get no gradient either), and each
-# token reads the value of the key that these fixed random projections of its (learned)
-# features pick. What trains is the values, the output projection, the MLPs and the
-# embeddings; the run measures how far that gets without learned attention patterns,
-# not hard attention trained end to end (that needs e.g. a straight-through estimator).
+# Hard attention (`model.block.attention_hard=True`) is the arg-max itself. The weights
+# are a step function of `q·k`, so **no gradient reaches the query and key
+# projections**: they keep their random initialisation (weight decay only shrinks them,
+# which leaves the arg-max alone: their biases start at zero and get no gradient
+# either), and each token reads the value of the key that these fixed random
+# projections of its (learned) features pick. What trains is the values, the output
+# projection, the MLPs, the norms and the embeddings; the run measures how far that
+# gets without learned attention patterns, not hard attention trained end to end (that
+# needs e.g. a straight-through estimator).
 
 # %%
-BETAS = (0.1, 1.0, 10.0) if not FULL else (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-beta_runs = {}
+BETAS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0) if SIZE == "full" else (0.1, 1.0, 10.0)
+beta_label = {b: "baseline" if b == 1.0 else f"beta_{b:g}x" for b in BETAS}
 for beta in BETAS:
-  label = "baseline" if beta == 1.0 else f"beta_{beta:g}x"
   if beta != 1.0:
-    run(label, {"model.block.attention_impl": "xla", "model.block.attention_scale_multiplier": beta},
+    run(beta_label[beta], {"model.block.attention_scale_multiplier": beta},
         **{**BASELINE, "beta": f"{beta:g}x"})
-  beta_runs[f"soft β={beta:g}x"] = label
-run("hard", {"model.block.attention_impl": "xla", "model.block.attention_hard": True},
+run("hard", {"model.block.attention_hard": True},
     **{**BASELINE, "attention": "hard", "beta": "-"})
-beta_runs["hard"] = "hard"
-print(plotting.results_table([results[r] for r in beta_runs.values()],
-                             path=OUT / "attention_beta.md"))
-plotting.plot_loss_curves({k: RUNS / r for k, r in beta_runs.items()},
-                          title="soft (β sweep) vs hard attention",
-                          path=OUT / "attention_curves.png")
-plotting.plot_sweep(BETAS, {
-    "eval loss": [results["baseline" if b == 1.0 else f"beta_{b:g}x"]["eval_loss"]
-                  for b in BETAS],
-    "hard (eval loss)": [results["hard"]["eval_loss"]] * len(BETAS)},
-                    xlabel="β / (1/sqrt(head_dim))", ylabel="eval loss", log_x=True,
-                    title="inverse temperature", path=OUT / "attention_beta.png")
+beta_runs = {**{f"soft β={b:g}x": beta_label[b] for b in BETAS}, "hard": "hard"}
+show(list(beta_runs.values()), OUT / "attention_beta.md")
+curves(beta_runs, "soft (β sweep) vs hard attention", OUT / "attention_curves.png")
+plotting.plot_sweep(
+    BETAS, {"soft": [results[beta_label[b]]["eval_bits_per_byte"] for b in BETAS],
+            "hard": [results["hard"]["eval_bits_per_byte"]] * len(BETAS),
+            "unigram": [results["baseline"]["unigram_bits_per_byte"]] * len(BETAS)},
+    errors={"soft": [std(results[beta_label[b]], "eval_bits_per_byte") for b in BETAS],
+            "hard": [std(results["hard"], "eval_bits_per_byte")] * len(BETAS)},
+    xlabel="β / (1/sqrt(head_dim))", ylabel="eval bits per byte", log_x=True,
+    title="inverse temperature (mean ± std over seeds)", path=OUT / "attention_beta.png")
+
+# %% [markdown]
+# **What the numbers show** (cpu size, 3 seeds): BETA_FINDINGS
 
 # %% [markdown]
 # ## 4. Attention implementations give the same curves
+#
+# A correctness check, not an ablation: one seed and a short run at every size (the
+# `pallas` kernel runs in interpret mode on the CPU, which is slow). The three runs
+# share the seed, so their curves must agree to float rounding.
 
 # %%
-for impl in ("chunked", "pallas"):
-  run(f"impl_{impl}", {"model.block.attention_impl": impl}, **{**BASELINE, "impl": impl})
-impl_runs = {"xla": "baseline", "chunked": "impl_chunked", "pallas": "impl_pallas"}
-ref_steps, ref_loss = plotting.series(plotting.read_metrics(RUNS / "baseline"), "loss")
+impl_base = common.with_overrides(base, {
+    "train.num_steps": min(base.train.num_steps, 60), "train.log_every": 5,
+    "train.eval_every": min(base.train.num_steps, 60)})
+impl_runs = {impl: f"impl_{impl}" for impl in ("xla", "chunked", "pallas")}
 for impl, label in impl_runs.items():
-  steps, loss = plotting.series(plotting.read_metrics(RUNS / label), "loss")
+  run(label, {"model.block.attention_impl": impl}, seeds=SEEDS[:1], config=impl_base,
+      **BASELINE, impl=impl)
+ref_steps, ref_loss = plotting.series(
+    plotting.read_metrics(workdirs["impl_xla"][0]), "loss")
+for impl, label in impl_runs.items():
+  steps, loss = plotting.series(plotting.read_metrics(workdirs[label][0]), "loss")
   assert np.array_equal(steps, ref_steps), (impl, steps, ref_steps)
   results[label]["max_abs_loss_diff_vs_xla"] = float(np.max(np.abs(loss - ref_loss)))
-print(plotting.results_table(
-    [results[r] for r in impl_runs.values()],
-    columns=["run", "impl", "train_loss", "eval_loss", "max_abs_loss_diff_vs_xla",
-             "step_ms", "seconds"], path=OUT / "implementations.md"))
-plotting.plot_loss_curves({k: RUNS / r for k, r in impl_runs.items()},
-                          title="attention implementations (should overlap)",
-                          path=OUT / "implementations.png")
+show(list(impl_runs.values()), OUT / "implementations.md",
+     columns=["run", "impl", "n", "train_loss", "eval_loss", "max_abs_loss_diff_vs_xla",
+              "step_ms", "seconds"])
+curves(impl_runs, "attention implementations (should overlap)",
+       OUT / "implementations.png")
 
 # %% [markdown]
 # ## All runs
 
 # %%
-COLUMNS = ["run", "norm", "positions", "attention", "beta", "impl", "train_loss",
-           "eval_loss", "eval_bits_per_byte", "step_ms", "params", "seconds"]
-print(plotting.results_table(list(results.values()), columns=COLUMNS,
-                             path=OUT / "results.md"))
+show(list(results), OUT / "results.md",
+     columns=["run", *ARM_COLUMNS, "impl", "n", *METRICS, "params"])
+print(f"notebook time: {time.perf_counter() - START:.0f} s at size {SIZE}")
