@@ -44,18 +44,9 @@
 
 # %%
 import contextlib
-import os
 import pathlib
 import sys
 import time
-
-# On a loaded machine one of the 2 CPU devices' threads can wait longer than XLA's
-# 40 s for the other at a gradient all-reduce, and XLA then aborts the process: allow
-# more (set before JAX starts its CPU backend).
-if "collective_call_terminate" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_collective_call_terminate_timeout_seconds=900"
-                             " --xla_cpu_collective_timeout_seconds=900").strip()
 
 ROOT = pathlib.Path.cwd()
 while not (ROOT / "pyproject.toml").exists() and ROOT != ROOT.parent:
