@@ -93,7 +93,8 @@ print(f"size {SIZE}, seeds {SEEDS}, steps per run {base.train.num_steps}, "
 # %%
 results = {}     # label -> mean ± std row
 workdirs = {}    # label -> [workdir per seed]
-METRICS = ("train_loss", "eval_loss", "eval_bits_per_byte", "unigram_bits_per_byte",
+BPB = {}         # label -> [eval bits per byte per seed]
+METRICS = ("eval_bits_per_byte", "unigram_bits_per_byte", "eval_loss", "train_loss",
            "step_ms", "seconds")
 
 
@@ -112,6 +113,14 @@ def run(label, overrides=None, seeds=SEEDS, config=None, **columns):
   workdirs[label] = [s["workdir"] for s in summaries]
   results[label] = plotting.mean_std_row(per_seed, METRICS, run=label, **columns,
                                          params=summaries[0]["num_params"])
+  BPB[label] = [r["eval_bits_per_byte"] for r in per_seed]
+  if config is None and label != "baseline":
+    # Paired by seed: an arm and the baseline share each seed's initialisation and
+    # data order, so their per-seed difference is far less noisy than either arm.
+    delta = plotting.mean_std_row(
+        [{"d": a - b} for a, b in zip(BPB[label], BPB["baseline"])], ["d"])
+    results[label]["delta_bpb_vs_baseline"] = delta["d"]
+    results[label]["delta_bpb_vs_baseline_std"] = delta["d_std"]
   print(f"{label}: eval bits/byte " + ", ".join(
       f"{r['eval_bits_per_byte']:.3f}" for r in per_seed) + f" (seeds {list(seeds)})")
   return results[label]
@@ -125,8 +134,7 @@ def std(row, key):
 
 def show(labels, path, columns=None):
   table = plotting.results_table([results[r] for r in labels], path=path,
-                                 columns=columns or ["run", *ARM_COLUMNS, "n",
-                                                     *METRICS, "params"])
+                                 columns=columns or COLUMNS)
   common.show_table(table)
 
 
@@ -136,6 +144,9 @@ def curves(arms, title, path):
 
 
 ARM_COLUMNS = ["norm", "positions", "attention", "beta"]
+# delta_bpb_vs_baseline: the arm's eval bits/byte minus the baseline's, same seed.
+COLUMNS = ["run", *ARM_COLUMNS, "n", "eval_bits_per_byte", "delta_bpb_vs_baseline",
+           *METRICS[1:], "params"]
 BASELINE = dict(norm="pre", positions="learned", attention="soft", beta="1x")
 run("baseline", **BASELINE)
 
@@ -237,5 +248,5 @@ curves(impl_runs, "attention implementations (should overlap)",
 
 # %%
 show(list(results), OUT / "results.md",
-     columns=["run", *ARM_COLUMNS, "impl", "n", *METRICS, "params"])
+     columns=["run", *ARM_COLUMNS, "impl", *COLUMNS[len(ARM_COLUMNS) + 1:]])
 print(f"notebook time: {time.perf_counter() - START:.0f} s at size {SIZE}")
