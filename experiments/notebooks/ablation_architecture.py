@@ -123,7 +123,6 @@ def run(label, overrides=None, seeds=SEEDS, config=None, **columns):
     results[label]["delta_bpb_vs_baseline_std"] = delta["d_std"]
   print(f"{label}: eval bits/byte " + ", ".join(
       f"{r['eval_bits_per_byte']:.3f}" for r in per_seed) + f" (seeds {list(seeds)})")
-  return results[label]
 
 
 def std(row, key):
@@ -222,7 +221,7 @@ run("hard", {"model.block.attention_hard": True},
 beta_runs = {**{f"soft β={b:g}x": beta_label[b] for b in BETAS}, "hard": "hard"}
 show(list(beta_runs.values()), OUT / "attention_beta.md")
 curves(beta_runs, "soft (β sweep) vs hard attention", OUT / "attention_curves.png")
-plotting.plot_sweep(
+_ = plotting.plot_sweep(   # drawn inline once (not again as the cell's value)
     BETAS, {"soft": [results[beta_label[b]]["eval_bits_per_byte"] for b in BETAS],
             "hard": [results["hard"]["eval_bits_per_byte"]] * len(BETAS),
             "unigram": [results["baseline"]["unigram_bits_per_byte"]] * len(BETAS)},
