@@ -187,9 +187,9 @@ curves(pos_runs, "positions", OUT / "positions.png")
 # beat learned ones in every seed, by 0.09 to 0.15 bits/byte (-0.12 ± 0.03 paired), a
 # difference four times the paired spread; unpaired the two ranges overlap (2.64 ± 0.11
 # against 2.77 ± 0.09), so it shows only because the arms share their seeds. Rotary's
-# steps were slower in this execution (16.2 ± 1.4 against 13.2 ± 0.4 ms) but not in an
-# earlier identical one (14.4 ± 0.2 against 14.0 ± 0.5); this shared machine's timings
-# do not settle that.
+# steps were a little slower than learned positions' in each of three executions of
+# this notebook (14.4 against 13.6 ms here; 16.2 against 13.2 and 14.4 against 14.0
+# before), by an amount this shared machine's timings do not pin down.
 
 # %% [markdown]
 # ## 3. Soft vs hard attention; the inverse temperature β
@@ -238,9 +238,10 @@ _ = plotting.plot_sweep(   # drawn inline once (not again as the cell's value)
 # of the attention arms (3.29 ± 0.10; +0.52 ± 0.08 paired), yet still far below the
 # unigram baseline (4.18): with query and key projections frozen at their random
 # initialisation (see above), the values, MLPs and embeddings still learn much of the
-# next-byte statistics. Step times differ by at most about 10% among these arms (hard
-# attention is the fastest, 12.1 ± 0.2 ms against the baseline's 13.2 ± 0.4), measured
-# on a shared machine: read them as "no arm is much slower", not as a ranking.
+# next-byte statistics. Step times: hard attention's steps were about 10% faster than
+# the baseline's in each of three executions of this notebook (12.4, 12.1 and 12.5 ms
+# against 13.6, 13.2 and 14.0); the soft β arms' step times moved between executions
+# by as much as they differ from the baseline's, so no β is faster or slower.
 
 # %% [markdown]
 # ## 4. Attention implementations give the same curves
