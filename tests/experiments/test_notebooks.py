@@ -62,8 +62,9 @@ def test_notebook_converts_and_follows_the_conventions(name):
   assert "SIZE = common.size()" in source        # tiny | cpu | full
   assert f'common.out_dir("{name}")' in source
   assert f'common.runs_dir("{name}")' in source  # workdirs apart from the outputs
-  # Training goes through the library's loop (common.train_run), not a local copy.
-  assert "common.train_run(" in source
+  # Training goes through the library's loop (common.train_run / train_seeds), not a
+  # local copy.
+  assert "common.train_run(" in source or "common.train_seeds(" in source
   assert "optax" not in source and "value_and_grad" not in source
 
 
@@ -226,3 +227,8 @@ def test_notebook_runs_at_tiny_size(name, tmp_path):
     assert max(float(r["max_abs_loss_diff_vs_xla"]) for r in impl_rows) < 1e-3
     losses = {r["run"]: float(r["eval_loss"]) for r in rows}
     assert all(0.0 < v < 4.5 for v in losses.values()), losses   # ln(263) = 5.57 at init
+    assert sorted(losses) == sorted([
+        "baseline", "post_ln", "pos_sinusoidal", "pos_rotary", "beta_0.1x", "beta_10x",
+        "hard", "impl_xla", "impl_chunked", "impl_pallas"]), sorted(losses)
+    # Every arm's row carries the unigram baseline it is to be read against.
+    assert all(float(r["unigram_bits_per_byte"]) > 0 for r in rows), rows
