@@ -38,10 +38,20 @@ def _structs(batch=1, q_len=256, kv_len=256, heads=4, kv_heads=2, head_dim=64,
           jax.ShapeDtypeStruct((batch, kv_len, kv_heads, head_dim), dtype))
 
 
+# jax >= 0.11 asks the Triton lowering for the target GPU (its compute capability) and,
+# with no GPU attached, takes it from an abstract mesh: a pre-Hopper one, so that the
+# automatic backend is Triton (Hopper would pick Mosaic GPU for bf16/fp16).
+A100 = jax.sharding.AbstractDevice(device_kind="NVIDIA A100-SXM4-80GB", platform="gpu",
+                                   num_cores=108)
+
+
 def _export(fn, platforms, *args):
-  exported = export.export(jax.jit(fn), platforms=platforms,
-                           disabled_checks=DISABLED)(*args)
-  return exported.mlir_module()
+  export_fn = export.export(jax.jit(fn), platforms=platforms, disabled_checks=DISABLED)
+  if "cuda" not in platforms or jax.devices()[0].platform == "gpu":
+    return export_fn(*args).mlir_module()
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((), (), abstract_device=A100)):
+    return export_fn(*args).mlir_module()
 
 
 def _tmp_json(test) -> str:
