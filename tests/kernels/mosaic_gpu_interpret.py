@@ -23,6 +23,12 @@ Three changes to how the interpreter runs, also test-only:
     (see `_barrier_deallocate`).
 And the callbacks' small bookkeeping arrays (allocation keys) are built with
 NumPy instead of dispatching jnp ops.
+Works on jax 0.10 and 0.11, gated on what the interpreter has, not on the
+version: 0.11 names a simulated thread by a `MeshLocation`/`Thread` pytree
+(`_MESH_LOCATIONS`), gives scan FlatTree params and closed sub-jaxprs, waits
+on a barrier per `Thread`, converts callback arguments with `_to_int` (which
+must accept the eager threads' NumPy scalars) and restarts register buffer
+ids per cluster (kept counting here, see `_reset_per_cluster_state`).
 `interpret_context()` installs all of this and returns the context that runs every
 Mosaic GPU kernel traced under it in interpret mode with race detection, on
 an abstract H100, as the kernels' lowering and dispatch expect.
