@@ -23,6 +23,12 @@ Three changes to how the interpreter runs, also test-only:
     (see `_barrier_deallocate`).
 And the callbacks' small bookkeeping arrays (allocation keys) are built with
 NumPy instead of dispatching jnp ops.
+Works on jax 0.10 and 0.11, gated on what the interpreter has, not on the
+version: 0.11 names a simulated thread by a `MeshLocation`/`Thread` pytree
+(`_MESH_LOCATIONS`), gives scan FlatTree params and closed sub-jaxprs, waits
+on a barrier per `Thread`, converts callback arguments with `_to_int` (which
+must accept the eager threads' NumPy scalars) and restarts register buffer
+ids per cluster (kept counting here, see `_reset_per_cluster_state`).
 `interpret_context()` installs all of this and returns the context that runs every
 Mosaic GPU kernel traced under it in interpret mode with race detection, on
 an abstract H100, as the kernels' lowering and dispatch expect.
@@ -155,6 +161,13 @@ def _read_operand(memory, key_array, transforms, thread, logging_info):
   return value
 
 
+# jax >= 0.11 names a simulated thread by a `MeshLocation` and a `Thread`
+# (pytrees passed to the callbacks), reads buffers through an `Access` that
+# already composes indexers and transposes, and stores `RefUnion`s; jax 0.10
+# passes (device_id, grid_point_coords, thread_id) arrays and plain ranges.
+_MESH_LOCATIONS = hasattr(shared_memory, "MeshLocation")
+
+
 def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
                     acc_transforms, a_transforms, b_transforms, *,
                     a_in_registers: bool, acc_dtype, source_info):
@@ -182,6 +195,37 @@ def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
   return token
 
 
+def _wgmma_callback_mesh(*, token, mesh_location, thread, acc, a, b,
+                         acc_transforms, a_transforms, b_transforms,
+                         a_in_registers: bool, acc_dtype, source_info):
+  """`_wgmma_callback` for jax >= 0.11 (see `_MESH_LOCATIONS`)."""
+  memory = gpu_callbacks._get_shared_memory()  # noqa
+  info = shared_memory.GPULoggingInfo(mesh_location, thread, source_info)
+
+  def access(key_array, transforms):
+    key = gpu_callbacks.HostAllocationKey.from_array(key_array)
+    transforms = jax.tree.map(
+        int, gpu_callbacks._remove_noop_transforms(transforms))  # noqa
+    return key, memory.access(key, transforms)
+
+  def read(key_array, transforms):
+    key, acc_range = access(key_array, transforms)
+    value, _, _ = memory.get_buffer_content(key, acc_range, thread,
+                                            logging_info=info)
+    return value
+
+  a = np.asarray(a) if a_in_registers else read(a, a_transforms)
+  b = read(b, b_transforms)
+  acc_key, acc_range = access(acc, acc_transforms)
+  acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread,
+                                        logging_info=info)
+  out = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(
+      acc_dtype)
+  memory.store_buffer_content(acc_key, acc_range, out, thread,
+                              logging_info=info)
+  return token
+
+
 def _interpret_wgmma(self, eqn, token, get_invals):
   acc, a, b, *leaves = get_invals()
   empty = jax.tree.structure([])
@@ -192,6 +236,20 @@ def _interpret_wgmma(self, eqn, token, get_invals):
           eqn.params["b_transforms_tree"] or empty)), leaves)
   a_in_registers = not isinstance(eqn.invars[1].aval,
                                   state_types.AbstractRef)
+  if _MESH_LOCATIONS:
+    resolve = jaxpr_interpret.resolve_ref
+    acc, acc_t = resolve(eqn.invars[0].aval, acc, acc_t)
+    if not a_in_registers:
+      a, a_t = resolve(eqn.invars[1].aval, a, a_t)
+    b, b_t = resolve(eqn.invars[2].aval, b, b_t)
+    return callback.io_callback(
+        functools.partial(_wgmma_callback_mesh, a_in_registers=a_in_registers,
+                          acc_dtype=eqn.invars[0].aval.dtype,
+                          source_info=eqn.source_info),
+        gpu_callbacks.TOKEN_SHAPE_DTYPE,
+        token=token, mesh_location=self.mesh_location, thread=self.thread,
+        acc=acc, a=a, b=b, acc_transforms=acc_t, a_transforms=a_t,
+        b_transforms=b_t, ordered=True), []
   return callback.io_callback(
       functools.partial(_wgmma_callback, a_in_registers=a_in_registers,
                         acc_dtype=eqn.invars[0].aval.dtype,
@@ -231,18 +289,18 @@ def _eval_eagerly(jaxpr: jax_core.Jaxpr, consts, args) -> list:
               params["callback"](*[np.asarray(x) for x in invals])]
     elif prim is loops.while_p:
       nc, nb = params["cond_nconsts"], params["body_nconsts"]
-      cond, body = params["cond_jaxpr"], params["body_jaxpr"]
+      (cond, ck), (body, bk) = map(_open, (params["cond_jaxpr"],
+                                           params["body_jaxpr"]))
       cc, bc, outs = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
-      while bool(_eval_eagerly(cond.jaxpr, cond.consts, [*cc, *outs])[0]):
-        outs = _eval_eagerly(body.jaxpr, body.consts, [*bc, *outs])
+      while bool(_eval_eagerly(cond, ck, [*cc, *outs])[0]):
+        outs = _eval_eagerly(body, bk, [*bc, *outs])
     elif prim is loops.scan_p:
       outs = _scan_eagerly(eqn, invals)
     elif prim is conditionals.cond_p:
-      branch = params["branches"][int(invals[0])]
-      outs = _eval_eagerly(branch.jaxpr, branch.consts, invals[1:])
+      outs = _eval_eagerly(*_open(params["branches"][int(invals[0])]),
+                           invals[1:])
     elif prim is pjit.jit_p:
-      outs = _eval_eagerly(params["jaxpr"].jaxpr, params["jaxpr"].consts,
-                           invals)
+      outs = _eval_eagerly(*_open(params["jaxpr"]), invals)
     else:
       if any(sub.effects for sub in jax_core.jaxprs_in_params(params)):
         raise NotImplementedError(  # would run its callbacks inside XLA
@@ -253,15 +311,27 @@ def _eval_eagerly(jaxpr: jax_core.Jaxpr, consts, args) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
+def _open(jaxpr) -> tuple[jax_core.Jaxpr, list]:
+  """A (closed or open) sub-jaxpr's jaxpr and consts."""
+  if isinstance(jaxpr, jax_core.ClosedJaxpr):
+    return jaxpr.jaxpr, jaxpr.consts
+  return jaxpr, []
+
+
 def _scan_eagerly(eqn, invals) -> list:
   p = eqn.params
-  n_consts, n_carry, body = p["num_consts"], p["num_carry"], p["jaxpr"]
-  consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
-  xs = invals[n_consts + n_carry:]
+  body, body_consts = _open(p["jaxpr"])
+  if "ft_in" in p:  # jax >= 0.11: the operands' grouping as FlatTrees
+    consts, carry, xs = (list(g) for g in p["ft_in"].update(invals).unpack())
+    n_carry = len(carry)
+  else:
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, carry = invals[:n_consts], invals[n_consts:n_consts + n_carry]
+    xs = invals[n_consts + n_carry:]
   steps = range(p["length"])
   ys = []
   for i in (reversed(steps) if p["reverse"] else steps):
-    outs = _eval_eagerly(body.jaxpr, body.consts,
+    outs = _eval_eagerly(body, body_consts,
                          [*consts, *carry, *(x[i] for x in xs)])
     carry = outs[:n_carry]
     ys.append(outs[n_carry:])
@@ -321,12 +391,12 @@ def _barrier_init(self, *args, **kwargs):
   self.cv = _AbortableCondition()
 
 
-def _barrier_timed_wait(self, device_id, local_thread_id, logging_info=None):
+def _barrier_timed_wait(self, *thread, logging_info=None):
+  """`Barrier.wait(device_id, local_thread_id)` (jax 0.10) or `(thread)`."""
   _waiting.since = time.monotonic()
-  _waiting.info = logging_info or f"thread {local_thread_id}"
+  _waiting.info = logging_info or f"thread {thread[-1]}"
   try:
-    return _BARRIER_WAIT(self, device_id, local_thread_id,
-                         logging_info=logging_info)
+    return _BARRIER_WAIT(self, *thread, logging_info=logging_info)
   finally:
     _waiting.since = None
 
@@ -344,12 +414,43 @@ def _barrier_deallocate(self):
 
 def _run_thread(jaxpr, consts, *args):
   """`thread_map._run_jaxpr`: one simulated thread's body, eagerly."""
+  if isinstance(jaxpr, jax_core.ClosedJaxpr):  # jax >= 0.11 passes it closed
+    jaxpr = jaxpr.jaxpr
   try:
     _eval_eagerly(jaxpr, consts, args)
   except BaseException as e:
     if not _abort.is_set():
       _abort_kernel(f"{type(e).__name__}: {str(e)[:2000]}")
     raise
+
+
+_TO_INT = getattr(shared_memory, "_to_int", None)  # jax >= 0.11
+
+
+def _to_int(x):
+  """`shared_memory._to_int`, accepting NumPy scalars too: the eager threads
+  call the callbacks with NumPy arrays, where XLA passes jax arrays."""
+  if isinstance(x, (np.ndarray, np.generic)):
+    return int(x)
+  return _TO_INT(x)
+
+
+_RESET_PER_CLUSTER = getattr(shared_memory.GPUSharedMemory,
+                             "reset_per_cluster_state", None)  # jax >= 0.11
+
+
+def _reset_per_cluster_state(self):
+  """`GPUSharedMemory.reset_per_cluster_state`, except that register buffer
+  ids keep counting down across clusters. jax restarts them at -100 for each
+  cluster (and restarts the threads' vector clocks), while the race detector
+  keeps every earlier access by buffer key: the next cluster's accumulators
+  then reuse the previous cluster's keys with smaller clocks, and every access
+  to them reads as a race with the previous cluster's. Unique keys avoid it."""
+  next_regs_id = getattr(self, "next_regs_id", None)  # None: in `__init__`
+  _RESET_PER_CLUSTER(self)
+  if next_regs_id is not None:
+    with self.lock:
+      self.next_regs_id = next_regs_id
 
 
 class _NumpyArrays(types.ModuleType):
@@ -391,6 +492,11 @@ def interpret_context(detect_races: bool = True):
              (shared_memory.Barrier, "deallocate", _barrier_deallocate),
              (gpu_callbacks, "jnp", _NumpyArrays("jnp")),
              (gpu_callbacks, "_initialize_shared_memory", init_and_collect)]
+  if _TO_INT is not None:
+    patches.append((shared_memory, "_to_int", _to_int))
+  if _RESET_PER_CLUSTER is not None:
+    patches.append((shared_memory.GPUSharedMemory, "reset_per_cluster_state",
+                    _reset_per_cluster_state))
   saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
   for obj, name, value in patches:
     setattr(obj, name, value)
