@@ -168,6 +168,16 @@ def _read_operand(memory, key_array, transforms, thread, logging_info):
 _MESH_LOCATIONS = hasattr(shared_memory, "MeshLocation")
 
 
+def _accumulate(memory, acc_key, acc_range, a, b, acc_dtype, thread, info):
+  """acc += a @ b in float32, on the accumulator's buffer (both jax versions)."""
+  acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread,
+                                        logging_info=info)
+  out = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(
+      acc_dtype)
+  memory.store_buffer_content(acc_key, acc_range, out, thread,
+                              logging_info=info)
+
+
 def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
                     acc_transforms, a_transforms, b_transforms, *,
                     a_in_registers: bool, acc_dtype, source_info):
@@ -186,12 +196,7 @@ def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
   acc_range = interpret_utils.to_range(
       jax.tree.map(int, gpu_callbacks._remove_noop_transforms(  # noqa
           acc_transforms)))
-  acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread,
-                                        logging_info=info)
-  out = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(
-      acc_dtype)
-  memory.store_buffer_content(acc_key, acc_range, out, thread,
-                              logging_info=info)
+  _accumulate(memory, acc_key, acc_range, a, b, acc_dtype, thread, info)
   return token
 
 
@@ -217,12 +222,7 @@ def _wgmma_callback_mesh(*, token, mesh_location, thread, acc, a, b,
   a = np.asarray(a) if a_in_registers else read(a, a_transforms)
   b = read(b, b_transforms)
   acc_key, acc_range = access(acc, acc_transforms)
-  acc, _, _ = memory.get_buffer_content(acc_key, acc_range, thread,
-                                        logging_info=info)
-  out = acc + np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(
-      acc_dtype)
-  memory.store_buffer_content(acc_key, acc_range, out, thread,
-                              logging_info=info)
+  _accumulate(memory, acc_key, acc_range, a, b, acc_dtype, thread, info)
   return token
 
 
