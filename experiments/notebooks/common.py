@@ -61,14 +61,20 @@ def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> None:
   """JAX's persistent compilation cache (seeds of one arm compile once).
 
   Default ``experiments/notebooks/out/jax_cache`` (git-ignored); every compilation is
-  cached, however short, since a notebook's runs repeat the same programs.
+  cached, however short, since a notebook's runs repeat the same programs. A cache
+  already configured by the environment (``JAX_COMPILATION_CACHE_DIR``, as the test
+  suite sets for the notebooks it runs) is kept. The size limit turns on the cache's
+  file lock, so notebooks run side by side never read an entry being written.
   """
+  if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
   path = pathlib.Path(path or REPO_ROOT / "experiments" / "notebooks" / "out" /
                       "jax_cache")
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 
 
 def show_table(text: str) -> None:

@@ -149,6 +149,18 @@ def test_build_ipynb_executes_into_out_dir(tmp_path, monkeypatch):
   assert (tmp_path / "runs").is_dir() and "NOTEBOOK_SIZE" not in os.environ
 
 
+def test_compilation_cache_keeps_one_set_by_the_environment(tmp_path, monkeypatch):
+  updates = {}
+  monkeypatch.setattr(common.jax.config, "update",
+                      lambda name, value: updates.__setitem__(name, value))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "suite"))
+  common.use_compilation_cache()
+  assert updates == {}   # the suite's (or the user's) cache stays in force
+  common.use_compilation_cache(tmp_path / "mine")
+  assert updates["jax_compilation_cache_dir"] == str(tmp_path / "mine")
+  assert updates["jax_compilation_cache_max_size"] > 0   # the file lock is on
+
+
 def test_mean_std_rows_print_the_spread(tmp_path):
   from experiments import plotting  # pylint: disable=g-import-not-at-top
   row = plotting.mean_std_row([{"loss": 1.0}, {"loss": 2.0}, {"loss": 3.0}],
