@@ -126,13 +126,17 @@ def _axes_tuple(entry) -> tuple[str, ...]:
 
 def active_layout(query: Array, key: Array) -> Layout | None:
   """The layout when the active mesh and rules shard ``ACT_LENGTH`` over a ``context``
-  axis of size > 1, else None. Axes that do not divide a dimension are left out."""
+  axis of size N > 1 and both lengths are at least N, else None. Mesh axes that do not
+  divide the batch or head dimension are left out of their specs (replicated)."""
   from jaxformer import axes  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or getattr(mesh, "empty", True) or CONTEXT_AXIS not in mesh.axis_names:
     return None
   if mesh.shape[CONTEXT_AXIS] <= 1:
+    return None
+  if min(query.shape[1], key.shape[1]) < mesh.shape[CONTEXT_AXIS]:
+    # Too short to split (a decoding step): the partitioner gathers the few positions.
     return None
   rules = dict(nn.get_logical_axis_rules())
   if CONTEXT_AXIS not in _axes_tuple(rules.get(axes.ACT_LENGTH)):
