@@ -1,15 +1,20 @@
 """Device mesh, logical-axis rules and the shardings of state and batches.
 
-The mesh always has the three axes ``("data", "fsdp", "tensor")``; the config's
-``mesh_shape`` sizes them (one entry may be -1 = the remaining devices). One device,
-data parallel, FSDP and tensor parallel are the same code with different shapes::
+The mesh always has the four axes ``("data", "fsdp", "tensor", "context")``; the
+config's ``mesh_shape`` sizes them (one entry may be -1 = the remaining devices; a
+3-tuple means ``context=1``). One device, data parallel, FSDP, tensor and context
+parallel are the same code with different shapes::
 
-  mesh_shape=(1, 1, 1)     one device
-  mesh_shape=(-1, 1, 1)    data parallel (params replicated)
-  mesh_shape=(1, -1, 1)    FSDP (params' embed axis sharded, batch sharded too)
-  mesh_shape=(1, -1, 2)    FSDP x tensor parallel (heads / mlp / vocab over tensor)
+  mesh_shape=(1, 1, 1)        one device
+  mesh_shape=(-1, 1, 1)       data parallel (params replicated)
+  mesh_shape=(1, -1, 1)       FSDP (params' embed axis sharded, batch sharded too)
+  mesh_shape=(1, -1, 2)       FSDP x tensor parallel (heads / mlp / vocab over tensor)
+  mesh_shape=(1, 1, 1, -1)    context parallel (each sequence split, ring attention)
+  mesh_shape=(2, 1, 1, 2)     data x context
 
-Batches are sharded over ``("data", "fsdp")`` along their leading axis. The model's
+Batches are sharded over ``("data", "fsdp")`` along their leading axis; the sequence
+axis of the activations over ``context`` (the batch arrays themselves are not split
+along it: the first activation constraint does that). The model's
 ``nn.with_logical_constraint`` calls need the mesh and rules in context while tracing:
 wrap tracing/calls in :func:`activate`.
 """
@@ -37,20 +42,29 @@ MESH_AXES = axes.MESH_AXES
 BATCH_AXES = ("data", "fsdp")
 
 
+def full_mesh_shape(mesh_shape: Sequence[int]) -> tuple[int, ...]:
+  """``mesh_shape`` with one entry per mesh axis: a 3-tuple gets ``context=1``."""
+  shape = tuple(int(s) for s in mesh_shape)
+  if len(shape) == len(MESH_AXES) - 1:
+    shape += (1,)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh_shape={tuple(mesh_shape)!r} needs {len(MESH_AXES)} "
+                     f"entries, one per mesh axis {MESH_AXES} (or 3: context=1)")
+  return shape
+
+
 def resolve_mesh_shape(mesh_shape: Sequence[int],
                        num_devices: int) -> tuple[int, ...]:
   """Replaces a -1 in ``mesh_shape`` by the remaining device count; validates.
 
   Args:
-    mesh_shape: sizes of ``("data", "fsdp", "tensor")``; at most one -1.
+    mesh_shape: sizes of ``("data", "fsdp", "tensor", "context")`` (3 entries: context
+      1); at most one -1.
     num_devices: devices available.
   Returns:
-    Concrete sizes whose product is ``num_devices``.
+    Concrete sizes (4) whose product is ``num_devices``.
   """
-  shape = tuple(int(s) for s in mesh_shape)
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh_shape={tuple(mesh_shape)!r} needs {len(MESH_AXES)} "
-                     f"entries, one per mesh axis {MESH_AXES}")
+  shape = full_mesh_shape(mesh_shape)
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise ValueError(f"mesh_shape={shape!r}: entries must be positive, with at "
                      "most one -1 (= the remaining devices)")
@@ -112,7 +126,8 @@ def configure_cpu_devices(count: int, batch_size: int) -> int | None:
 
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1),
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over all (given) devices."""
+  """A ``Mesh`` with axes ``("data", "fsdp", "tensor", "context")`` over all (given)
+  devices (``mesh_shape`` as :func:`resolve_mesh_shape` takes it)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

@@ -47,11 +47,11 @@ def _check_mesh_shape(shape: Any) -> None:
     entries = tuple(shape)
   except TypeError:
     entries = None
-  if (entries is None or len(entries) != 3 or not all(_is_int(s) for s in entries)
+  if (entries is None or len(entries) not in (3, 4) or not all(_is_int(s) for s in entries)
       or entries.count(-1) > 1 or any(s == 0 or s < -1 for s in entries)):
-    raise ValueError(f"sharding.mesh_shape={shape!r} must be 3 ints (data, fsdp, "
-                     "tensor), positive, with at most one -1 (= the remaining "
-                     "devices)")
+    raise ValueError(f"sharding.mesh_shape={shape!r} must be 4 ints (data, fsdp, "
+                     "tensor, context) or 3 (context=1), positive, with at most one "
+                     "-1 (= the remaining devices)")
 
 
 def validate_config(config: Mapping[str, Any]) -> None:

@@ -22,18 +22,21 @@ import training_helpers as th
 class MeshShapeTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ((-1, 1, 1), 8, (8, 1, 1)),
-      ((1, -1, 2), 8, (1, 4, 2)),
-      ((2, 2, 2), 8, (2, 2, 2)),
-      ((1, 1, 1), 1, (1, 1, 1)),
-      ((1, -1, 1), 1, (1, 1, 1)),
+      ((-1, 1, 1), 8, (8, 1, 1, 1)),
+      ((1, -1, 2), 8, (1, 4, 2, 1)),
+      ((2, 2, 2), 8, (2, 2, 2, 1)),
+      ((1, 1, 1), 1, (1, 1, 1, 1)),
+      ((1, -1, 1), 1, (1, 1, 1, 1)),
+      ((1, 1, 1, -1), 8, (1, 1, 1, 8)),
+      ((2, 1, 1, 2), 4, (2, 1, 1, 2)),
   )
   def test_resolve(self, shape, n, want):
     self.assertEqual(sharding.resolve_mesh_shape(shape, n), want)
 
   @parameterized.parameters(
       ((-1, -1, 1), 8, "at most one -1"),
-      ((1, 1), 8, "needs 3 entries"),
+      ((1, 1), 8, "needs 4 entries"),
+      ((1, 1, 1, 1, 1), 8, "needs 4 entries"),
       ((3, -1, 1), 8, "not divisible"),
       ((2, 2, 1), 8, "uses 4 devices but 8"),
       ((0, 1, 1), 1, "positive"),
@@ -44,7 +47,7 @@ class MeshShapeTest(parameterized.TestCase):
 
   def test_make_mesh_axes_and_batch_sharding(self):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    self.assertEqual(mesh.axis_names, ("data", "fsdp", "tensor"))
+    self.assertEqual(mesh.axis_names, ("data", "fsdp", "tensor", "context"))
     self.assertEqual(sharding.batch_sharding(mesh).spec, P(("data", "fsdp")))
     self.assertEqual(sharding.batch_divisor(mesh), 1)
     batch = th.make_batch(0)
