@@ -131,7 +131,7 @@ def active_layout(query: Array, key: Array) -> Layout | None:
   from jaxformer import axes  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or getattr(mesh, "empty", True) or CONTEXT_AXIS not in mesh.axis_names:
+  if mesh is None or CONTEXT_AXIS not in tuple(getattr(mesh, "axis_names", ()) or ()):
     return None
   if mesh.shape[CONTEXT_AXIS] <= 1:
     return None
@@ -199,8 +199,7 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, layout
   """
   mode = check_mode(current_mode() if mode is None else mode)
   if block_impl is None:
-    block_impl = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm",
-                                                       "tpu") else "chunked"
+    block_impl = _default_block_impl(query, key, value)
   if block_impl not in BLOCK_IMPLEMENTATIONS:
     raise ValueError(f"block_impl={block_impl!r}; valid: {BLOCK_IMPLEMENTATIONS}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -265,6 +264,22 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, layout
                  in_specs=(spec_q, spec_kv, spec_kv) + ids_specs, out_specs=spec_q)
   out = fn(q, k, v, qs, ks)
   return out[:, front_q:front_q + q_len]
+
+
+def _default_block_impl(query, key, value) -> str:
+  """The Pallas kernel on GPU/TPU where it handles these inputs, else chunked."""
+  if jax.default_backend() not in ("gpu", "cuda", "rocm", "tpu"):
+    return "chunked"
+  try:
+    from kernels.flash_attention import supports  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logger.info("context_parallel_attention: chunked blocks (no Pallas kernel: %s)", e)
+    return "chunked"
+  reason = supports(query, key, value)
+  if reason is not None:
+    logger.info("context_parallel_attention: chunked blocks (not Pallas: %s)", reason)
+    return "chunked"
+  return "pallas"
 
 
 def _pad_len(x: Array, front: int, end: int, value) -> Array:
