@@ -160,3 +160,33 @@ def test_ring_never_gathers(multidevice, name):
   """Ring mode (lengths a multiple of 2N): K/V travel by collective-permute only; the
   compiled program has no all-gather at all."""
   assert not multidevice[name]["all_gather"], name
+
+
+_A100 = jax.sharding.AbstractDevice(device_kind="NVIDIA A100-SXM4-80GB", platform="gpu",
+                                    num_cores=108)
+
+
+def test_ring_with_pallas_blocks_lowers_for_cuda():
+  """Without a GPU: the ring (forward and backward) over an abstract 4-device A100 mesh
+  lowers for cuda with the Triton kernel as its block kernel and collective-permutes
+  between the blocks."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from jaxformer import axes  # pylint: disable=g-import-not-at-top
+
+  def grads(q, k, v):
+    def loss(q, k, v):
+      return jnp.sum(core.dot_product_attention(
+          q, k, v, is_causal=True, implementation="pallas").astype(jnp.float32))
+    return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+  structs = [jax.ShapeDtypeStruct((1, 256, h, 64), jnp.bfloat16) for h in (4, 2, 2)]
+  mesh = jax.sharding.AbstractMesh((4,), (ring.CONTEXT_AXIS,), abstract_device=_A100)
+  rules = ((axes.ACT_LENGTH, ring.CONTEXT_AXIS),)
+  with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(rules):
+    text = export.export(jax.jit(grads), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            *structs).mlir_module()
+  assert "collective_permute" in text
+  assert text.count("__gpu$xla.gpu.triton") >= 4   # forward and backward blocks
+  assert "all_gather" not in text
