@@ -16,7 +16,9 @@ Two ways (``context_parallel="ring" | "all_gather"``), both written with ``shard
   dK/dV. Fewer, larger messages: the better choice for short rings.
 
 The block kernel is the Pallas kernel on GPU/TPU and ``chunked.py`` elsewhere (both
-return the lse the merge needs; ``block_impl`` forces one).
+return the lse the merge needs; ``block_impl`` forces one); local blocks of at most
+512 x 512 scores off GPU/TPU use one einsum (the chunked kernel would hold a block that
+size anyway, and the einsum compiles several times faster).
 
 Causal attention is load balanced with the "zigzag" layout: the sequence is cut into
 ``2N`` chunks and device ``i`` holds chunks ``i`` and ``2N-1-i`` (converted from and to
@@ -57,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 CONTEXT_AXIS = "context"
 MODES = ("ring", "all_gather")
-BLOCK_IMPLEMENTATIONS = ("chunked", "pallas")
+BLOCK_IMPLEMENTATIONS = ("einsum", "chunked", "pallas")
+# Off GPU/TPU, local blocks up to this many scores use one einsum: the chunked kernel
+# would hold a block of the same size (its 512 x 512 default), and compiles slower.
+EINSUM_MAX_SCORES = 512 * 512
 
 _NEG = -1e30     # lse of a row that has seen no key yet (finite: no inf - inf)
 _EMPTY = 1e30    # lse of a row with no allowed key, for the backward: exp(s - lse) = 0
@@ -193,13 +198,14 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, layout
     scale: logit multiplier, default ``1 / sqrt(Dqk)``.
     precision: of the block kernel's matmuls.
     mode: ``"ring"`` or ``"all_gather"``; None = ``current_mode()``.
-    block_impl: ``"chunked"`` or ``"pallas"``; None = Pallas on GPU/TPU, else chunked.
+    block_impl: ``"einsum"``, ``"chunked"`` or ``"pallas"``; None = Pallas on GPU/TPU,
+      else chunked (einsum for small local blocks).
   Returns:
     ``[B, Lq, H, Dv]`` in the query dtype; rows with no allowed key are zeros.
   """
   mode = check_mode(current_mode() if mode is None else mode)
   if block_impl is None:
-    block_impl = _default_block_impl(query, key, value)
+    block_impl = _default_block_impl(query, key, value, layout.size)
   if block_impl not in BLOCK_IMPLEMENTATIONS:
     raise ValueError(f"block_impl={block_impl!r}; valid: {BLOCK_IMPLEMENTATIONS}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -266,10 +272,12 @@ def context_parallel_attention(query: Array, key: Array, value: Array, *, layout
   return out[:, front_q:front_q + q_len]
 
 
-def _default_block_impl(query, key, value) -> str:
-  """The Pallas kernel on GPU/TPU where it handles these inputs, else chunked."""
+def _default_block_impl(query, key, value, n: int) -> str:
+  """The Pallas kernel on GPU/TPU where it handles these inputs, else chunked (einsum
+  for local blocks of at most ``EINSUM_MAX_SCORES`` scores)."""
   if jax.default_backend() not in ("gpu", "cuda", "rocm", "tpu"):
-    return "chunked"
+    local = -(-query.shape[1] // n) * -(-key.shape[1] // n)
+    return "einsum" if local <= EINSUM_MAX_SCORES else "chunked"
   try:
     from kernels.flash_attention import supports  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -343,9 +351,68 @@ class _Ring:
   mode: str
 
 
+def _einsum_scores(cfg: _Ring, q, k, qs, ks, causal: bool):
+  """Scaled logits ``[B, Hkv, G, Q, S]`` float32 and the allowed mask (or None)."""
+  b, lq, h, d = q.shape
+  lk, hkv = k.shape[1], k.shape[2]
+  q5 = q.reshape(b, lq, hkv, h // hkv, d)
+  s = jnp.einsum("bqhgd,bshd->bhgqs", q5, k, preferred_element_type=jnp.float32,
+                 precision=cfg.precision) * cfg.scale
+  allowed = None
+  if causal:
+    allowed = (jnp.arange(lq)[:, None] + (lk - lq) >= jnp.arange(lk)[None, :])[
+        None, None, None]
+  if qs is not None:
+    seg = (qs[:, :, None] == ks[:, None, :])[:, None, None]
+    allowed = seg if allowed is None else jnp.logical_and(allowed, seg)
+  return s, allowed
+
+
+def _einsum_fwd(cfg: _Ring, q, k, v, qs, ks, causal: bool):
+  s, allowed = _einsum_scores(cfg, q, k, qs, ks, causal)
+  if allowed is not None:
+    s = jnp.where(allowed, s, _NEG)
+  m = jnp.max(s, axis=-1)
+  p = jnp.exp(s - m[..., None])
+  if allowed is not None:
+    p = jnp.where(allowed, p, 0.0)
+  l = jnp.sum(p, axis=-1)
+  seen = l > 0.0
+  out = jnp.einsum("bhgqs,bshd->bqhgd", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32, precision=cfg.precision)
+  l_out = jnp.where(seen, l, 1.0).transpose(0, 3, 1, 2)[..., None]
+  out = (out / l_out).reshape(q.shape[:3] + (v.shape[-1],))
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _EMPTY)
+  b, hkv, g, lq = lse.shape
+  return out.astype(q.dtype), lse.reshape(b, hkv * g, lq)
+
+
+def _einsum_bwd(cfg: _Ring, q, k, v, qs, ks, out, lse, dout, causal: bool):
+  b, lq, h, d = q.shape
+  hkv = k.shape[2]
+  s, allowed = _einsum_scores(cfg, q, k, qs, ks, causal)
+  lse5 = lse.reshape(b, hkv, h // hkv, lq)
+  p = jnp.exp(s - lse5[..., None])
+  if allowed is not None:
+    p = jnp.where(allowed, p, 0.0)
+  do5 = dout.reshape(b, lq, hkv, h // hkv, -1).astype(jnp.float32)
+  o5 = out.reshape(b, lq, hkv, h // hkv, -1).astype(jnp.float32)
+  delta = jnp.einsum("bqhgd,bqhgd->bhgq", do5, o5)
+  dv = jnp.einsum("bhgqs,bqhgd->bshd", p, do5, precision=cfg.precision)
+  dp = jnp.einsum("bqhgd,bshd->bhgqs", do5, v.astype(jnp.float32), precision=cfg.precision)
+  ds = p * (dp - delta[..., None]) * cfg.scale
+  dq = jnp.einsum("bhgqs,bshd->bqhgd", ds, k.astype(jnp.float32), precision=cfg.precision)
+  dk = jnp.einsum("bhgqs,bqhgd->bshd", ds,
+                  q.reshape(b, lq, hkv, h // hkv, d).astype(jnp.float32),
+                  precision=cfg.precision)
+  return dq.reshape(q.shape), dk, dv
+
+
 def _block_fwd(cfg: _Ring, q, k, v, qs, ks, causal: bool):
   """``(out float32 [B, Q, H, Dv], lse [B, H, Q])`` with ``_NEG`` for empty rows."""
-  if cfg.impl == "pallas":
+  if cfg.impl == "einsum":
+    out, lse = _einsum_fwd(cfg, q, k, v, qs, ks, causal)
+  elif cfg.impl == "pallas":
     from kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
     out, lse = api.flash_attention_with_lse(
         q, k, v, is_causal=causal, segment_ids=None if qs is None else (qs, ks),
@@ -360,7 +427,9 @@ def _block_fwd(cfg: _Ring, q, k, v, qs, ks, causal: bool):
 
 def _block_bwd(cfg: _Ring, q, k, v, qs, ks, out, lse, dout, causal: bool):
   """Float32 ``(dq, dk, dv)`` of this block given the merged ``out`` and ``lse``."""
-  if cfg.impl == "pallas":
+  if cfg.impl == "einsum":
+    grads = _einsum_bwd(cfg, q, k, v, qs, ks, out, lse, dout, causal)
+  elif cfg.impl == "pallas":
     from kernels.flash_attention import api  # pylint: disable=g-import-not-at-top
     grads = api.flash_attention_backward(
         q, k, v, out, lse, dout, is_causal=causal,

@@ -19,20 +19,21 @@ import sys
 import zlib
 
 # name: (devices, mesh sizes (data, context), mode, causal, B, Lq, Lk, H, Hkv, D,
-#        segments, key mask, block kernel)
+#        segments, key mask, block kernel: None = the default, an einsum per block
+#        at these sizes on the CPU)
 CASES = {
     "4dev_ring_causal_gqa_segments_odd": (4, (1, 4), "ring", True, 2, 30, 30, 4, 2, 8,
                                           True, False, "chunked"),
     "4dev_ring_full_cross_keymask_odd": (4, (1, 4), "ring", False, 2, 13, 22, 2, 1, 8,
-                                         False, True, "chunked"),
+                                         False, True, None),
     "4dev_allgather_causal_bottom_right_gqa": (4, (1, 4), "all_gather", True, 1, 10, 24,
-                                               4, 2, 8, False, False, "chunked"),
+                                               4, 2, 8, False, False, None),
     "4dev_ring_causal_pallas_segments": (4, (1, 4), "ring", True, 1, 32, 32, 2, 1, 16,
                                          True, False, "pallas"),
     "8dev_ring_causal_gqa_segments": (8, (1, 8), "ring", True, 2, 48, 48, 4, 2, 8, True,
-                                      False, "chunked"),
+                                      False, None),
     "8dev_data2_ring_full_segments": (8, (2, 4), "ring", False, 2, 24, 24, 4, 2, 8, True,
-                                      False, "chunked"),
+                                      False, None),
 }
 
 

@@ -45,8 +45,8 @@ def _lse64(q, k, *, is_causal, q_seg, kv_seg, scale):
 
 
 class BlockKernelTest(chex.TestCase, parameterized.TestCase):
-  """The ring's CPU block kernel: forward with lse, backward from a given out/lse. (The
-  Pallas pair is checked through the ring in the multi-device worker.)"""
+  """The ring's CPU block kernels: forward with lse, backward from a given out/lse.
+  (The Pallas pair is checked through the ring in the multi-device worker.)"""
 
   def _check(self, fwd, bwd, empty_lse, *, causal, seg, atol):
     # Lq > Lk causal leaves the first rows with no key (zeros, the "empty" lse).
@@ -70,6 +70,18 @@ class BlockKernelTest(chex.TestCase, parameterized.TestCase):
     grads = bwd(q, k, v, out, lse, d_out, causal, q_seg, kv_seg, scale)
     for got, w in zip(grads, want_grads):
       np.testing.assert_allclose(got, w, atol=atol, rtol=atol)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters((False, True), (True, True))
+  def test_einsum_block(self, causal, seg):
+    """The ring's small-block kernel (an einsum); tolerance 2e-5."""
+    cfg = ring._Ring(axis="context", size=1, causal=causal, scale=0.3, precision=None,
+                     impl="einsum", mode="ring")
+    fwd = self.variant(lambda q, k, v, c, qs, ks, s: ring._einsum_fwd(
+        cfg, q, k, v, qs, ks, c), static_argnums=(3, 6))
+    bwd = self.variant(lambda q, k, v, o, l, g, c, qs, ks, s: ring._einsum_bwd(
+        cfg, q, k, v, qs, ks, o, l, g, c), static_argnums=(6, 9))
+    self._check(fwd, bwd, 1e30, causal=causal, seg=seg, atol=2e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters((False, True), (True, True))
