@@ -119,6 +119,28 @@ class OptionsTest(parameterized.TestCase):
     with jax.set_mesh(mesh):
       self.assertIsNone(ring.active_layout(q, k))
 
+  def test_layout_from_mesh_and_rules(self):
+    """A context axis > 1 that the rules map the length onto, and lengths >= its size
+    (a decoding step of one query stays unsharded); non-dividing axes are dropped."""
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    from jaxformer import axes  # pylint: disable=g-import-not-at-top
+    mesh = jax.sharding.AbstractMesh((2, 1, 4), ("data", "tensor", "context"))
+    rules = ((axes.ACT_BATCH, "data"), (axes.ACT_LENGTH, "context"),
+             (axes.ACT_HEADS, "tensor"), (axes.ACT_KV_HEADS, "tensor"))
+    q = jax.ShapeDtypeStruct((2, 8, 4, 8), jnp.float32)
+    k = jax.ShapeDtypeStruct((2, 8, 2, 8), jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh):
+      with nn.logical_axis_rules(rules):
+        layout = ring.active_layout(q, k)
+        self.assertEqual((layout.size, layout.batch_axes, layout.heads_axes),
+                         (4, ("data",), ("tensor",)))
+        odd_batch = jax.ShapeDtypeStruct((3, 8, 4, 8), jnp.float32)
+        self.assertEqual(ring.active_layout(odd_batch, k).batch_axes, ())
+        one_query = jax.ShapeDtypeStruct((2, 1, 4, 8), jnp.float32)
+        self.assertIsNone(ring.active_layout(one_query, k))
+      with nn.logical_axis_rules(((axes.ACT_LENGTH, None),)):
+        self.assertIsNone(ring.active_layout(q, k))
+
   @parameterized.parameters(
       (dict(has_bias=True), "bias"), (dict(hard=True), "hard"),
       (dict(return_weights=True), "return_weights"), (dict(dropout=True), "dropout"),
