@@ -17,6 +17,7 @@ out["logits"]      # [B, num_classes] float32                               if n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -89,6 +90,19 @@ class BERTConfig:
   @property
   def init_stddev(self) -> float:
     return 0.02 if self.block.init_stddev is None else self.block.init_stddev
+
+
+def untrained_params(section: Mapping[str, Any]) -> tuple[str, ...]:
+  """Top-level parameters a run with this model section never gave a gradient.
+
+  The ``pooler`` (tanh(dense(h[CLS]))) is read only by the NSP head or a classifier on
+  "cls" pooling; after MLM-only pre-training it is still its random init (and with
+  other poolings there is none). A fine-tuning run that starts from such a run trains
+  it as part of its head rather than loading it.
+  """
+  if section.get("pooling", "cls") != "cls":
+    return ("pooler",)
+  return () if section.get("nsp_head") or section.get("num_classes") else ("pooler",)
 
 
 def masked_pool(x_BLD: Array, valid_BL: Array, kind: str) -> Array:

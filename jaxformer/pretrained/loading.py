@@ -134,6 +134,26 @@ def load_params(directory: str, abstract: Any, *, shardings: Any = None,
   return traverse_util.unflatten_dict(out)
 
 
+def missing_names(directory: str, abstract: Any,
+                  spec: families.Spec | None = None) -> tuple[str, ...]:
+  """Top-level names of ``abstract`` (our parameters) that the checkpoint has no
+  tensors for (optional heads, e.g. a pooler a checkpoint was saved without): they
+  keep their fresh values in :func:`load_params` with a ``fallback``. Reads no
+  tensor."""
+  spec = spec or spec_of(directory)
+  ckpt = ckpt_lib.Checkpoint(directory)
+  rules = mapping.RULES[spec.family](spec)
+  reader = _Reader(ckpt, spec)
+  out = []
+  for path, leaf in traverse_util.flatten_dict(abstract).items():
+    layer_rules = _layer_rules(rules, path, leaf.shape[0] if leaf.shape else 0)
+    found = [rules[path]] if path in rules else layer_rules
+    if (path[0] in mapping.OPTIONAL and path[0] not in out
+        and (found is None or not all(reader.available(r) for r in found))):
+      out.append(path[0])
+  return tuple(out)
+
+
 def _pad_vocab(value: np.ndarray, shape: Shape, rule: mapping.Rule | None) -> np.ndarray:
   """Zero rows up to our padded vocabulary (``vocab_pad_multiple``), else unchanged."""
   axis = rule.vocab_axis if rule is not None else None
