@@ -34,28 +34,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   common.variant(arg, "gpt_text")
   c = gpt_bytes.get_config(arg)
   c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's
-  data = config_dict.ConfigDict(dict(
-      source="text_files",
+  c.data.source = "text_files"
+  c.data.vocab_size = 512                  # SentencePiece pieces (specials included)
+  c.data.source_options = config_dict.ConfigDict(dict(
       path=config_dict.placeholder(str),   # a file, a folder or a glob
       validation_fraction=0.05,
       window_bytes=c.data.seq_len * 4,     # one file: bytes per random window
-      tokenizer="bytes",                   # "bytes" | "chars" | "sentencepiece"
-      vocab_size=512,                      # SentencePiece pieces (specials included)
-      train_split="train",
-      eval_split="validation",
-      seq_len=c.data.seq_len,
-      batch_size=c.data.batch_size,
-      eval_batch_size=c.data.eval_batch_size,
-      pack=True,
-      prefetch=2,
-  ))
-  # The text_files source reads these (overriding data.path etc. reaches it).
-  data.source_options = config_dict.ConfigDict(dict(
-      path=data.get_ref("path"),
-      validation_fraction=data.get_ref("validation_fraction"),
-      window_bytes=data.get_ref("window_bytes"),
       seed=c.train.get_ref("seed"),
   ))
-  c.data = data
-  c.train.sample_prompt = ""
+  c.task_options.sample_prompt = ""
   return c

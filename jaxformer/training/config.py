@@ -14,7 +14,7 @@
 ``optimizer``      :class:`~jaxformer.training.optimizer.OptimizerConfig`
 ``train``          :class:`TrainConfig`
 ``sharding``       :class:`~jaxformer.training.sharding.ShardingConfig`
-``distributed``    :class:`DistributedConfig`
+``distributed``    :class:`~jaxformer.training.distributed.DistributedConfig`
 ``init``           :class:`~jaxformer.training.init.InitConfig` (``init`` and
                    ``finetune``), and :attr:`RunConfig.origin`, the origin it chooses
 =================  ==================================================================
@@ -36,6 +36,7 @@ from jaxformer import tasks
 from jaxformer.data.config import DataConfig
 from jaxformer.models import registry
 from jaxformer.pretrained import runs as pretrained_runs
+from jaxformer.training import distributed as distributed_lib
 from jaxformer.training import divergence
 from jaxformer.training import finetune
 from jaxformer.training import init as init_lib
@@ -88,16 +89,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DistributedConfig:
-  """The ``distributed`` section (see :mod:`jaxformer.training.distributed`)."""
-
-  initialize: str = "auto"
-  coordinator_address: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """A whole experiment config, parsed (see the module docstring).
 
@@ -117,7 +108,7 @@ class RunConfig:
   optimizer: opt_lib.OptimizerConfig
   train: TrainConfig
   sharding: ShardingConfig
-  distributed: DistributedConfig
+  distributed: distributed_lib.DistributedConfig
   init: init_lib.InitConfig
   origin: init_lib.Origin
   stored: dict[str, Any]
@@ -189,6 +180,6 @@ def parse(config: Any) -> RunConfig:
       optimizer=opt_lib.OptimizerConfig.from_mapping(config["optimizer"]),
       train=configs.parse(TrainConfig, config["train"], "train"),
       sharding=ShardingConfig.parse(config["sharding"]),
-      distributed=configs.parse(DistributedConfig, _section(config, "distributed"),
-                                "distributed"),
+      distributed=distributed_lib.DistributedConfig.parse(
+          _section(config, "distributed")),
       init=init, origin=origin, stored=stored)

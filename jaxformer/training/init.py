@@ -72,8 +72,8 @@ class InitConfig:
   def parse(cls, init: Any, finetune: Any) -> InitConfig:
     """From the ``init`` section (``pretrained``) and the ``finetune`` section
     (``pretrained_workdir``, ``step``, ``head``, ``freeze_body``)."""
-    hf = configs.parse(_InitSection, init, "init")
-    run = configs.parse(_FinetuneSection, finetune, "finetune")
+    hf = configs.parse(InitSection, init, "init")
+    run = configs.parse(FinetuneSection, finetune, "finetune")
     if hf.pretrained and run.pretrained_workdir:
       raise ValueError(
           f"init.pretrained={hf.pretrained!r} and finetune.pretrained_workdir="
@@ -86,12 +86,14 @@ class InitConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _InitSection:
-  pretrained: str | None = None   # a Hugging Face checkpoint directory
+class InitSection:
+  """The ``init`` section: ``pretrained``, a Hugging Face checkpoint directory."""
+  pretrained: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _FinetuneSection:
+class FinetuneSection:
+  """The ``finetune`` section (see the module docstring)."""
   pretrained_workdir: str | None = None
   step: int | None = None
   head: tuple[str, ...] = ()
@@ -156,8 +158,9 @@ class Origin:
   # --- what each origin says ------------------------------------------------------------
 
   def configure(self, model: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's model section (the config's, unless the origin brings its own)."""
-    return dict(model)
+    """The run's model section, as plain dicts (the config's, unless the origin brings
+    its own)."""
+    return configs.plain(model)
 
   def tokenizer(self, data: Any) -> Any:
     """The tokenizer the origin brings (None: ``data.tokenizer``'s)."""

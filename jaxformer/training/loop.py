@@ -120,7 +120,7 @@ def train(config: Any, workdir: str, *,
   """
   run = config_lib.parse(config)
   sharding_lib.configure_cpu_devices(run.sharding.cpu_devices, run.data.batch_size)
-  distributed.maybe_initialize(configs.as_dict(run.distributed))
+  distributed.maybe_initialize(run.distributed)
   os.makedirs(workdir, exist_ok=True)
   # The lock, then resources closed whatever happens (the checkpointer waits for its
   # save in flight): nothing below runs without them.
