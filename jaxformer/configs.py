@@ -100,6 +100,8 @@ def parse(cls: type[T], section: Any, path: str, *, ignore: tuple[str, ...] = ()
   """
   if isinstance(section, cls):
     return section
+  if dataclasses.is_dataclass(section) and not isinstance(section, type):
+    section = as_dict(section)   # another section type: its fields, checked again
   if section is not None and not isinstance(section, Mapping) and not hasattr(
       section, "to_dict"):
     raise ValueError(f"{path}={section!r} must be a mapping of {cls.__name__} fields")

@@ -3,14 +3,15 @@
 Run (rerunning with the same workdir resumes)::
 
   python -m experiments.train --config=experiments/configs/gpt_text.py \\
-      --config.data.path=PATH --workdir=runs/my_text \\
+      --config.data.source_options.path=PATH --workdir=runs/my_text \\
       [--config.data.tokenizer=bytes|chars|sentencepiece] \\
       [--config.data.vocab_size=2000]          # SentencePiece pieces
 
-``data.path`` is a text file, a folder (every file under it) or a glob
-(``'~/books/*.txt'``). ``data.validation_fraction`` of the text is held out: the last
-files (sorted by path) when there are several, the tail of the file when there is one.
-A single file is read as random windows of ``data.window_bytes`` bytes, not in order.
+``data.source_options.path`` is a text file, a folder (every file under it) or a glob
+(``'~/books/*.txt'``). ``data.source_options.validation_fraction`` of the text is held
+out: the last files (sorted by path) when there are several, the tail of the file when
+there is one. A single file is read as random windows of
+``data.source_options.window_bytes`` bytes, not in order.
 
 ``data.tokenizer``: ``bytes`` (256 bytes + 7 specials), ``chars`` (the characters of the
 train split) or ``sentencepiece`` (``data.vocab_size`` pieces trained on the train

@@ -38,8 +38,9 @@ def unigram_bits(batches: list[Mapping[str, np.ndarray]]) -> float:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LMData(DataConfig):
   """``data`` of language modelling: ``pack`` several documents per row (segment ids)
-  or one chunk per row."""
+  or one chunk per row; ``seq_len`` tokens per row."""
 
+  seq_len: int
   pack: bool = True
 
 

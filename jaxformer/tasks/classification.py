@@ -31,7 +31,9 @@ class Smoothing:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TextClassData(DataConfig):
-  """``data`` of text classification: the records' label feature."""
+  """``data`` of text classification: ``seq_len`` tokens per text, the records' label
+  feature."""
+  seq_len: int
   label_key: str = "label"
 
 

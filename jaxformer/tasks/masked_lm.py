@@ -40,6 +40,7 @@ PIPELINES = ("nsp_pairs", "lm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PairsData(DataConfig):
   """``data`` of masked LM (see :class:`MaskedLM`)."""
+  seq_len: int
   pipeline: str = "nsp_pairs"
   pack: bool = True
   segment_separator: str = "\n\n"

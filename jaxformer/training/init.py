@@ -1,10 +1,10 @@
-"""Where a run's parameters start: from scratch, a Hugging Face directory, or one of our runs.
+"""Where a run's parameters start: scratch, a Hugging Face directory, or one of our runs.
 
 The config chooses the origin once (:class:`InitConfig`, parsed from ``init`` and
 ``finetune``)::
 
-  init.pretrained = "path/to/bert-base-uncased"  # a Hugging Face checkpoint directory
-  finetune.pretrained_workdir = "runs/bert_mlm"  # or a workdir written by the loop
+  init.pretrained = "path/to/hf_checkpoint"      # a Hugging Face checkpoint directory
+  finetune.pretrained_workdir = "runs/pretrain"  # or a workdir written by the loop
   finetune.step = None           # its checkpoint (None: the newest)
   finetune.head = ("classifier",)    # top-level params that start fresh
   finetune.freeze_body = False   # True: only the head trains
@@ -19,8 +19,9 @@ and every origin answers the same four questions (:class:`Origin`):
 * ``head(abstract_params)`` / ``trains(params)``: what trains. The head is
   ``finetune.head`` plus every parameter the origin leaves untrained: what a Hugging
   Face checkpoint lacks and what the pretrained run never gave a gradient (the model
-  says which: :func:`jaxformer.models.registry.untrained_params`). With ``freeze_body`` everything else gets zero updates
-  (:func:`freeze_body`), so a frozen body never freezes a random layer.
+  says which: :func:`jaxformer.models.registry.untrained_params`). With
+  ``freeze_body`` everything else gets zero updates (:func:`freeze_body`), so a frozen
+  body never freezes a random layer.
 
 The config edge picks the origin (:func:`jaxformer.training.config.make_origin`); the
 loop uses it at the start of a run. Resuming restores the run's own checkpoint, never
@@ -155,7 +156,7 @@ class Origin:
     self._head: tuple[str, ...] | None = None
     self._added: tuple[str, ...] = ()
 
-  # --- what each origin says ------------------------------------------------------------
+  # --- what each origin says ----------------------------------------------------------
 
   def configure(self, model: Mapping[str, Any]) -> dict[str, Any]:
     """The run's model section, as plain dicts (the config's, unless the origin brings
@@ -181,7 +182,7 @@ class Origin:
     """Where the parameters come from, for the log."""
     return "scratch"
 
-  # --- shared ---------------------------------------------------------------------------
+  # --- shared -------------------------------------------------------------------------
 
   def head(self, abstract_params: Any) -> tuple[str, ...]:
     """``finetune.head`` plus what the origin leaves untrained (computed once)."""

@@ -101,7 +101,7 @@ def train(config: Any, workdir: str, *,
   """Trains (or resumes training) as described by ``config``; returns a summary.
 
   Args:
-    config: an ``ml_collections.ConfigDict`` (see ``experiments/configs/gpt_bytes.py``
+    config: an ``ml_collections.ConfigDict`` (see ``experiments/configs/``
       for the sections and fields), or an already parsed
       :class:`~jaxformer.training.config.RunConfig`.
     workdir: checkpoints, ``metrics.jsonl``, TensorBoard events, ``summary.json``.
@@ -189,10 +189,13 @@ def _build(run: config_lib.RunConfig, workdir: str,
       next(train_it))
   train_it.set_state(data_start)
   init_fn = lambda rng: model.init(rng, *task.model_inputs(init_batch))  # noqa: E731
-  with sharding.activate():
-    abstract_params = jax.eval_shape(init_fn, jax.random.key(0))["params"]
+  abstract_params = None
+  if run.init.freeze_body:  # the frozen body's complement: the head (shapes only)
+    with sharding.activate():
+      abstract_params = nn.meta.unbox(
+          jax.eval_shape(init_fn, jax.random.key(0))["params"])
   tx = run.origin.optimizer(opt_lib.make_optimizer(run.optimizer, num_steps),
-                            nn.meta.unbox(abstract_params))
+                            abstract_params)
   schedule = opt_lib.make_schedule(
       run.optimizer, max(num_steps // run.optimizer.grad_accum_steps, 1))
   stored = dict(run.stored, model=dict(run.stored["model"]))

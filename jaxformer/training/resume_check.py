@@ -25,7 +25,7 @@ HARMLESS: tuple[str, ...] = (
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
     "train.progress", "train.tensorboard", "task_options.sample_prompt",
     "task_options.sample_tokens", "task_options.sample_temperature",
-    "task_options.bleu_batches", "train.allow_config_changes",
+    "train.bleu_batches", "train.allow_config_changes",
     "train.max_consecutive_skipped", "data.prefetch", "data.eval_batch_size",
     "sharding", "distributed",
 )

@@ -126,7 +126,7 @@ def configure_cpu_devices(count: int, batch_size: int) -> int | None:
   XLA:CPU parallelises one small model's ops poorly across cores, but runs one device
   per core well: with ``count`` CPU devices the usual data-parallel mesh
   (``mesh_shape=(-1, 1, 1)``) gives each core its own slice of the batch (on 2 cores,
-  the gpt_bytes step takes about half the time). Only the CPU backend is affected; on
+  a small model's step takes about half the time). Only the CPU backend is affected; on
   GPU/TPU hosts the accelerator stays the default backend.
 
   Args:
