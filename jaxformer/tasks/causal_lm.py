@@ -40,7 +40,7 @@ class LMData(DataConfig):
   """``data`` of language modelling: ``pack`` several documents per row (segment ids)
   or one chunk per row; ``seq_len`` tokens per row."""
 
-  seq_len: int
+  seq_len: int = dataclasses.field()  # required (the base class has a default)
   pack: bool = True
 
 

@@ -33,7 +33,7 @@ class Smoothing:
 class TextClassData(DataConfig):
   """``data`` of text classification: ``seq_len`` tokens per text, the records' label
   feature."""
-  seq_len: int
+  seq_len: int = dataclasses.field()  # required (the base class has a default)
   label_key: str = "label"
 
 

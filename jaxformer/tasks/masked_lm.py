@@ -40,7 +40,7 @@ PIPELINES = ("nsp_pairs", "lm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PairsData(DataConfig):
   """``data`` of masked LM (see :class:`MaskedLM`)."""
-  seq_len: int
+  seq_len: int = dataclasses.field()  # required (the base class has a default)
   pipeline: str = "nsp_pairs"
   pack: bool = True
   segment_separator: str = "\n\n"

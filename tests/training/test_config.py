@@ -77,7 +77,7 @@ def test_every_experiment_config_parses_into_typed_sections():
     ("data", "prefetch", -1, r"data\.prefetch=-1"),
 ])
 def test_errors_name_the_full_path(section, field, value, match):
-  c = gpt_bytes.get_config("tiny")
+  c = configs.plain(gpt_bytes.get_config("tiny"))  # a plain dict takes any value
   c[section][field] = value
   with pytest.raises(ValueError, match=match):
     config_lib.parse(c)
@@ -90,15 +90,18 @@ def test_each_source_owns_its_options_and_each_task_its_data():
                      r"of data\.source='stdlib_text'; valid: \['root'\]"):
     DataConfig(source="stdlib_text", source_options={"data_dir": "x"}, batch_size=1,
                eval_batch_size=1)
-  c = transformer_reversal.get_config("tiny")
+  c = configs.plain(transformer_reversal.get_config("tiny"))
   assert config_lib.parse(c).data.source_len == 16
-  c.data.source_len = 0
+  c["data"]["source_len"] = 0
   with pytest.raises(ValueError, match=r"data\.source_len=0"):
     config_lib.parse(c)
   # a field only another task reads is refused, naming it
-  c = gpt_bytes.get_config("tiny")
-  c.data.label_key = "y"
+  c = configs.plain(gpt_bytes.get_config("tiny"))
+  c["data"]["label_key"] = "y"
   with pytest.raises(ValueError, match=r"data\.label_key is not a field of data"):
+    config_lib.parse(c)
+  del c["data"]["label_key"], c["data"]["seq_len"]
+  with pytest.raises(ValueError, match=r"data\.seq_len is missing"):
     config_lib.parse(c)
   c = bert_mlm.get_config("tiny")
   c.data.pipeline = "pairs"
