@@ -192,8 +192,8 @@ def _build(run: config_lib.RunConfig, workdir: str,
   abstract_params = None
   if run.init.freeze_body:  # the frozen body's complement: the head (shapes only)
     with sharding.activate():
-      abstract_params = nn.meta.unbox(
-          jax.eval_shape(init_fn, jax.random.key(0))["params"])
+      abstract_vars = jax.eval_shape(init_fn, jax.random.key(0))
+    abstract_params = nn.meta.unbox(abstract_vars["params"])
   tx = run.origin.optimizer(opt_lib.make_optimizer(run.optimizer, num_steps),
                             abstract_params)
   schedule = opt_lib.make_schedule(
