@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import re
 import sys
@@ -39,6 +40,7 @@ from kernels.flash_attention import BlockSizes
 from kernels.flash_attention import api
 from kernels.flash_attention import flash_attention
 from kernels.flash_attention import mosaic_gpu
+from kernels.flash_attention import mosaic_gpu_vjp
 from tests.kernels import mosaic_gpu_interpret
 from tests.kernels.test_flash_attention import FlashAttentionTestBase
 
@@ -114,6 +116,13 @@ class MosaicGpuInterpretTest(InterpretedTestCase, FlashAttentionTestBase):
   @parameterized.named_parameters(*CASES)
   def test_case(self, kwargs):
     self.check(**kwargs)
+
+  def test_forward_three_stage_ring(self):
+    # BlockSizes.num_stages = 3: a 3-slot K/V ring, wrapping around with 4
+    # key tiles (forward only: the backward rings pick their own depth).
+    self.BLOCKS = dataclasses.replace(TINY_MGPU, num_stages=3)
+    self.check(q_len=200, num_heads=1, head_dim=64, is_causal=True,
+               grads=False)
 
 
 def _copy_kernel(body, **scratch):
@@ -197,9 +206,61 @@ class MosaicGpuApiTest(parameterized.TestCase):
   def test_default_tiles_fit_shared_memory(self):
     for head_dim in (64, 128, 256):
       blocks = BlockSizes.get_default("mosaic_gpu", head_dim)
+      stages = mosaic_gpu.num_stages(blocks, head_dim, head_dim, jnp.bfloat16)
       self.assertLessEqual(
           mosaic_gpu.smem_bytes(blocks.block_q // 2, blocks.block_k, head_dim,
-                                head_dim), mosaic_gpu.SMEM_BYTES)
+                                head_dim, stages), mosaic_gpu.SMEM_BYTES)
+      # The backward rings: 2 slots up to head dim 128, 1 at 256.
+      (dkv_q, dkv_k), (dq_q, dq_k) = blocks.dkv, blocks.dq
+      stages = 2 if head_dim <= 128 else 1
+      self.assertLessEqual(mosaic_gpu_vjp.smem_bytes_dkv(
+          dkv_q, dkv_k // 2, head_dim, head_dim, stages),
+                           mosaic_gpu.SMEM_BYTES)
+      self.assertLessEqual(mosaic_gpu_vjp.smem_bytes_dq(
+          dq_q // 2, dq_k, head_dim, head_dim, stages), mosaic_gpu.SMEM_BYTES)
+
+  def test_num_stages(self):
+    blocks = BlockSizes.get_default("mosaic_gpu", 128)
+    self.assertEqual(mosaic_gpu.num_stages(blocks, 128, 128, jnp.bfloat16), 2)
+    three = dataclasses.replace(blocks, num_stages=3)
+    self.assertEqual(mosaic_gpu.num_stages(three, 128, 128, jnp.bfloat16), 3)
+    with self.assertRaisesRegex(ValueError, "num_stages = 4 .* shared memory"):
+      mosaic_gpu.num_stages(dataclasses.replace(blocks, num_stages=4), 128,
+                            128, jnp.bfloat16)
+    with self.assertRaisesRegex(ValueError, r"num_stages = 5 must be in"):
+      mosaic_gpu.num_stages(dataclasses.replace(blocks, num_stages=5), 64, 64,
+                            jnp.bfloat16)
+
+  @parameterized.parameters(
+      (256, 256, 128, 64, True), (200, 200, 128, 64, True),
+      (40, 210, 128, 64, True), (210, 40, 128, 64, True),
+      (300, 130, 256, 128, False), (130, 300, 128, 64, False),
+      (1, 1, 128, 64, True), (64, 640, 128, 64, True))
+  def test_in_kernel_tile_ranges_match_the_xla_prepass(self, q_len, kv_len,
+                                                       rows, cols, causal):
+    # Without segment ids the kernels compute their tile ranges themselves
+    # (kv_range, q_range); they must equal what the XLA pre-pass gives.
+    # Padded lengths hold more tiles than the real ones (lcm padding).
+    p = api.common.Problem(
+        q_len=q_len, kv_len=kv_len, q_len_padded=-(-q_len // 256) * 256,
+        kv_len_padded=-(-kv_len // 256) * 256, causal=causal, scale=1.0,
+        has_segments=False)
+    for block_q, block_k, transpose, ranges_of in (
+        (rows, cols, False, mosaic_gpu.kv_range),
+        (cols, rows, True, mosaic_gpu.q_range)):
+
+      @jax.jit  # one small program instead of many eager ops
+      def both():
+        overlap = mosaic_gpu.tile_overlap(p, None, None, batch=1,
+                                          block_q=block_q, block_k=block_k)
+        if transpose:
+          overlap = jnp.swapaxes(overlap, 1, 2)
+        want = mosaic_gpu.tile_ranges(overlap)[0]
+        lo, hi = ranges_of(p, jnp.arange(want.shape[0]), block_q, block_k)
+        return want, jnp.stack(jnp.broadcast_arrays(lo, hi), -1)
+
+      want, got = both()
+      np.testing.assert_array_equal(got, want, err_msg=ranges_of.__name__)
 
   @parameterized.parameters(
       ("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", True),
