@@ -127,6 +127,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
         return plgpu.wgmma_accumulator_load(acc_ref, wait_n=1), delta
 
       dp_t, delta = pl.run_scoped(dpt_dv, plgpu.ACC((bk, bq), jnp.float32))
+      # lse2 and delta were read with plain (generic proxy) loads; their slots
+      # are next written by TMA (async proxy): a proxy fence orders the two
+      # (jax 0.11's interpreter checks it; tokamax fences its bias the same).
+      plgpu.commit_smem()
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
       plgpu.wgmma(dk_acc, ds_t.astype(q_ref.dtype), q_smem.at[slot])  # dK
       # Each slot is released as soon as its last reader is done: dO (and
@@ -173,10 +177,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
       head = kv_head * p.group + g
       src = (batch, pl.ds(q_tile * bq, bq), head)
       vec = (batch, head, pl.ds(q_tile * bq, bq))
-      # Q and dO wait for their own slot: dO's is free a dK wgmma earlier.
+      # dO, then Q, each waiting for its own slot: the consumers free dO's
+      # a dK wgmma before Q's (tokamax's pipeline loads dO before Q too).
       for tile, row, smem, row_smem, ready, free in (
-          (q_ref, lse_ref, q_smem, lse_smem, q_ready, q_free),
-          (do_ref, delta_ref, do_smem, delta_smem, do_ready, do_free)):
+          (do_ref, delta_ref, do_smem, delta_smem, do_ready, do_free),
+          (q_ref, lse_ref, q_smem, lse_smem, q_ready, q_free)):
         if wait:
           plgpu.barrier_wait(free.at[slot])
         plgpu.copy_gmem_to_smem(tile.at[src], smem.at[slot], ready.at[slot])

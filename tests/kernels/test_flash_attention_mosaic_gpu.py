@@ -153,6 +153,55 @@ class MosaicGpuHarnessTest(parameterized.TestCase):
       np.asarray(_copy_kernel(body, smem=plgpu.SMEM((128,), jnp.float32)))
       self.assertTrue(races())
 
+  @parameterized.parameters(True, False)
+  def test_releasing_a_wgmma_operand_before_waiting_is_a_race(self, early):
+    # wgmma is asynchronous: its SMEM operand may only be overwritten once
+    # the wgmma has been waited for. Thread 0 multiplies, then releases b's
+    # buffer to thread 1, which overwrites it: a race when released before
+    # the wait, whichever thread the simulation happens to run first.
+    x = jnp.eye(64, dtype=jnp.float16)
+    t = mosaic_gpu.smem_transforms(jnp.float16)
+
+    def body(x_ref, o_ref, a_smem, b_smem, free):
+      wg = lax.axis_index("wg")
+
+      @pl.when(wg == 0)
+      def _():
+        a_smem[...] = x_ref[...]
+        b_smem[...] = x_ref[...]
+        plgpu.commit_smem()  # generic stores before the async proxy's reads
+
+        def product(acc_ref):
+          plgpu.wgmma(acc_ref, a_smem, b_smem)
+          if early:
+            plgpu.barrier_arrive(free)
+          plgpu.wgmma_wait(0)
+          if not early:
+            plgpu.barrier_arrive(free)
+          return acc_ref[...]
+
+        o_ref[...] = pl.run_scoped(product,
+                                   plgpu.ACC((64, 64), jnp.float32))
+
+      @pl.when(wg == 1)
+      def _():
+        plgpu.barrier_wait(free)
+        b_smem[...] = jnp.zeros((64, 64), jnp.float16)
+
+    with mosaic_gpu_interpret.interpret_context() as races:
+      out = jax.jit(plgpu.kernel(
+          body, out_type=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+          scratch_types=dict(a_smem=plgpu.SMEM((64, 64), jnp.float16,
+                                               transforms=t),
+                             b_smem=plgpu.SMEM((64, 64), jnp.float16,
+                                               transforms=t),
+                             free=plgpu.Barrier()),
+          num_threads=2, thread_name="wg"))(x)
+      out = np.asarray(out)
+      self.assertEqual(races(), early)
+      if not early:  # else b may have been overwritten before it was read
+        np.testing.assert_array_equal(out, np.eye(64))
+
   def test_barrier_nobody_arrives_at_times_out(self):
     def body(x_ref, o_ref, never):
       @pl.when(lax.axis_index("wg") == 0)
