@@ -26,6 +26,9 @@ the range whose every pair is allowed (left of the causal diagonal, no padded
 key, no segment ids) run without any mask.
 Causal programs are launched heaviest first (the query-tile grid axis is the
 slowest and reversed), so the long rows do not form the tail of the launch.
+Non-causal calls run on a persistent grid (one CTA per SM looping over the
+(head, batch, query program) items, as tokamax's sm90 heuristic), the K/V
+ring running on from one item to the next.
 Operands are padded by api.py: lengths to the tiles, head dims to a multiple
 of 64 (the 128-byte swizzle of a bf16/fp16 row).
 Lowering: Warpgroup semantics (`compiler_params`), chosen explicitly for all
@@ -217,18 +220,20 @@ class _Tiles:
 def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
                     out_ref, lse_ref, qo_smem2, o_smem2, k_smem, v_smem,
                     lse_smem2, k_ready, v_ready, q_ready, k_free, v_free,
-                    schedule, *, p: common.Problem, t: _Tiles, num_programs):
+                    schedule, *, p: common.Problem, t: _Tiles, num_programs,
+                    persistent: bool):
   """Refs: q [B, Lq, H, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (GMEM);
   ids [B, L] int32 or None; range [B, programs, 2] (None without segment
-  ids: computed here); out like q with Dv; lse [B, H, Lq] f32."""
+  ids: computed here); out like q with Dv; lse [B, H, Lq] f32.
+
+  A work item is one (head, batch, query program). Non-persistent: the
+  grid's CTA does one. Persistent: each CTA loops over items (`nd_loop`); the
+  K/V ring and its barriers run on across items (`prev`: the key tiles the
+  CTA streamed before), so the producer loads the next item's first tiles
+  while the consumers finish the current one.
+  """
   bq, bk, stages = t.block_q, t.block_k, t.num_stages
-  head, batch = lax.axis_index("h"), lax.axis_index("b")
-  prog = num_programs - 1 - lax.axis_index("q")  # heavy (causal) first
   wg = lax.axis_index("wg")
-  if range_ref is None:
-    lo, hi = kv_range(p, prog, COMPUTE_WGS * bq, bk)
-  else:
-    lo, hi = range_ref[batch, prog, 0], range_ref[batch, prog, 1]
   dtype = q_ref.dtype
   qk_scale = p.scale * common.LOG2E  # base 2, scale folded into the exp2 FMA
 
@@ -237,8 +242,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
     plgpu.barrier_wait(schedule)
 
   @pl.when(wg < COMPUTE_WGS)
-  def _consumer():
+  def _():
     plgpu.set_max_registers(232, action="increase")
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _():
+    plgpu.set_max_registers(40, action="decrease")
+
+  def work(head, batch, prog, prev):
+    """One work item; returns `prev` plus the key tiles it streamed."""
+    if range_ref is None:
+      lo, hi = kv_range(p, prog, COMPUTE_WGS * bq, bk)
+    else:
+      lo, hi = range_ref[batch, prog, 0], range_ref[batch, prog, 1]
+
+    def ring(kv_tile):  # (slot, how many tiles the CTA streamed before it)
+      step = prev + kv_tile - lo
+      return lax.rem(step, stages), step
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _consumer():
+      consume(head, batch, prog, lo, hi, ring)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _producer():
+      produce(head, batch, lo, hi, ring)
+
+    return prev + jnp.maximum(hi - lo, 0)
+
+  def consume(head, batch, prog, lo, hi, ring):
     row0 = prog * (COMPUTE_WGS * bq) + wg * bq
     q_smem = qo_smem2.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, bq), head], q_smem,
@@ -250,13 +282,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
 
     @pl.when(hi > lo)
     def _():
-      plgpu.barrier_wait(k_ready.at[0])
+      plgpu.barrier_wait(k_ready.at[ring(lo)[0]])
 
     pl.when(wg == 1)(schedule_sync)  # offset the two warpgroups by one phase
 
     def body(kv_tile, carry, *, masked: bool):
       acc, m_prev, l_prev = carry
-      slot = lax.rem(kv_tile - lo, stages)
+      slot = ring(kv_tile)[0]
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_smem,
@@ -295,7 +327,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
 
         @pl.when(nxt < hi)
         def _():
-          plgpu.barrier_wait(k_ready.at[lax.rem(nxt - lo, stages)])
+          plgpu.barrier_wait(k_ready.at[ring(nxt)[0]])
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(v_free.at[slot])
@@ -329,28 +361,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref,
     plgpu.commit_smem_to_gmem_group()
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WGS)
-  def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+  def produce(head, batch, lo, hi, ring):
     kv_head = common.kv_head(head, p.group)
 
-    def load(kv_tile, slot, wait: bool):
+    @pl.loop(lo, hi)
+    def _(kv_tile):
+      slot, step = ring(kv_tile)
       # K and V wait for their own slot (as JAX's attention_mgpu.py): the
       # consumers free K after Q K^T, a whole softmax before V, so the next
-      # K load starts that much earlier than with one wait for both.
+      # K load starts that much earlier than with one wait for both. The
+      # first `stages` tiles of a CTA go into empty slots.
       rows = (batch, pl.ds(kv_tile * bk, bk), kv_head)
       for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free),
                                      (v_ref, v_smem, v_ready, v_free)):
-        if wait:
+        @pl.when(step >= stages)
+        def _():
           plgpu.barrier_wait(free.at[slot])
+
         plgpu.copy_gmem_to_smem(ref.at[rows], smem.at[slot], ready.at[slot])
 
-    for i in range(stages):
-      pl.when(lo + i < hi)(functools.partial(load, lo + i, i, False))
-
-    @pl.loop(lo + stages, hi)
-    def _(kv_tile):
-      load(kv_tile, lax.rem(kv_tile - lo, stages), True)
+  if persistent:  # static-scheduled items, heaviest-first is moot (no causal)
+    @plgpu.nd_loop((q_ref.shape[2], q_ref.shape[0], num_programs),
+                   collective_axes="sm", init_carry=jnp.int32(0))
+    def _(info, carry):
+      head, batch, prog = info.index
+      return work(head, batch, prog, carry)
+  else:
+    work(lax.axis_index("h"), lax.axis_index("b"),
+         num_programs - 1 - lax.axis_index("q"),  # heavy (causal) first
+         0)  # a Python 0, see kv_range
 
 
 def smem_bytes(block_q: int, block_k: int, head_dim: int, head_dim_v: int,
@@ -360,6 +399,29 @@ def smem_bytes(block_q: int, block_k: int, head_dim: int, head_dim_v: int,
   o = 0 if head_dim == head_dim_v else COMPUTE_WGS * block_q * head_dim_v
   kv = num_stages * block_k * (head_dim + head_dim_v)
   return (q + o + kv) * itemsize + COMPUTE_WGS * block_q * 4
+
+
+# CTAs of the persistent forward; None: one per SM of the device traced for
+# (tests set a few, so that each CTA runs several items).
+PERSISTENT_CTAS: int | None = None
+SMS_H100 = 132
+
+
+def num_sms() -> int:
+  """CTAs of the persistent grid: `PERSISTENT_CTAS`, else the SM count of
+  the device being traced for (the abstract mesh's, as `api.hopper_gpu`,
+  else the first cuda device), else an H100's 132."""
+  if PERSISTENT_CTAS is not None:
+    return PERSISTENT_CTAS
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  cores = getattr(device, "num_cores", None)
+  if cores is None:
+    try:
+      cores = getattr(jax.local_devices(backend="cuda")[0], "core_count",
+                      None)
+    except RuntimeError:  # no cuda backend (a CPU host)
+      cores = None
+  return int(cores or SMS_H100)
 
 
 def num_stages(block_sizes: BlockSizes, head_dim: int, head_dim_v: int,
@@ -436,16 +498,28 @@ def forward(q, k, v, q_ids, kv_ids, *, p: common.Problem,
                            num_barriers=t.num_stages),
       schedule=plgpu.Barrier(num_arrivals=COMPUTE_WGS),
   )
+  # A persistent grid for non-causal attention, as tokamax's sm90 forward
+  # heuristic (`persistent=not is_causal`): one CTA per SM loops over the
+  # (head, batch, query program) items, so a CTA's K/V ring streams the next
+  # item's tiles while its consumers finish the current one, and the launch
+  # has no partial last wave. Causal items differ in length: there the
+  # hardware scheduler's heaviest-first launch order balances better.
+  persistent = not p.causal
+  items = num_heads * batch * num_programs
+  if persistent:
+    grid, grid_names = (min(num_sms(), items),), ("sm",)
+  else:
+    grid, grid_names = (num_heads, batch, num_programs), ("h", "b", "q")
   kernel = functools.partial(_forward_kernel, p=p, t=t,
-                             num_programs=num_programs)
+                             num_programs=num_programs, persistent=persistent)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((batch, q_len, num_heads, head_dim_v),
                                      q.dtype),
                 jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)),
       scratch_types=scratch,
-      grid=(num_heads, batch, num_programs),
-      grid_names=("h", "b", "q"),
+      grid=grid,
+      grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=compiler_params(),

@@ -117,6 +117,13 @@ class MosaicGpuInterpretTest(InterpretedTestCase, FlashAttentionTestBase):
   def test_case(self, kwargs):
     self.check(**kwargs)
 
+  def test_persistent_forward_runs_several_items_per_cta(self):
+    # Non-causal forwards are persistent: on 2 CTAs, each runs 2 of the 4
+    # (head, query program) items, its K/V ring (4 key tiles per item, with
+    # segment ids: fewer, varying per item) running on across them.
+    self.enter_context(mock.patch.object(mosaic_gpu, "PERSISTENT_CTAS", 2))
+    self.check(q_len=200, num_heads=2, head_dim=64, segments=2)
+
   def test_forward_three_stage_ring(self):
     # BlockSizes.num_stages = 3: a 3-slot K/V ring, wrapping around with 4
     # key tiles (forward only: the backward rings pick their own depth).
