@@ -275,6 +275,17 @@ class MosaicGpuApiTest(parameterized.TestCase):
       self.assertLessEqual(mosaic_gpu_vjp.smem_bytes_dq(
           dq_q // 2, dq_k, head_dim, head_dim, stages), mosaic_gpu.SMEM_BYTES)
 
+  def test_persistent_grid_size(self):
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200",
+                                         platform="gpu", num_cores=7)
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), (), abstract_device=device)):
+      self.assertEqual(mosaic_gpu.num_sms(), 7)  # the traced-for device's
+      with mock.patch.object(mosaic_gpu, "PERSISTENT_CTAS", 2):
+        self.assertEqual(mosaic_gpu.num_sms(), 2)
+    if jax.devices()[0].platform != "gpu":  # no device to ask: an H100's
+      self.assertEqual(mosaic_gpu.num_sms(), mosaic_gpu.SMS_H100)
+
   def test_num_stages(self):
     blocks = BlockSizes.get_default("mosaic_gpu", 128)
     self.assertEqual(mosaic_gpu.num_stages(blocks, 128, 128, jnp.bfloat16), 2)
