@@ -127,12 +127,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref,
         return plgpu.wgmma_accumulator_load(acc_ref, wait_n=1), delta
 
       dp_t, delta = pl.run_scoped(dpt_dv, plgpu.ACC((bk, bq), jnp.float32))
-      # lse2 and delta were read with plain (generic proxy) loads; their slots
-      # are next written by TMA (async proxy): a proxy fence orders the two
-      # (jax 0.11's interpreter checks it; tokamax fences its bias the same).
-      plgpu.commit_smem()
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
       plgpu.wgmma(dk_acc, ds_t.astype(q_ref.dtype), q_smem.at[slot])  # dK
+      # lse2 and delta were read with plain (generic proxy) loads; their slots
+      # are next written by TMA (async proxy): a proxy fence orders the two
+      # (jax 0.11's interpreter checks it; tokamax fences its bias the same),
+      # here while dV and dK run.
+      plgpu.commit_smem()
       # Each slot is released as soon as its last reader is done: dO (and
       # delta) once dV has completed, while dK still runs; Q (and lse) once
       # dK has.
