@@ -12,7 +12,8 @@ context parallelism (the length axis sharded over a ``context`` mesh axis).
 from jaxformer.attention.axial import AxialAttention, AxialAttentionStack, axial_attention_stack
 from jaxformer.attention.chunked import chunked_attention
 from jaxformer.attention.core import dot_product_attention, xla_attention
-from jaxformer.attention.masks import (combine_masks, make_causal_mask, make_padding_mask,
+from jaxformer.attention.masks import (combine_masks, make_causal_mask, make_key_mask,
+                                       make_padding_mask, make_prefix_mask,
                                        make_segment_mask)
 from jaxformer.attention.multi_head import MultiHeadAttention
 from jaxformer.attention.ring import context_parallel, context_parallel_attention
@@ -30,7 +31,9 @@ __all__ = [
     "context_parallel_attention",
     "dot_product_attention",
     "make_causal_mask",
+    "make_key_mask",
     "make_padding_mask",
+    "make_prefix_mask",
     "make_segment_mask",
     "xla_attention",
 ]

@@ -91,7 +91,7 @@ def main(root: str, names: list[str]) -> None:
       continue
     extra = {}
     if name not in ("context4", "data4"):   # one evaluation, no sample: less to compile
-      extra.update({"train.sample_tokens": "0", "train.eval_every": "20"})
+      extra.update({"task_options.sample_tokens": "0", "train.eval_every": "20"})
     workdir = os.path.join(root, name)
     start = time.perf_counter()
     (_cli if i == 0 else _train)(workdir, RUNS[name], extra)

@@ -14,6 +14,7 @@ from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import axes
+from jaxformer.attention import ring
 from jaxformer.training import sharding
 
 import training_helpers as th
@@ -83,6 +84,45 @@ class MeshShapeTest(parameterized.TestCase):
     with sharding.activate(mesh, sharding.make_rules()):
       self.assertEqual(dict(nn.get_logical_axis_rules())[axes.EMBED], "fsdp")
     self.assertEqual(tuple(nn.get_logical_axis_rules()), ())
+
+
+def test_sharding_value_owns_mesh_and_rules():
+  """One value from ShardingConfig + devices: mesh, rules, batches, state shardings,
+  divisibility checks, and its config errors naming the field."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxformer.models import gpt  # pylint: disable=g-import-not-at-top
+  value = sharding.Sharding.build(
+      sharding.ShardingConfig(mesh_shape=(1, 1, 1), fsdp=False), jax.devices()[:1])
+  assert value.mesh.axis_names == axes.MESH_AXES and value.batch_divisor == 1
+  assert value.shape == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+  assert value.rules == axes.rules_for(fsdp=False, tensor=True)
+  with value.activate():
+    assert dict(nn.get_logical_axis_rules())[axes.EMBED] is None
+    assert dict(nn.get_logical_axis_rules())[axes.ACT_LENGTH] == "context"
+    assert ring.current_mode() == "ring"
+  gathered = sharding.Sharding.build(sharding.ShardingConfig(
+      mesh_shape=(1, 1, 1, 1), context_parallel="all_gather"), jax.devices()[:1])
+  with gathered.activate():
+    assert ring.current_mode() == "all_gather"
+  assert ring.current_mode() == "ring"
+  batch = value.shard_batch({"x": np.arange(8.0).reshape(4, 2)})
+  assert batch["x"].sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(value.to_host(batch)["x"], np.arange(8.0).reshape(4, 2))
+  model = th.TinyLM()
+  shardings = value.state_shardings(th.tiny_init_fn(model), optax.adam(1e-3))
+  assert shardings.params["hidden"]["kernel"].spec == P(None, "tensor")
+  assert shardings.step.spec == P()
+  cfg = gpt.gpt_tiny(num_layers=1, vocab_size=30)
+  value.check_shardable("gpt", cfg)   # a 1 x 1 x 1 mesh divides everything
+  assert value.per_process_batch(4, "data.batch_size") == 4
+  assert sharding.ShardingConfig().mesh_shape == (-1,) + (1,) * (len(axes.MESH_AXES) - 1)
+  with pytest.raises(ValueError, match=r"sharding\.mesh_shape=\(1, 1\) must be 4 ints"):
+    sharding.ShardingConfig(mesh_shape=(1, 1))
+  with pytest.raises(ValueError, match=r"sharding\.context_parallel='ringg'; valid"):
+    sharding.ShardingConfig(context_parallel="ringg")
+  with pytest.raises(ValueError, match=r"sharding\.fsdp='yes' must be a bool"):
+    sharding.ShardingConfig.parse({"fsdp": "yes"})
 
 
 @pytest.mark.parametrize("batch,cores,want", [
