@@ -260,7 +260,9 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   def flush():
     nonlocal pending, last_row
     if pending is not None:
-      last_row = logger.log_train(pending[0], sharding_lib.to_host(pending[1]))
+      host = sharding_lib.to_host(pending[1])
+      host["consecutive_skipped"] = guard.read(pending[0])
+      last_row = logger.log_train(pending[0], host)
       pending = None
       guard.check(last_row["step"], last_row["consecutive_skipped"])
 
