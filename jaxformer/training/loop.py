@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxformer import tasks as tasks_lib
 from jaxformer.data import vocab
+from jaxformer.models import common as model_common
 from jaxformer.models import registry
 from jaxformer.pretrained import runs as pretrained_runs
 from jaxformer.training import checkpoint as ckpt_lib
@@ -67,10 +68,18 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
       f.writelines(keep)
 
 
-def build_model(config: Mapping[str, Any], tokenizer: Any) -> tuple[Any, Any]:
+def build_model(config: Mapping[str, Any], tokenizer: Any, *,
+                platform: str | None = None,
+                vocab_shards: int = 1) -> tuple[Any, Any]:
   """``(model_config, module)`` of ``config.model``; an unset ``model.vocab_size``
-  becomes the tokenizer's (a vocabulary fitted on the run's text)."""
+  becomes the tokenizer's (a vocabulary fitted on the run's text), and with
+  ``platform`` an unset ``model.vocab_pad_multiple`` what that platform and
+  ``vocab_shards`` (the vocabulary's tensor-parallel split) need."""
   section = dict(config["model"])
+  if platform is not None and "vocab_pad_multiple" in section and (
+      section["vocab_pad_multiple"] is None):
+    section["vocab_pad_multiple"] = model_common.vocab_pad_multiple(platform,
+                                                                    vocab_shards)
   if tokenizer is not None and "vocab_size" in section:
     if section["vocab_size"] is None:
       section["vocab_size"] = tokenizer.vocab_size
@@ -149,10 +158,12 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
                                   tensor=sc.get("tensor", True))
   tokenizer = (pretrained_runs.tokenizer(config)
                or vocab.build_tokenizer(dc, workdir))
-  model_cfg, model = build_model(config, tokenizer)
+  axis_sizes = registry.logical_axis_sizes(rules, dict(mesh.shape))
+  model_cfg, model = build_model(config, tokenizer,
+                                 platform=mesh.devices.flat[0].platform,
+                                 vocab_shards=axis_sizes.get("vocab", 1))
   # Every sharded dimension must divide its mesh axes: say which field, before tracing.
-  registry.check_shardable(config["model"]["name"], model_cfg,
-                           registry.logical_axis_sizes(rules, dict(mesh.shape)))
+  registry.check_shardable(config["model"]["name"], model_cfg, axis_sizes)
   task = tasks_lib.build_task(config, tokenizer=tokenizer, model_config=model_cfg)
   runtime = tasks_lib.Runtime(
       model=model, shard=lambda batch: sharding_lib.shard_batch(batch, mesh),
@@ -172,8 +183,9 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   seq_len = task.example_length()
 
   config_json = _config_json(config)
-  if "vocab_size" in config_json.get("model", {}):
-    config_json["model"]["vocab_size"] = getattr(model_cfg, "vocab_size", None)
+  for field in ("vocab_size", "vocab_pad_multiple"):  # as resolved for this run
+    if field in config_json.get("model", {}):
+      config_json["model"][field] = getattr(model_cfg, field, None)
   checkpointer = resources.enter_context(ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=tc["keep_checkpoints"],
       save_every=tc["checkpoint_every"], async_save=tc["async_checkpoint"]))
