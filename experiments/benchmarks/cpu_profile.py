@@ -55,14 +55,48 @@ def _config(spec: str, overrides: Sequence[str]) -> Any:
   return config
 
 
+# Events that are a thread waiting, not working (on another thread, a lock, a queue,
+# the other device at a collective's rendezvous).
+WAITS = ("wait", "rendezvous", "acquire", "queue.py", "sleep")
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  out: list[tuple[float, float]] = []
+  for s, t in sorted(intervals):
+    if out and s <= out[-1][1]:
+      out[-1] = (out[-1][0], max(out[-1][1], t))
+    else:
+      out.append((s, t))
+  return out
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+  return sum(t - s for s, t in intervals)
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+  total, j = 0.0, 0
+  for s, t in a:
+    while j < len(b) and b[j][1] <= s:
+      j += 1
+    k = j
+    while k < len(b) and b[k][0] < t:
+      total += min(t, b[k][1]) - max(s, b[k][0])
+      k += 1
+  return total
+
+
 def thread_busy(trace_path: str | os.PathLike[str]) -> dict[str, Any]:
-  """Per-thread busy time of a Perfetto/Chrome trace: the union of each thread's
-  complete (``ph == "X"``) events, in seconds, and the traced span."""
+  """Per-thread time of a Perfetto/Chrome trace, in seconds: ``traced`` (the union of
+  the thread's complete events), ``waiting`` (inside events named like a wait:
+  :data:`WAITS`) and ``working`` (traced minus waiting), with the thread's largest
+  events by total duration; and the traced span."""
   with gzip.open(trace_path, "rt", encoding="utf-8") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   names: dict[tuple[int, int], str] = {}
   spans: dict[tuple[int, int], list[tuple[float, float]]] = collections.defaultdict(list)
+  waits: dict[tuple[int, int], list[tuple[float, float]]] = collections.defaultdict(list)
   top: dict[tuple[int, int], collections.Counter] = collections.defaultdict(
       collections.Counter)
   for e in events:
@@ -70,7 +104,10 @@ def thread_busy(trace_path: str | os.PathLike[str]) -> dict[str, Any]:
     if e.get("ph") == "M" and e.get("name") == "thread_name":
       names[key] = e["args"]["name"]
     elif e.get("ph") == "X" and "dur" in e:
-      spans[key].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+      span = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+      spans[key].append(span)
+      if any(w in e.get("name", "").lower() for w in WAITS):
+        waits[key].append(span)
       top[key][e.get("name", "?")] += float(e["dur"])
   if not spans:
     return {"span_s": 0.0, "threads": []}
@@ -78,17 +115,14 @@ def thread_busy(trace_path: str | os.PathLike[str]) -> dict[str, Any]:
   t1 = max(t for v in spans.values() for _, t in v)
   rows = []
   for key, intervals in spans.items():
-    intervals.sort()
-    busy, end = 0.0, -1.0
-    for s, t in intervals:       # the union: nested events count once
-      if t <= end:
-        continue
-      busy += t - max(s, end)
-      end = t
-    rows.append({"thread": names.get(key, str(key)), "busy_s": busy / 1e6,
+    traced = _union(intervals)
+    waiting = _overlap(traced, _union(waits[key]))
+    rows.append({"thread": names.get(key, str(key)), "traced_s": _length(traced) / 1e6,
+                 "waiting_s": waiting / 1e6,
+                 "working_s": (_length(traced) - waiting) / 1e6,
                  "events": len(intervals),
                  "top": [(n, d / 1e6) for n, d in top[key].most_common(6)]})
-  rows.sort(key=lambda r: -r["busy_s"])
+  rows.sort(key=lambda r: -r["working_s"])
   return {"span_s": (t1 - t0) / 1e6, "threads": rows}
 
 
@@ -153,14 +187,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "traced_steps": n, "traced_wall_s": wall,
       "ms_per_step_traced": 1000 * wall / max(n, 1),
       "loop_step_time_ms": summary.get("step_time_ms"),
-      "cores_busy": sum(r["busy_s"] for r in busy["threads"]) / max(wall, 1e-9),
+      "cores_working": sum(r["working_s"] for r in busy["threads"]) / max(wall, 1e-9),
       "threads": busy["threads"][:12],
       "pipeline": time_pipeline(config),
   }
   for r in result["threads"]:
-    print(f"{r['thread'][:40]:40s} busy {r['busy_s']:7.3f} s "
-          f"({100 * r['busy_s'] / max(wall, 1e-9):5.1f} %)  "
-          + ", ".join(f"{k[:28]} {v:.2f}" for k, v in r["top"][:3]))
+    print(f"{r['thread'][:32]:32s} working {1000 * r['working_s'] / n:6.1f} "
+          f"waiting {1000 * r['waiting_s'] / n:6.1f} ms/step | "
+          + ", ".join(f"{k[:28]} {1000 * v / n:.1f}" for k, v in r["top"][:3]))
   print(json.dumps({k: v for k, v in result.items() if k != "threads"}, indent=1))
   (out / "cpu_profile.json").write_text(json.dumps(result, indent=1) + "\n")
   return result
