@@ -7,8 +7,10 @@ logging, held-out eval, checkpoints, SIGTERM handling, and the task's sample at 
 end. Everything that depends on what is learned is the task's
 (:mod:`jaxformer.tasks`): the loop names no task.
 
-The host never waits for the device except at log/eval/checkpoint steps: step n+1 is
-dispatched before step n's metrics are read (and only at log steps).
+The host reads device values only at log/eval/checkpoint steps: step n+1 is
+dispatched before step n's metrics are read (and only at log steps). On several CPU
+devices one step is in flight at a time (see ``one_in_flight`` below), with the next
+batch already made and transferred while the step runs.
 
 Around it: one run per workdir (:mod:`~jaxformer.training.workdir_lock`), the whole
 config checked on resume (:mod:`~jaxformer.training.resume_check`), a fallback past
@@ -268,6 +270,18 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   timed_from = None          # (step, time) after the first (compiling) step
   eval_seconds = 0.0
   t_begin = time.perf_counter()
+  # XLA:CPU with several devices runs each device's part of a program on one shared
+  # thread pool, and the parts meet at the gradients' all-reduce. A second program
+  # (the next step, an eval) launched while a step is in flight can hold the thread
+  # the other device still needs: the all-reduce then never completes (XLA aborts
+  # after 40 s; seen on a loaded 2-core host). There a program is launched only once
+  # the last step is done; the next batch is made and transferred before that wait,
+  # so the host's work still overlaps the step.
+  one_in_flight = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
+
+  def settle():
+    if one_in_flight:
+      jax.block_until_ready(state)
 
   def flush():
     nonlocal pending, last_row
@@ -281,6 +295,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   def run_eval():
     nonlocal eval_row, eval_step_done, eval_seconds
     flush()
+    settle()
     t0 = time.perf_counter()
     eval_row = logger.log_eval(step, evaluate(state.params))
     eval_step_done = step
@@ -290,6 +305,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   with ckpt_lib.Preemption() as preempt:
     while step < num_steps:
       batch = sharding_lib.shard_batch(next(train_it), mesh)
+      settle()
       state, metrics = train_step(state, batch)
       step += 1
       guard.update(step, metrics)
