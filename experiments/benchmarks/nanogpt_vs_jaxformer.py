@@ -9,8 +9,8 @@ command a user runs, on the same file::
       --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 \\
       --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
   python -m experiments.train --config=experiments/configs/gpt_text.py \\
-      --config.data.path=input.txt --config.data.tokenizer=chars \\
-      --config.data.validation_fraction=0.1 --workdir=<fresh>
+      --config.data.source_options.path=input.txt --config.data.tokenizer=chars \\
+      --config.data.source_options.validation_fraction=0.1 --workdir=<fresh>
 
 Both learn a character model of Tiny Shakespeare (4 x 128, 4 heads, context 64,
 batch 12, 2,000 steps, lr 1e-3 warmed up 100 steps and decayed to 1e-4, beta2 0.99).
@@ -84,8 +84,10 @@ def ours_command(input_path: str, workdir: str, steps: int = 2000,
   """Our CLI on the same file: ``gpt_text`` with the chars tokenizer, 10 % held out."""
   cmd = [python, "-m", "experiments.train",
          "--config=experiments/configs/gpt_text.py",
-         f"--config.data.path={input_path}", "--config.data.tokenizer=chars",
-         "--config.data.validation_fraction=0.1", f"--workdir={workdir}"]
+         f"--config.data.source_options.path={input_path}",
+         "--config.data.tokenizer=chars",
+         "--config.data.source_options.validation_fraction=0.1",
+         f"--workdir={workdir}"]
   if steps != 2000:
     cmd += [f"--config.train.num_steps={steps}"]
     if steps % 250:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from jaxformer.data import local_text
 from jaxformer.data import pipeline
 from jaxformer.data import token_windows
 from jaxformer.data import tokenizers as tok_lib
+from jaxformer.data.config import DataConfig
 from jaxformer.generation import decode as generation
 from jaxformer.objectives import causal_lm
 from jaxformer.tasks import base
@@ -36,19 +38,37 @@ def unigram_bits(batches: list[Mapping[str, np.ndarray]]) -> float:
   return float(-(p * np.log2(p)).sum())
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMData(DataConfig):
+  """``data`` of language modelling: ``pack`` several documents per row (segment ids)
+  or one chunk per row; ``seq_len`` tokens per row."""
+
+  seq_len: int = dataclasses.field()  # required (the base class has a default)
+  pack: bool = True
+
+
 class CausalLM(base.Task):
   """Next-token prediction on packed documents (a decoder-only LM such as GPT).
 
   Batches: ``inputs``/``targets``/``segment_ids``/``positions``/``weights`` ``[B, L]``
-  (:func:`jaxformer.data.pipeline.lm_pipeline`; ``data.pack``); one text (a single
+  (:func:`jaxformer.data.pipeline.read_lm`; ``data.pack``); one text (a single
   file's split, ``data.source="text_files"``) is read as nanoGPT reads it instead:
   one token stream, each row a random contiguous window, only ``inputs``/``targets``
   (:mod:`jaxformer.data.token_windows`). Model:
   ``(inputs_BL, segment_ids, positions) -> logits_BLV``. Eval adds, for a byte
-  tokenizer, ``bits_per_byte`` and the ``unigram_bits_per_byte`` baseline.
+  tokenizer, ``bits_per_byte`` and the ``unigram_bits_per_byte`` baseline. Options:
+  a text sample at the end of the run, ``sample_tokens`` (0: none) continuing
+  ``sample_prompt`` at ``sample_temperature``.
   """
 
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Options:
+    sample_tokens: int = 0
+    sample_prompt: str = ""
+    sample_temperature: float = 1.0
+
   name = "causal_lm"
+  Data = LMData
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -57,24 +77,23 @@ class CausalLM(base.Task):
 
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
     source = self.source(train)
+    options = self.read_options(batch_size=batch_size, seed=seed if train else 0,
+                                train=train)
     if isinstance(source, local_text.TextWindowsSource):
       # One text: a single token stream, random windows (eval: seed 0, fixed).
       if train not in self._streams:
         self._streams[train] = self.tokenizer.encode_array(source.text)
       return token_windows.window_pipeline(
-          self._streams[train], seq_len=self.data["seq_len"], batch_size=batch_size,
-          seed=seed if train else 0, shard_index=jax.process_index(),
-          shard_count=jax.process_count(),
-          prefetch=self.data.get("prefetch", 0) if train else 0, name=repr(source))
+          self._streams[train], seq_len=self.data.seq_len, batch_size=batch_size,
+          seed=options.seed, shard_index=options.shard_index,
+          shard_count=options.shard_count, prefetch=options.prefetch,
+          name=repr(source))
     # Eval: one dense stream in a fixed order, repeating (every process can always
     # take the same number of batches).
-    return pipeline.lm_pipeline(
-        source, self.tokenizer, seq_len=self.data["seq_len"],
-        batch_size=batch_size, seed=seed if train else 0,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-        pack=self.data.get("pack", True), shuffle=train,
-        streams=None if train else 1,
-        prefetch=self.data.get("prefetch", 0) if train else 0)
+    return pipeline.read_lm(source, self.tokenizer, options,
+                            seq_len=self.data.seq_len, pack=self.data.pack,
+                            text_key=self.data.text_key,
+                            streams=None if train else 1)
 
   def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:
     return batch["inputs"], batch.get("segment_ids"), batch.get("positions")
@@ -96,15 +115,17 @@ class CausalLM(base.Task):
             "unigram_bits_per_byte": self._unigram}
 
   def sample(self, params: Any, runtime: base.Runtime,
-             train: Mapping[str, Any]) -> str | None:
-    if train.get("sample_tokens", 0) <= 0 or self.tokenizer is None:
+             seed: int) -> tuple[str, str] | None:
+    opts = self.options
+    if opts.sample_tokens <= 0 or self.tokenizer is None:
       return None
-    max_len = getattr(self.model_config, "max_len", self.data["seq_len"])
-    return sample_text(runtime, params, self.tokenizer,
-                       prompt=train.get("sample_prompt", ""),
-                       max_new_tokens=train["sample_tokens"],
-                       temperature=train.get("sample_temperature", 1.0),
-                       seed=train["seed"], max_len=max_len)
+    max_len = getattr(self.model_config, "max_len", self.data.seq_len)
+    text = sample_text(runtime, params, self.tokenizer, prompt=opts.sample_prompt,
+                       max_new_tokens=opts.sample_tokens,
+                       temperature=opts.sample_temperature, seed=seed,
+                       max_len=max_len)
+    return text, (f"sample (prompt {opts.sample_prompt!r}, temperature "
+                  f"{opts.sample_temperature})")
 
 
 def sample_text(runtime: base.Runtime, params: Any, tokenizer: tok_lib.Tokenizer, *,

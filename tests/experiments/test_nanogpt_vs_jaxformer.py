@@ -35,8 +35,10 @@ def test_commands_are_the_readme_recipe_and_our_cli():
   assert "--eval_interval=30" in nv.nanogpt_command(30, "py")
   ours = nv.ours_command("/d/input.txt", "/w", 2000, "py")
   assert ours[:3] == ["py", "-m", "experiments.train"]
-  assert {"--config=experiments/configs/gpt_text.py", "--config.data.path=/d/input.txt",
-          "--config.data.tokenizer=chars", "--config.data.validation_fraction=0.1",
+  assert {"--config=experiments/configs/gpt_text.py",
+          "--config.data.source_options.path=/d/input.txt",
+          "--config.data.tokenizer=chars",
+          "--config.data.source_options.validation_fraction=0.1",
           "--workdir=/w"} == set(ours[3:])
   assert "--config.train.eval_every=30" in nv.ours_command("x", "w", 30, "py")
 

@@ -40,14 +40,19 @@ class ParamCountTest(parameterized.TestCase):
                      124_439_808 + (47 * 768 if jax.default_backend() != "cpu" else 0))
     # The loop resolves None for its mesh; the reported count stays the published one.
     from jaxformer.training import loop  # pylint: disable=g-import-not-at-top
-    section = {"model": models.preset_dict("gpt2_small")}
-    for platform, shards, rows in (("cpu", 1, 50257), ("cpu", 2, 50258),
-                                   ("gpu", 1, 50304), ("tpu", 4, 50304)):
-      cfg, module = loop.build_model(section, None, platform=platform,
+    cfg, module = loop.build_model({"model": models.preset_dict("gpt2_small")}, None,
+                                   platform="gpu")
+    self.assertEqual(cfg.padded(cfg.vocab_size), 50304)
+    self.assertEqual(_raw_count(module, tokens), 124_439_808 + 47 * 768)
+    self.assertEqual(_count(module, tokens), 124_439_808)
+    nano = {"model": models.preset_dict("gpt_nano")}        # 263 bytes + specials
+    for platform, shards, rows in (("cpu", 1, 263), ("cpu", 2, 264), ("gpu", 1, 384),
+                                   ("tpu", 4, 384)):
+      cfg, module = loop.build_model(nano, None, platform=platform,
                                      vocab_shards=shards)
       self.assertEqual(cfg.padded(cfg.vocab_size), rows, platform)
-      self.assertEqual(_raw_count(module, tokens), 124_439_808 + (rows - 50257) * 768)
-      self.assertEqual(_count(module, tokens), 124_439_808)
+      self.assertEqual(_raw_count(module, tokens) - _count(module, tokens),
+                       (rows - 263) * 128)
     cfg, _ = loop.build_model({"model": models.preset_dict(
         "gpt2_small", vocab_pad_multiple=64)}, None, platform="gpu")
     self.assertEqual(cfg.vocab_pad_multiple, 64)   # a set value is kept
