@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -300,8 +301,8 @@ def _speed_name(s: SpeedCase) -> str:
 
 def _segment_ids(batch, length, segments, seed):
   rng = np.random.default_rng(seed)
-  return jnp.asarray(np.sort(rng.integers(0, segments, (batch, length)), axis=1),
-                     jnp.int32)
+  return jnp.asarray(np.sort(rng.integers(0, segments, (batch, length)), axis=1)
+                     .astype(np.int32))
 
 
 def check_fn(backend: str, case: CheckCase, q_ids, kv_ids) -> Callable | str:
@@ -358,13 +359,14 @@ def _vjp_program(fn):
 
 
 def _check_inputs(case: CheckCase, seed: int):
-  keys = jax.random.split(jax.random.key(seed), 4)
+  """Float32 NumPy q, k, v, dout (standard normal) and segment ids (NumPy: no compiles)."""
+  rng = np.random.default_rng(seed)
   b = 2
   shapes = ((b, case.q_len, case.heads, case.head_dim),
             (b, case.kv_len, case.kv_heads, case.head_dim),
             (b, case.kv_len, case.kv_heads, case.head_dim_v),
             (b, case.q_len, case.heads, case.head_dim_v))
-  q, k, v, dout = (jax.random.normal(key, s, jnp.float32) for key, s in zip(keys, shapes))
+  q, k, v, dout = (rng.standard_normal(s).astype(np.float32) for s in shapes)
   q_ids = kv_ids = None
   if case.segments:
     q_ids = _segment_ids(b, case.q_len, case.segments, seed + 1)
@@ -383,12 +385,12 @@ def run_checks(checks: list[CheckCase]) -> list[dict[str, Any]]:
   for i, case in enumerate(checks):
     q, k, v, dout, q_ids, kv_ids = _check_inputs(case, i)
     dtype = jnp.dtype(case.dtype)
-    cast = lambda *xs: tuple(x.astype(dtype) for x in xs)  # noqa: E731
-    q_c, k_c, v_c, dout_c = cast(q, k, v, dout)
-    up = lambda *xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
+    rounded = [x.astype(dtype) for x in (q, k, v, dout)]  # NumPy casts: no compiles
+    q_c, k_c, v_c, dout_c = (jnp.asarray(x) for x in rounded)
     with jax.default_matmul_precision("highest"):
       ref_fn = check_fn("xla", case, q_ids, kv_ids)
-      ref_out, ref_grads = _vjp_program(ref_fn)(*up(q_c, k_c, v_c, dout_c))
+      ref_out, ref_grads = _vjp_program(ref_fn)(
+          *(jnp.asarray(x.astype(np.float32)) for x in rounded))
       ref = [np.asarray(x) for x in (ref_out, *ref_grads)]
     for backend in CHECK_BACKENDS:
       row = dict(case=case.name, backend=backend, dtype=case.dtype,
@@ -465,6 +467,16 @@ def looped(fn, mode: str):
   return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=1)
+def _speed_inputs(shape, seed):
+  """bf16 standard-normal q, k, v, dout on the device (cached for the next impl)."""
+  key = jax.random.key(seed)
+  make = jax.jit(lambda key: tuple(
+      jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16)
+      for k in jax.random.split(key, 4)))
+  return make(key)
+
+
 def time_case(s: SpeedCase, size: Size, reps: int = REPEATS) -> dict[str, Any]:
   row = dataclasses.asdict(s)
   row["flops"] = attention_flops(s.batch, s.heads, s.seq, s.head_dim, s.causal, s.mode)
@@ -475,10 +487,8 @@ def time_case(s: SpeedCase, size: Size, reps: int = REPEATS) -> dict[str, Any]:
   if isinstance(fn, str):
     row["note"] = fn
     return row
-  keys = jax.random.split(jax.random.key(s.seq + s.head_dim), 4)
-  shape = (s.batch, s.seq, s.heads, s.head_dim)
-  q, k, v, dout = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
-                   for key in keys)
+  q, k, v, dout = _speed_inputs((s.batch, s.seq, s.heads, s.head_dim),
+                                s.seq + s.head_dim)
   try:
     prog = looped(fn, s.mode)
     t0 = time.perf_counter()
@@ -533,6 +543,16 @@ class _Choices(logging.Handler):
     self.lines.append(record.getMessage())
 
 
+@functools.lru_cache(maxsize=1)
+def _init_params(size_name: str, shape):
+  from jaxformer.models import gpt  # pylint: disable=g-import-not-at-top
+  size = {"full": FULL, "tiny": TINY}[size_name]
+  factory = {"gpt2_small": gpt.gpt2_small, "gpt_tiny": gpt.gpt_tiny}[size.train_preset]
+  model = gpt.GPT(factory(dropout_rate=0.0, attention_dropout_rate=0.0,
+                          dtype=jnp.bfloat16, scan_layers=size.scan_layers))
+  return jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape, jnp.int32))["params"]
+
+
 def train_mfu(impl: str | None, size: Size) -> dict[str, Any]:
   """Times ``size.train_steps`` AdamW steps of the preset after compile + warm-up."""
   import optax  # pylint: disable=g-import-not-at-top
@@ -544,11 +564,11 @@ def train_mfu(impl: str | None, size: Size) -> dict[str, Any]:
   model = gpt.GPT(cfg)
   b, length = size.train_batch, size.train_len
   rng = np.random.default_rng(0)
-  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, length + 1)), jnp.int32)
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  params = jax.jit(model.init)(jax.random.key(0), inputs)["params"]
+  tokens = rng.integers(0, cfg.vocab_size, (b, length + 1)).astype(np.int32)
+  inputs, targets = jnp.asarray(tokens[:, :-1]), jnp.asarray(tokens[:, 1:])
+  params = _init_params(size.name, inputs.shape)  # the attention path has no parameters
   tx = optax.adamw(1e-4)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, inputs, deterministic=True)
