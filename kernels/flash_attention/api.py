@@ -399,8 +399,7 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                    block_sizes.device_kind, jax.devices()[0].device_kind)
   platform = jax.default_backend()
   runs = primary_backend(backend, query.dtype, is_causal)
-  compiled = not interpret and (platform in ("gpu", "cuda") or interpret is False)
-  if backend == "mosaic_gpu" and compiled:
+  if backend == "mosaic_gpu" and interpret is not True:
     refused = mosaic_gpu_causal_refused(is_causal)
     if refused is not None:
       raise ValueError(f"flash_attention(backend='mosaic_gpu'): {refused}; use"
