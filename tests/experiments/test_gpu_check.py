@@ -121,3 +121,17 @@ def test_tiny_run_on_cpu_writes_both_files(tmp_path, capsys):
   for needle in ("Device: cpu", f"jax {jax.__version__}", "Date: ", "## Correctness",
                  "## Speed", "## Training"):
     assert needle in text, needle
+
+
+def test_timed_programs_lower_for_a_hopper_gpu():
+  """The device-clock loop around our kernel (fwd+bwd) exports for cuda on a CPU: the
+  three Mosaic GPU kernels inside one while loop (ptxas runs only on the GPU)."""
+  from tests.kernels import mosaic_gpu_interpret  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  prog = gpu_check.looped(gpu_check.speed_fn("pallas", True), "fwd+bwd")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh(
+      (), (), abstract_device=mosaic_gpu_interpret.H100)):
+    text = jax.export.export(prog, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((), jnp.int32), x, x, x, x).mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
+  assert "stablehlo.while" in text
