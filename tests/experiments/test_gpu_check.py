@@ -135,3 +135,14 @@ def test_timed_programs_lower_for_a_hopper_gpu():
         jax.ShapeDtypeStruct((), jnp.int32), x, x, x, x).mlir_module()
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
   assert "stablehlo.while" in text
+
+
+def test_a_kernel_that_failed_its_check_is_left_out_of_the_dispatch_table():
+  checks = [dict(backend="triton", status="FAIL"), dict(backend="xla", status="ok")]
+  assert gpu_check.untrusted(checks) == ("pallas",)  # on a CPU, ours is Triton
+  assert gpu_check.untrusted([dict(backend="mosaic_gpu", status="ERROR")]) == ()
+  rows = [dict(impl=i, mode="fwd", seq=2048, causal=False, head_dim=128, ms=1.0)
+          for i in ("pallas", "cudnn")]
+  env = dict(device="cpu")
+  (case,) = gpu_check.dispatch_table(rows, env, exclude=("pallas",))["cases"]
+  assert case["ms"] == {"cudnn": 1.0}
