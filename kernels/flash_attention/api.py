@@ -7,8 +7,9 @@ Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
 (CPU), via `jax.lax.platform_dependent` inside the custom_vjp's forward and
 backward rules (`hopper_gpu` says how the GPU is recognised at trace time).
 The custom_vjp's residuals are the *unpadded* operands, output and
-log-sum-exp, so every platform branch has the same residual shapes and
-does its own padding:
+log-sum-exp (in the units the backend's own backward reads: base 2 for Triton,
+natural for the Mosaic kernels; forward and backward run on the same branch), so
+every platform branch has the same residual shapes and does its own padding:
   * Triton reads lengths as they are (masked loads and stores at the ends);
     Mosaic TPU pads them to a multiple of the tiles; padded keys are masked
     in the kernels (`common.allowed`), padded query rows are sliced off (their
