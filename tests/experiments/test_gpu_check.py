@@ -7,6 +7,8 @@ import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import jax
@@ -146,3 +148,14 @@ def test_a_kernel_that_failed_its_check_is_left_out_of_the_dispatch_table():
   env = dict(device="cpu")
   (case,) = gpu_check.dispatch_table(rows, env, exclude=("pallas",))["cases"]
   assert case["ms"] == {"cudnn": 1.0}
+
+
+def test_imports_nothing_the_gpu_machine_lacks():
+  """The GPU machine has jax, numpy, flax, optax but not grain or ml_collections."""
+  code = ("import sys, experiments.benchmarks.gpu_check, jaxformer.models.gpt, "
+          "jaxformer.training.metrics_logger, kernels.flash_attention, optax\n"
+          "bad = {'grain', 'ml_collections', 'tensorflow', 'torch'} & "
+          "{m.split('.')[0] for m in sys.modules}\n"
+          "assert not bad, bad")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=pathlib.Path(__file__).parents[2])
