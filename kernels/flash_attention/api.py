@@ -355,11 +355,14 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     scale: logits multiplier; default 1/sqrt(head_dim).
     block_sizes: tiles: a `BlockSizes`; or a `BlockTable` (tuned tiles read
       from JSON, see autotune.py), whose entry for this call is used; None,
-      or no entry, = `BlockSizes.get_default(backend, head_dim)`.
+      or no entry, = `BlockSizes.get_default(backend, head_dim)`. Tiles that
+      break the rules of the kernel that runs here (`primary_backend`: Mosaic
+      GPU on Hopper for bf16/fp16) raise ValueError; they are never replaced.
     interpret: None = compiled on GPU/TPU, Pallas interpret mode elsewhere
       (CPU); True = interpret mode everywhere; False = never interpret.
-    backend: None = Mosaic GPU on Hopper for bf16/fp16 (`hopper_gpu`),
-      Triton on other GPUs, Mosaic on TPU; "triton", "mosaic" or
+    backend: None = Mosaic GPU on Hopper for bf16/fp16 (`hopper_gpu`; causal
+      calls on CUDA 12.8.0-12.9.0 take Triton, with a WARNING once per shape:
+      `mosaic_gpu_causal_refused`), Triton on other GPUs, Mosaic on TPU; "triton", "mosaic" or
       "mosaic_gpu" forces one kernel (e.g. to test the Mosaic kernel in
       interpret mode on a CPU; "mosaic_gpu" interprets under jax's
       `force_gpu_interpret_mode`, see tests/kernels/mosaic_gpu_interpret.py).
@@ -399,7 +402,10 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                    " device is %r; its tiles may not suit it.",
                    block_sizes.device_kind, jax.devices()[0].device_kind)
   platform = jax.default_backend()
-  runs = primary_backend(backend, query.dtype, is_causal)
+  if interpret is True and backend is None:  # _dispatch's interpret-mode branches
+    runs = "mosaic" if platform == "tpu" else "triton"
+  else:
+    runs = primary_backend(backend, query.dtype, is_causal)
   if backend == "mosaic_gpu" and interpret is not True:
     refused = mosaic_gpu_causal_refused(is_causal)
     if refused is not None:
