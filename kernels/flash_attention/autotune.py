@@ -39,11 +39,12 @@ def default_candidates(backend: str, head_dim: int) -> list[BlockSizes]:
   Every candidate keeps its backend's rules (``BlockSizes.validate``). Mosaic GPU: the
   CTA row counts (block_q, block_q_dq, block_k_dkv) stay 128, two consumer warpgroups
   of 64 rows (the 128-row rule); the streamed tiles (block_k, block_q_dkv, block_k_dq)
-  take 64 or 128 where the forward's shared memory (``mosaic_gpu.smem_bytes``) fits.
+  take 64 or 128 (the forward's key tile also 256) where the forward's shared memory
+  (``mosaic_gpu.smem_bytes``) fits.
   """
   if backend == "mosaic_gpu":
     out = []
-    for bk, dkv_q, dq_k in itertools.product((64, 128), (64, 128), (64, 128)):
+    for bk, dkv_q, dq_k in itertools.product((64, 128, 256), (64, 128), (64, 128)):
       if mosaic_gpu.smem_bytes(64, bk, head_dim, head_dim) > mosaic_gpu.SMEM_BYTES:
         continue  # the forward's K/V ring would not fit
       out.append(BlockSizes(block_q=128, block_k=bk, block_q_dkv=dkv_q,
