@@ -45,6 +45,30 @@ def match_files(path_or_glob: str | os.PathLike[str]) -> tuple[str, ...]:
   return tuple(sorted(paths))
 
 
+def decode_text(data: bytes, name: str, *, encoding: str = "utf-8",
+                how: str = "") -> str:
+  """``data`` decoded as ``encoding``; a ValueError naming ``name``, the byte offset and
+  the byte when it is not valid text there (a binary file, or another encoding).
+
+  ``how`` says how to proceed (e.g. which option picks another encoding).
+  """
+  try:
+    return data.decode(encoding)
+  except UnicodeDecodeError as e:
+    bad = data[e.start:e.start + 1].hex()
+    binary = "; it looks binary (it has NUL bytes)" if b"\0" in data[:8192] else ""
+    raise ValueError(
+        f"{name} is not {encoding} text: byte 0x{bad} at offset {e.start} ({e.reason})"
+        + binary + (f"; {how}" if how else "")) from None
+
+
+def read_text(path: str | os.PathLike[str], *, encoding: str = "utf-8",
+              how: str = "") -> str:
+  """The text of the file ``path`` (see :func:`decode_text` for the error)."""
+  with open(path, "rb") as f:
+    return decode_text(f.read(), os.fspath(path), encoding=encoding, how=how)
+
+
 def _read(path: str) -> bytes:
   with open(path, "rb") as f:
     return f.read()
