@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import re
 import sys
 import traceback
@@ -45,7 +46,7 @@ def _verbose(argv: list[str] | None = None) -> bool:
 
 def one_line(error: BaseException) -> str:
   """``error`` as one line: an OSError names its errno and path; a message of several
-  lines is joined."""
+  lines, and the notes added to the error, are joined."""
   if isinstance(error, OSError) and error.errno is not None and (
       error.strerror or error.filename):
     code = errno.errorcode.get(error.errno, str(error.errno))
@@ -54,6 +55,8 @@ def one_line(error: BaseException) -> str:
     text = f"{error.strerror or error} ({code})" + (f": {where}{extra}" if where else "")
   else:
     text = str(error) or type(error).__name__
+  for note in getattr(error, "__notes__", ()):
+    text += "\n" + note
   lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
   out = ""
   for line in lines:
@@ -93,18 +96,32 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
+  """Keeps orbax's log lines but not their tracebacks: its writer threads log every
+  failure of a save (a full disk), which the command then reports in its one line."""
+  if "orbax" in record.pathname and record.exc_info:
+    record.exc_info, record.exc_text = None, None
+  return True
+
+
 def user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """``main`` with :data:`USER_ERRORS` reported in one line and exit status 1."""
+  """``main`` with :data:`USER_ERRORS` reported in one line and exit status 1 (an
+  interrupt: status 130)."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     if not _verbose():
       absl_logging.set_verbosity(absl_logging.WARNING)  # the library's info: not here
+      absl_logging.get_absl_handler().addFilter(_no_orbax_tracebacks)
     try:
       main(argv)
     except USER_ERRORS as e:
       report(e, _verbose())
       sys.exit(1)
+    except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once, no save
+      report(KeyboardInterrupt(f"interrupted ({e or 'Ctrl-C'}); the newest complete "
+                               "checkpoint, if any, is kept"), _verbose())
+      sys.exit(130)
   return wrapped
 
 

@@ -127,7 +127,7 @@ def train(config: Any, workdir: str, *,
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
                                      config["data"]["batch_size"])
   distributed.maybe_initialize(config.get("distributed"))
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lock.make_workdir(workdir)  # a file, read-only: one clear error
   # The lock, then resources closed whatever happens (the checkpointer waits for its
   # save in flight): nothing below runs without them.
   with workdir_lock.hold(workdir), ckpt_lib.Preemption(), \
@@ -337,6 +337,5 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
     if "sample" in summary:
       logger.log_text(f"sample (prompt {tc.get('sample_prompt', '')!r}, temperature "
                       f"{tc.get('sample_temperature', 1.0)}):\n{summary['sample']}")
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(metrics_logger.json_safe(summary), f, indent=2, allow_nan=False)
+    metrics_logger.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
