@@ -48,6 +48,11 @@ def make_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir!r} is a file, not a directory: give a directory "
                      "(it is created if missing)")
+  above = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(above) and above != os.path.dirname(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise ValueError(f"workdir {workdir!r} cannot be a directory: {above!r} is a file")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")

@@ -283,6 +283,16 @@ class PreemptionTest(chex.TestCase):
           os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: stop now
     self.assertIs(signal.getsignal(signal.SIGINT), before)
 
+  def test_a_repeated_sigterm_waits(self):
+    if threading.current_thread() is not threading.main_thread():
+      self.skipTest("signal handlers can only be installed from the main thread")
+    with ckpt_lib.Preemption() as p:
+      os.kill(os.getpid(), signal.SIGTERM)
+      with self.assertLogs(ckpt_lib.log, logging.WARNING) as logs:
+        os.kill(os.getpid(), signal.SIGTERM)  # no KeyboardInterrupt: the save finishes
+      self.assertTrue(p.requested)
+    self.assertIn("received signal 15 again: already saving", logs.output[0])
+
   def test_any_process_single(self):
     self.assertTrue(ckpt_lib.any_process(True))
     self.assertFalse(ckpt_lib.any_process(False))
