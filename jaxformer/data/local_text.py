@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob as glob_lib
 import os
 from collections.abc import Iterator
@@ -69,9 +70,29 @@ def read_text(path: str | os.PathLike[str], *, encoding: str = "utf-8",
     return decode_text(f.read(), os.fspath(path), encoding=encoding, how=how)
 
 
-def _read(path: str) -> bytes:
+# How to proceed when a text tokenizer meets a file that is not UTF-8.
+HOW_TEXT = ("set data.encoding to the file's encoding (e.g. data.encoding='latin-1'), "
+            "or use data.tokenizer='bytes' to train on its bytes")
+
+
+def _read(path: str, encoding: str | None = None) -> bytes:
+  """The file's bytes; with ``encoding``, its text in that encoding as UTF-8 bytes."""
   with open(path, "rb") as f:
-    return f.read()
+    data = f.read()
+  if encoding is None:
+    return data
+  return decode_text(data, path, encoding=encoding,
+                     how=f"data.encoding={encoding!r} is not its encoding"
+                     ).encode("utf-8")
+
+
+def check_utf8(path_or_glob: str | os.PathLike[str]) -> None:
+  """ValueError naming the first matched file that is not UTF-8 text, its byte offset
+  and how to proceed (:data:`HOW_TEXT`): what a text tokenizer (``chars``,
+  ``sentencepiece``) needs, checked before step 1."""
+  for path in match_files(path_or_glob):
+    with open(path, "rb") as f:
+      decode_text(f.read(), path, how=HOW_TEXT)
 
 
 class TextFilesSource:
@@ -82,24 +103,27 @@ class TextFilesSource:
   """
 
   def __init__(self, path_or_glob: str | os.PathLike[str], *,
-               paths: tuple[str, ...] | None = None):
+               paths: tuple[str, ...] | None = None, encoding: str | None = None):
     """Args:
       path_or_glob: a file, a directory (all files under it) or a glob.
       paths: only these of its files (a split); None = all.
+      encoding: the files' text encoding: records are then their text as UTF-8
+        bytes; None: the files' bytes as they are.
     """
     self.pattern = os.fspath(path_or_glob)
     self.paths = match_files(path_or_glob) if paths is None else tuple(paths)
+    self.encoding = encoding
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return {"text": _read(self.paths[int(index)])}
+    return {"text": _read(self.paths[int(index)], self.encoding)}
 
   def texts(self) -> Iterator[bytes]:
     """Every record's text, in order (to fit a vocabulary)."""
     for path in self.paths:
-      yield _read(path)
+      yield _read(path, self.encoding)
 
   def __repr__(self) -> str:
     return f"TextFilesSource({self.pattern!r}, files={len(self.paths)})"
@@ -150,11 +174,17 @@ def _tail_start(text: bytes, fraction: float) -> int:
   return cut
 
 
-def check_options(path: str | None, validation_fraction: float, **unused: Any
-                  ) -> tuple[str, ...]:
-  """The files of ``path``; ValueError naming ``data.path`` or
-  ``data.validation_fraction`` when they cannot give a split."""
+def check_options(path: str | None, validation_fraction: float,
+                  encoding: str | None = None, **unused: Any) -> tuple[str, ...]:
+  """The files of ``path``; ValueError naming ``data.path``,
+  ``data.validation_fraction`` or ``data.encoding`` when they cannot give a split."""
   del unused
+  if encoding is not None:
+    try:
+      codecs.lookup(encoding)
+    except (LookupError, TypeError):
+      raise ValueError(f"data.encoding={encoding!r} is not a text encoding Python "
+                       "knows (e.g. 'utf-8', 'latin-1', 'cp1252')") from None
   if not isinstance(validation_fraction, (int, float)) or not (
       0 < validation_fraction < 1):
     raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
@@ -167,7 +197,7 @@ def check_options(path: str | None, validation_fraction: float, **unused: Any
 
 def text_split_source(split: str, *, path: str | None,
                       validation_fraction: float = 0.05, window_bytes: int = 1024,
-                      seed: int = 0):
+                      seed: int = 0, encoding: str | None = None):
   """The ``split`` of the text at ``path`` (see the module docstring).
 
   Args:
@@ -177,15 +207,18 @@ def text_split_source(split: str, *, path: str | None,
       bytes (one file) held out.
     window_bytes: bytes per record when reading one file.
     seed: draws the train windows of one file.
+    encoding: the files' text encoding (``data.encoding``): records are their text
+      re-encoded as UTF-8; None: their bytes as they are.
   Returns:
     A random-access source of ``{"text": bytes}`` with a ``texts()`` method.
   """
   if split not in SPLITS:
     raise ValueError(f"data split {split!r} is not one of {SPLITS} for "
                      "data.source='text_files'")
-  files = TextFilesSource(path, paths=check_options(path, validation_fraction))
+  files = TextFilesSource(path, paths=check_options(path, validation_fraction, encoding),
+                          encoding=encoding)
   if len(files) == 1:
-    text = _read(files.paths[0])
+    text = _read(files.paths[0], encoding)
     cut = _tail_start(text, validation_fraction)
     part = text[:cut] if split == "train" else text[cut:]
     if not part:
@@ -198,4 +231,4 @@ def text_split_source(split: str, *, path: str | None,
                        len(files) - 1)
   cut = len(files) - num_validation
   paths = files.paths[:cut] if split == "train" else files.paths[cut:]
-  return TextFilesSource(path, paths=paths)
+  return TextFilesSource(path, paths=paths, encoding=encoding)

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from jaxformer.data import local_text
 from jaxformer.data import sources
 from jaxformer.data import tokenizers as tok_lib
 
@@ -75,6 +76,15 @@ def load(kind: str, path: str) -> tok_lib.Tokenizer:
   return tok_lib.SentencePieceTokenizer(path)
 
 
+def check_text(section: Mapping[str, Any]) -> None:
+  """A text tokenizer on local files needs UTF-8 text (or ``data.encoding``): else a
+  ValueError naming the file and the byte offset, before anything is fitted or
+  trained (the bytes would otherwise become U+FFFD, silently)."""
+  options = dict(section.get("source_options") or {})
+  if section.get("source") == "text_files" and not options.get("encoding"):
+    local_text.check_utf8(options.get("path") or "")
+
+
 def build_tokenizer(section: Mapping[str, Any],
                     workdir: str | None = None) -> tok_lib.Tokenizer | None:
   """The tokenizer ``data.tokenizer`` names (None when absent: image data).
@@ -91,6 +101,7 @@ def build_tokenizer(section: Mapping[str, Any],
     raise ValueError(f"data.tokenizer={kind!r} is not one of {TOKENIZERS}")
   if kind == "bytes":
     return tok_lib.ByteTokenizer()
+  check_text(section)
   if workdir is None:
     raise ValueError(f"data.tokenizer={kind!r} fits a vocabulary and needs a workdir "
                      "to keep it")

@@ -1,0 +1,57 @@
+"""Text that is not UTF-8 never becomes U+FFFD silently: a text tokenizer (chars,
+sentencepiece) on such a file stops before step 1 naming the file, the byte offset and
+how to proceed; ``data.encoding`` reads it as text in that encoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxformer.data import local_text
+from jaxformer.data import vocab
+
+LATIN1 = "Un café naïf, déjà vu.\n" * 20
+
+
+def _section(path, tokenizer="chars", encoding=None):
+  options = dict(path=str(path), validation_fraction=0.1, window_bytes=32, seed=0)
+  if encoding is not None:
+    options["encoding"] = encoding
+  return dict(source="text_files", tokenizer=tokenizer, train_split="train",
+              source_options=options)
+
+
+@pytest.mark.parametrize("tokenizer", ["chars", "sentencepiece"])
+def test_text_tokenizer_on_latin1_or_binary_names_file_and_offset(tmp_path, tokenizer):
+  path = tmp_path / "latin1.txt"
+  path.write_bytes(LATIN1.encode("latin-1"))
+  with pytest.raises(ValueError, match=(
+      r"latin1.txt is not utf-8 text: byte 0xe9 at offset 6 \(invalid continuation "
+      r"byte\); set data.encoding to the file's encoding \(e.g. data.encoding="
+      r"'latin-1'\), or use data.tokenizer='bytes' to train on its bytes")):
+    vocab.build_tokenizer(_section(path, tokenizer), str(tmp_path / "run"))
+  binary = tmp_path / "data.bin"
+  binary.write_bytes(bytes(range(256)) * 4)
+  with pytest.raises(ValueError, match=r"data.bin is not utf-8 text: byte 0x80 at "
+                     r"offset 128 .*; it looks binary"):
+    vocab.build_tokenizer(_section(binary, tokenizer), str(tmp_path / "run"))
+  assert vocab.build_tokenizer(_section(binary, "bytes")).vocab_size == 263
+
+
+def test_encoding_reads_the_text_as_utf8(tmp_path):
+  path = tmp_path / "latin1.txt"
+  path.write_bytes(LATIN1.encode("latin-1"))
+  tok = vocab.build_tokenizer(_section(path, encoding="latin-1"), str(tmp_path / "run"))
+  assert {"é", "ï", "à"} <= set(tok.chars) and "\ufffd" not in tok.chars
+  train = local_text.text_split_source("train", path=str(path), encoding="latin-1",
+                                       validation_fraction=0.1, window_bytes=1 << 20)
+  assert next(train.texts()).decode("utf-8") == LATIN1[:len(next(train.texts())
+                                                              .decode("utf-8"))]
+  valid = local_text.text_split_source("validation", path=str(path), encoding="latin-1",
+                                       validation_fraction=0.1, window_bytes=1 << 20)
+  assert (next(train.texts()) + next(valid.texts())).decode("utf-8") == LATIN1
+  with pytest.raises(ValueError, match="data.encoding='latin-9000' is not a text "
+                     "encoding Python knows"):
+    local_text.check_options(str(path), 0.1, encoding="latin-9000")
+  with pytest.raises(ValueError, match=r"is not ascii text: byte 0xe9 at offset 6 .*"
+                     r"data.encoding='ascii' is not its encoding"):
+    local_text.text_split_source("train", path=str(path), encoding="ascii")
