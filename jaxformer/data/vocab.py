@@ -14,30 +14,27 @@ there on every later start, so a resumed run keeps its ids even if the text chan
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from jaxformer.data import local_text
 from jaxformer.data import sources
+from jaxformer.data import special_tokens as st
 from jaxformer.data import tokenizers as tok_lib
 
 TOKENIZERS = ("bytes", "chars", "sentencepiece")
 FILES = {"chars": "chars.json", "sentencepiece": "sentencepiece.model"}
 # Records read to fit a vocabulary when the source cannot list its texts.
 MAX_FIT_RECORDS = 10_000
+# The largest share of characters a character vocabulary may fail to encode.
+UNKNOWN_LIMIT = 0.01
 
 
 def train_texts(section: Mapping[str, Any]) -> Iterator[bytes | str]:
   """The texts of the train split of ``data.source`` (to fit a vocabulary)."""
-  source = sources.get_source(section["source"], section.get("train_split", "train"),
-                              **dict(section.get("source_options") or {}))
-  if hasattr(source, "texts"):
-    yield from source.texts()
-    return
-  key = section.get("text_key", "text")
-  for i in range(min(len(source), MAX_FIT_RECORDS)):
-    yield source[i][key]
+  return split_texts(section, section.get("train_split", "train"))
 
 
 def _lines(texts: Iterator[bytes | str]) -> Iterator[str]:
@@ -74,6 +71,53 @@ def load(kind: str, path: str) -> tok_lib.Tokenizer:
   if kind == "chars":
     return tok_lib.CharTokenizer.load(path)
   return tok_lib.SentencePieceTokenizer(path)
+
+
+def split_texts(section: Mapping[str, Any], split: str) -> Iterator[bytes | str]:
+  """The texts of ``split`` of ``data.source`` (all of them, or the first
+  :data:`MAX_FIT_RECORDS` records of a source that cannot list its texts)."""
+  source = sources.get_source(section["source"], split,
+                              **dict(section.get("source_options") or {}))
+  if hasattr(source, "texts"):
+    yield from source.texts()
+    return
+  key = section.get("text_key", "text")
+  for i in range(min(len(source), MAX_FIT_RECORDS)):
+    yield source[i][key]
+
+
+def check_coverage(tokenizer: tok_lib.Tokenizer, section: Mapping[str, Any],
+                   limit: float = UNKNOWN_LIMIT) -> str:
+  """How much of the train and validation text a character vocabulary cannot encode.
+
+  Returns a note for the run's header line (``""`` for tokenizers without unknown
+  characters: bytes, SentencePiece); raises a ValueError when more than ``limit`` of
+  the characters would become the unknown token (a vocabulary fitted on other text).
+  """
+  if not isinstance(tokenizer, tok_lib.CharTokenizer):
+    return ""
+  known = set(tokenizer.chars)
+  unknown: collections.Counter[str] = collections.Counter()
+  total = 0
+  splits = [section.get("train_split", "train"), section.get("eval_split")]
+  for split in dict.fromkeys(s for s in splits if s):
+    for text in split_texts(section, split):
+      if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="replace")
+      total += len(text)
+      for c in set(text) - known:
+        unknown[c] += text.count(c)
+  count = sum(unknown.values())
+  share = count / max(total, 1)
+  examples = ", ".join(f"{c!r} x{n}" for c, n in unknown.most_common(5))
+  if share > limit:
+    raise ValueError(
+        f"{count:,} of {total:,} characters ({share:.2%}) of the train and validation "
+        f"text are not in the run's character vocabulary ({examples}), above the "
+        f"{limit:.0%} limit: they would all become {st.UNK}. Fit a vocabulary on this "
+        "text (another --workdir), or use data.tokenizer='bytes'")
+  return (f"{count:,} unknown characters ({share:.3%}: {examples})" if count
+          else "no unknown characters")
 
 
 def check_text(section: Mapping[str, Any]) -> None:

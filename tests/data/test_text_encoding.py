@@ -55,3 +55,22 @@ def test_encoding_reads_the_text_as_utf8(tmp_path):
   with pytest.raises(ValueError, match=r"is not ascii text: byte 0xe9 at offset 6 .*"
                      r"data.encoding='ascii' is not its encoding"):
     local_text.text_split_source("train", path=str(path), encoding="ascii")
+
+
+def test_unknown_characters_are_counted_and_refused_above_the_limit(tmp_path):
+  path = tmp_path / "book.txt"
+  path.write_text("abcab" * 200 + "Z", encoding="utf-8")  # Z: validation only
+  section = _section(path)
+  section["eval_split"] = "validation"
+  tok = vocab.build_tokenizer(section, str(tmp_path / "run"))
+  assert "Z" not in tok.chars
+  assert vocab.check_coverage(tok, section) == (
+      "1 unknown characters (0.100%: 'Z' x1)")
+  path.write_text("abcab" * 100 + "xyzzy" * 100, encoding="utf-8")  # other text
+  with pytest.raises(ValueError, match=(
+      r"500 of 1,000 characters \(50.00%\) of the train and validation text are not "
+      r"in the run's character vocabulary \('z' x200, 'y' x200, 'x' x100\), above the "
+      r"1% limit: they would all become \[UNK\]")):
+    vocab.check_coverage(vocab.build_tokenizer(section, str(tmp_path / "run")), section)
+  assert vocab.check_coverage(vocab.build_tokenizer(_section(path, "bytes")),
+                              section) == ""
