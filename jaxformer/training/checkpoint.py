@@ -7,7 +7,8 @@ killed mid-save resumes from the last complete checkpoint.
 
 * ``state``: the ``TrainState`` (``StandardSave``; restored into an abstract target of
   ``jax.ShapeDtypeStruct(..., sharding=...)`` leaves, so it lands directly sharded).
-* ``data``: the data iterator's ``get_state()`` (``JsonSave``; bytes are base64-coded).
+* ``data``: the data iterator's ``get_state()`` (``JsonSave``; bytes are base64-coded)
+  and the data's fingerprint (:mod:`jaxformer.data.fingerprint`).
   With several processes, each reads its own shard in lockstep; the saved state is
   process 0's position, which is the same for all processes.
 * ``config``: the run's config as JSON (the loop compares it with the new one on
@@ -149,8 +150,12 @@ class Checkpointer:
     return step % self.save_every == 0 and step not in self._manager.all_steps()
 
   def save(self, step: int, state: Any, *, data_state: Any = None,
-           config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+           config: Mapping[str, Any] | None = None, force: bool = False,
+           fingerprint: Mapping[str, Any] | None = None) -> bool:
     """Starts saving (asynchronously); returns whether a save was started.
+
+    ``fingerprint`` (:mod:`jaxformer.data.fingerprint`) is stored with the data
+    iterator's state (:meth:`stored_fingerprint` reads it back).
 
     Raises:
       OSError: this save, or the previous one still in flight, cannot be written
@@ -168,7 +173,8 @@ class Checkpointer:
           step,
           args=ocp.args.Composite(
               state=ocp.args.StandardSave(state),
-              data=ocp.args.JsonSave(_to_json({"iterator": data_state})),
+              data=ocp.args.JsonSave(_to_json({"iterator": data_state,
+                                               "fingerprint": fingerprint})),
               config=ocp.args.JsonSave(_to_json(config or {})),
           ),
           force=True,
@@ -243,6 +249,12 @@ class Checkpointer:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(restored["config"] or {})
+
+  def stored_fingerprint(self, step: int) -> dict[str, Any] | None:
+    """The data fingerprint saved with ``step`` (None for a checkpoint without one)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    return _from_json(restored["data"] or {}).get("fingerprint")
 
   def check_config(self, step: int, config: Mapping[str, Any]) -> None:
     """Raises ValueError naming fields where the stored config's checked sections
