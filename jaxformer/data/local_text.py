@@ -174,10 +174,27 @@ def _tail_start(text: bytes, fraction: float) -> int:
   return cut
 
 
+def split_sizes(paths: tuple[str, ...], validation_fraction: float) -> tuple[int, int]:
+  """``(train bytes, validation bytes)`` of the split of ``paths`` (of one file: from
+  its size, before the cut moves back to a UTF-8 boundary, by up to 3 bytes)."""
+  sizes = [os.path.getsize(p) for p in paths]
+  if len(sizes) == 1:
+    validation = int(round(validation_fraction * sizes[0]))
+    return sizes[0] - validation, validation
+  num_validation = min(max(int(round(validation_fraction * len(sizes))), 1),
+                       len(sizes) - 1)
+  cut = len(sizes) - num_validation
+  return sum(sizes[:cut]), sum(sizes[cut:])
+
+
 def check_options(path: str | None, validation_fraction: float,
-                  encoding: str | None = None, **unused: Any) -> tuple[str, ...]:
+                  encoding: str | None = None, *, min_validation_bytes: int = 1,
+                  **unused: Any) -> tuple[str, ...]:
   """The files of ``path``; ValueError naming ``data.path``,
-  ``data.validation_fraction`` or ``data.encoding`` when they cannot give a split."""
+  ``data.validation_fraction`` or ``data.encoding`` when they cannot give a split, or
+  a train split of at least one byte and a validation split of at least
+  ``min_validation_bytes`` (e.g. one sequence: less would be evaluated over the same
+  few bytes repeated)."""
   del unused
   if encoding is not None:
     try:
@@ -190,9 +207,21 @@ def check_options(path: str | None, validation_fraction: float,
     raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
                      "(0, 1)")
   try:
-    return match_files(path or "")
+    files = match_files(path or "")
   except ValueError as e:
     raise ValueError(f"data.{e}") from None
+  train, validation = split_sizes(files, validation_fraction)
+  if train < 1 or validation < max(min_validation_bytes, 1):
+    what = (f"{len(files)} files" if len(files) > 1
+            else f"{train + validation:,} byte(s)")
+    need = (f"at least {min_validation_bytes:,} bytes (one sequence) to evaluate on"
+            if min_validation_bytes > 1 else "text in both splits")
+    raise ValueError(
+        f"data.path={path!r}: {what} split at data.validation_fraction="
+        f"{validation_fraction} leave {train:,} bytes to train on and {validation:,} "
+        f"to validate on; it needs {need}: give more text, or raise "
+        "data.validation_fraction")
+  return files
 
 
 def text_split_source(split: str, *, path: str | None,

@@ -74,3 +74,20 @@ def test_unknown_characters_are_counted_and_refused_above_the_limit(tmp_path):
     vocab.check_coverage(vocab.build_tokenizer(section, str(tmp_path / "run")), section)
   assert vocab.check_coverage(vocab.build_tokenizer(_section(path, "bytes")),
                               section) == ""
+
+
+def test_splits_too_small_to_train_or_evaluate_are_refused_up_front(tmp_path):
+  one, twelve = tmp_path / "one.txt", tmp_path / "twelve.txt"
+  one.write_text("x")
+  twelve.write_text("hello world!")
+  with pytest.raises(ValueError, match=r"one.txt': 1 byte\(s\) split at data."
+                     r"validation_fraction=0.05 leave 1 bytes to train on and 0 to "
+                     r"validate on; it needs text in both splits"):
+    local_text.check_options(str(one), 0.05)
+  assert local_text.check_options(str(twelve), 0.05) == (str(twelve),)
+  with pytest.raises(ValueError, match=r"12 byte\(s\) split .* leave 11 bytes to train "
+                     r"on and 1 to validate on; it needs at least 16 bytes \(one "
+                     r"sequence\) to evaluate on: give more text, or raise "
+                     r"data.validation_fraction"):
+    local_text.check_options(str(twelve), 0.05, min_validation_bytes=16)
+  assert local_text.split_sizes((str(one), str(twelve)), 0.5) == (1, 12)
