@@ -276,16 +276,22 @@ class MetricsLogger:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+    errors = []  # both files are closed whatever happens; the first error is raised
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError as e:
+        errors.append(OSError(e.errno, e.strerror or str(e),
+                              os.path.join(self.workdir, "tensorboard")))
     if self._jsonl is not None:
       jsonl, self._jsonl = self._jsonl, None
       try:
         jsonl.close()
-      except OSError:
-        if not self._failed:  # after a failed write its row is lost anyway: said
-          raise
+      except OSError as e:
+        errors.append(OSError(e.errno, e.strerror or str(e), jsonl.name))
+    if errors and not self._failed:  # after a failed write: already raised, said
+      raise errors[0]
 
 
 def finished_summary(logger: MetricsLogger, workdir: str, start: int,

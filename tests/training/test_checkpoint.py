@@ -204,6 +204,17 @@ class CheckpointerTest(parameterized.TestCase):
         ck.restore_latest(abstract, check=check)
       self.assertEqual(ck.all_steps(), [3])  # not moved aside
 
+  def test_the_data_fingerprint_is_stored_with_the_data_state(self):
+    state, _ = _state()
+    d = _tmpdir(self)
+    fingerprint = {"files": [{"path": "a.txt", "size": 3, "sha256": "ab"}],
+                   "tokenizer": "cd"}
+    with ckpt_lib.Checkpointer(d, async_save=False) as ck:
+      ck.save(1, state, data_state=b"\x00pos", fingerprint=fingerprint)
+      ck.save(2, state, data_state=b"\x00pos")
+      self.assertEqual(ck.stored_fingerprint(1), fingerprint)
+      self.assertIsNone(ck.stored_fingerprint(2))  # as in checkpoints from before
+
   def test_unwritable_directory_fails_at_once_naming_path_and_reason(self):
     d = _tmpdir(self)
     blocker = os.path.join(d, "checkpoints")

@@ -143,3 +143,27 @@ def test_workdir_that_is_a_file_or_read_only(tmp_path):
     if os.geteuid() == 0:
       subprocess.run(["umount", str(read_only)], check=False)
     os.chmod(read_only, 0o755)
+
+
+def test_closing_the_logs_on_a_full_disk_keeps_the_first_error(tmp_path):
+  from jaxformer.training import metrics_logger  # pylint: disable=g-import-not-at-top
+
+  class FullTensorBoard:
+    def close(self):
+      raise full_disk._enospc()  # pylint: disable=protected-access
+
+  with full_disk.metrics_full(1):
+    logger = metrics_logger.MetricsLogger(str(tmp_path), total_steps=2,
+                                          tensorboard=False, progress=False)
+  logger._tb = FullTensorBoard()  # pylint: disable=protected-access
+  with pytest.raises(OSError) as info:
+    logger.log_row({"step": 1, "x": 1.0})
+  assert info.value.filename == str(tmp_path / "metrics.jsonl")
+  logger.close()  # the write already failed and said so: nothing more to raise
+  logger = metrics_logger.MetricsLogger(str(tmp_path), total_steps=2,
+                                        tensorboard=False, progress=False)
+  logger._tb = FullTensorBoard()  # pylint: disable=protected-access
+  with pytest.raises(OSError) as info:
+    logger.close()
+  assert info.value.errno == errno.ENOSPC
+  assert info.value.filename == str(tmp_path / "tensorboard")
