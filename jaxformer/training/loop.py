@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxformer import tasks as tasks_lib
+from jaxformer.data import fingerprint as fingerprint_lib
 from jaxformer.data import vocab
 from jaxformer.models import registry
 from jaxformer.pretrained import runs as pretrained_runs
@@ -89,17 +90,28 @@ class Evaluator:
     self._task = task
     self._eval_step = eval_step
     self._runtime = runtime
-    self._num_batches = config["train"]["eval_batches"]
-    self._batch = sharding_lib.per_process_batch(
+    num_batches = config["train"]["eval_batches"]
+    batch = sharding_lib.per_process_batch(
         config["data"]["eval_batch_size"], divisor, "data.eval_batch_size")
+    # The same fixed batches at every eval, read now: a validation split that cannot
+    # give them fails before step 1, not after the first eval_every steps.
+    it = self._task.batches(batch_size=batch, seed=0, train=False)
+    self._batches = [next(it) for _ in range(num_batches)]
 
   def __call__(self, params: Any) -> dict[str, float]:
-    it = self._task.batches(batch_size=self._batch, seed=0, train=False)
-    batches = [next(it) for _ in range(self._num_batches)]
+    batches = self._batches
     outs = [self._eval_step(params, self._runtime.shard(b)) for b in batches]
     metrics = steps_lib.reduce_eval_metrics(self._runtime.to_host(outs))
     metrics.update(self._task.eval_metrics(params, batches, metrics, self._runtime))
     return metrics
+
+
+def _check_layout(config: Mapping[str, Any]) -> None:
+  """The mesh fits the devices and divides the batches (ValueError naming the field)."""
+  mesh = sharding_lib.make_mesh(tuple(config["sharding"]["mesh_shape"]))
+  for field in ("batch_size", "eval_batch_size"):
+    sharding_lib.per_process_batch(config["data"][field],
+                                   sharding_lib.batch_divisor(mesh), f"data.{field}")
 
 
 def train(config: Any, workdir: str, *,
@@ -127,6 +139,7 @@ def train(config: Any, workdir: str, *,
   sharding_lib.configure_cpu_devices(config["sharding"].get("cpu_devices", 0),
                                      config["data"]["batch_size"])
   distributed.maybe_initialize(config.get("distributed"))
+  _check_layout(config)  # before the workdir exists: nothing to clean up
   workdir_lock.make_workdir(workdir)  # a file, read-only: one clear error
   # The lock, then resources closed whatever happens (the checkpointer waits for its
   # save in flight): nothing below runs without them.
@@ -149,6 +162,8 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
                                   tensor=sc.get("tensor", True))
   tokenizer = (pretrained_runs.tokenizer(config)
                or vocab.build_tokenizer(dc, workdir))
+  coverage = vocab.check_coverage(tokenizer, dc)  # unknown characters: before step 1
+  fingerprint = fingerprint_lib.fingerprint(dc, tokenizer)
   model_cfg, model = build_model(config, tokenizer)
   # Every sharded dimension must divide its mesh axes: say which field, before tracing.
   registry.check_shardable(config["model"]["name"], model_cfg,
@@ -191,6 +206,9 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   def check(step, stored):
     changes["harmless"], changes["allowed"] = resume_check.check_resume(
         stored, config_json, where=f"checkpoint {step} in {workdir}")
+    changes["data"] = fingerprint_lib.check_resume(
+        checkpointer.stored_fingerprint(step), fingerprint,
+        resume_check.allowed_changes(config), where=f"checkpoint {step} in {workdir}")
 
   def use_data_state(_, data_state):
     if data_state is not None:
@@ -213,7 +231,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   eval_step = steps_lib.make_eval_step(
       model=model, task=task, mesh=mesh, rules=rules,
       param_shardings=shardings.params)
-  evaluate = Evaluator(config, task, eval_step, runtime, divisor)
+  evaluate = Evaluator(config, task, eval_step, runtime, divisor)  # reads its data
 
   # --- logging ----------------------------------------------------------------------
   logging_process = distributed.is_logging_process()
@@ -237,10 +255,14 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {dc['batch_size']} x "
       f"{seq_len} | " + (f"resuming at step {start}" if start else
-                         f"from {pretrained_runs.directory(config) or 'scratch'}"))
+                         f"from {pretrained_runs.directory(config) or 'scratch'}")
+      + (f" | {coverage}" if coverage else ""))
   if start == 0 and finetune_lib.describe(finetune_cfg):
     logger.log_text(finetune_lib.describe(finetune_cfg, state.params))
   resume_check.log_changes(logger, start, changes, config)
+  if changes.get("data"):
+    logger.log_text("resuming on changed data (train.allow_config_changes names it): "
+                    + "; ".join(changes["data"]))
   if start >= num_steps:
     return metrics_logger.finished_summary(logger, workdir, start, num_steps,
                                            previous_row)
@@ -292,7 +314,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
       if checkpointer.should_save(step) and guard.may_save(step, logger.log_text):
         flush()  # the rows up to a checkpoint are on disk before it is
         checkpointer.save(step, state, data_state=train_it.get_state(),
-                          config=config_json)
+                          config=config_json, fingerprint=fingerprint)
       stop = preempt.requested or (should_stop is not None and should_stop(step))
       if multi:
         stop = ckpt_lib.any_process(stop) if is_log else False
@@ -308,7 +330,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
     run_eval()
   if guard.may_save(step, logger.log_text):
     checkpointer.save(step, state, data_state=train_it.get_state(),
-                      config=config_json, force=True)
+                      config=config_json, force=True, fingerprint=fingerprint)
   checkpointer.close()
 
   # --- summary ----------------------------------------------------------------------

@@ -82,8 +82,9 @@ def validate_config(config: Mapping[str, Any]) -> None:
   if model.get("vocab_size", 0) is None and kind is not None:
     model["vocab_size"] = 8  # set from the fitted tokenizer at the start of the run
   registry.config_from_dict(model.get("name"), model)  # errors name model.<field>
-  if data.get("source") == "text_files":
-    local_text.check_options(**dict(data.get("source_options") or {}))
+  if data.get("source") == "text_files":  # splits big enough for a sequence each
+    local_text.check_options(**dict(data.get("source_options") or {}),
+                             min_validation_bytes=data.get("seq_len") or 1)
   max_len = config["model"].get("max_len")
   if max_len is not None and data.get("seq_len", 0) > max_len:
     raise ValueError(f"data.seq_len={data['seq_len']} exceeds "

@@ -57,11 +57,13 @@ def metrics_full(fail_at: int):
 
 @contextlib.contextmanager
 def checkpoint_full(step: int):
-  from orbax.checkpoint._src.handlers import json_checkpoint_handler as h  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as h
   save = h.JsonCheckpointHandler._save_fn  # pylint: disable=protected-access
 
   async def full_save(self, x, directory):
-    if os.path.basename(os.path.dirname(os.fspath(directory))).split(".")[0] == str(step):
+    step_dir = os.path.basename(os.path.dirname(os.fspath(directory)))  # 4.orbax-...
+    if step_dir.split(".")[0] == str(step):
       raise _enospc()
     return await save(self, x, directory)
   with mock.patch.object(h.JsonCheckpointHandler, "_save_fn", full_save):

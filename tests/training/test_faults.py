@@ -1,7 +1,7 @@
 """Faults a run must survive with nothing lost and one clear line: a full disk during an
 asynchronous checkpoint save (the real command under a patched writer) and during a
 metrics write, a checkpoint that cannot fit, a damaged summary.json, a workdir that is a
-file or read-only."""
+file or read-only; and (sharing a run) a resume on another device count."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_full_disk_during_an_async_save_is_one_line_and_loses_nothing(tmp_path):
   assert summary["step"] == 6 and _loss_steps(workdir) == [1, 2, 3, 4, 5, 6]
 
 
-def test_full_disk_during_a_metrics_write_names_the_file_and_resumes(tmp_path):
+def test_full_disk_during_a_metrics_write_names_the_file_and_resumes(tmp_path, capsys):
   workdir = str(tmp_path)
   config = th.tiny_config(num_steps=6, checkpoint_every=2, async_checkpoint=True)
   with full_disk.metrics_full(5), pytest.raises(OSError) as info:
@@ -96,6 +96,16 @@ def test_full_disk_during_a_metrics_write_names_the_file_and_resumes(tmp_path):
   assert again["step"] == 6 and again["loss"] == pytest.approx(summary["loss"])
   with open(path, encoding="utf-8") as f:
     assert json.load(f)["step"] == 6
+
+  # Resumed on another device count: allowed, logged as altering the trajectory.
+  more = th.tiny_config(num_steps=7, checkpoint_every=2, async_checkpoint=True)
+  more.sharding.cpu_devices = 2  # (this process keeps its devices: JAX is running)
+  capsys.readouterr()
+  assert loop.train(more, workdir)["step"] == 7
+  assert ("resuming on another device layout: sharding.cpu_devices: 0 -> 2. Allowed, "
+          "but it alters the trajectory") in capsys.readouterr().out
+  assert {"step": 6, "config_changes": {"sharding.cpu_devices": {
+      "old": 0, "new": 2, "alters_trajectory": True}}} in _rows(workdir)
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(tmp_path):
