@@ -109,7 +109,8 @@ def check_coverage(tokenizer: tok_lib.Tokenizer, section: Mapping[str, Any],
         unknown[c] += text.count(c)
   count = sum(unknown.values())
   share = count / max(total, 1)
-  examples = ", ".join(f"{c!r} x{n}" for c, n in unknown.most_common(5))
+  examples = ", ".join(f"{c!r} x{n}" for c, n in sorted(
+      unknown.items(), key=lambda item: (-item[1], item[0]))[:5])
   if share > limit:
     raise ValueError(
         f"{count:,} of {total:,} characters ({share:.2%}) of the train and validation "

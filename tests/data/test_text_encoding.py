@@ -69,7 +69,7 @@ def test_unknown_characters_are_counted_and_refused_above_the_limit(tmp_path):
   path.write_text("abcab" * 100 + "xyzzy" * 100, encoding="utf-8")  # other text
   with pytest.raises(ValueError, match=(
       r"500 of 1,000 characters \(50.00%\) of the train and validation text are not "
-      r"in the run's character vocabulary \('z' x200, 'y' x200, 'x' x100\), above the "
+      r"in the run's character vocabulary \('y' x200, 'z' x200, 'x' x100\), above the "
       r"1% limit: they would all become \[UNK\]")):
     vocab.check_coverage(vocab.build_tokenizer(section, str(tmp_path / "run")), section)
   assert vocab.check_coverage(vocab.build_tokenizer(_section(path, "bytes")),
@@ -91,3 +91,11 @@ def test_splits_too_small_to_train_or_evaluate_are_refused_up_front(tmp_path):
                      r"data.validation_fraction"):
     local_text.check_options(str(twelve), 0.05, min_validation_bytes=16)
   assert local_text.split_sizes((str(one), str(twelve)), 0.5) == (1, 12)
+
+
+def test_gpt_text_config_passes_data_encoding_to_the_source(tmp_path):
+  from experiments.configs import gpt_text  # pylint: disable=g-import-not-at-top
+  c = gpt_text.get_config("tiny")
+  assert c.data.encoding is None and c.data.source_options.encoding is None
+  c.data.encoding = "latin-1"
+  assert c.data.source_options.encoding == "latin-1"
