@@ -186,28 +186,14 @@ class Checkpointer:
     """ENOSPC before a save that cannot fit in the free space: orbax would find out
     half-way, in its writer threads. A checkpoint needs about what the newest one
     takes on disk (else the state's bytes), plus what the save in flight still has
-    to write."""
-    if jax.process_index() != 0:
-      return
-    directory = os.fspath(self.directory)
-    try:
-      names = os.listdir(directory)
-      free = shutil.disk_usage(directory).free
-    except OSError:
-      return
-    done = [int(n) for n in names if n.isdigit()]
-    if done:
-      size = _disk_size(os.path.join(directory, str(max(done))))
-    else:
-      size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
-    written = sum(_disk_size(os.path.join(directory, n)) for n in names
-                  if ".orbax-checkpoint-tmp" in n)
-    in_flight = self._in_flight is not None and str(self._in_flight) not in names
-    need = size + (max(size - written, 0) if in_flight else 0)
-    if need > free:
+    to write. Process 0 measures; every process raises (a collective)."""
+    short = None
+    if jax.process_index() == 0:
+      short = _space_shortfall(os.fspath(self.directory), step, state, self._in_flight)
+    if any_process(short is not None):
       raise self._kept_note(OSError(
-          errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free:,} bytes free, checkpoint "
-          f"{step} needs about {need:,}", os.path.join(directory, str(step))))
+          errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {short or 'on process 0'}",
+          os.path.join(os.fspath(self.directory), str(step))))
 
   @contextlib.contextmanager
   def _save_errors(self, step: int | None):
@@ -382,6 +368,29 @@ class Checkpointer:
       self.close()
     except Exception as e:  # pylint: disable=broad-except
       log.error("closing the checkpointer after an error failed too: %s", e)
+
+
+def _space_shortfall(directory: str, step: int, state: Any,
+                     in_flight: int | None) -> str | None:
+  """``"<free> bytes free, checkpoint <step> needs about <n>"`` when a checkpoint will
+  not fit in ``directory``'s free space, else None (also when it cannot be told)."""
+  try:
+    names = os.listdir(directory)
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return None
+  done = [int(n) for n in names if n.isdigit()]
+  if done:
+    size = _disk_size(os.path.join(directory, str(max(done))))
+  else:
+    size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+  written = sum(_disk_size(os.path.join(directory, n)) for n in names
+                if ".orbax-checkpoint-tmp" in n)
+  unfinished = in_flight is not None and str(in_flight) not in names
+  need = size + (max(size - written, 0) if unfinished else 0)
+  if need <= free:
+    return None
+  return f"{free:,} bytes free, checkpoint {step} needs about {need:,}"
 
 
 def _disk_size(path: str) -> int:
