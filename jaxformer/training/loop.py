@@ -162,7 +162,6 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
                                   tensor=sc.get("tensor", True))
   tokenizer = (pretrained_runs.tokenizer(config)
                or vocab.build_tokenizer(dc, workdir))
-  coverage = vocab.check_coverage(tokenizer, dc)  # unknown characters: before step 1
   fingerprint = fingerprint_lib.fingerprint(dc, tokenizer)
   model_cfg, model = build_model(config, tokenizer)
   # Every sharded dimension must divide its mesh axes: say which field, before tracing.
@@ -225,6 +224,8 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
   else:
     start, state, _ = restored
     shardings = state_lib.state_shardings(init_fn, tx, mesh, rules)
+  # Unknown characters, after the data check of a resume (changed text: that error).
+  coverage = vocab.check_coverage(tokenizer, dc)
   train_step = steps_lib.make_train_step(
       model=model, task=task, tx=tx, opt_config=opt_cfg, mesh=mesh, rules=rules,
       shardings=shardings, schedule=schedule)
