@@ -2,7 +2,8 @@
 
 :class:`TextFilesSource` serves every matched file as one ``{"text": bytes}`` record.
 :func:`text_split_source` is what a config reaches (``data.source="text_files"``,
-``data.path=...``): the same files with a stated ``validation_fraction`` held out.
+``data.source_options.path=...``): the same files with a stated
+``validation_fraction`` held out.
 
 * Several files: split by document. The files are sorted by path and the last
   ``round(validation_fraction * n)`` of them (at least one) are the validation split.
@@ -32,7 +33,7 @@ def match_files(path_or_glob: str | os.PathLike[str]) -> tuple[str, ...]:
   """The files of a file, a directory (all files under it) or a glob, sorted."""
   if not os.fspath(path_or_glob):
     raise ValueError("path is not set: give a text file, a folder or a glob, "
-                     "e.g. --config.data.path='~/books/*.txt'")
+                     "e.g. --config.data.source_options.path='~/books/*.txt'")
   pattern = os.path.expanduser(os.fspath(path_or_glob))
   if os.path.isdir(pattern):
     paths = [os.path.join(root, f) for root, _, files in os.walk(pattern)
@@ -71,8 +72,8 @@ def read_text(path: str | os.PathLike[str], *, encoding: str = "utf-8",
 
 
 # How to proceed when a text tokenizer meets a file that is not UTF-8.
-HOW_TEXT = ("set data.encoding to the file's encoding (e.g. data.encoding='latin-1'), "
-            "or use data.tokenizer='bytes' to train on its bytes")
+HOW_TEXT = ("set data.source_options.encoding to the file's encoding (e.g. "
+            "'latin-1'), or use data.tokenizer='bytes' to train on its bytes")
 
 
 def _read(path: str, encoding: str | None = None) -> bytes:
@@ -82,7 +83,8 @@ def _read(path: str, encoding: str | None = None) -> bytes:
   if encoding is None:
     return data
   return decode_text(data, path, encoding=encoding,
-                     how=f"data.encoding={encoding!r} is not its encoding"
+                     how=f"data.source_options.encoding={encoding!r} is not its "
+                     "encoding"
                      ).encode("utf-8")
 
 
@@ -136,7 +138,8 @@ class TextWindowsSource:
                seed: int = 0):
     if isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or (
         window_bytes < 1):
-      raise ValueError(f"data.window_bytes={window_bytes!r} must be an int >= 1")
+      raise ValueError(f"data.source_options.window_bytes={window_bytes!r} must be "
+                       "an int >= 1")
     self._text = text
     self._name = name
     self._window = min(window_bytes, max(len(text), 1))
@@ -190,8 +193,8 @@ def split_sizes(paths: tuple[str, ...], validation_fraction: float) -> tuple[int
 def check_options(path: str | None, validation_fraction: float,
                   encoding: str | None = None, *, min_validation_bytes: int = 1,
                   **unused: Any) -> tuple[str, ...]:
-  """The files of ``path``; ValueError naming ``data.path``,
-  ``data.validation_fraction`` or ``data.encoding`` when they cannot give a split, or
+  """The files of ``path``; ValueError naming ``data.source_options.path``,
+  ``.validation_fraction`` or ``.encoding`` when they cannot give a split, or
   a train split of at least one byte and a validation split of at least
   ``min_validation_bytes`` (e.g. one sequence: less would be evaluated over the same
   few bytes repeated)."""
@@ -200,16 +203,17 @@ def check_options(path: str | None, validation_fraction: float,
     try:
       codecs.lookup(encoding)
     except (LookupError, TypeError):
-      raise ValueError(f"data.encoding={encoding!r} is not a text encoding Python "
+      raise ValueError(f"data.source_options.encoding={encoding!r} is not a text "
+                       "encoding Python "
                        "knows (e.g. 'utf-8', 'latin-1', 'cp1252')") from None
   if not isinstance(validation_fraction, (int, float)) or not (
       0 < validation_fraction < 1):
-    raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
-                     "(0, 1)")
+    raise ValueError("data.source_options.validation_fraction="
+                     f"{validation_fraction!r} must be in (0, 1)")
   try:
     files = match_files(path or "")
   except ValueError as e:
-    raise ValueError(f"data.{e}") from None
+    raise ValueError(f"data.source_options.{e}") from None
   train, validation = split_sizes(files, validation_fraction)
   if train < 1 or validation < max(min_validation_bytes, 1):
     what = (f"{len(files)} files" if len(files) > 1
@@ -217,10 +221,10 @@ def check_options(path: str | None, validation_fraction: float,
     need = (f"at least {min_validation_bytes:,} bytes (one sequence) to evaluate on"
             if min_validation_bytes > 1 else "text in both splits")
     raise ValueError(
-        f"data.path={path!r}: {what} split at data.validation_fraction="
+        f"data.source_options.path={path!r}: {what} split at validation_fraction="
         f"{validation_fraction} leave {train:,} bytes to train on and {validation:,} "
         f"to validate on; it needs {need}: give more text, or raise "
-        "data.validation_fraction")
+        "data.source_options.validation_fraction")
   return files
 
 
@@ -231,12 +235,13 @@ def text_split_source(split: str, *, path: str | None,
 
   Args:
     split: ``"train"`` or ``"validation"``.
-    path: a file, a directory or a glob (``data.path``).
+    path: a file, a directory or a glob (``data.source_options.path``).
     validation_fraction: in (0, 1): the share of documents (several files) or of
       bytes (one file) held out.
     window_bytes: bytes per record when reading one file.
     seed: draws the train windows of one file.
-    encoding: the files' text encoding (``data.encoding``): records are their text
+    encoding: the files' text encoding (``data.source_options.encoding``): records
+      are their text
       re-encoded as UTF-8; None: their bytes as they are.
   Returns:
     A random-access source of ``{"text": bytes}`` with a ``texts()`` method.
@@ -251,8 +256,8 @@ def text_split_source(split: str, *, path: str | None,
     cut = _tail_start(text, validation_fraction)
     part = text[:cut] if split == "train" else text[cut:]
     if not part:
-      raise ValueError(f"data.path={path!r}: {len(text)} bytes leave no {split} "
-                       f"text at validation_fraction={validation_fraction}")
+      raise ValueError(f"data.source_options.path={path!r}: {len(text)} bytes leave "
+                       f"no {split} text at validation_fraction={validation_fraction}")
     return TextWindowsSource(part, name=f"{files.paths[0]}:{split}",
                              window_bytes=window_bytes, shuffle=split == "train",
                              seed=seed)

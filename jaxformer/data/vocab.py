@@ -15,6 +15,7 @@ there on every later start, so a resumed run keeps its ids even if the text chan
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -32,9 +33,16 @@ MAX_FIT_RECORDS = 10_000
 UNKNOWN_LIMIT = 0.01
 
 
-def train_texts(section: Mapping[str, Any]) -> Iterator[bytes | str]:
+def _fields(section: Any) -> Mapping[str, Any]:
+  """A ``DataConfig`` (or a plain ``data`` mapping) as a mapping of its fields."""
+  if dataclasses.is_dataclass(section):
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+  return section
+
+
+def train_texts(section: Any) -> Iterator[bytes | str]:
   """The texts of the train split of ``data.source`` (to fit a vocabulary)."""
-  return split_texts(section, section.get("train_split", "train"))
+  return split_texts(section, _fields(section).get("train_split", "train"))
 
 
 def _lines(texts: Iterator[bytes | str]) -> Iterator[str]:
@@ -73,9 +81,10 @@ def load(kind: str, path: str) -> tok_lib.Tokenizer:
   return tok_lib.SentencePieceTokenizer(path)
 
 
-def split_texts(section: Mapping[str, Any], split: str) -> Iterator[bytes | str]:
+def split_texts(section: Any, split: str) -> Iterator[bytes | str]:
   """The texts of ``split`` of ``data.source`` (all of them, or the first
   :data:`MAX_FIT_RECORDS` records of a source that cannot list its texts)."""
+  section = _fields(section)
   source = sources.get_source(section["source"], split,
                               **dict(section.get("source_options") or {}))
   if hasattr(source, "texts"):
@@ -86,7 +95,7 @@ def split_texts(section: Mapping[str, Any], split: str) -> Iterator[bytes | str]
     yield source[i][key]
 
 
-def check_coverage(tokenizer: tok_lib.Tokenizer, section: Mapping[str, Any],
+def check_coverage(tokenizer: tok_lib.Tokenizer, section: Any,
                    limit: float = UNKNOWN_LIMIT) -> str:
   """How much of the train and validation text a character vocabulary cannot encode.
 
@@ -96,6 +105,7 @@ def check_coverage(tokenizer: tok_lib.Tokenizer, section: Mapping[str, Any],
   """
   if not isinstance(tokenizer, tok_lib.CharTokenizer):
     return ""
+  section = _fields(section)
   known = set(tokenizer.chars)
   unknown: collections.Counter[str] = collections.Counter()
   total = 0
@@ -121,24 +131,27 @@ def check_coverage(tokenizer: tok_lib.Tokenizer, section: Mapping[str, Any],
           else "no unknown characters")
 
 
-def check_text(section: Mapping[str, Any]) -> None:
-  """A text tokenizer on local files needs UTF-8 text (or ``data.encoding``): else a
+def check_text(section: Any) -> None:
+  """A text tokenizer on local files needs UTF-8 text (or
+  ``data.source_options.encoding``): else a
   ValueError naming the file and the byte offset, before anything is fitted or
   trained (the bytes would otherwise become U+FFFD, silently)."""
+  section = _fields(section)
   options = dict(section.get("source_options") or {})
   if section.get("source") == "text_files" and not options.get("encoding"):
     local_text.check_utf8(options.get("path") or "")
 
 
-def build_tokenizer(section: Mapping[str, Any],
+def build_tokenizer(section: Any,
                     workdir: str | None = None) -> tok_lib.Tokenizer | None:
   """The tokenizer ``data.tokenizer`` names (None when absent: image data).
 
   Args:
-    section: ``config.data``.
+    section: ``config.data`` (a ``DataConfig`` or a mapping).
     workdir: where a fitted vocabulary is kept (``<workdir>/tokenizer/``); needed
       for ``"chars"`` and ``"sentencepiece"``.
   """
+  section = _fields(section)
   kind = section.get("tokenizer")
   if kind is None:
     return None
