@@ -16,6 +16,7 @@ Sources with no local files (TFDS, synthetic) are described by the config alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,9 +50,17 @@ def file_digest(path: str, size: int | None = None) -> str:
   return h.hexdigest()[:16]
 
 
-def data_files(section: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _fields(section: Any) -> Mapping[str, Any]:
+  """A ``DataConfig`` (or a plain ``data`` mapping) as a mapping of its fields."""
+  if dataclasses.is_dataclass(section):
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+  return section
+
+
+def data_files(section: Any) -> list[tuple[str, str]]:
   """``(name, path)`` of the local files ``config.data`` reads and hashes ([] for
   sources without files, and the standard library: see :func:`_stdlib`)."""
+  section = _fields(section)
   options = dict(section.get("source_options") or {})
   source = section.get("source")
   if source == "text_files":
@@ -82,10 +91,11 @@ def tokenizer_digest(tokenizer: Any) -> str | None:
   return hashlib.sha256(blob.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
 
 
-def fingerprint(section: Mapping[str, Any], tokenizer: Any = None) -> dict[str, Any]:
+def fingerprint(section: Any, tokenizer: Any = None) -> dict[str, Any]:
   """``{"files": [{"path", "size", "sha256"}, ...], "tokenizer": hash}`` (JSON data);
   above :data:`MAX_LISTED` files, ``"files"`` is their count, total size and one hash
   of all the entries instead."""
+  section = _fields(section)
   if section.get("source") == "stdlib_text":
     return {"files": _stdlib(section), "tokenizer": tokenizer_digest(tokenizer)}
   files = []

@@ -204,8 +204,8 @@ def check_options(path: str | None, validation_fraction: float,
       codecs.lookup(encoding)
     except (LookupError, TypeError):
       raise ValueError(f"data.source_options.encoding={encoding!r} is not a text "
-                       "encoding Python "
-                       "knows (e.g. 'utf-8', 'latin-1', 'cp1252')") from None
+                       "encoding Python knows (e.g. 'utf-8', 'latin-1', 'cp1252')"
+                       ) from None
   if not isinstance(validation_fraction, (int, float)) or not (
       0 < validation_fraction < 1):
     raise ValueError("data.source_options.validation_fraction="
@@ -241,8 +241,7 @@ def text_split_source(split: str, *, path: str | None,
     window_bytes: bytes per record when reading one file.
     seed: draws the train windows of one file.
     encoding: the files' text encoding (``data.source_options.encoding``): records
-      are their text
-      re-encoded as UTF-8; None: their bytes as they are.
+      are their text re-encoded as UTF-8; None: their bytes as they are.
   Returns:
     A random-access source of ``{"text": bytes}`` with a ``texts()`` method.
   """

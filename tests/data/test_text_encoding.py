@@ -1,6 +1,6 @@
 """Text that is not UTF-8 never becomes U+FFFD silently: a text tokenizer (chars,
 sentencepiece) on such a file stops before step 1 naming the file, the byte offset and
-how to proceed; ``data.encoding`` reads it as text in that encoding."""
+how to proceed; ``data.source_options.encoding`` reads it as text in that encoding."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_text_tokenizer_on_latin1_or_binary_names_file_and_offset(tmp_path, toke
   path.write_bytes(LATIN1.encode("latin-1"))
   with pytest.raises(ValueError, match=(
       r"latin1.txt is not utf-8 text: byte 0xe9 at offset 6 \(invalid continuation "
-      r"byte\); set data.encoding to the file's encoding \(e.g. data.encoding="
+      r"byte\); set data.source_options.encoding to the file's encoding \(e.g. "
       r"'latin-1'\), or use data.tokenizer='bytes' to train on its bytes")):
     vocab.build_tokenizer(_section(path, tokenizer), str(tmp_path / "run"))
   binary = tmp_path / "data.bin"
@@ -49,11 +49,11 @@ def test_encoding_reads_the_text_as_utf8(tmp_path):
   valid = local_text.text_split_source("validation", path=str(path), encoding="latin-1",
                                        validation_fraction=0.1, window_bytes=1 << 20)
   assert (next(train.texts()) + next(valid.texts())).decode("utf-8") == LATIN1
-  with pytest.raises(ValueError, match="data.encoding='latin-9000' is not a text "
-                     "encoding Python knows"):
+  with pytest.raises(ValueError, match="data.source_options.encoding='latin-9000' is "
+                     "not a text encoding Python knows"):
     local_text.check_options(str(path), 0.1, encoding="latin-9000")
   with pytest.raises(ValueError, match=r"is not ascii text: byte 0xe9 at offset 6 .*"
-                     r"data.encoding='ascii' is not its encoding"):
+                     r"data.source_options.encoding='ascii' is not its encoding"):
     local_text.text_split_source("train", path=str(path), encoding="ascii")
 
 
@@ -80,7 +80,7 @@ def test_splits_too_small_to_train_or_evaluate_are_refused_up_front(tmp_path):
   one, twelve = tmp_path / "one.txt", tmp_path / "twelve.txt"
   one.write_text("x")
   twelve.write_text("hello world!")
-  with pytest.raises(ValueError, match=r"one.txt': 1 byte\(s\) split at data."
+  with pytest.raises(ValueError, match=r"one.txt': 1 byte\(s\) split at "
                      r"validation_fraction=0.05 leave 1 bytes to train on and 0 to "
                      r"validate on; it needs text in both splits"):
     local_text.check_options(str(one), 0.05)
@@ -88,7 +88,7 @@ def test_splits_too_small_to_train_or_evaluate_are_refused_up_front(tmp_path):
   with pytest.raises(ValueError, match=r"12 byte\(s\) split .* leave 11 bytes to train "
                      r"on and 1 to validate on; it needs at least 16 bytes \(one "
                      r"sequence\) to evaluate on: give more text, or raise "
-                     r"data.validation_fraction"):
+                     r"data.source_options.validation_fraction"):
     local_text.check_options(str(twelve), 0.05, min_validation_bytes=16)
   assert local_text.split_sizes((str(one), str(twelve)), 0.5) == (1, 12)
 
@@ -96,6 +96,10 @@ def test_splits_too_small_to_train_or_evaluate_are_refused_up_front(tmp_path):
 def test_gpt_text_config_passes_data_encoding_to_the_source(tmp_path):
   from experiments.configs import gpt_text  # pylint: disable=g-import-not-at-top
   c = gpt_text.get_config("tiny")
-  assert c.data.encoding is None and c.data.source_options.encoding is None
-  c.data.encoding = "latin-1"
-  assert c.data.source_options.encoding == "latin-1"
+  assert c.data.source_options.encoding is None
+  c.data.source_options.path = str(tmp_path / "latin1.txt")
+  (tmp_path / "latin1.txt").write_bytes((LATIN1 * 4).encode("latin-1"))
+  c.data.source_options.encoding = "latin-1"
+  from jaxformer.data.config import DataConfig  # pylint: disable=g-import-not-at-top
+  data = DataConfig.parse_shared(c.data)  # the option reaches the source's check
+  assert data.source_options["encoding"] == "latin-1"

@@ -19,6 +19,7 @@ from experiments import perplexity as perplexity_lib
 from experiments import sample as sample_lib
 from jaxformer.pretrained import from_huggingface, load_tokenizer, to_huggingface
 from jaxformer.pretrained import runs as pretrained_runs
+from jaxformer.training import init as init_lib
 
 WEIGHTS = "model.safetensors"
 
@@ -45,11 +46,15 @@ def _broken(tmp_path, how: str) -> tuple[str, str]:
   raise AssertionError(how)
 
 
+def _origin(d):
+  """``init.pretrained=d`` as the config reaches it: the Hugging Face origin."""
+  return pretrained_runs.HuggingFaceOrigin(
+      init_lib.InitConfig(origin="huggingface", path=d))
+
+
 DOORS = {
     "from_huggingface": from_huggingface,
-    "init.pretrained": lambda d: pretrained_runs.configure(
-        {"init": {"pretrained": d}, "model": {"name": "gpt"},
-         "data": {"tokenizer": "bytes"}}),
+    "init.pretrained": _origin,
     "sample": lambda d: sample_lib.sample(d, "hello", max_new_tokens=2),
     "perplexity": lambda d: perplexity_lib.perplexity(d, "hello there"),
 }
@@ -60,10 +65,9 @@ DOORS = {
 def test_broken_directory_names_the_file(tmp_path, how, door):
   d, broken = _broken(str(tmp_path), how)
   if how != "config" and door == "init.pretrained":
-    # configure reads only config.json; the weights are read when the state is built
+    # the origin reads config.json; the weights are read when the state is loaded
     with pytest.raises(ValueError, match=r"is not a readable safetensors file"):
-      pretrained_runs.load_into_state(types.SimpleNamespace(params={}), None,
-                                      {"init": {"pretrained": d}})
+      _origin(d).load(types.SimpleNamespace(params={}), None)
     return
   want = ("is not valid JSON" if how == "config" else
           "is not a readable safetensors file .*may be truncated")

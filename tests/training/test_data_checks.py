@@ -5,6 +5,7 @@ resume on another device count is in test_faults.py (it shares that run)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -40,13 +41,14 @@ def test_batch_that_devices_cannot_split_fails_before_the_workdir(tmp_path):
 def _text_config(path, **train):
   from experiments.configs import gpt_text  # pylint: disable=g-import-not-at-top
   c = gpt_text.get_config("tiny")
-  c.data.path = str(path)
+  c.data.source_options.path = str(path)
   c.model.update(dict(num_layers=1, embed_dim=16, max_len=16))
   c.model.block.update(dict(num_heads=2, mlp_dim=32))
   c.data.update(dict(seq_len=16, batch_size=4, eval_batch_size=4, prefetch=0))
+  c.task_options.sample_tokens = 0
   c.train.update({**dict(num_steps=10, log_every=5, eval_every=10, eval_batches=1,
                         checkpoint_every=5, progress=False, tensorboard=False,
-                        async_checkpoint=False, sample_tokens=0), **train})
+                        async_checkpoint=False), **train})
   c.sharding.cpu_devices = 0
   return c
 
@@ -70,6 +72,7 @@ def test_the_validation_split_is_read_before_step_1(tmp_path, monkeypatch):
   path.write_text("the quick brown fox jumps over the lazy dog. " * 10)
   real = local_text.text_split_source
 
+  @functools.wraps(real)  # (the options are checked against its signature)
   def no_validation(split, **options):
     if split == "validation":
       raise ValueError("no validation text (simulated)")

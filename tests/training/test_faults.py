@@ -24,13 +24,13 @@ import training_helpers as th
 
 # The CLI run and its in-process resume share this config.
 OVERRIDES = dict(num_steps=6, checkpoint_every=2, log_every=1, eval_every=1000,
-                 sample_tokens=0, tensorboard=False, progress=False,
-                 async_checkpoint=True)
+                 tensorboard=False, progress=False, async_checkpoint=True)
 
 
 def _cli_config():
   c = gpt_bytes.get_config("tiny")
   c.train.update(OVERRIDES)
+  c.task_options.sample_tokens = 0
   c.sharding.cpu_devices = 0
   return c
 
@@ -53,7 +53,7 @@ def _leftovers(workdir):
 def test_full_disk_during_an_async_save_is_one_line_and_loses_nothing(tmp_path):
   workdir = str(tmp_path / "run")
   flags = [f"--workdir={workdir}", "--config=experiments/configs/gpt_bytes.py:tiny",
-           "--config.sharding.cpu_devices=0",
+           "--config.sharding.cpu_devices=0", "--config.task_options.sample_tokens=0",
            *(f"--config.train.{k}={v}" for k, v in OVERRIDES.items())]
   proc = th.run_python(["tests/training/full_disk.py", "checkpoint", "4", "--", *flags],
                        timeout=300)
