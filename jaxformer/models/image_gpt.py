@@ -52,7 +52,7 @@ class ImageGPTConfig:
   embed_dim: int = 512
   positions: str = "learned"
   scaled_residual_init: bool = True
-  vocab_pad_multiple: int = 128
+  vocab_pad_multiple: int | None = None
   remat: bool = False
   scan_layers: bool = False
   block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
