@@ -226,7 +226,8 @@ def check_options(path: str | None, validation_fraction: float,
   if train < 1 or validation < max(min_validation_bytes, 1):
     what = (f"{len(files)} files" if len(files) > 1
             else f"{train + validation:,} byte(s)")
-    need = (f"at least {min_validation_bytes:,} bytes (one sequence) to evaluate on"
+    need = (f"at least {min_validation_bytes:,} bytes (one window of data.seq_len + 1 "
+            "tokens) to evaluate on"
             if min_validation_bytes > 1 else "text in both splits")
     raise ValueError(
         f"data.source_options.path={path!r}: {what} split at validation_fraction="

@@ -87,8 +87,8 @@ def test_splits_too_small_to_train_or_evaluate_are_refused_up_front(tmp_path):
   assert local_text.check_options(str(twelve), 0.05) == (str(twelve),)
   with pytest.raises(ValueError, match=r"12 byte\(s\) split .* leave 11 bytes to train "
                      r"on and 1 to validate on; it needs at least 16 bytes \(one "
-                     r"sequence\) to evaluate on: give more text, or raise "
-                     r"data.source_options.validation_fraction"):
+                     r"window of data.seq_len \+ 1 tokens\) to evaluate on: give more "
+                     r"text, or raise data.source_options.validation_fraction"):
     local_text.check_options(str(twelve), 0.05, min_validation_bytes=16)
   assert local_text.split_sizes((str(one), str(twelve)), 0.5) == (1, 12)
 

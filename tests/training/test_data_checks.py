@@ -56,7 +56,7 @@ def _text_config(path, **train):
 @pytest.mark.parametrize("text,want", [
     ("x", r"1 byte\(s\) split .* leave 1 bytes to train on and 0 to validate on"),
     ("hello world!", r"12 byte\(s\) split .* leave 11 bytes to train on and 1 to "
-                     r"validate on; it needs at least 16 bytes \(one sequence\)")])
+                     r"validate on; it needs at least 17 bytes \(one window")])
 def test_text_too_small_to_evaluate_fails_before_the_workdir(tmp_path, text, want):
   path = tmp_path / "tiny.txt"
   path.write_text(text)
