@@ -42,10 +42,11 @@ def _overrides(mesh: str, extra: dict[str, str]) -> list[str]:
 def _cli(workdir: str, mesh: str, extra: dict[str, str]) -> None:
   """Exactly what ``python -m experiments.train ...`` does (absl's config flags read
   ``sys.argv``, and only once per process: later runs use :func:`_train`)."""
+  from experiments import command_line  # pylint: disable=g-import-not-at-top
   from experiments import train as cli  # pylint: disable=g-import-not-at-top
   sys.argv = ["train", f"--config={CONFIG}", f"--workdir={workdir}",
               *_overrides(mesh, extra)]
-  cli.parse_flags(sys.argv)
+  command_line.parse_flags(sys.argv)
   cli.main(["train"])
 
 
