@@ -3,8 +3,10 @@
 Every parameter is annotated with ``nn.with_logical_partitioning(init, PARAM_AXES)`` and
 key activations with ``nn.with_logical_constraint(x, ACT_AXES)``. The training config
 picks a rule set (``rules_for(...)``) that maps these names onto the mesh axes
-``data``, ``fsdp`` and ``tensor``: one device, data parallel, FSDP and tensor parallel
-are the same model code with different rules.
+``data``, ``fsdp``, ``tensor`` and ``context``: one device, data parallel, FSDP, tensor
+and context parallel are the same model code with different rules. ``context`` splits
+the length axis of the activations (each sequence over the devices of the axis); the
+attention then runs as ring attention (``jaxformer.attention.ring``).
 
 Parameters and activations use different names so that, for example, FSDP shards a
 weight's ``embed`` dimension without also sharding the activations' feature dimension.
@@ -35,17 +37,18 @@ ACT_HEAD_DIM = "act_head_dim"
 ACT_MLP = "act_mlp"
 ACT_VOCAB = "act_vocab"
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def rules_for(*, fsdp: bool = True, tensor: bool = True) -> Rules:
-  """Logical-axis rules onto the mesh ``("data", "fsdp", "tensor")``.
+  """Logical-axis rules onto the mesh ``("data", "fsdp", "tensor", "context")``.
 
   Mesh axes of size 1 are harmless, so the default rules serve every layout: a mesh
   ``data=8, fsdp=1, tensor=1`` is pure data parallelism, ``data=1, fsdp=8`` is FSDP,
-  ``tensor=2`` adds Megatron-style tensor parallelism over heads and MLP width.
+  ``tensor=2`` adds Megatron-style tensor parallelism over heads and MLP width,
+  ``context=4`` splits each sequence into 4 (the activations' length axis).
 
   Args:
     fsdp: shard parameters' ``embed`` axis over ``fsdp`` (ZeRO-3 style).
@@ -57,7 +60,7 @@ def rules_for(*, fsdp: bool = True, tensor: bool = True) -> Rules:
   return (
       # activations
       (ACT_BATCH, ("data", "fsdp")),
-      (ACT_LENGTH, None),
+      (ACT_LENGTH, "context"),
       (ACT_EMBED, None),
       (ACT_HEADS, t),
       (ACT_KV_HEADS, t),

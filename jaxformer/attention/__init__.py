@@ -5,7 +5,8 @@ from jaxformer.attention import dot_product_attention, MultiHeadAttention, Axial
 out_BQHD = dot_product_attention(q_BQHD, k_BSKD, v_BSKD, is_causal=True)
 ```
 See ``core.py`` for the implementations (``"xla"``, ``"chunked"``, ``"pallas"``,
-``"cudnn"``) and how ``implementation=None`` chooses between them.
+``"cudnn"``) and how ``implementation=None`` chooses between them, and ``ring.py`` for
+context parallelism (the length axis sharded over a ``context`` mesh axis).
 """
 
 from jaxformer.attention.axial import AxialAttention, AxialAttentionStack, axial_attention_stack
@@ -15,6 +16,7 @@ from jaxformer.attention.masks import (combine_masks, make_causal_mask, make_key
                                        make_padding_mask, make_prefix_mask,
                                        make_segment_mask)
 from jaxformer.attention.multi_head import MultiHeadAttention
+from jaxformer.attention.ring import context_parallel, context_parallel_attention
 from jaxformer.attention.rotary import apply_rotary_embedding
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "axial_attention_stack",
     "chunked_attention",
     "combine_masks",
+    "context_parallel",
+    "context_parallel_attention",
     "dot_product_attention",
     "make_causal_mask",
     "make_key_mask",

@@ -324,3 +324,91 @@ def _flash_bwd(cfg: _Config, residuals, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# The same kernel with its log-sum-exp exposed: the block kernel of ring attention
+# (ring.py), which merges partial results by lse and runs the backward per block.
+# --------------------------------------------------------------------------------------
+
+
+def _blocked(query, key, value, q_segment_ids, kv_segment_ids, is_causal, scale,
+             precision):
+  """The static config and the blocked operands of ``chunked_attention``."""
+  batch, q_len, num_heads, head_dim = query.shape
+  _, kv_len, num_kv_heads, v_dim = value.shape
+  groups = num_heads // num_kv_heads
+  bq = _block_size(None, DEFAULT_BLOCK_Q, q_len, "block_q")
+  bk = _block_size(None, DEFAULT_BLOCK_K, kv_len, "block_k")
+  nq, nk = -(-q_len // bq), -(-kv_len // bk)
+  cfg = _Config(is_causal=bool(is_causal), scale=float(scale), block_q=bq, block_k=bk,
+                q_len=q_len, kv_len=kv_len, num_q_blocks=nq, num_k_blocks=nk,
+                precision=precision)
+  q = _to_q_blocks(cfg, query, num_kv_heads)
+  k = _pad_axis(key, 1, nk * bk).reshape(
+      batch, nk, bk, num_kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
+  v = _pad_axis(value, 1, nk * bk).reshape(
+      batch, nk, bk, num_kv_heads, v_dim).transpose(1, 0, 3, 2, 4)
+  qs = ks = None
+  if q_segment_ids is not None:
+    qs = _pad_axis(jnp.asarray(q_segment_ids), 1, nq * bq).reshape(
+        batch, nq, bq).transpose(1, 0, 2)
+    ks = _pad_axis(jnp.asarray(kv_segment_ids), 1, nk * bk).reshape(
+        batch, nk, bk).transpose(1, 0, 2)
+  return cfg, q, k, v, qs, ks
+
+
+def _to_q_blocks(cfg: _Config, x_BQHD: Array, num_kv_heads: int) -> Array:
+  b, _, h, d = x_BQHD.shape
+  return _pad_axis(x_BQHD, 1, cfg.num_q_blocks * cfg.block_q).reshape(
+      b, cfg.num_q_blocks, cfg.block_q, num_kv_heads, h // num_kv_heads, d).transpose(
+          1, 0, 3, 4, 2, 5)
+
+
+def _from_q_blocks(cfg: _Config, x_NBKGQD: Array) -> Array:
+  n, b, kh, g, bq, d = x_NBKGQD.shape
+  return x_NBKGQD.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * bq, kh * g, d)[:, :cfg.q_len]
+
+
+def attention_with_lse(query: Array, key: Array, value: Array, *, is_causal: bool,
+                       q_segment_ids: Array | None, kv_segment_ids: Array | None,
+                       scale: float, precision: Any = None) -> tuple[Array, Array]:
+  """Forward of ``chunked_attention`` (no gradient rule) returning the log-sum-exp.
+
+  Returns:
+    ``out [B, Lq, H, Dv]`` (query dtype, zeros where no key is allowed) and ``lse
+    [B, H, Lq]`` float32 (``1e30`` where no key is allowed, so ``exp(s - lse) == 0``).
+  """
+  cfg, q, k, v, qs, ks = _blocked(query, key, value, q_segment_ids, kv_segment_ids,
+                                  is_causal, scale, precision)
+  out, lse = _forward(cfg, q, k, v, qs, ks, None)
+  b, h = query.shape[0], query.shape[2]
+  lse_BHQ = lse.transpose(1, 2, 3, 0, 4).reshape(b, h, -1)[:, :, :cfg.q_len]
+  return _from_q_blocks(cfg, out), lse_BHQ
+
+
+def attention_backward(query: Array, key: Array, value: Array, out: Array, lse: Array,
+                       d_out: Array, *, is_causal: bool, q_segment_ids: Array | None,
+                       kv_segment_ids: Array | None, scale: float,
+                       precision: Any = None) -> tuple[Array, Array, Array]:
+  """``(dq, dk, dv)`` of attention given its output and (possibly global) lse.
+
+  ``out``/``lse`` may be those of a larger attention that this call's keys are part of
+  (ring attention passes the merged ones): then ``p = exp(s - lse)`` are that
+  attention's probabilities restricted to these keys, and the results are this block's
+  exact contribution to the full gradients.
+  """
+  cfg, q, k, v, qs, ks = _blocked(query, key, value, q_segment_ids, kv_segment_ids,
+                                  is_causal, scale, precision)
+  num_kv_heads = key.shape[2]
+  out_b = _to_q_blocks(cfg, out, num_kv_heads)
+  d_out_b = _to_q_blocks(cfg, d_out.astype(out.dtype), num_kv_heads)
+  b, h, _ = lse.shape
+  nq, bq = cfg.num_q_blocks, cfg.block_q
+  lse_b = jnp.pad(lse, ((0, 0), (0, 0), (0, nq * bq - cfg.q_len)),
+                  constant_values=_POS).reshape(
+                      b, num_kv_heads, h // num_kv_heads, nq, bq).transpose(3, 0, 1, 2, 4)
+  dq, dk, dv, *_ = _flash_bwd(cfg, (q, k, v, qs, ks, None, out_b, lse_b), d_out_b)
+  dk = dk.transpose(1, 0, 3, 2, 4).reshape(key.shape[0], -1, *key.shape[2:])
+  dv = dv.transpose(1, 0, 3, 2, 4).reshape(value.shape[0], -1, *value.shape[2:])
+  return _from_q_blocks(cfg, dq), dk[:, :cfg.kv_len], dv[:, :cfg.kv_len]

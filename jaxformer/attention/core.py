@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jaxformer.attention import chunked as chunked_lib
 from jaxformer.attention import gpu_table
 from jaxformer.attention import masks
+from jaxformer.attention import ring as ring_lib
 from jaxformer.attention import validation
 
 Array = jax.Array
@@ -77,6 +78,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     precision: str | jax.lax.Precision | None = None,
+    context_parallel: str | None = None,
 ) -> Array | tuple[Array, Array]:
   """Multi-head scaled dot-product attention, ``softmax(scale * q k^T + bias) v``.
 
@@ -103,6 +105,9 @@ def dot_product_attention(
       float32 (never silently TF32); xla/chunked follow JAX's default (on a GPU, TF32 for
       float32 unless ``jax.default_matmul_precision`` says otherwise); cuDNN has no
       float32 path. Pass ``"highest"`` for float32 accuracy on every path.
+    context_parallel: ``"ring"`` or ``"all_gather"``: how to compute when the active
+      mesh and rules shard the length axis over a ``context`` axis of size > 1
+      (``ring.py``); None = ``ring.context_parallel(...)``'s setting (default "ring").
   Returns:
     ``out [B, Lq, H, Dv]`` in the dtype of ``query``; with ``return_weights`` the pair
     ``(out, weights)``. A query with no allowed key gets zeros (and zero gradients).
@@ -121,6 +126,12 @@ def dot_product_attention(
   use_dropout = dropout_rate > 0.0 and dropout_rng is not None
   opts = dict(has_mask=mask is not None, has_bias=bias is not None, hard=hard,
               return_weights=return_weights, dropout=use_dropout)
+  if context_parallel is not None:
+    ring_lib.check_mode(context_parallel)
+  out = _context_parallel(query, key, value, mask, q_seg, kv_seg, is_causal, scale,
+                          precision, implementation, context_parallel, **opts)
+  if out is not None:
+    return out
 
   impl = implementation
   if impl is None:
@@ -430,3 +441,33 @@ def _log_fallback(warn: bool, impl: str, reasons: list[str], query, key) -> None
     logger.warning("%s for query %s, key %s", message, query.shape, key.shape)
   else:
     logger.info("%s", message)
+
+
+# --------------------------------------------------------------------------------------
+# Context parallelism (ring.py): the length axis sharded over a ``context`` mesh axis.
+# --------------------------------------------------------------------------------------
+
+
+def _context_parallel(query, key, value, mask, q_seg, kv_seg, is_causal, scale, precision,
+                      implementation, mode, **opts) -> Array | None:
+  """The context-parallel result when the active mesh/rules shard the length, else None.
+
+  ``"chunked"``/``"pallas"`` name the ring's block kernel; ``"xla"``/``"cudnn"`` (and
+  options the ring cannot do) leave the call to the partitioner, which gathers.
+  """
+  layout = ring_lib.active_layout(query, key)
+  if layout is None:
+    return None
+  reason = ring_lib.unsupported(has_bias=opts["has_bias"], hard=opts["hard"],
+                                return_weights=opts["return_weights"],
+                                dropout=opts["dropout"], mask=mask)
+  if reason is None and implementation in ("xla", "cudnn"):
+    reason = f"implementation={implementation!r} was named"
+  if reason is not None:
+    logger.info("dot_product_attention: not context parallel (%s); the partitioner "
+                "gathers the sharded length axis", reason)
+    return None
+  return ring_lib.context_parallel_attention(
+      query, key, value, layout=layout, is_causal=is_causal, q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg, key_mask=mask, scale=scale, precision=precision, mode=mode,
+      block_impl=implementation)

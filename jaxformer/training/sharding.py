@@ -1,21 +1,26 @@
 """Device mesh, logical-axis rules and the shardings of state and batches.
 
 One value, :class:`Sharding`, built once from :class:`ShardingConfig` (the config's
-``sharding`` section) and the devices, owns the mesh and its logical-axis rules and
-offers what the rest of training needs: ``shard_batch``, ``activate``,
-``state_shardings``, ``check_shardable``. It travels wherever a mesh and rules would.
+``sharding`` section) and the devices, owns the mesh, its logical-axis rules and how
+attention runs over a split sequence (``context_parallel``), and offers what the rest
+of training needs: ``shard_batch``, ``activate``, ``state_shardings``,
+``check_shardable``. It travels wherever a mesh and rules would.
 
-The mesh has the axes :data:`jaxformer.axes.MESH_AXES` (``("data", "fsdp",
-"tensor")``); the config's ``mesh_shape`` sizes them (one entry may be -1 = the
-remaining devices). One device, data parallel, FSDP and tensor parallel are the same
-code with different shapes::
+The mesh has the four axes :data:`jaxformer.axes.MESH_AXES` (``("data", "fsdp",
+"tensor", "context")``); the config's ``mesh_shape`` sizes them (one entry may be -1 =
+the remaining devices; a 3-tuple means ``context=1``). One device, data parallel, FSDP,
+tensor and context parallel are the same code with different shapes::
 
-  mesh_shape=(1, 1, 1)     one device
-  mesh_shape=(-1, 1, 1)    data parallel (params replicated)
-  mesh_shape=(1, -1, 1)    FSDP (params' embed axis sharded, batch sharded too)
-  mesh_shape=(1, -1, 2)    FSDP x tensor parallel (heads / mlp / vocab over tensor)
+  mesh_shape=(1, 1, 1)        one device
+  mesh_shape=(-1, 1, 1)       data parallel (params replicated)
+  mesh_shape=(1, -1, 1)       FSDP (params' embed axis sharded, batch sharded too)
+  mesh_shape=(1, -1, 2)       FSDP x tensor parallel (heads / mlp / vocab over tensor)
+  mesh_shape=(1, 1, 1, -1)    context parallel (each sequence split, ring attention)
+  mesh_shape=(2, 1, 1, 2)     data x context
 
-Batches are sharded over ``("data", "fsdp")`` along their leading axis. The model's
+Batches are sharded over ``("data", "fsdp")`` along their leading axis; the sequence
+axis of the activations over ``context`` (the batch arrays themselves are not split
+along it: the first activation constraint does that). The model's
 ``nn.with_logical_constraint`` calls need the mesh and rules in context while tracing:
 wrap tracing/calls in ``Sharding.activate()``.
 """
@@ -38,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import axes
 from jaxformer import configs
+from jaxformer.attention import ring
 from jaxformer.models import registry
 from jaxformer.training import state as state_lib
 
@@ -52,26 +58,33 @@ class ShardingConfig:
   """The ``sharding`` section.
 
   Attributes:
-    mesh_shape: sizes of the mesh axes :data:`MESH_AXES`; at most one -1 (= the
-      remaining devices).
+    mesh_shape: sizes of the mesh axes :data:`MESH_AXES` (3 entries: ``context=1``);
+      at most one -1 (= the remaining devices).
     fsdp: rules shard parameters' ``embed`` axis over ``fsdp``.
     tensor: rules shard heads / mlp / vocab over ``tensor``.
     cpu_devices: CPU only: split the host into this many JAX devices (one per core);
       -1 = auto (cores dividing the batch), 0 = JAX's default single CPU device.
+    context_parallel: how attention runs when ``context > 1`` splits each sequence:
+      ``"ring"`` (K/V passed around the devices, O(L/N) memory each) or
+      ``"all_gather"`` (K/V gathered per layer; see :mod:`jaxformer.attention.ring`).
   """
 
   mesh_shape: tuple[int, ...] = (-1,) + (1,) * (len(MESH_AXES) - 1)
   fsdp: bool = True
   tensor: bool = True
   cpu_devices: int = 0
+  context_parallel: str = "ring"
 
   def __post_init__(self):
     shape = self.mesh_shape
-    if (len(shape) != len(MESH_AXES) or shape.count(-1) > 1
+    if (len(shape) not in (len(MESH_AXES), len(MESH_AXES) - 1) or shape.count(-1) > 1
         or any(s == 0 or s < -1 for s in shape)):
       raise ValueError(f"sharding.mesh_shape={shape!r} must be {len(MESH_AXES)} ints "
-                       f"{MESH_AXES}, positive, with at most one -1 (= the remaining "
-                       "devices)")
+                       f"{MESH_AXES} (or 3: context=1), positive, with at most one -1 "
+                       "(= the remaining devices)")
+    if self.context_parallel not in ring.MODES:
+      raise ValueError(f"sharding.context_parallel={self.context_parallel!r}; valid: "
+                       f"{ring.MODES}")
     if self.cpu_devices < -1:
       raise ValueError(f"sharding.cpu_devices={self.cpu_devices!r} must be -1 (auto), "
                        "0 (JAX default) or a positive device count")
@@ -81,20 +94,29 @@ class ShardingConfig:
     return configs.parse(cls, section, "sharding")
 
 
+def full_mesh_shape(mesh_shape: Sequence[int]) -> tuple[int, ...]:
+  """``mesh_shape`` with one entry per mesh axis: a 3-tuple gets ``context=1``."""
+  shape = tuple(int(s) for s in mesh_shape)
+  if len(shape) == len(MESH_AXES) - 1:
+    shape += (1,)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh_shape={tuple(mesh_shape)!r} needs {len(MESH_AXES)} "
+                     f"entries, one per mesh axis {MESH_AXES} (or 3: context=1)")
+  return shape
+
+
 def resolve_mesh_shape(mesh_shape: Sequence[int],
                        num_devices: int) -> tuple[int, ...]:
   """Replaces a -1 in ``mesh_shape`` by the remaining device count; validates.
 
   Args:
-    mesh_shape: sizes of ``("data", "fsdp", "tensor")``; at most one -1.
+    mesh_shape: sizes of ``("data", "fsdp", "tensor", "context")`` (3 entries: context
+      1); at most one -1.
     num_devices: devices available.
   Returns:
-    Concrete sizes whose product is ``num_devices``.
+    Concrete sizes (4) whose product is ``num_devices``.
   """
-  shape = tuple(int(s) for s in mesh_shape)
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh_shape={tuple(mesh_shape)!r} needs {len(MESH_AXES)} "
-                     f"entries, one per mesh axis {MESH_AXES}")
+  shape = full_mesh_shape(mesh_shape)
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise ValueError(f"mesh_shape={shape!r}: entries must be positive, with at "
                      "most one -1 (= the remaining devices)")
@@ -156,7 +178,8 @@ def configure_cpu_devices(count: int, batch_size: int) -> int | None:
 
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1, 1),
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``Mesh`` with axes ``("data", "fsdp", "tensor")`` over all (given) devices."""
+  """A ``Mesh`` with axes ``("data", "fsdp", "tensor", "context")`` over all (given)
+  devices (``mesh_shape`` as :func:`resolve_mesh_shape` takes it)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
@@ -222,7 +245,8 @@ def to_host(tree: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Sharding:
-  """The mesh and its logical-axis rules, as one value (see the module docstring).
+  """The mesh, its logical-axis rules and the context-parallel mode, as one value (see
+  the module docstring).
 
   Build it with :meth:`build` (from a :class:`ShardingConfig` and the devices) or
   directly from a ``Mesh`` and rules.
@@ -230,6 +254,7 @@ class Sharding:
 
   mesh: Mesh
   rules: axes.Rules = axes.DEFAULT_RULES
+  context_parallel: str = "ring"
 
   @classmethod
   def build(cls, config: ShardingConfig | None = None,
@@ -238,7 +263,8 @@ class Sharding:
     ``config.fsdp`` / ``config.tensor`` choose."""
     config = config or ShardingConfig()
     return cls(make_mesh(config.mesh_shape, devices),
-               make_rules(fsdp=config.fsdp, tensor=config.tensor))
+               make_rules(fsdp=config.fsdp, tensor=config.tensor),
+               context_parallel=config.context_parallel)
 
   @property
   def shape(self) -> dict[str, int]:
@@ -250,9 +276,12 @@ class Sharding:
     """The global batch size must be a multiple of this."""
     return batch_divisor(self.mesh)
 
-  def activate(self) -> contextlib.AbstractContextManager[None]:
-    """Mesh + logical rules in context, for tracing models with logical constraints."""
-    return activate(self.mesh, self.rules)
+  @contextlib.contextmanager
+  def activate(self) -> Iterator[None]:
+    """Mesh + logical rules (+ the context-parallel mode) in context, for tracing
+    models with logical constraints."""
+    with activate(self.mesh, self.rules), ring.context_parallel(self.context_parallel):
+      yield
 
   def batch_sharding(self) -> NamedSharding:
     return batch_sharding(self.mesh)

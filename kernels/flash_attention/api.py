@@ -431,3 +431,75 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
                 block_sizes=block_sizes, interpret=interpret, backend=backend,
                 precision=precision, primary=runs)
   return _flash(query, key, value, q_ids, kv_ids, cfg)
+
+
+# ------------------------------------------ forward/backward with the lse --
+
+
+def _config_for(query, is_causal, scale, precision, block_sizes, interpret,
+                backend) -> _Config:
+  if scale is None:
+    scale = 1.0 / math.sqrt(query.shape[-1])
+  return _Config(is_causal=bool(is_causal), scale=float(scale),
+                 block_sizes=block_sizes, interpret=interpret, backend=backend,
+                 precision=_precision(precision, query.dtype),
+                 primary=primary_backend(backend, query.dtype, is_causal))
+
+
+def flash_attention_with_lse(query, key, value, *, is_causal: bool = False,
+                             segment_ids=None, scale: float | None = None,
+                             block_sizes=None, interpret: bool | None = None,
+                             backend: str | None = None, precision=None):
+  """The kernel's forward (no gradient rule), returning `(out, lse)`.
+
+  For callers that merge partial attentions by log-sum-exp and run the
+  backward themselves (ring attention): `lse` is [batch, heads, q_len]
+  float32 in natural units on every backend (the Triton kernel keeps base 2
+  internally), +inf for rows with no allowed key. Arguments as `flash_attention`
+  (validated the same way).
+  """
+  problem = check_inputs(query, key, value, segment_ids)
+  if problem is not None:
+    raise problem[0](problem[1])
+  cfg = _config_for(query, is_causal, scale, precision, block_sizes, interpret,
+                    backend)
+  q_ids, kv_ids = split_segment_ids(segment_ids, query.shape[1], key.shape[1])
+  if q_ids is not None:
+    q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+  return _dispatch(_forward_natural_lse, cfg, query, key, value, q_ids, kv_ids)
+
+
+def _forward_natural_lse(backend: str, interpret: bool, cfg: _Config, *args):
+  """`_run_forward` with the lse in natural units whatever the backend keeps."""
+  out, lse = _run_forward(backend, interpret, cfg, *args)
+  return out, (lse / common.LOG2E if backend == "triton" else lse)
+
+
+def _backward_natural_lse(backend: str, interpret: bool, cfg: _Config, q, k, v,
+                          q_ids, kv_ids, out, lse, dout):
+  """`_run_backward` given a natural-units lse (Triton reads base 2)."""
+  if backend == "triton":
+    lse = lse * common.LOG2E
+  return _run_backward(backend, interpret, cfg, q, k, v, q_ids, kv_ids, out, lse,
+                       dout)
+
+
+def flash_attention_backward(query, key, value, out, lse, dout, *,
+                             is_causal: bool = False, segment_ids=None,
+                             scale: float | None = None, block_sizes=None,
+                             interpret: bool | None = None,
+                             backend: str | None = None, precision=None):
+  """`(dq, dk, dv)` from the kernel's backward, given `out` and `lse`.
+
+  `out`/`lse` (natural units, as `flash_attention_with_lse` returns) may
+  belong to a larger attention whose keys include these (ring attention
+  passes the merged ones); the results are then this block's contribution
+  to that attention's gradients.
+  """
+  cfg = _config_for(query, is_causal, scale, precision, block_sizes, interpret,
+                    backend)
+  q_ids, kv_ids = split_segment_ids(segment_ids, query.shape[1], key.shape[1])
+  if q_ids is not None:
+    q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
+  return _dispatch(_backward_natural_lse, cfg, query, key, value, q_ids, kv_ids,
+                   out, lse, dout)

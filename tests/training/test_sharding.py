@@ -14,6 +14,7 @@ from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
 from jaxformer import axes
+from jaxformer.attention import ring
 from jaxformer.training import sharding
 
 import training_helpers as th
@@ -22,18 +23,21 @@ import training_helpers as th
 class MeshShapeTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      ((-1, 1, 1), 8, (8, 1, 1)),
-      ((1, -1, 2), 8, (1, 4, 2)),
-      ((2, 2, 2), 8, (2, 2, 2)),
-      ((1, 1, 1), 1, (1, 1, 1)),
-      ((1, -1, 1), 1, (1, 1, 1)),
+      ((-1, 1, 1), 8, (8, 1, 1, 1)),
+      ((1, -1, 2), 8, (1, 4, 2, 1)),
+      ((2, 2, 2), 8, (2, 2, 2, 1)),
+      ((1, 1, 1), 1, (1, 1, 1, 1)),
+      ((1, -1, 1), 1, (1, 1, 1, 1)),
+      ((1, 1, 1, -1), 8, (1, 1, 1, 8)),
+      ((2, 1, 1, 2), 4, (2, 1, 1, 2)),
   )
   def test_resolve(self, shape, n, want):
     self.assertEqual(sharding.resolve_mesh_shape(shape, n), want)
 
   @parameterized.parameters(
       ((-1, -1, 1), 8, "at most one -1"),
-      ((1, 1), 8, "needs 3 entries"),
+      ((1, 1), 8, "needs 4 entries"),
+      ((1, 1, 1, 1, 1), 8, "needs 4 entries"),
       ((3, -1, 1), 8, "not divisible"),
       ((2, 2, 1), 8, "uses 4 devices but 8"),
       ((0, 1, 1), 1, "positive"),
@@ -44,7 +48,7 @@ class MeshShapeTest(parameterized.TestCase):
 
   def test_make_mesh_axes_and_batch_sharding(self):
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    self.assertEqual(mesh.axis_names, ("data", "fsdp", "tensor"))
+    self.assertEqual(mesh.axis_names, ("data", "fsdp", "tensor", "context"))
     self.assertEqual(sharding.batch_sharding(mesh).spec, P(("data", "fsdp")))
     self.assertEqual(sharding.batch_divisor(mesh), 1)
     batch = th.make_batch(0)
@@ -91,10 +95,17 @@ def test_sharding_value_owns_mesh_and_rules():
   value = sharding.Sharding.build(
       sharding.ShardingConfig(mesh_shape=(1, 1, 1), fsdp=False), jax.devices()[:1])
   assert value.mesh.axis_names == axes.MESH_AXES and value.batch_divisor == 1
-  assert value.shape == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert value.shape == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
   assert value.rules == axes.rules_for(fsdp=False, tensor=True)
   with value.activate():
     assert dict(nn.get_logical_axis_rules())[axes.EMBED] is None
+    assert dict(nn.get_logical_axis_rules())[axes.ACT_LENGTH] == "context"
+    assert ring.current_mode() == "ring"
+  gathered = sharding.Sharding.build(sharding.ShardingConfig(
+      mesh_shape=(1, 1, 1, 1), context_parallel="all_gather"), jax.devices()[:1])
+  with gathered.activate():
+    assert ring.current_mode() == "all_gather"
+  assert ring.current_mode() == "ring"
   batch = value.shard_batch({"x": np.arange(8.0).reshape(4, 2)})
   assert batch["x"].sharding.spec == P(("data", "fsdp"))
   np.testing.assert_array_equal(value.to_host(batch)["x"], np.arange(8.0).reshape(4, 2))
@@ -106,8 +117,10 @@ def test_sharding_value_owns_mesh_and_rules():
   value.check_shardable("gpt", cfg)   # a 1 x 1 x 1 mesh divides everything
   assert value.per_process_batch(4, "data.batch_size") == 4
   assert sharding.ShardingConfig().mesh_shape == (-1,) + (1,) * (len(axes.MESH_AXES) - 1)
-  with pytest.raises(ValueError, match=r"sharding\.mesh_shape=\(1, 1\) must be 3 ints"):
+  with pytest.raises(ValueError, match=r"sharding\.mesh_shape=\(1, 1\) must be 4 ints"):
     sharding.ShardingConfig(mesh_shape=(1, 1))
+  with pytest.raises(ValueError, match=r"sharding\.context_parallel='ringg'; valid"):
+    sharding.ShardingConfig(context_parallel="ringg")
   with pytest.raises(ValueError, match=r"sharding\.fsdp='yes' must be a bool"):
     sharding.ShardingConfig.parse({"fsdp": "yes"})
 
