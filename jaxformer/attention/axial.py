@@ -43,7 +43,7 @@ class AxialAttention(nn.Module):
   use_bias: bool = True
   dropout_rate: float = 0.0
   scale: float | None = None
-  hard: bool = False
+  hard: bool | str = False
   rotary_base: float | None = None
   implementation: str | None = None
   dtype: Any = jnp.float32

@@ -43,6 +43,9 @@ class BERTConfig:
     type_vocab_size: segment A/B table rows (0: no token-type embedding).
     num_layers / embed_dim: the encoder's depth and width.
     positions: "learned" (BERT) | "sinusoidal" | "rotary" | "none".
+    scale_embeddings: token table at stddev ``embed_dim**-0.5``, looked up times
+      ``sqrt(embed_dim)`` (the Transformer's convention); None (default) = on exactly
+      when ``positions == "sinusoidal"`` (see ``common.embeddings_scaled``).
     mlm_head: masked-LM head (dense + activation + LN transform, tied decoder + bias).
     nsp_head: next-sentence head on the pooled output -> [B, 2].
     num_classes: > 0 adds a classifier -> [B, num_classes].
@@ -62,6 +65,7 @@ class BERTConfig:
   num_layers: int = 12
   embed_dim: int = 768
   positions: str = "learned"
+  scale_embeddings: bool | None = None
   mlm_head: bool = False
   nsp_head: bool = False
   num_classes: int = 0
@@ -153,8 +157,8 @@ class BERT(nn.Module):
     norm = dict(eps=block.norm_eps, **kw)
     drop = nn.Dropout(block.dropout_rate)
 
-    embed = embeddings.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=init,
-                             name="token_embedding", **kw)
+    embed = common.token_embedding(cfg, cfg.vocab_size, stddev=cfg.init_stddev,
+                                   name="token_embedding", **kw)
     x_BLD = embed(input_ids_BL)
     x_BLD = common.add_positions(x_BLD, positions, cfg, cfg.max_len)
     if cfg.type_vocab_size:
