@@ -28,7 +28,10 @@
 # Memory and time: the compiled forward + backward pass's temporary buffers (XLA's
 # memory analysis) and its wall time, at the run's size and at larger images, where
 # full attention's `N^2` scores dominate while axial attention stores `N * (H + W)`.
-# These are deterministic (no seeds), measured on this machine's CPU.
+# Memory is deterministic (XLA's analysis, no seeds). Times are wall times on this
+# machine's CPU, which other jobs shared while the committed results ran: read them as
+# rough, one measurement per cell. `d_<metric>` columns: the axial arm minus the
+# full-attention arm, paired by seed (`*`: a difference under the README's rule).
 #
 # Sizes (`NOTEBOOK_SIZE`, see `experiments/notebooks/common.py`):
 #
@@ -116,6 +119,7 @@ print(f"size {SIZE}, seeds {SEEDS}, generative steps {igpt.train.num_steps}, "
 # %%
 results = {}     # label -> mean ± std row
 workdirs = {}    # label -> [workdir per seed]
+per_seed_rows = {}   # label -> one row per seed
 
 
 def run(label, config, attention, metric_keys):
@@ -127,6 +131,7 @@ def run(label, config, attention, metric_keys):
   per_seed = [dict(step_ms=s.get("step_time_ms"), seconds=s["run_seconds"],
                    **{k: s.get(f"eval_{k}") for k in metric_keys}) for s in summaries]
   workdirs[label] = [s["workdir"] for s in summaries]
+  per_seed_rows[label] = per_seed
   results[label] = plotting.mean_std_row(
       per_seed, (*metric_keys, "step_ms", "seconds"), run=label,
       model=config.model.name, attention=attention, params=summaries[0]["num_params"])
@@ -146,6 +151,19 @@ run("image_gpt", igpt, "full (causal)", GEN_KEYS)
 run("axial_transformer", axial, "axial (causal)", GEN_KEYS)
 run("vit", vit, "full", CLS_KEYS)
 run("axial_classifier", axial_cls, "axial", CLS_KEYS)
+
+
+def paired(label, ref, keys):
+  """``d_<key>``: ``label`` minus ``ref`` per seed (same seed: same data order), with
+  the README's rule's verdict (``*`` in the tables)."""
+  diffs = [{f"d_{k}": a[k] - b[k] for k in keys}
+           for a, b in zip(per_seed_rows[label], per_seed_rows[ref])]
+  row = plotting.mean_std_row(diffs, [f"d_{k}" for k in keys])
+  results[label].update({k: v for k, v in row.items() if k.startswith("d_")})
+
+
+paired("axial_transformer", "image_gpt", GEN_KEYS + ("step_ms",))
+paired("axial_classifier", "vit", CLS_KEYS + ("step_ms",))
 
 # %% [markdown]
 # ## Memory and time of one forward + backward pass
@@ -252,24 +270,26 @@ if TIMED:
 # %%
 common.show_table(plotting.results_table(
     [results["image_gpt"], results["axial_transformer"]],
-    columns=["run", "attention", "n", "bits_per_token", "nll", "params", "step_ms",
-             "temp_MiB_at_run_size", "seconds"], path=OUT / "generative.md"))
+    columns=["run", "attention", "n", "bits_per_token", "d_bits_per_token", "nll",
+             "params", "step_ms", "d_step_ms", "temp_MiB_at_run_size", "seconds"],
+    path=OUT / "generative.md"))
 common.show_table(plotting.results_table(
     [results["vit"], results["axial_classifier"]],
-    columns=["run", "attention", "n", "accuracy", "loss", "params", "step_ms",
-             "seconds"],
+    columns=["run", "attention", "n", "accuracy", "d_accuracy", "loss", "d_loss",
+             "params", "step_ms", "d_step_ms", "seconds"],
     path=OUT / "classification.md"))
 plotting.plot_loss_curves({"ImageGPT (full)": workdirs["image_gpt"],
                            "Axial Transformer": workdirs["axial_transformer"]},
-                          title="generative: train / eval loss (nats per pixel)",
+                          title="generative: train / eval loss", units="nats per pixel",
                           path=OUT / "generative.png")
 plotting.plot_loss_curves({"ViT (full)": workdirs["vit"],
                            "axial classifier": workdirs["axial_classifier"]},
                           keys=("loss", "eval_loss", "eval_accuracy"),
+                          units={"loss": "nats per image", "eval_loss": "nats per image"},
                           title="classification", path=OUT / "classification.png")
 plotting.plot_bars({k: v["step_ms"] for k, v in results.items()}, ylabel="ms / step",
                    errors={k: std(v, "step_ms") for k, v in results.items()},
-                   title="training step time (mean ± std over seeds)",
+                   title="training step time (mean ± std over seeds; shared CPU)",
                    path=OUT / "step_time.png")
 common.show_table(plotting.results_table(list(results.values()), path=OUT / "results.md"))
 print(f"notebook time: {time.perf_counter() - START:.0f} s at size {SIZE}")

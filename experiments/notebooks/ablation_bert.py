@@ -165,6 +165,13 @@ for arm, overrides in ARMS.items():
   finetune(arm)
   print(f"{arm}: {sum(r['seconds'] + r['ft_seconds'] for r in per_seed[arm]):.0f} s",
         flush=True)
+# What a context-free predictor gets on the held-out pairs' real bytes (the yardstick
+# for how far the bodies learned).
+BASELINES = common.token_baselines(pre_base)
+print(f"held-out bytes: unigram entropy {BASELINES['unigram_entropy_nats']:.2f} nats; "
+      f"always guessing the commonest byte "
+      f"({bytes([BASELINES['most_frequent_token']])!r}) scores "
+      f"{BASELINES['most_frequent_accuracy']:.3f} ({BASELINES['num_tokens']} bytes)")
 
 # %% [markdown]
 # ## 1. With and without NSP
@@ -178,6 +185,8 @@ common.show_table(plotting.results_table(
 plotting.plot_loss_curves({"MLM": workdirs["mlm"], "MLM + NSP": workdirs["mlm_nsp"]},
                           keys=("mlm_loss", "eval_mlm_loss", "eval_nsp_accuracy"),
                           title="BERT with and without NSP (mean ± std over seeds)",
+                          units={"mlm_loss": "nats per masked byte",
+                                 "eval_mlm_loss": "nats per masked byte"},
                           path=OUT / "nsp.png")
 _ = plotting.plot_bars({"MLM": nsp_rows[0]["ft_accuracy"],
                         "MLM + NSP": nsp_rows[1]["ft_accuracy"]},
@@ -228,6 +237,7 @@ plotting.plot_sweep(
 _ = plotting.plot_loss_curves(
     {f"{rate:.0%}": workdirs[arm] for rate, arm in rate_arms.items()},
     keys=("mlm_loss",), title="train MLM loss per mask rate",
+    units="nats per masked byte",
     path=OUT / "mask_rate_curves.png")
 
 # %% [markdown]

@@ -37,8 +37,9 @@
 # other code) with `strip_markers=True`, so the first byte does not give the label
 # away (see `ablation_bert.py`); chance is 1/3, 1024 held-out lines are scored.
 # `d_accuracy`: the arm's accuracy minus that of the arm in `vs`, per seed (the same
-# body, head initialisation and data order), then mean ± std over the seeds; a gap
-# that is consistent across seeds shows there even when the bare means overlap.
+# body, head initialisation and data order), then mean ± std over the seeds; `*`
+# marks a difference under the rule of `experiments/notebooks/README.md` (a two-sided
+# paired t-test at 5 %; with 3 seeds, |mean| > 2.48 × std).
 
 # %%
 import pathlib
@@ -144,8 +145,14 @@ common.show_table(plotting.results_table(
     path=OUT / "init.md"))
 _ = plotting.plot_loss_curves({k: workdirs[a] for k, a in init_arms.items()},
                               keys=("loss", "eval_accuracy"),
+                              units={"loss": "nats per line"},
                               title="fine-tuning: pretrained vs scratch vs frozen "
                                     "(mean ± std over seeds)", path=OUT / "init.png")
+# Pretrained vs from scratch under each pooling (paired by seed: `vs` is the scratch
+# arm with the same pooling).
+common.show_table(plotting.results_table(
+    [row(f"pretrained_{p}", f"scratch_{p}") for p in ("cls", "max", "mean")],
+    columns=COLUMNS, path=OUT / "init_per_pooling.md"))
 
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds; mean ± sample std).** Fine-tuning the

@@ -241,7 +241,19 @@ def nyu_imdb_classifier(**overrides: Any) -> BERTConfig:
   post-LN, and the output ``max over time of Linear(h_t)`` to 2 classes
   (``pooling="max_of_logits"``); no token types. Where the notes say nothing we keep
   BERT's choices: a LN on the embeddings (eps 1e-6 throughout), dropout 0.1, 512
-  positions, normal(0.02) init.
+  positions, normal(0.02) init of the other weights.
+
+  Two deliberate departures from the notes:
+
+  * The max over time is *masked*: it runs over the real tokens only (``masked_pool``),
+    while the notes take it over all positions, padding included. With padding in the
+    max, a review's logits depend on how much padding its batch gave it; the masked max
+    does not, and is what we keep.
+  * The token embeddings follow the Transformer's convention for sinusoidal positions
+    (``scale_embeddings``, on by default with sinusoids): table at stddev
+    ``32**-0.5``, looked up times ``sqrt(32)``, so tokens start at unit scale like the
+    sinusoids added to them. Unscaled (``scale_embeddings=False``), the unit-amplitude
+    sinusoids would swamp tokens drawn at stddev 0.02.
   """
   cfg = common.replace(
       BERTConfig(), vocab_size=50_002, max_len=512, type_vocab_size=0, num_layers=1,

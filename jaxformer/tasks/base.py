@@ -95,6 +95,17 @@ class Task:
     return sources.get_source(self.data["source"], split,
                               **dict(self.data.get("source_options") or {}))
 
+  def describe_data(self) -> str:
+    """What the run reads, for its header line: source, options and both splits.
+
+    E.g. ``data 'imdb_reviews' (train split 'train', eval split 'test')``.
+    """
+    options = dict(self.data.get("source_options") or {})
+    shown = {k: v for k, v in options.items() if v is not None}
+    return (f"data {self.data['source']!r}" + (f" {shown}" if shown else "")
+            + f" (train split {self.data.get('train_split', 'train')!r}, eval split "
+            f"{self.data.get('eval_split', 'validation')!r})")
+
   def example_kwargs(self, *, batch_size: int, seed: int,
                      train: bool) -> dict[str, Any]:
     """The pipelines' common arguments for this process's shard."""

@@ -24,8 +24,9 @@ def _loss(logits_BC: jax.Array, batch: base.Batch,
 class Classification(base.Task):
   """Softmax classification of texts with a BERT (``model.num_classes > 0``).
 
-  Batches: :func:`jaxformer.data.pipeline.classification_pipeline` (``[CLS]`` +
-  tokens; ``data.text_key``, ``label_key``). Model: ``(inputs, token_types,
+  Batches: :func:`jaxformer.data.pipeline.classification_pipeline` (``[CLS] text
+  [SEP]``, as BERT's tokenizer and the masked-LM pre-training frame text; ``data.text_key``,
+  ``label_key``). Model: ``(inputs, token_types,
   attention_mask) -> {"logits": [B, C]}``. Metrics: ``loss``, ``nll``, ``accuracy``,
   ``num_tokens`` (= real examples).
   """

@@ -236,7 +236,7 @@ def _train(config: Any, workdir: str, *, should_stop: Callable[[int], bool] | No
       f"{type(model).__name__}: {num_params:,} params | mesh "
       f"{dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {dc['batch_size']} x "
-      f"{seq_len} | " + (f"resuming at step {start}" if start else
+      f"{seq_len} | {task.describe_data()} | " + (f"resuming at step {start}" if start else
                          f"from {pretrained_runs.directory(config) or 'scratch'}"))
   if start == 0 and finetune_lib.describe(finetune_cfg):
     logger.log_text(finetune_lib.describe(finetune_cfg, state.params))
