@@ -181,6 +181,23 @@ def test_classifier_cli_sets_positions_and_pooling(name):
   assert (model_cfg.positions, model_cfg.pooling) == ("sinusoidal", "mean")
 
 
+def test_cli_sets_hard_attention_and_embedding_scale():
+  """``attention_hard`` takes a bool or "straight_through" from the command line;
+  ``scale_embeddings`` a bool (unset: on exactly with sinusoidal positions)."""
+  for text, want in (("straight_through", "straight_through"), ("True", True),
+                     ("false", False)):
+    argv = ["prog", "--config=experiments/configs/gpt_bytes.py:tiny",
+            f"--config.model.block.attention_hard={text}",
+            "--config.model.positions=sinusoidal", "--config.model.scale_embeddings=False"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+    fv(argv)
+    model_cfg, _ = registry.build_model(fv.config.model)
+    assert model_cfg.block.attention_hard == want and type(
+        model_cfg.block.attention_hard) is type(want)
+    assert model_cfg.scale_embeddings is False
+
+
 @pytest.mark.slow  # ~20 s on 2 cores (compilation)
 def test_nyu_imdb_tiny(tmp_path):
   """The notes' classifier on the local labelled set, 2 steps (accuracy of 3 classes)."""
