@@ -166,9 +166,10 @@ def plot_rollout_overlay(images: Any, rollouts: Any, *, titles: Sequence[str] | 
 def plot_image_maps(maps: Any, *, titles: Sequence[str] | None = None,
                     marks: Sequence[tuple[int, int] | None] | None = None,
                     suptitle: str | None = None, colorbar_label: str = "attention weight",
+                    image: Any = None, image_title: str = "image",
                     path: str | os.PathLike[str] | None = None) -> Figure:
   """A row of 2-D maps (e.g. axial attention of one pixel) on one colour scale (with its
-  colour bar), optionally marking a pixel.
+  colour bar), optionally after the image they belong to and marking a pixel.
 
   Args:
     maps: ``[N, H, W]``.
@@ -176,27 +177,37 @@ def plot_image_maps(maps: Any, *, titles: Sequence[str] | None = None,
     marks: a ``(row, col)`` to circle in each map (the query pixel), or None.
     suptitle: figure title.
     colorbar_label: what the colours measure.
+    image: an ``[H, W]`` image drawn first, in grey and outside the colour scale (its
+      pixels are not what the colour bar measures); marked with ``marks[0]``.
+    image_title: its title.
     path: where to write the PNG.
   """
   maps = np.asarray(maps, np.float32)
   if maps.ndim != 3:
     raise ValueError(f"plot_image_maps: maps must be [N, H, W], got {maps.shape}")
   n = maps.shape[0]
-  fig, axes = plt.subplots(1, n, squeeze=False, figsize=(2.2 * n + 1.0, 2.6),
-                           layout="constrained")
+  extra = int(image is not None)
+  fig, axes = plt.subplots(1, n + extra, squeeze=False,
+                           figsize=(2.2 * (n + extra) + 1.0, 2.6), layout="constrained")
   norm = colors.Normalize(min(float(maps.min()), 0.0), max(float(maps.max()), 1e-6))
-  image = None
-  for i in range(n):
-    ax = axes[0, i]
-    image = ax.imshow(maps[i], cmap="viridis", interpolation="nearest", norm=norm)
-    if marks is not None and marks[i] is not None:
-      r, c = marks[i]
+  drawn = None
+  panels = ([(np.asarray(image, np.float32), image_title, "gray", None)] if extra else [])
+  panels += [(maps[i], None if titles is None else titles[i], "viridis", norm)
+             for i in range(n)]
+  for k, (values, title, cmap, panel_norm) in enumerate(panels):
+    ax = axes[0, k]
+    shown = ax.imshow(values, cmap=cmap, interpolation="nearest", norm=panel_norm)
+    if panel_norm is not None:
+      drawn = shown
+    mark = None if marks is None else marks[max(k - extra, 0)]
+    if mark is not None:
+      r, c = mark
       ax.scatter([c], [r], s=60, facecolors="none", edgecolors="red", linewidths=1.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    if titles is not None:
-      ax.set_title(titles[i], fontsize=8)
-  fig.colorbar(image, ax=axes, shrink=0.8, label=colorbar_label)
+    if title is not None:
+      ax.set_title(title, fontsize=8)
+  fig.colorbar(drawn, ax=axes[0, extra:], shrink=0.8, label=colorbar_label)
   if suptitle:
     fig.suptitle(suptitle, fontsize=9)
   return _save(fig, path)

@@ -161,9 +161,9 @@ row_line[i, :] = np.asarray(row_maps)[example, i, :, j, :].mean(0)
 col_line = np.zeros_like(img)
 col_line[:, j] = np.asarray(col_maps)[example, j, :, i, :].mean(0)
 plotting.plot_image_maps(
-    np.stack([img, row_line, col_line, pixel_map]),
-    titles=["image", "row attention", "column attention", "rows then columns"],
-    marks=[query] * 4, suptitle=f"axial attention of pixel {query} (layer 0, mean of heads)",
+    np.stack([row_line, col_line, pixel_map]), image=img,
+    titles=["row attention", "column attention", "rows then columns"],
+    marks=[query] * 3, suptitle=f"axial attention of pixel {query} (layer 0, mean of heads)",
     path=OUT / "axial_pixel.png")
 plotting.plot_attention_heads(
     {f"row {i}": np.asarray(row_maps)[example, i], f"column {j}":
