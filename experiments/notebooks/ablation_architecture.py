@@ -188,8 +188,8 @@ curves({"pre-LN": "baseline", "post-LN": "post_ln"}, "norm placement", OUT / "no
 # std 0.02: added unscaled, the positions swamp the tokens at the start. The
 # Transformer's convention (`model.scale_embeddings=True`; the default wherever
 # positions are sinusoidal) initialises the table at std d^-½ and multiplies the
-# looked-up vectors by √d, so tokens start at the sinusoids' scale. Both conventions are run with
-# both additive kinds; rotary positions add nothing to the embeddings.
+# looked-up vectors by √d, so tokens start at the sinusoids' scale. Both conventions
+# are run with both additive kinds; rotary positions add nothing to the embeddings.
 
 # %%
 SCALED = "d^-½·√d"
