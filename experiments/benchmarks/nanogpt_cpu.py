@@ -230,7 +230,7 @@ def ours_command(config_spec: str, workdir: str, *, steps: int, log_every: int,
           f"--config.train.eval_every={eval_every}",
           f"--config.train.eval_batches={eval_batches}",
           f"--config.train.checkpoint_every={steps}",
-          "--config.train.tensorboard=False", "--config.train.sample_tokens=0",
+          "--config.train.tensorboard=False", "--config.task_options.sample_tokens=0",
           "--config.train.progress=False", *extra]
 
 

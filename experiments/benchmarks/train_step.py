@@ -62,22 +62,20 @@ def bench_preset(name: str, *, steps_per_timing: int, repeats: int,
   cfg = factory(**overrides)
   batch = batch or default_batch
   model = gpt.GPT(cfg)
-  mesh = sharding.make_mesh(mesh_shape)
-  rules = sharding.make_rules()
+  mesh = sharding.Sharding.build(sharding.ShardingConfig(mesh_shape=mesh_shape))
   ocfg = opt.OptimizerConfig(learning_rate=1e-4, warmup_steps=10)
   tx = opt.make_optimizer(ocfg, 1000)
-  init_fn = lambda r: model.init(r, jnp.zeros((sharding.batch_divisor(mesh),
+  init_fn = lambda r: model.init(r, jnp.zeros((mesh.batch_divisor,
                                                length), jnp.int32))
-  state, shard = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh,
-                                              rules)
+  state, shard = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh)
   step = steps.make_train_step(model=model, task=tasks.CausalLM({}), tx=tx,
-                               opt_config=ocfg, mesh=mesh, rules=rules,
+                               opt_config=ocfg, sharding=mesh,
                                shardings=shard)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (batch, length + 1)).astype(np.int32)
-  data = sharding.shard_batch({
+  data = mesh.shard_batch({
       "inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-      "weights": np.ones((batch, length), np.float32)}, mesh)
+      "weights": np.ones((batch, length), np.float32)})
   t0 = time.perf_counter()
   state, metrics = step(state, data)
   jax.block_until_ready(metrics)

@@ -32,39 +32,29 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "axial_shapes") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "axial_lm"
-  c.task_options = config_dict.ConfigDict(dict(levels=8))
+  c.task_options = common.task_options(c.task, levels=8)
 
   # axial_cifar10 with 8 levels per channel (512 colors), bfloat16 compute.
   c.model = common.model("axial_cifar10", num_clusters=512, num_inner_layers=4,
                          block=dict(dtype="bfloat16"))
 
-  c.data = config_dict.ConfigDict(dict(
-      source="cifar10",
-      source_options=config_dict.ConfigDict(dict(
-          data_dir=config_dict.placeholder(str))),
-      train_split="train",
-      eval_split="test",
-      mean=(0.0,),           # keep pixels in [0, 1] for the palette
-      std=(1.0,),
-      batch_size=64,
-      eval_batch_size=64,
-      prefetch=2,
-  ))
+  c.data = common.data(c.task, source="cifar10", eval_split="test",
+                       mean=(0.0,), std=(1.0,),  # keep pixels in [0, 1] for the palette
+                       batch_size=64, eval_batch_size=64, prefetch=2)
 
-  c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=2000,
-                                 weight_decay=0.0, b2=0.98, end_lr_fraction=0.0)
-  c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
-                         eval_batches=20, checkpoint_every=5000)
+  c.optimizer = common.optimizer(warmup_steps=2000, weight_decay=0.0, b2=0.98,
+                                 end_lr_fraction=0.0)
+  c.train = common.train(num_steps=100_000, eval_every=5000, checkpoint_every=5000)
 
   if tiny:
-    c.task_options.levels = 4
-    c.model.update(dict(image_size=(8, 8), num_channels=1, num_clusters=4,
-                        num_layers=1, num_inner_layers=1, embed_dim=32))
-    c.model.block.update(dict(num_heads=2, mlp_dim=64, dtype="float32"))
-    c.data.update(dict(source="shapes", eval_split="validation", batch_size=32,
-                       eval_batch_size=64))
-    c.data.source_options = config_dict.ConfigDict()
-    c.optimizer.update(dict(learning_rate=3e-3, warmup_steps=20, end_lr_fraction=0.1))
-    c.train.update(dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
-                        checkpoint_every=300))
+    common.tiny(c, task_options=dict(levels=4),
+                model=dict(image_size=(8, 8), num_channels=1, num_clusters=4,
+                           num_layers=1, num_inner_layers=1, embed_dim=32),
+                block=dict(num_heads=2, mlp_dim=64, dtype="float32"),
+                data=dict(source="shapes", eval_split="validation", batch_size=32,
+                          eval_batch_size=64),
+                optimizer=dict(learning_rate=3e-3, warmup_steps=20,
+                               end_lr_fraction=0.1),
+                train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
+                           checkpoint_every=300))
   return common.finish(c)

@@ -40,55 +40,38 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "bert_mlm") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "masked_lm"
-  c.task_options = config_dict.ConfigDict(dict(
-      nsp=False,             # True: + next-sentence prediction
-      mask_rate=0.15,
-      replace_mask=0.8,
-      replace_random=0.1,
-  ))
+  c.task_options = common.task_options(c.task)   # nsp=True: + next-sentence prediction
 
   # bert_base with a byte vocabulary, pre-training heads, bfloat16 compute.
   c.model = common.model("bert_base", vocab_size=263, mlm_head=True,
                          block=dict(dtype="bfloat16"))
   c.model.nsp_head = c.task_options.get_ref("nsp")   # the NSP head follows the task
 
-  c.data = config_dict.ConfigDict(dict(
-      source="imdb_reviews",
-      source_options=config_dict.ConfigDict(dict(
-          data_dir=config_dict.placeholder(str))),
-      tokenizer="bytes",
-      pipeline="nsp_pairs",
-      train_split="unsupervised",
+  c.data = common.data(
+      c.task, source="imdb_reviews", tokenizer="bytes", train_split="unsupervised",
       eval_split="test",
       segment_separator=". ",  # sentences
       max_documents=2000,      # documents pairs are drawn from (read at the start)
-      max_segments=20,
-      num_pairs=10_000_000,
-      num_eval_pairs=10_000,
-      seq_len=512,
-      batch_size=256,
-      eval_batch_size=256,
-      prefetch=2,
-  ))
+      max_segments=20, num_pairs=10_000_000, num_eval_pairs=10_000,
+      seq_len=512, batch_size=256, eval_batch_size=256, prefetch=2)
 
   c.optimizer = common.optimizer(learning_rate=1e-4, warmup_steps=10_000,
                                  schedule="linear", end_lr_fraction=0.0,
-                                 weight_decay=0.01)
-  c.train = common.train(num_steps=1_000_000, log_every=100, eval_every=10_000,
-                         eval_batches=20, checkpoint_every=10_000)
+                                 b2=0.999, weight_decay=0.01)
+  c.train = common.train(num_steps=1_000_000, eval_every=10_000,
+                         checkpoint_every=10_000)
 
   if tiny:
-    c.model.update(dict(max_len=64, num_layers=2, embed_dim=64))
-    c.model.block.update(dict(num_heads=2, mlp_dim=128, dropout_rate=0.0,
-                              attention_dropout_rate=0.0, dtype="float32"))
-    c.data.update(dict(source="stdlib_text", train_split="train",
-                       eval_split="validation", segment_separator="\n\n",
-                       max_documents=300, max_segments=8, num_pairs=100_000,
-                       num_eval_pairs=256,
-                       seq_len=64, batch_size=32, eval_batch_size=32))
-    c.data.source_options = config_dict.ConfigDict()
-    c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=20, schedule="cosine",
-                            end_lr_fraction=0.1))
-    c.train.update(dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
-                        checkpoint_every=300))
+    common.tiny(
+        c, model=dict(max_len=64, num_layers=2, embed_dim=64),
+        block=dict(num_heads=2, mlp_dim=128, dropout_rate=0.0,
+                   attention_dropout_rate=0.0, dtype="float32"),
+        data=dict(source="stdlib_text", train_split="train", eval_split="validation",
+                  segment_separator="\n\n", max_documents=300, max_segments=8,
+                  num_pairs=100_000, num_eval_pairs=256, seq_len=64, batch_size=32,
+                  eval_batch_size=32),
+        optimizer=dict(learning_rate=2e-3, warmup_steps=20, schedule="cosine",
+                       end_lr_fraction=0.1),
+        train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
+                   checkpoint_every=300))
   return common.finish(c)

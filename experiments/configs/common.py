@@ -1,21 +1,37 @@
-"""Sections shared by the experiment configs: the model from a preset, optimizer, train,
-sharding, distributed.
+"""The sections of the experiment configs, each written once, from its typed dataclass.
 
-A config names a model preset and states only what differs
-(``model("gpt_nano", block=dict(dropout_rate=0.1))``), and takes the other sections
-with the overrides it needs (``train(num_steps=300, log_every=25)``). Every field can be
-overridden on the command line: ``--config.model.block.num_heads=8``.
+Every section is a ``ConfigDict`` with every field of the dataclass the library parses
+it into (:func:`section`): the defaults live in the dataclass, the command line can set
+any field (``--config.train.log_every=10``), and a config states only what differs
+(``train(num_steps=300, log_every=25)``). The sections:
+
+* ``model(preset, **overrides)``: a preset of :mod:`jaxformer.models.registry`;
+* ``data(task, source=..., **fields)``: the task's ``Data`` (a TFDS source gets its
+  ``data_dir`` option, unset);
+* ``task_options(task, **options)``: the task's ``Options``;
+* ``optimizer``, ``train``, ``sharding``, ``distributed``, ``init``, ``finetune``.
+
+:func:`tiny` shrinks a config to its CPU variant in one call (switching the data
+source resets the source's options).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 from ml_collections import config_dict
 
+from jaxformer import tasks
+from jaxformer.data import sources
 from jaxformer.layers.blocks import BlockConfig
 from jaxformer.models import registry
+from jaxformer.training import config as run_config
+from jaxformer.training import distributed as distributed_lib
+from jaxformer.training import init as init_lib
+from jaxformer.training import optimizer as opt_lib
+from jaxformer.training import sharding as sharding_lib
 
 # An unset (None) field becomes a typed placeholder so the command line can set it.
 _TYPES = (("bool", bool), ("int", int), ("float", float), ("str", str))
@@ -62,76 +78,81 @@ def variant(arg: str | None, name: str) -> str:
   return "tiny" if value else ""
 
 
+def section(cls: type, **overrides: Any) -> config_dict.ConfigDict:
+  """A section with every field of the dataclass ``cls`` at its default (an unset,
+  None, field as a typed placeholder the command line can set), then ``overrides``
+  (which must be fields of ``cls``; fields without a default must be among them)."""
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no fields {unknown}; valid: {sorted(fields)}")
+  hints = typing.get_type_hints(cls)
+  values = {}
+  for name, field in fields.items():
+    if name in overrides:
+      value = overrides[name]
+    elif field.default is not dataclasses.MISSING:
+      value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      value = field.default_factory()
+    else:
+      raise ValueError(f"{cls.__name__}.{name} has no default: give it")
+    if isinstance(value, dict):
+      value = config_dict.ConfigDict(value)
+    elif value is None:
+      words = str(hints[name]).replace("|", " ").replace("[", " ").split()
+      kind = next((t for n, t in _TYPES if n in words), object)
+      value = config_dict.placeholder(kind)
+    values[name] = value
+  return config_dict.ConfigDict(values)
+
+
+def _source_options(source: str) -> config_dict.ConfigDict:
+  # A TFDS source reads a prepared data_dir (None: TFDS's default).
+  if source in sources.TFDS_DATASETS:
+    return config_dict.ConfigDict(dict(data_dir=config_dict.placeholder(str)))
+  return config_dict.ConfigDict()
+
+
+def data(task: str, *, source: str, **fields: Any) -> config_dict.ConfigDict:
+  """The ``data`` section of ``task`` (its ``Data`` dataclass) reading ``source``."""
+  fields.setdefault("source_options", _source_options(source))
+  return section(tasks.task_class(task).Data, source=source, **fields)
+
+
+def task_options(task: str, **options: Any) -> config_dict.ConfigDict:
+  """The ``task_options`` section of ``task`` (its ``Options`` dataclass)."""
+  return section(tasks.task_class(task).Options, **options)
+
+
 def optimizer(**overrides: Any) -> config_dict.ConfigDict:
-  """AdamW with warmup + cosine decay, clipping at 1.0 (``OptimizerConfig`` fields)."""
-  c = config_dict.ConfigDict(dict(
-      learning_rate=1e-3,
-      schedule="cosine",
-      warmup_steps=100,
-      end_lr_fraction=0.1,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.01,
-      grad_clip_norm=1.0,
-      grad_accum_steps=1,
-      spike_factor=config_dict.placeholder(float),   # e.g. 3.0 to skip loss spikes
-      spike_warmup_steps=100,
-      max_consecutive_spikes=10,
-      loss_ema_decay=0.99,
-  ))
-  c.update(overrides)
-  return c
+  """AdamW with warmup and a decay schedule (``OptimizerConfig``)."""
+  return section(opt_lib.OptimizerConfig, **overrides)
 
 
 def train(**overrides: Any) -> config_dict.ConfigDict:
-  """Loop settings; no text sample (only causal LM configs generate one)."""
-  c = config_dict.ConfigDict(dict(
-      num_steps=10_000,
-      seed=0,
-      log_every=100,
-      eval_every=1000,
-      eval_batches=20,
-      checkpoint_every=1000,
-      keep_checkpoints=2,
-      async_checkpoint=True,
-      progress=config_dict.placeholder(bool),  # None: a bar iff stdout is a TTY
-      tensorboard=True,
-      sample_tokens=0,                         # > 0: a sample at the end (LM tasks)
-      max_consecutive_skipped=20,  # stop a diverged run (None: never)
-      allow_config_changes=(),     # keys that may change on resume, e.g. ("optimizer",)
-  ))
-  c.update(overrides)
-  return c
+  """Loop settings (``TrainConfig``)."""
+  return section(run_config.TrainConfig, **overrides)
 
 
 def sharding(**overrides: Any) -> config_dict.ConfigDict:
-  """The mesh ``(data, fsdp, tensor)`` (-1 = the remaining devices) and its rules."""
-  c = config_dict.ConfigDict(dict(
-      mesh_shape=(-1, 1, 1),
-      fsdp=True,              # rules: params' embed axis over "fsdp"
-      tensor=True,            # rules: heads / mlp / vocab over "tensor"
-      # CPU only: split the host into this many JAX devices (one per core); -1 = auto
-      # (cores dividing the batch), 0 = JAX's default single CPU device.
-      cpu_devices=0,
-  ))
-  c.update(overrides)
-  return c
+  """The mesh (-1 = the remaining devices) and its rules (``ShardingConfig``)."""
+  return section(sharding_lib.ShardingConfig, **overrides)
 
 
 def distributed() -> config_dict.ConfigDict:
-  return config_dict.ConfigDict(dict(
-      initialize="auto",      # "auto" | "always" | "never"
-      coordinator_address=config_dict.placeholder(str),
-      num_processes=config_dict.placeholder(int),
-      process_id=config_dict.placeholder(int),
-  ))
+  return section(distributed_lib.DistributedConfig)
 
 
 def init() -> config_dict.ConfigDict:
   """``init.pretrained``: a Hugging Face checkpoint directory to start from (its model
-  and tokenizer replace the config's; see ``jaxformer/pretrained/runs.py``)."""
-  return config_dict.ConfigDict(dict(pretrained=config_dict.placeholder(str)))
+  and tokenizer replace the config's; see ``jaxformer/training/init.py``)."""
+  return section(init_lib.InitSection)
+
+
+def finetune(**overrides: Any) -> config_dict.ConfigDict:
+  """Starting from one of our runs (``jaxformer/training/init.py``)."""
+  return section(init_lib.FinetuneSection, **overrides)
 
 
 def finish(c: config_dict.ConfigDict, **sharding_overrides: Any
@@ -140,4 +161,23 @@ def finish(c: config_dict.ConfigDict, **sharding_overrides: Any
   c.sharding = sharding(**sharding_overrides)
   c.distributed = distributed()
   c.init = init()
+  return c
+
+
+def tiny(c: config_dict.ConfigDict, *, model: dict[str, Any] | None = None,
+         block: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+         task_options: dict[str, Any] | None = None,
+         optimizer: dict[str, Any] | None = None,
+         train: dict[str, Any] | None = None) -> config_dict.ConfigDict:
+  """``c`` shrunk to its CPU variant: each section updated with its dict (a new
+  ``data.source`` comes with that source's options)."""
+  for name, values in (("model", model), ("data", data),
+                       ("task_options", task_options), ("optimizer", optimizer),
+                       ("train", train)):
+    if values:
+      c[name].update(values)
+  if block:
+    c.model.block.update(block)
+  if data and "source" in data and "source_options" not in data:
+    c.data.source_options = _source_options(data["source"])
   return c

@@ -30,16 +30,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c = gpt_bytes.get_config()
   c.model = common.model("gpt2_small", block=dict(
       dropout_rate=0.0, attention_dropout_rate=0.0, dtype="bfloat16"))
+  c.task_options.sample_tokens = 256
   c.data.update(dict(seq_len=1024, batch_size=32, eval_batch_size=32, prefetch=4))
   c.optimizer.update(dict(learning_rate=6e-4, warmup_steps=700, b2=0.95))
   c.train.update(dict(num_steps=20000, log_every=100, eval_every=1000,
-                      eval_batches=40, checkpoint_every=2000, keep_checkpoints=3,
-                      sample_tokens=256))
+                      eval_batches=40, checkpoint_every=2000, keep_checkpoints=3))
   if tiny:
-    c.model.update(dict(vocab_size=263, max_len=64, num_layers=2, embed_dim=64))
-    c.model.block.update(dict(num_heads=2, mlp_dim=256, dtype="float32"))
-    c.data.update(dict(seq_len=64, batch_size=4, eval_batch_size=4, prefetch=2))
-    c.optimizer.warmup_steps = 5
-    c.train.update(dict(num_steps=20, log_every=5, eval_every=10, eval_batches=2,
-                        checkpoint_every=10, sample_tokens=8))
+    common.tiny(c, model=dict(vocab_size=263, max_len=64, num_layers=2, embed_dim=64),
+                block=dict(num_heads=2, mlp_dim=256, dtype="float32"),
+                data=dict(seq_len=64, batch_size=4, eval_batch_size=4, prefetch=2),
+                task_options=dict(sample_tokens=8), optimizer=dict(warmup_steps=5),
+                train=dict(num_steps=20, log_every=5, eval_every=10, eval_batches=2,
+                           checkpoint_every=10))
   return c

@@ -33,35 +33,25 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "gpt_bytes") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "causal_lm"
+  c.task_options = common.task_options(
+      c.task, sample_prompt="def ", sample_tokens=48, sample_temperature=0.8)
   # nanoGPT's CPU size: 4 x 128, 4 heads, context 64; ByteTokenizer vocabulary (263).
   c.model = common.model("gpt_nano", vocab_size=263, max_len=64)
-
-  c.data = config_dict.ConfigDict(dict(
-      source="stdlib_text",
-      tokenizer="bytes",
-      train_split="train",
-      eval_split="validation",
-      seq_len=64,
-      batch_size=12,         # global; divided among processes
-      eval_batch_size=12,
-      pack=True,
-      prefetch=2,            # batches produced ahead in a background thread
-  ))
-
-  c.optimizer = common.optimizer(b2=0.99, weight_decay=0.1)
+  c.data = common.data(c.task, source="stdlib_text", tokenizer="bytes", seq_len=64,
+                       batch_size=12, eval_batch_size=12, prefetch=2)
+  c.optimizer = common.optimizer(warmup_steps=100, b2=0.99)
   c.train = common.train(
       num_steps=2000, log_every=50, eval_every=250,
       eval_batches=20,       # nanoGPT's eval_iters
-      checkpoint_every=500,
-      sample_prompt="def ", sample_tokens=48, sample_temperature=0.8)
+      checkpoint_every=500)
   # On a CPU: one JAX device per core, the batch data-parallel over them.
   common.finish(c, cpu_devices=-1)
 
   if tiny:
-    c.model.update(dict(max_len=32, num_layers=2, embed_dim=32))
-    c.model.block.update(dict(num_heads=2, mlp_dim=64))
-    c.data.update(dict(seq_len=32, batch_size=4, eval_batch_size=4))
-    c.optimizer.warmup_steps = 5
-    c.train.update(dict(num_steps=20, log_every=5, eval_every=10, eval_batches=2,
-                        checkpoint_every=10, sample_tokens=8))
+    common.tiny(c, model=dict(max_len=32, num_layers=2, embed_dim=32),
+                block=dict(num_heads=2, mlp_dim=64),
+                data=dict(seq_len=32, batch_size=4, eval_batch_size=4),
+                task_options=dict(sample_tokens=8), optimizer=dict(warmup_steps=5),
+                train=dict(num_steps=20, log_every=5, eval_every=10, eval_batches=2,
+                           checkpoint_every=10))
   return c

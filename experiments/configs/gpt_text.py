@@ -3,14 +3,15 @@
 Run (rerunning with the same workdir resumes)::
 
   python -m experiments.train --config=experiments/configs/gpt_text.py \\
-      --config.data.path=PATH --workdir=runs/my_text \\
+      --config.data.source_options.path=PATH --workdir=runs/my_text \\
       [--config.data.tokenizer=bytes|chars|sentencepiece] \\
       [--config.data.vocab_size=2000]          # SentencePiece pieces
 
-``data.path`` is a text file, a folder (every file under it) or a glob
-(``'~/books/*.txt'``). ``data.validation_fraction`` of the text is held out: the last
-files (sorted by path) when there are several, the tail of the file when there is one.
-A single file is read as random windows of ``data.window_bytes`` bytes, not in order.
+``data.source_options.path`` is a text file, a folder (every file under it) or a glob
+(``'~/books/*.txt'``). ``data.source_options.validation_fraction`` of the text is held
+out: the last files (sorted by path) when there are several, the tail of the file when
+there is one. A single file is read as random windows of
+``data.source_options.window_bytes`` bytes, not in order.
 
 ``data.tokenizer``: ``bytes`` (256 bytes + 7 specials), ``chars`` (the characters of the
 train split) or ``sentencepiece`` (``data.vocab_size`` pieces trained on the train
@@ -34,28 +35,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   common.variant(arg, "gpt_text")
   c = gpt_bytes.get_config(arg)
   c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's
-  data = config_dict.ConfigDict(dict(
-      source="text_files",
+  c.data.source = "text_files"
+  c.data.vocab_size = 512                  # SentencePiece pieces (specials included)
+  c.data.source_options = config_dict.ConfigDict(dict(
       path=config_dict.placeholder(str),   # a file, a folder or a glob
       validation_fraction=0.05,
       window_bytes=c.data.seq_len * 4,     # one file: bytes per random window
-      tokenizer="bytes",                   # "bytes" | "chars" | "sentencepiece"
-      vocab_size=512,                      # SentencePiece pieces (specials included)
-      train_split="train",
-      eval_split="validation",
-      seq_len=c.data.seq_len,
-      batch_size=c.data.batch_size,
-      eval_batch_size=c.data.eval_batch_size,
-      pack=True,
-      prefetch=2,
-  ))
-  # The text_files source reads these (overriding data.path etc. reaches it).
-  data.source_options = config_dict.ConfigDict(dict(
-      path=data.get_ref("path"),
-      validation_fraction=data.get_ref("validation_fraction"),
-      window_bytes=data.get_ref("window_bytes"),
       seed=c.train.get_ref("seed"),
   ))
-  c.data = data
-  c.train.sample_prompt = ""
+  c.task_options.sample_prompt = ""
   return c

@@ -32,38 +32,28 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "image_gpt_shapes") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "image_lm"
-  c.task_options = config_dict.ConfigDict(dict(levels=8))
+  c.task_options = common.task_options(c.task, levels=8)
 
   # image_gpt_small (iGPT-S), rematerialised, bfloat16 compute.
   c.model = common.model("image_gpt_small", remat=True, block=dict(dtype="bfloat16"))
 
-  c.data = config_dict.ConfigDict(dict(
-      source="cifar10",
-      source_options=config_dict.ConfigDict(dict(
-          data_dir=config_dict.placeholder(str))),
-      train_split="train",
-      eval_split="test",
-      mean=(0.0,),           # keep pixels in [0, 1] for the palette
-      std=(1.0,),
-      batch_size=128,
-      eval_batch_size=128,
-      prefetch=2,
-  ))
+  c.data = common.data(c.task, source="cifar10", eval_split="test",
+                       mean=(0.0,), std=(1.0,),  # keep pixels in [0, 1] for the palette
+                       batch_size=128, eval_batch_size=128, prefetch=2)
 
-  c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=5000,
-                                 weight_decay=0.0, b2=0.95, end_lr_fraction=0.0)
-  c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
-                         eval_batches=20, checkpoint_every=5000)
+  c.optimizer = common.optimizer(warmup_steps=5000, weight_decay=0.0,
+                                 end_lr_fraction=0.0)
+  c.train = common.train(num_steps=100_000, eval_every=5000, checkpoint_every=5000)
 
   if tiny:
-    c.task_options.levels = 4
-    c.model.update(dict(image_size=(8, 8), num_clusters=4, num_layers=2, embed_dim=64,
-                        remat=False))
-    c.model.block.update(dict(num_heads=4, mlp_dim=128, dtype="float32"))
-    c.data.update(dict(source="shapes", eval_split="validation", batch_size=32,
-                       eval_batch_size=64))
-    c.data.source_options = config_dict.ConfigDict()
-    c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=20, end_lr_fraction=0.1))
-    c.train.update(dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
-                        checkpoint_every=300))
+    common.tiny(c, task_options=dict(levels=4),
+                model=dict(image_size=(8, 8), num_clusters=4, num_layers=2,
+                           embed_dim=64, remat=False),
+                block=dict(num_heads=4, mlp_dim=128, dtype="float32"),
+                data=dict(source="shapes", eval_split="validation", batch_size=32,
+                          eval_batch_size=64),
+                optimizer=dict(learning_rate=2e-3, warmup_steps=20,
+                               end_lr_fraction=0.1),
+                train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4,
+                           checkpoint_every=300))
   return common.finish(c)

@@ -55,48 +55,33 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   pretrained = bert_mlm.get_config(arg)
   c = config_dict.ConfigDict()
   c.task = "classification"
-  c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.0))
+  c.task_options = common.task_options(c.task)
 
   # The pretrained model's body (same sizes), its pre-training heads off, a classifier.
   c.model = common.model_section({**pretrained.model.to_dict(), "mlm_head": False,
                                   "nsp_head": False, "num_classes": 2})
 
-  c.finetune = config_dict.ConfigDict(dict(
-      pretrained_workdir=config_dict.placeholder(str),  # None: train from scratch
-      step=config_dict.placeholder(int),                # None: newest checkpoint
-      head=("classifier",),      # top-level params initialised fresh (not loaded)
-      freeze_body=False,         # True: only the head trains
-  ))
+  # finetune.pretrained_workdir: None trains from scratch; freeze_body=True: only the
+  # head (the top-level params initialised fresh) trains.
+  c.finetune = common.finetune(head=("classifier",))
 
-  c.data = config_dict.ConfigDict(dict(
-      source="imdb_reviews",
-      source_options=config_dict.ConfigDict(dict(
-          data_dir=config_dict.placeholder(str))),
-      tokenizer="bytes",
-      train_split="train",
-      eval_split="test",
-      text_key="text",
-      label_key="label",
-      seq_len=512,
-      batch_size=32,
-      eval_batch_size=100,
-      prefetch=2,
-  ))
+  c.data = common.data(c.task, source="imdb_reviews", tokenizer="bytes",
+                       eval_split="test", seq_len=512, batch_size=32,
+                       eval_batch_size=100, prefetch=2)
 
   c.optimizer = common.optimizer(learning_rate=2e-5, warmup_steps=250,
                                  schedule="linear", end_lr_fraction=0.0,
-                                 weight_decay=0.01)
+                                 b2=0.999, weight_decay=0.01)
   c.train = common.train(num_steps=2400, log_every=50, eval_every=800,
                          eval_batches=250, checkpoint_every=800)
 
   if tiny:
-    c.model.num_classes = 3
-    c.data.update(dict(source="stdlib_line_kinds", eval_split="validation",
-                       seq_len=pretrained.data.seq_len, batch_size=32,
-                       eval_batch_size=64))
-    c.data.source_options = config_dict.ConfigDict()
-    c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=10, schedule="cosine",
-                            end_lr_fraction=0.1))
-    c.train.update(dict(num_steps=150, log_every=25, eval_every=50, eval_batches=4,
-                        checkpoint_every=150))
+    common.tiny(c, model=dict(num_classes=3),
+                data=dict(source="stdlib_line_kinds", eval_split="validation",
+                          seq_len=pretrained.data.seq_len, batch_size=32,
+                          eval_batch_size=64),
+                optimizer=dict(learning_rate=1e-3, warmup_steps=10, schedule="cosine",
+                               end_lr_fraction=0.1),
+                train=dict(num_steps=150, log_every=25, eval_every=50, eval_batches=4,
+                           checkpoint_every=150))
   return common.finish(c)

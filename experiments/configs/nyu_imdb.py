@@ -73,34 +73,23 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   imdb = not tiny   # never a silent fallback: unprepared IMDB is an error at run start
   c = config_dict.ConfigDict()
   c.task = "classification"
-  c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.0))
+  c.task_options = common.task_options(c.task)
   c.model = common.model("nyu_imdb_classifier", num_classes=2 if imdb else 3)
 
-  c.data = config_dict.ConfigDict(dict(
-      source=IMDB if imdb else "stdlib_line_kinds",
-      source_options=config_dict.ConfigDict(
-          dict(data_dir=config_dict.placeholder(str)) if imdb else {}),
-      tokenizer="sentencepiece" if imdb else "bytes",
-      vocab_size=50_002 if imdb else config_dict.placeholder(int),
-      train_split="train",
-      eval_split="test" if imdb else "validation",
-      text_key="text",
-      label_key="label",
-      seq_len=512 if imdb else 128,
-      batch_size=64,
-      eval_batch_size=100,
-      prefetch=2,
-  ))
+  if imdb:
+    c.data = common.data(c.task, source=IMDB, tokenizer="sentencepiece",
+                         vocab_size=50_002, eval_split="test", seq_len=512,
+                         batch_size=64, eval_batch_size=100, prefetch=2)
+  else:
+    c.data = common.data(c.task, source="stdlib_line_kinds", tokenizer="bytes",
+                         seq_len=128, batch_size=64, eval_batch_size=100, prefetch=2)
 
-  c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=200,
-                                 schedule="cosine", end_lr_fraction=0.1,
-                                 weight_decay=0.01)
-  c.train = common.train(num_steps=4000, log_every=100, eval_every=500,
-                         eval_batches=50, checkpoint_every=1000)
+  c.optimizer = common.optimizer(warmup_steps=200, b2=0.999, weight_decay=0.01)
+  c.train = common.train(num_steps=4000, eval_every=500, eval_batches=50)
 
   if tiny:
-    c.data.update(dict(seq_len=64, batch_size=32, eval_batch_size=64))
-    c.optimizer.update(dict(learning_rate=3e-3, warmup_steps=10))
-    c.train.update(dict(num_steps=150, log_every=25, eval_every=50, eval_batches=4,
-                        checkpoint_every=150))
+    common.tiny(c, data=dict(seq_len=64, batch_size=32, eval_batch_size=64),
+                optimizer=dict(learning_rate=3e-3, warmup_steps=10),
+                train=dict(num_steps=150, log_every=25, eval_every=50, eval_batches=4,
+                           checkpoint_every=150))
   return common.finish(c)

@@ -35,50 +35,35 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "transformer_reversal") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "seq2seq"
-  c.task_options = config_dict.ConfigDict(dict(
-      label_smoothing=0.1,
+  c.task_options = common.task_options(
+      c.task,
       bleu_batches=4,        # greedy decoding of 4 x 128 eval pairs (0: no BLEU)
-      bleu_tokenize="13a",
-  ))
+      bleu_tokenize="13a")
 
   # transformer_base with a byte vocabulary and bfloat16 compute.
   c.model = common.model("transformer_base", vocab_size=263,
                          block=dict(dtype="bfloat16"))
 
-  c.data = config_dict.ConfigDict(dict(
-      source="wmt14_translate/de-en",
-      source_options=config_dict.ConfigDict(dict(
-          data_dir=config_dict.placeholder(str))),
-      tokenizer="bytes",
-      source_key="de",
-      target_key="en",
-      train_split="train",
-      eval_split="validation",
-      source_len=256,
-      target_len=256,
-      batch_size=128,
-      eval_batch_size=128,
-      prefetch=2,
-  ))
+  c.data = common.data(c.task, source="wmt14_translate/de-en", tokenizer="bytes",
+                       source_key="de", target_key="en", source_len=256,
+                       target_len=256, batch_size=128, eval_batch_size=128, prefetch=2)
 
   c.optimizer = common.optimizer(learning_rate=7e-4, schedule="rsqrt",
-                                 warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
+                                 warmup_steps=4000, b2=0.98, eps=1e-9,
                                  weight_decay=0.0, grad_clip_norm=0.0)
-  c.train = common.train(num_steps=100_000, log_every=100, eval_every=5000,
-                         eval_batches=20, checkpoint_every=5000)
+  c.train = common.train(num_steps=100_000, eval_every=5000, checkpoint_every=5000)
 
   if tiny:
-    c.model.update(dict(max_len=16, num_encoder_layers=2, num_decoder_layers=2,
-                        embed_dim=64))
-    c.model.block.update(dict(num_heads=4, mlp_dim=128, norm="pre", dropout_rate=0.0,
-                              dtype="float32"))
-    c.data.update(dict(source="reversal", source_key="source", target_key="target",
-                       source_len=16, target_len=16, batch_size=32,
-                       eval_batch_size=32))
-    c.data.source_options = config_dict.ConfigDict()
-    c.optimizer.update(dict(learning_rate=2e-3, schedule="cosine", warmup_steps=30,
-                            end_lr_fraction=0.1, grad_clip_norm=1.0))
-    c.train.update(dict(num_steps=400, log_every=50, eval_every=100, eval_batches=4,
-                        checkpoint_every=400))
-    c.task_options.bleu_tokenize = "char"  # one "word" per string: char BLEU
+    common.tiny(c, model=dict(max_len=16, num_encoder_layers=2, num_decoder_layers=2,
+                              embed_dim=64),
+                block=dict(num_heads=4, mlp_dim=128, norm="pre", dropout_rate=0.0,
+                           dtype="float32"),
+                data=dict(source="reversal", source_key="source", target_key="target",
+                          source_len=16, target_len=16, batch_size=32,
+                          eval_batch_size=32),
+                task_options=dict(bleu_tokenize="char"),  # one "word" per string
+                optimizer=dict(learning_rate=2e-3, schedule="cosine", warmup_steps=30,
+                               end_lr_fraction=0.1, grad_clip_norm=1.0),
+                train=dict(num_steps=400, log_every=50, eval_every=100, eval_batches=4,
+                           checkpoint_every=400))
   return common.finish(c)

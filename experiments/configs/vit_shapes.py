@@ -32,40 +32,28 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   tiny = common.variant(arg, "vit_shapes") == "tiny"
   c = config_dict.ConfigDict()
   c.task = "image_classification"
-  c.task_options = config_dict.ConfigDict(dict(label_smoothing=0.0))
+  c.task_options = common.task_options(c.task)
 
   # the vit_b16 body on CIFAR-10's 32 x 32 with 4 x 4 patches, bfloat16 compute.
   c.model = common.model("vit_b16", image_size=32, patch_size=4, num_classes=10,
                          block=dict(dropout_rate=0.1, dtype="bfloat16"))
 
-  c.data = config_dict.ConfigDict(dict(
-      source="cifar10",
-      source_options=config_dict.ConfigDict(dict(
-          data_dir=config_dict.placeholder(str))),
-      train_split="train",
-      eval_split="test",
-      mean=(0.4914, 0.4822, 0.4465),
-      std=(0.2470, 0.2435, 0.2616),
-      batch_size=512,
-      eval_batch_size=500,
-      prefetch=2,
-  ))
+  c.data = common.data(c.task, source="cifar10", eval_split="test",
+                       mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                       batch_size=512, eval_batch_size=500, prefetch=2)
 
-  c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=2000,
-                                 weight_decay=0.1, b2=0.999, end_lr_fraction=0.01)
-  c.train = common.train(num_steps=30_000, log_every=100, eval_every=2000,
-                         eval_batches=20, checkpoint_every=2000)
+  c.optimizer = common.optimizer(warmup_steps=2000, b2=0.999, end_lr_fraction=0.01)
+  c.train = common.train(num_steps=30_000, eval_every=2000, checkpoint_every=2000)
 
   if tiny:
-    c.model.update(dict(image_size=8, patch_size=2, num_channels=1, num_classes=6,
-                        num_layers=2, embed_dim=64))
-    c.model.block.update(dict(num_heads=4, mlp_dim=128, dropout_rate=0.0,
-                              dtype="float32"))
-    c.data.update(dict(source="shapes", eval_split="validation", mean=(0.5,),
-                       std=(0.5,), batch_size=64, eval_batch_size=100))
-    c.data.source_options = config_dict.ConfigDict()
-    c.optimizer.update(dict(learning_rate=2e-3, warmup_steps=20, end_lr_fraction=0.1,
-                            weight_decay=0.01))
-    c.train.update(dict(num_steps=300, log_every=25, eval_every=100, eval_batches=5,
-                        checkpoint_every=300))
+    common.tiny(c, model=dict(image_size=8, patch_size=2, num_channels=1,
+                              num_classes=6, num_layers=2, embed_dim=64),
+                block=dict(num_heads=4, mlp_dim=128, dropout_rate=0.0,
+                           dtype="float32"),
+                data=dict(source="shapes", eval_split="validation", mean=(0.5,),
+                          std=(0.5,), batch_size=64, eval_batch_size=100),
+                optimizer=dict(learning_rate=2e-3, warmup_steps=20,
+                               end_lr_fraction=0.1, weight_decay=0.01),
+                train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=5,
+                           checkpoint_every=300))
   return common.finish(c)

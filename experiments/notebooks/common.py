@@ -125,7 +125,8 @@ def notebook_settings(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
       "train.async_checkpoint": False,
       "train.checkpoint_every": max(train.num_steps, 1),
       "train.keep_checkpoints": 1,
-      **({"train.sample_tokens": 0} if "sample_tokens" in train else {}),
+      **({"task_options.sample_tokens": 0}
+         if "sample_tokens" in config.get("task_options", {}) else {}),
   })
 
 

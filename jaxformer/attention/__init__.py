@@ -11,7 +11,8 @@ See ``core.py`` for the implementations (``"xla"``, ``"chunked"``, ``"pallas"``,
 from jaxformer.attention.axial import AxialAttention, AxialAttentionStack, axial_attention_stack
 from jaxformer.attention.chunked import chunked_attention
 from jaxformer.attention.core import dot_product_attention, xla_attention
-from jaxformer.attention.masks import (combine_masks, make_causal_mask, make_padding_mask,
+from jaxformer.attention.masks import (combine_masks, make_causal_mask, make_key_mask,
+                                       make_padding_mask, make_prefix_mask,
                                        make_segment_mask)
 from jaxformer.attention.multi_head import MultiHeadAttention
 from jaxformer.attention.rotary import apply_rotary_embedding
@@ -26,7 +27,9 @@ __all__ = [
     "combine_masks",
     "dot_product_attention",
     "make_causal_mask",
+    "make_key_mask",
     "make_padding_mask",
+    "make_prefix_mask",
     "make_segment_mask",
     "xla_attention",
 ]

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from jaxformer.attention import chunked as chunked_lib
 from jaxformer.attention import gpu_table
+from jaxformer.attention import masks
 from jaxformer.attention import validation
 
 Array = jax.Array
@@ -224,15 +225,13 @@ def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None 
 
 def _combined_mask(mask: Array | None, is_causal: bool, q_seg: Array | None,
                    kv_seg: Array | None, q_len: int, kv_len: int) -> Array | None:
-  """The conjunction of the explicit, causal and segment masks, rank 4 (or None)."""
+  """The conjunction of the explicit, causal and segment masks (:mod:`.masks`), rank 4
+  (or None)."""
   allowed = None if mask is None else mask.astype(bool)
-  if is_causal:
-    q_pos_Q = jnp.arange(q_len) + (kv_len - q_len)
-    causal_11QS = (q_pos_Q[:, None] >= jnp.arange(kv_len)[None, :])[None, None]
-    allowed = causal_11QS if allowed is None else jnp.logical_and(allowed, causal_11QS)
-  if q_seg is not None:
-    seg_B1QS = (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
-    allowed = seg_B1QS if allowed is None else jnp.logical_and(allowed, seg_B1QS)
+  for part in (masks.make_causal_mask(q_len, kv_len) if is_causal else None,
+               None if q_seg is None else masks.make_segment_mask(q_seg, kv_seg)):
+    if part is not None:
+      allowed = part if allowed is None else jnp.logical_and(allowed, part)
   return allowed
 
 

@@ -1,10 +1,10 @@
 """Boolean attention masks: ``True`` = may attend, shaped ``[batch | 1, 1, q_len, kv_len]``.
 
-Masks compose with ``combine_masks`` (logical and) instead of multiplying special cases.
-Causal and packed-segment masks are also accepted by ``dot_product_attention`` as the
-``is_causal`` flag and ``segment_ids`` so that the fast paths never build an N x N mask;
-the functions here are for the cases that need an explicit mask (padding, custom
-patterns) and for tests.
+Every mask of the code base is built here: ``dot_product_attention``'s reference path
+turns its ``is_causal`` flag and ``segment_ids`` into :func:`make_causal_mask` and
+:func:`make_segment_mask` (the fast paths never build an N x N mask), and the models
+mask padded keys with :func:`make_key_mask`. Masks compose with ``combine_masks``
+(logical and) instead of multiplying special cases.
 """
 
 from __future__ import annotations
@@ -37,6 +37,20 @@ def make_causal_mask(q_length: int, kv_length: int | None = None) -> Array:
   return (q_pos_Q[:, None] >= k_pos_K[None, :])[None, None]
 
 
+def make_prefix_mask(q_positions: jax.typing.ArrayLike, kv_length: int) -> Array:
+  """Causal mask for queries at given absolute positions (a KV cache's decoding step).
+
+  Args:
+    q_positions: int ``[q_len]``, each query's position in the sequence (may be
+      traced, e.g. ``cache_index + arange(q_len)``).
+    kv_length: number of key slots (positions ``0 .. kv_length - 1``).
+  Returns:
+    mask: bool ``[1, 1, q_len, kv_length]``, True where key position <= query position.
+  """
+  q_pos_Q = jnp.asarray(q_positions)
+  return (jnp.arange(kv_length)[None, :] <= q_pos_Q[:, None])[None, None]
+
+
 def make_padding_mask(q_valid: jax.typing.ArrayLike,
                       kv_valid: jax.typing.ArrayLike | None = None) -> Array:
   """Padding mask from per-token validity.
@@ -55,6 +69,21 @@ def make_padding_mask(q_valid: jax.typing.ArrayLike,
   q_valid = q_valid.astype(bool)
   kv_valid = kv_valid.astype(bool)
   return q_valid[:, None, :, None] & kv_valid[:, None, None, :]
+
+
+def make_key_mask(kv_valid: jax.typing.ArrayLike) -> Array:
+  """Keys-only padding mask: every query may attend to the real keys.
+
+  Args:
+    kv_valid: ``[batch, kv_len]``, bool or numeric (non-zero = a real token).
+  Returns:
+    mask: bool ``[batch, 1, 1, kv_len]`` (padded queries still attend, to real keys).
+  """
+  kv_valid = jnp.asarray(kv_valid)
+  if kv_valid.ndim != 2:
+    raise ValueError(f"make_key_mask: kv_valid must be [batch, kv_len]; got shape "
+                     f"{kv_valid.shape}")
+  return kv_valid.astype(bool)[:, None, None, :]
 
 
 def make_segment_mask(q_segment_ids: jax.typing.ArrayLike,

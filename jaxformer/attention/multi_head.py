@@ -35,7 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxformer import axes
+from jaxformer import norms
 from jaxformer.attention import core
+from jaxformer.attention import masks
 from jaxformer.attention.projections import Projection, blocks_init
 from jaxformer.attention.rotary import apply_rotary_embedding
 
@@ -176,8 +178,7 @@ class MultiHeadAttention(nn.Module):
           cached_value.value.dtype), (0, cache_index, 0, 0))
       cached_key.value, cached_value.value = k_BSKD, v_BSKD
       index_var.value = cache_index + q_len
-      q_pos_Q = cache_index + jnp.arange(q_len)
-      prefix_11QS = (jnp.arange(max_len)[None, :] <= q_pos_Q[:, None])[None, None]
+      prefix_11QS = masks.make_prefix_mask(cache_index + jnp.arange(q_len), max_len)
       mask = prefix_11QS if mask is None else jnp.logical_and(mask, prefix_11QS)
       is_causal = False
       implementation = self._fallback(implementation, "a cached decoding step (explicit "
@@ -225,18 +226,11 @@ class MultiHeadAttention(nn.Module):
 
   def _qk_norm(self, name: str) -> nn.Module:
     """A LayerNorm / RMSNorm over ``head_dim`` (statistics in float32)."""
-    kinds = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
-    if self.qk_norm not in kinds:
+    if self.qk_norm not in norms.NORM_TYPES:
       raise ValueError(f"MultiHeadAttention.qk_norm={self.qk_norm!r}: expected None or "
-                       f"one of {sorted(kinds)}")
-    extra = {}
-    if self.qk_norm == "layernorm":
-      extra["bias_init"] = nn.with_logical_partitioning(nn.initializers.zeros,
-                                                        (axes.HEAD_DIM,))
-    return kinds[self.qk_norm](
-        epsilon=self.qk_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axes.HEAD_DIM,)),
-        name=name, **extra)
+                       f"one of {sorted(norms.NORM_TYPES)}")
+    return norms.make_norm(self.qk_norm, eps=self.qk_norm_eps, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name=name, axis=axes.HEAD_DIM)
 
   def _out_init(self, num_heads: int, head_dim: int, out_features: int) -> Initializer:
     base = self.kernel_init if self.out_kernel_init is None else self.out_kernel_init

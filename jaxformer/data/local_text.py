@@ -2,7 +2,8 @@
 
 :class:`TextFilesSource` serves every matched file as one ``{"text": bytes}`` record.
 :func:`text_split_source` is what a config reaches (``data.source="text_files"``,
-``data.path=...``): the same files with a stated ``validation_fraction`` held out.
+``data.source_options.path=...``): the same files with a stated
+``validation_fraction`` held out.
 
 * Several files: split by document. The files are sorted by path and the last
   ``round(validation_fraction * n)`` of them (at least one) are the validation split.
@@ -31,7 +32,7 @@ def match_files(path_or_glob: str | os.PathLike[str]) -> tuple[str, ...]:
   """The files of a file, a directory (all files under it) or a glob, sorted."""
   if not os.fspath(path_or_glob):
     raise ValueError("path is not set: give a text file, a folder or a glob, "
-                     "e.g. --config.data.path='~/books/*.txt'")
+                     "e.g. --config.data.source_options.path='~/books/*.txt'")
   pattern = os.path.expanduser(os.fspath(path_or_glob))
   if os.path.isdir(pattern):
     paths = [os.path.join(root, f) for root, _, files in os.walk(pattern)
@@ -88,7 +89,8 @@ class TextWindowsSource:
                seed: int = 0):
     if isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or (
         window_bytes < 1):
-      raise ValueError(f"data.window_bytes={window_bytes!r} must be an int >= 1")
+      raise ValueError(f"data.source_options.window_bytes={window_bytes!r} must be "
+                       "an int >= 1")
     self._text = text
     self._name = name
     self._window = min(window_bytes, max(len(text), 1))
@@ -128,17 +130,17 @@ def _tail_start(text: bytes, fraction: float) -> int:
 
 def check_options(path: str | None, validation_fraction: float, **unused: Any
                   ) -> tuple[str, ...]:
-  """The files of ``path``; ValueError naming ``data.path`` or
-  ``data.validation_fraction`` when they cannot give a split."""
+  """The files of ``path``; ValueError naming ``data.source_options.path``
+  or ``data.source_options.validation_fraction`` when they cannot give a split."""
   del unused
   if not isinstance(validation_fraction, (int, float)) or not (
       0 < validation_fraction < 1):
-    raise ValueError(f"data.validation_fraction={validation_fraction!r} must be in "
-                     "(0, 1)")
+    raise ValueError("data.source_options.validation_fraction="
+                     f"{validation_fraction!r} must be in (0, 1)")
   try:
     return match_files(path or "")
   except ValueError as e:
-    raise ValueError(f"data.{e}") from None
+    raise ValueError(f"data.source_options.{e}") from None
 
 
 def text_split_source(split: str, *, path: str | None,
@@ -148,7 +150,7 @@ def text_split_source(split: str, *, path: str | None,
 
   Args:
     split: ``"train"`` or ``"validation"``.
-    path: a file, a directory or a glob (``data.path``).
+    path: a file, a directory or a glob (``data.source_options.path``).
     validation_fraction: in (0, 1): the share of documents (several files) or of
       bytes (one file) held out.
     window_bytes: bytes per record when reading one file.
@@ -165,8 +167,8 @@ def text_split_source(split: str, *, path: str | None,
     cut = _tail_start(text, validation_fraction)
     part = text[:cut] if split == "train" else text[cut:]
     if not part:
-      raise ValueError(f"data.path={path!r}: {len(text)} bytes leave no {split} "
-                       f"text at validation_fraction={validation_fraction}")
+      raise ValueError(f"data.source_options.path={path!r}: {len(text)} bytes leave "
+                       f"no {split} text at validation_fraction={validation_fraction}")
     return TextWindowsSource(part, name=f"{files.paths[0]}:{split}",
                              window_bytes=window_bytes, shuffle=split == "train",
                              seed=seed)

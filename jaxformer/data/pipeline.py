@@ -1,11 +1,18 @@
 """grain input pipelines: language modelling, classification, seq2seq, images.
 
-All pipelines start from a random-access source (``__len__``, ``__getitem__ -> dict``;
-``tfds.data_source``, :mod:`jaxformer.data.embedded`, :mod:`jaxformer.data.sources`)
-and return a grain ``DatasetIterator`` of dicts of numpy arrays with ``get_state()`` /
-``set_state()`` (plain JSON-serialisable dicts: store them with the checkpoint).
+A pipeline is a per-record transform (:class:`TokenizeDocument`,
+:class:`EncodeClassification`, :class:`EncodeSeq2Seq`, :class:`NormalizeImage`, or
+records that are already examples) applied by one of two readers with one
+:class:`ReadOptions` value: :func:`read` stacks fixed-shape examples into batches,
+:func:`read_lm` packs tokenized documents into rows. Each reader starts from a
+random-access source (``__len__``, ``__getitem__ -> dict``; ``tfds.data_source``,
+:mod:`jaxformer.data.embedded`, :mod:`jaxformer.data.sources`) and returns a grain
+``DatasetIterator`` of dicts of numpy arrays with ``get_state()`` / ``set_state()``
+(plain JSON-serialisable dicts: store them with the checkpoint). The
+``*_pipeline`` functions are the same with the transform's and the read options'
+arguments side by side.
 
-Common arguments: ``seed`` fixes the shuffle (a different permutation every epoch);
+Read options: ``seed`` fixes the shuffle (a different permutation every epoch);
 ``shard_index``/``shard_count`` give each process its own disjoint part of the source
 (``source[shard_index::shard_count]``, before shuffling); ``num_epochs=None`` repeats
 forever; ``prefetch > 0`` produces that many batches ahead in a background thread
@@ -31,40 +38,61 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
     raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
-def _check_common(source, *, batch_size: int, seed: int, shard_index: int,
-                  shard_count: int, num_epochs: int | None, prefetch: int) -> None:
-  if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
-    raise TypeError("source must be random access (__len__ and __getitem__), got "
-                    f"{type(source).__name__}.")
-  _check_int("batch_size", batch_size, 1)
-  _check_int("seed", seed, 0)
-  _check_int("shard_count", shard_count, 1)
-  if not isinstance(shard_index, (int, np.integer)) or not (
-      0 <= shard_index < shard_count):
-    raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got "
-                     f"{shard_index!r}.")
-  if num_epochs is not None:
-    _check_int("num_epochs", num_epochs, 1)
-  _check_int("prefetch", prefetch, 0)
-  if len(source) < shard_count:
-    raise ValueError(f"source has {len(source)} records, fewer than shard_count="
-                     f"{shard_count}.")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+  """How a reader walks its source (see the module docstring).
 
+  Attributes:
+    batch_size: rows per batch (per process).
+    seed: shuffle seed.
+    shard_index: this process's shard, in ``[0, shard_count)``.
+    shard_count: number of shards (processes).
+    num_epochs: passes over the shard; None = forever.
+    shuffle: shuffle records (per epoch).
+    drop_remainder: drop a last, short batch (finite ``num_epochs``).
+    prefetch: batches to produce ahead in a background thread (0 = none).
+  """
 
-def _records(source, *, seed: int, shard_index: int, shard_count: int,
-             num_epochs: int | None, shuffle: bool) -> grain.MapDataset:
-  """The shard of ``source``, shuffled per epoch and repeated."""
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  return ds.repeat(num_epochs)
+  batch_size: int
+  seed: int = 0
+  shard_index: int = 0
+  shard_count: int = 1
+  num_epochs: int | None = None
+  shuffle: bool = True
+  drop_remainder: bool = False
+  prefetch: int = 0
 
+  def __post_init__(self):
+    _check_int("batch_size", self.batch_size, 1)
+    _check_int("seed", self.seed, 0)
+    _check_int("shard_count", self.shard_count, 1)
+    if not isinstance(self.shard_index, (int, np.integer)) or not (
+        0 <= self.shard_index < self.shard_count):
+      raise ValueError(f"shard_index must be in [0, shard_count={self.shard_count}), "
+                       f"got {self.shard_index!r}.")
+    if self.num_epochs is not None:
+      _check_int("num_epochs", self.num_epochs, 1)
+    _check_int("prefetch", self.prefetch, 0)
 
-def _finish(ds: grain.IterDataset, prefetch: int) -> grain.DatasetIterator:
-  if prefetch:
-    ds = grain.experimental.ThreadPrefetchIterDataset(
-        ds, prefetch_buffer_size=prefetch)
-  return iter(ds)
+  def records(self, source) -> grain.MapDataset:
+    """This shard of ``source``, shuffled per epoch and repeated."""
+    if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+      raise TypeError("source must be random access (__len__ and __getitem__), got "
+                      f"{type(source).__name__}.")
+    if len(source) < self.shard_count:
+      raise ValueError(f"source has {len(source)} records, fewer than shard_count="
+                       f"{self.shard_count}.")
+    ds = grain.MapDataset.source(source)[self.shard_index::self.shard_count]
+    if self.shuffle:
+      ds = ds.shuffle(seed=self.seed)
+    return ds.repeat(self.num_epochs)
+
+  def finish(self, ds: grain.IterDataset) -> grain.DatasetIterator:
+    """The iterator of ``ds``, with ``prefetch`` batches produced ahead."""
+    if self.prefetch:
+      ds = grain.experimental.ThreadPrefetchIterDataset(
+          ds, prefetch_buffer_size=self.prefetch)
+    return iter(ds)
 
 
 def _get(record: dict[str, Any], key: str, argument: str) -> Any:
@@ -93,56 +121,38 @@ class TokenizeDocument:
     return out
 
 
-def lm_dataset(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
-               batch_size: int, seed: int, shard_index: int = 0,
-               shard_count: int = 1, pack: bool = True,
-               num_epochs: int | None = None, text_key: str = "text",
-               shuffle: bool = True, streams: int | None = None,
-               drop_remainder: bool = False) -> grain.IterDataset:
-  """The grain dataset behind :func:`lm_pipeline` (same arguments, no prefetch)."""
-  _check_common(source, batch_size=batch_size, seed=seed, shard_index=shard_index,
-                shard_count=shard_count, num_epochs=num_epochs, prefetch=0)
+def lm_dataset(source, tokenizer: tok_lib.Tokenizer, options: ReadOptions, *,
+               seq_len: int, pack: bool = True, text_key: str = "text",
+               streams: int | None = None) -> grain.IterDataset:
+  """The grain dataset behind :func:`read_lm` (``options.prefetch`` is not applied)."""
   _check_int("seq_len", seq_len, 1)
   if not isinstance(tokenizer, tok_lib.Tokenizer):
     raise TypeError(f"tokenizer must be a jaxformer Tokenizer, got "
                     f"{type(tokenizer).__name__}.")
   if streams is None:
-    streams = batch_size if num_epochs is None else 1
-  docs = _records(source, seed=seed, shard_index=shard_index,
-                  shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle)
-  docs = docs.map(TokenizeDocument(tokenizer, text_key))
+    streams = options.batch_size if options.num_epochs is None else 1
+  docs = options.records(source).map(TokenizeDocument(tokenizer, text_key))
   return packing.PackedLMDataset(
-      docs, seq_len=seq_len, batch_size=batch_size, pad_id=tokenizer.pad_id,
-      pack=pack, streams=streams, drop_remainder=drop_remainder,
+      docs, seq_len=seq_len, batch_size=options.batch_size, pad_id=tokenizer.pad_id,
+      pack=pack, streams=streams, drop_remainder=options.drop_remainder,
       source_name=repr(source))
 
 
-def lm_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
-                batch_size: int, seed: int, shard_index: int = 0,
-                shard_count: int = 1, pack: bool = True,
-                num_epochs: int | None = None, text_key: str = "text",
-                shuffle: bool = True, streams: int | None = None,
-                drop_remainder: bool = False,
-                prefetch: int = 0) -> grain.DatasetIterator:
+def read_lm(source, tokenizer: tok_lib.Tokenizer, options: ReadOptions, *,
+            seq_len: int, pack: bool = True, text_key: str = "text",
+            streams: int | None = None) -> grain.DatasetIterator:
   """Packed language-modelling batches (layout: :mod:`jaxformer.data.packing`).
 
   Args:
     source: random-access records with a text feature (str or UTF-8 bytes).
     tokenizer: a :class:`~jaxformer.data.tokenizers.Tokenizer`.
+    options: how the source is read (``batch_size`` rows ``B`` per batch, ...).
     seq_len: tokens per row ``L``.
-    batch_size: rows per batch ``B`` (per process).
-    seed: shuffle seed.
-    shard_index: this process's shard, in ``[0, shard_count)``.
-    shard_count: number of shards (processes).
     pack: several documents per row (with segment ids) or one chunk per row.
-    num_epochs: passes over the shard; None = forever.
     text_key: the record feature holding the text.
-    shuffle: shuffle documents (per epoch).
     streams: independent document streams the rows are filled from (see
       :mod:`~jaxformer.data.packing`); default ``batch_size`` when ``num_epochs`` is
       None (every row of a batch from another document) and 1 otherwise (dense).
-    drop_remainder: drop a last batch with empty rows (finite ``num_epochs``).
-    prefetch: batches to produce ahead in a background thread (0 = none).
 
   Returns:
     An iterator of dicts of numpy arrays::
@@ -153,12 +163,16 @@ def lm_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
       positions   int32   [B, L]  position within the segment, from 0
       weights     float32 [B, L]  1.0 where the target counts in the loss
   """
-  _check_int("prefetch", prefetch, 0)
-  ds = lm_dataset(source, tokenizer, seq_len=seq_len, batch_size=batch_size,
-                  seed=seed, shard_index=shard_index, shard_count=shard_count,
-                  pack=pack, num_epochs=num_epochs, text_key=text_key,
-                  shuffle=shuffle, streams=streams, drop_remainder=drop_remainder)
-  return _finish(ds, prefetch)
+  return options.finish(lm_dataset(source, tokenizer, options, seq_len=seq_len,
+                                   pack=pack, text_key=text_key, streams=streams))
+
+
+def lm_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
+                pack: bool = True, text_key: str = "text", streams: int | None = None,
+                **read: Any) -> grain.DatasetIterator:
+  """:func:`read_lm` with the :class:`ReadOptions` fields as keyword arguments."""
+  return read_lm(source, tokenizer, ReadOptions(**read), seq_len=seq_len, pack=pack,
+                 text_key=text_key, streams=streams)
 
 
 # --- fixed-size examples: classification, seq2seq, images ------------------------------
@@ -195,28 +209,27 @@ class StackAndPad:
     return batch
 
 
-def example_pipeline(source, transform: Callable[[dict[str, Any]], dict[str, Any]]
-                     | None = None, *, batch_size: int, seed: int,
-                     shard_index: int = 0, shard_count: int = 1,
-                     num_epochs: int | None = None, shuffle: bool = True,
-                     drop_remainder: bool = False,
-                     prefetch: int = 0) -> grain.DatasetIterator:
+def read(source, transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+         options: ReadOptions) -> grain.DatasetIterator:
   """Batches of fixed-shape examples: ``transform(record)`` stacked along axis 0.
 
   Adds ``weights`` ``[B]`` (``example_weights`` if the examples have ``weights``):
-  1.0 for real examples, 0.0 for rows padding a short last batch. The other pipelines
-  below are this with a specific ``transform``; use it directly for sources whose
-  records are already arrays (e.g. :class:`jaxformer.data.nsp_pairs.NSPSource`).
+  1.0 for real examples, 0.0 for rows padding a short last batch. ``transform=None``
+  reads sources whose records are already examples (e.g.
+  :class:`jaxformer.data.nsp_pairs.NSPSource`).
   """
-  _check_common(source, batch_size=batch_size, seed=seed, shard_index=shard_index,
-                shard_count=shard_count, num_epochs=num_epochs, prefetch=prefetch)
-  ds = _records(source, seed=seed, shard_index=shard_index, shard_count=shard_count,
-                num_epochs=num_epochs, shuffle=shuffle)
+  ds = options.records(source)
   if transform is not None:
     ds = ds.map(transform)
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder,
-                               batch_fn=StackAndPad(batch_size))
-  return _finish(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)), prefetch)
+  ds = ds.batch(options.batch_size, drop_remainder=options.drop_remainder,
+                batch_fn=StackAndPad(options.batch_size))
+  return options.finish(ds.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def example_pipeline(source, transform: Callable[[dict[str, Any]], dict[str, Any]]
+                     | None = None, **read_options: Any) -> grain.DatasetIterator:
+  """:func:`read` with the :class:`ReadOptions` fields as keyword arguments."""
+  return read(source, transform, ReadOptions(**read_options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,9 +243,12 @@ class EncodeClassification:
 
   tokenizer: tok_lib.Tokenizer
   seq_len: int
-  text_key: str
-  label_key: str
-  add_cls: bool
+  text_key: str = "text"
+  label_key: str = "label"
+  add_cls: bool = True
+
+  def __post_init__(self):
+    _check_int("seq_len", self.seq_len, 1)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     ids = self.tokenizer.encode_array(_get(record, self.text_key, "text_key"))
@@ -251,17 +267,14 @@ class EncodeClassification:
 
 
 def classification_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: int,
-                            batch_size: int, seed: int, shard_index: int = 0,
-                            shard_count: int = 1, num_epochs: int | None = None,
                             text_key: str = "text", label_key: str = "label",
-                            add_cls: bool = True, shuffle: bool = True,
-                            drop_remainder: bool = False,
-                            prefetch: int = 0) -> grain.DatasetIterator:
-  """Text classification batches (e.g. ``imdb_reviews``).
+                            add_cls: bool = True,
+                            **read_options: Any) -> grain.DatasetIterator:
+  """Text classification batches (e.g. ``imdb_reviews``): :func:`read` of
+  :class:`EncodeClassification` with the :class:`ReadOptions` fields as keywords.
 
   Each text is tokenized, framed as ``[CLS] text [SEP]`` (``add_cls``; the text cut
-  so that both fit in ``seq_len``) and padded with ``[PAD]``. Common arguments: see
-  the module docstring.
+  so that both fit in ``seq_len``) and padded with ``[PAD]``.
 
   Returns:
     An iterator of dicts::
@@ -272,12 +285,8 @@ def classification_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: in
       weights      float32 [B]     1.0 for real examples, 0.0 for rows padding a
                                    short last batch
   """
-  _check_int("seq_len", seq_len, 1)
-  transform = EncodeClassification(tokenizer, seq_len, text_key, label_key, add_cls)
-  return example_pipeline(source, transform, batch_size=batch_size, seed=seed,
-                           shard_index=shard_index, shard_count=shard_count,
-                           num_epochs=num_epochs, shuffle=shuffle,
-                           drop_remainder=drop_remainder, prefetch=prefetch)
+  return read(source, EncodeClassification(tokenizer, seq_len, text_key, label_key,
+                                           add_cls), ReadOptions(**read_options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +296,12 @@ class EncodeSeq2Seq:
   tokenizer: tok_lib.Tokenizer
   source_len: int
   target_len: int
-  source_key: str
-  target_key: str
+  source_key: str = "source"
+  target_key: str = "target"
+
+  def __post_init__(self):
+    _check_int("source_len", self.source_len, 1)
+    _check_int("target_len", self.target_len, 1)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     tok = self.tokenizer
@@ -312,17 +325,16 @@ class EncodeSeq2Seq:
 
 
 def seq2seq_pipeline(source, tokenizer: tok_lib.Tokenizer, *, source_len: int,
-                     target_len: int, batch_size: int, seed: int,
-                     source_key: str = "source", target_key: str = "target",
-                     shard_index: int = 0, shard_count: int = 1,
-                     num_epochs: int | None = None, shuffle: bool = True,
-                     drop_remainder: bool = False,
-                     prefetch: int = 0) -> grain.DatasetIterator:
-  """Source/target pairs (``reversal``; ``wmt14_translate/de-en`` with keys de/en).
+                     target_len: int, source_key: str = "source",
+                     target_key: str = "target",
+                     **read_options: Any) -> grain.DatasetIterator:
+  """Source/target pairs (``reversal``; ``wmt14_translate/de-en`` with keys de/en):
+  :func:`read` of :class:`EncodeSeq2Seq` with the :class:`ReadOptions` fields as
+  keywords.
 
   Both sides are tokenized with ``tokenizer``, truncated so that ``EOS`` fits and
   padded with ``[PAD]``; the decoder input is the target shifted right behind
-  ``[BOS]`` (teacher forcing). Common arguments: see the module docstring.
+  ``[BOS]`` (teacher forcing).
 
   Returns:
     An iterator of dicts::
@@ -334,13 +346,8 @@ def seq2seq_pipeline(source, tokenizer: tok_lib.Tokenizer, *, source_len: int,
       weights         float32 [B, Lt]  1.0 on real target tokens (0 on padding rows)
       example_weights float32 [B]      1.0 for real examples, 0.0 for padding rows
   """
-  _check_int("source_len", source_len, 1)
-  _check_int("target_len", target_len, 1)
-  transform = EncodeSeq2Seq(tokenizer, source_len, target_len, source_key, target_key)
-  return example_pipeline(source, transform, batch_size=batch_size, seed=seed,
-                           shard_index=shard_index, shard_count=shard_count,
-                           num_epochs=num_epochs, shuffle=shuffle,
-                           drop_remainder=drop_remainder, prefetch=prefetch)
+  return read(source, EncodeSeq2Seq(tokenizer, source_len, target_len, source_key,
+                                    target_key), ReadOptions(**read_options))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,6 +358,17 @@ class NormalizeImage:
   std: tuple[float, ...]
   image_key: str
   label_key: str
+
+  @classmethod
+  def of(cls, mean: float | tuple[float, ...], std: float | tuple[float, ...],
+         image_key: str = "image", label_key: str = "label") -> NormalizeImage:
+    """Pixels scaled to [0, 1], then ``(x - mean) / std`` per channel (scalars, or one
+    value per channel)."""
+    mean_t = tuple(np.atleast_1d(np.asarray(mean, np.float64)).tolist())
+    std_t = tuple(np.atleast_1d(np.asarray(std, np.float64)).tolist())
+    if any(s <= 0 for s in std_t):
+      raise ValueError(f"std must be positive, got {std!r}.")
+    return cls(mean_t, std_t, image_key, label_key)
 
   def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
     image = np.asarray(_get(record, self.image_key, "image_key"))
@@ -363,17 +381,12 @@ class NormalizeImage:
             "labels": np.int32(_get(record, self.label_key, "label_key"))}
 
 
-def image_pipeline(source, *, batch_size: int, seed: int,
-                   mean: float | tuple[float, ...] = 0.5,
+def image_pipeline(source, *, mean: float | tuple[float, ...] = 0.5,
                    std: float | tuple[float, ...] = 0.5, image_key: str = "image",
-                   label_key: str = "label", shard_index: int = 0,
-                   shard_count: int = 1, num_epochs: int | None = None,
-                   shuffle: bool = True, drop_remainder: bool = False,
-                   prefetch: int = 0) -> grain.DatasetIterator:
-  """Image classification batches (``mnist``, ``cifar10``, ``shapes``).
-
-  Pixels are scaled to [0, 1], then normalised per channel: ``(x - mean) / std``
-  (scalars, or one value per channel). Common arguments: see the module docstring.
+                   label_key: str = "label",
+                   **read_options: Any) -> grain.DatasetIterator:
+  """Image classification batches (``mnist``, ``cifar10``, ``shapes``): :func:`read`
+  of :class:`NormalizeImage` with the :class:`ReadOptions` fields as keywords.
 
   Returns:
     An iterator of dicts::
@@ -382,12 +395,5 @@ def image_pipeline(source, *, batch_size: int, seed: int,
       labels   int32   [B]           class ids
       weights  float32 [B]           1.0 for real examples, 0.0 for padding rows
   """
-  mean_t = tuple(np.atleast_1d(np.asarray(mean, np.float64)).tolist())
-  std_t = tuple(np.atleast_1d(np.asarray(std, np.float64)).tolist())
-  if any(s <= 0 for s in std_t):
-    raise ValueError(f"std must be positive, got {std!r}.")
-  transform = NormalizeImage(mean_t, std_t, image_key, label_key)
-  return example_pipeline(source, transform, batch_size=batch_size, seed=seed,
-                           shard_index=shard_index, shard_count=shard_count,
-                           num_epochs=num_epochs, shuffle=shuffle,
-                           drop_remainder=drop_remainder, prefetch=prefetch)
+  return read(source, NormalizeImage.of(mean, std, image_key, label_key),
+              ReadOptions(**read_options))

@@ -29,9 +29,11 @@ not): ``tfds build NAME --file_format=array_record --data_dir=DIR``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import functools
+import inspect
 import os
+import typing
 from typing import Any
 
 from jaxformer.data import embedded
@@ -107,6 +109,50 @@ SOURCES: dict[str, Callable[..., Any]] = {
     "reversal": synthetic.reversal_source,
     "shapes": synthetic.shapes_source,
 }
+
+
+# name -> a check of its options that needs no reading (ValueError naming the field).
+OPTION_CHECKS: dict[str, Callable[..., Any]] = {
+    "text_files": local_text.check_options,
+}
+
+
+def option_names(name: str) -> tuple[str, ...]:
+  """The options the source ``name`` takes: its factory's keyword arguments (those of
+  the class it returns when the factory forwards ``**options``)."""
+  factory = SOURCES[name]
+  params = inspect.signature(factory).parameters
+  if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    owner = typing.get_type_hints(factory).get("return")
+    params = inspect.signature(owner).parameters
+  return tuple(n for n, p in params.items()
+               if n not in ("split", "self") and p.kind is p.KEYWORD_ONLY
+               or (n != "split" and p.kind is p.POSITIONAL_OR_KEYWORD
+                   and p.default is not p.empty))
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+  """``data.source_options`` checked against what the source ``name`` takes.
+
+  Raises:
+    ValueError: an unknown source, or an option the source does not take (naming
+      ``data.source_options.<option>`` and the valid ones), or one its check refuses.
+  """
+  if name not in SOURCES:
+    raise ValueError(f"data.source={name!r} is not a known source; known: "
+                     f"{sorted(SOURCES)}")
+  options = dict(options)
+  valid = option_names(name)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(f"data.source_options.{unknown[0]} is not an option of "
+                     f"data.source={name!r}; valid: {sorted(valid)}")
+  if name in OPTION_CHECKS:
+    params = inspect.signature(SOURCES[name]).parameters
+    defaults = {n: None if p.default is p.empty else p.default
+                for n, p in params.items() if n in valid}
+    OPTION_CHECKS[name](**{**defaults, **options})
+  return options
 
 
 def get_source(name: str, split: str = "train", **options: Any):

@@ -14,6 +14,7 @@ there on every later start, so a resumed run keeps its ids even if the text chan
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -27,8 +28,16 @@ FILES = {"chars": "chars.json", "sentencepiece": "sentencepiece.model"}
 MAX_FIT_RECORDS = 10_000
 
 
-def train_texts(section: Mapping[str, Any]) -> Iterator[bytes | str]:
+def _fields(section: Any) -> Mapping[str, Any]:
+  """A ``DataConfig`` (or a plain ``data`` mapping) as a mapping of its fields."""
+  if dataclasses.is_dataclass(section):
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+  return section
+
+
+def train_texts(section: Any) -> Iterator[bytes | str]:
   """The texts of the train split of ``data.source`` (to fit a vocabulary)."""
+  section = _fields(section)
   source = sources.get_source(section["source"], section.get("train_split", "train"),
                               **dict(section.get("source_options") or {}))
   if hasattr(source, "texts"):
@@ -75,15 +84,16 @@ def load(kind: str, path: str) -> tok_lib.Tokenizer:
   return tok_lib.SentencePieceTokenizer(path)
 
 
-def build_tokenizer(section: Mapping[str, Any],
+def build_tokenizer(section: Any,
                     workdir: str | None = None) -> tok_lib.Tokenizer | None:
   """The tokenizer ``data.tokenizer`` names (None when absent: image data).
 
   Args:
-    section: ``config.data``.
+    section: ``config.data`` (a ``DataConfig`` or a mapping).
     workdir: where a fitted vocabulary is kept (``<workdir>/tokenizer/``); needed
       for ``"chars"`` and ``"sentencepiece"``.
   """
+  section = _fields(section)
   kind = section.get("tokenizer")
   if kind is None:
     return None

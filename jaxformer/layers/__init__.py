@@ -7,7 +7,7 @@ from jaxformer.layers.embeddings import (POSITION_KINDS, Embed, LearnedPositionE
                                          positions_from_segment_ids,
                                          sinusoidal_embedding)
 from jaxformer.layers.mlp import ACTIVATIONS, MLP, check_activation, dense
-from jaxformer.layers.norms import NORM_PLACEMENTS, NORM_TYPES, check_norm, make_norm
+from jaxformer.norms import NORM_PLACEMENTS, NORM_TYPES, check_norm, make_norm
 
 from jaxformer.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock
 from jaxformer.layers.stack import Stack, stack_layer_params, unstack_layer_params

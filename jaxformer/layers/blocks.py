@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.attention import MultiHeadAttention
 from jaxformer.layers.mlp import MLP, check_activation
-from jaxformer.layers.norms import NORM_PLACEMENTS, NORM_TYPES, make_norm
+from jaxformer.norms import NORM_PLACEMENTS, NORM_TYPES, make_norm
 # The stack lives in its own module; re-exported so `blocks` stays the one import.
 from jaxformer.layers.stack import Stack, stack_layer_params, unstack_layer_params  # noqa: F401
 
@@ -151,6 +152,12 @@ class BlockConfig:
                        f"{ATTENTION_IMPLS}")
     check_attention_options(self, own)
 
+  def make_norm(self, name: str) -> nn.Module:
+    """The blocks' norm (``norm_type``, ``norm_eps``, dtypes) named ``name``; every
+    norm of a model that follows its blocks (final, embedding, head norms) is this."""
+    return make_norm(self.norm_type, eps=self.norm_eps, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name=name)
+
   def qk_dim(self, features: int) -> int:
     """Per-head width of queries and keys for inputs ``[..., features]``."""
     return self.head_dim or features // self.num_heads
@@ -229,6 +236,22 @@ def attention_scale(multiplier: float, head_dim: int) -> float | None:
   return float(multiplier) / math.sqrt(head_dim)
 
 
+def residual(config: BlockConfig, x: Array, fn: Callable[[Array], Array],
+             norm_name: str, deterministic: bool,
+             act_axes: tuple[str, ...] | None = _ACT_AXES) -> Array:
+  """Pre-LN ``x + drop(fn(LN(x)))`` or post-LN ``LN(x + drop(fn(x)))``: the residual
+  of every block (called inside a compact module; ``act_axes`` constrain the output,
+  None for inputs that are not ``[batch, length, embed]``)."""
+  pre = config.norm == "pre"
+  norm = config.make_norm(norm_name)
+  y = fn(norm(x) if pre else x)
+  y = nn.Dropout(config.dropout_rate)(y, deterministic=deterministic)
+  out = x + y.astype(x.dtype)
+  if not pre:
+    out = norm(out)
+  return out if act_axes is None else nn.with_logical_constraint(out, act_axes)
+
+
 class _Block(nn.Module):
   """Shared pieces: attention / MLP constructors and the pre/post-LN residual.
 
@@ -244,21 +267,8 @@ class _Block(nn.Module):
     return MultiHeadAttention(decode=decode, name=name,
                               **self.config.attention_kwargs(features, rotary=rotary))
 
-  def _norm(self, name: str) -> nn.Module:
-    c = self.config
-    return make_norm(c.norm_type, eps=c.norm_eps, dtype=c.dtype,
-                     param_dtype=c.param_dtype, name=name)
-
   def _residual(self, x_BLD: Array, fn, norm_name: str, deterministic: bool) -> Array:
-    """Pre-LN ``x + drop(fn(LN(x)))`` or post-LN ``LN(x + drop(fn(x)))``."""
-    c = self.config
-    pre = c.norm == "pre"
-    y_BLD = fn(self._norm(norm_name)(x_BLD) if pre else x_BLD)
-    y_BLD = nn.Dropout(c.dropout_rate)(y_BLD, deterministic=deterministic)
-    out_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
-    if not pre:
-      out_BLD = self._norm(norm_name)(out_BLD)
-    return nn.with_logical_constraint(out_BLD, _ACT_AXES)
+    return residual(self.config, x_BLD, fn, norm_name, deterministic)
 
   def _attend(self, module: MultiHeadAttention, *args, **kwargs) -> Array:
     out = module(*args, return_weights=self.config.return_weights, **kwargs)

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer import axes
-from jaxformer.layers.norms import make_norm
 
 Array = jax.Array
 
@@ -81,9 +80,7 @@ class Stack(nn.Module):
             x_BLD, *args)
     use_final = self.config.norm == "pre" if self.final_norm is None else self.final_norm
     if use_final:
-      x_BLD = make_norm(self.config.norm_type, eps=self.config.norm_eps,
-                        dtype=self.config.dtype, param_dtype=self.config.param_dtype,
-                        name="final_norm")(x_BLD)
+      x_BLD = self.config.make_norm("final_norm")(x_BLD)
     return x_BLD
 
 

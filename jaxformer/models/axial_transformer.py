@@ -44,9 +44,8 @@ import jax.numpy as jnp
 from jaxformer import axes
 from jaxformer.attention import AxialAttention
 from jaxformer.layers import embeddings
-from jaxformer.layers.blocks import BlockConfig
+from jaxformer.layers.blocks import BlockConfig, residual
 from jaxformer.layers.mlp import MLP, dense
-from jaxformer.layers.norms import make_norm
 from jaxformer.models import common
 
 Array = jax.Array
@@ -128,21 +127,20 @@ class AxialBlock(nn.Module):
   def __call__(self, x_BHWD: Array, deterministic: bool = True) -> Array:
     c = self.config
     kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
-    drop = nn.Dropout(c.dropout_rate)
     for i, (axis, causal) in enumerate(zip(self.attend_axes, self.causal)):
-      h = make_norm(c.norm_type, eps=c.norm_eps, name=f"attention_norm_{i}", **kw)(
-          x_BHWD)
-      h = AxialAttention(num_heads=c.num_heads, axis=axis, is_causal=causal,
-                         attention_kwargs=c.attention_kwargs(x_BHWD.shape[-1]),
-                         name=f"attention_{i}")(h, deterministic=deterministic,
-                                                return_weights=c.return_weights)
-      if c.return_weights:
-        h = h[0]
-      x_BHWD = x_BHWD + drop(h, deterministic=deterministic)
-    h = make_norm(c.norm_type, eps=c.norm_eps, name="mlp_norm", **kw)(x_BHWD)
-    h = MLP(c.mlp_dim, activation=c.activation, use_bias=c.use_bias, name="mlp",
-            **c.kernel_init(), **c.out_kernel_init(), **kw)(h, deterministic)
-    return x_BHWD + drop(h, deterministic=deterministic)
+      attention = AxialAttention(num_heads=c.num_heads, axis=axis, is_causal=causal,
+                                 attention_kwargs=c.attention_kwargs(x_BHWD.shape[-1]),
+                                 name=f"attention_{i}")
+
+      def attend(h, attention=attention):
+        out = attention(h, deterministic=deterministic, return_weights=c.return_weights)
+        return out[0] if c.return_weights else out
+      x_BHWD = residual(c, x_BHWD, attend, f"attention_norm_{i}", deterministic,
+                        act_axes=None)
+    mlp = MLP(c.mlp_dim, activation=c.activation, use_bias=c.use_bias, name="mlp",
+              **c.kernel_init(), **c.out_kernel_init(), **kw)
+    return residual(c, x_BHWD, lambda h: mlp(h, deterministic), "mlp_norm",
+                    deterministic, act_axes=None)
 
 
 def _axial_stack(cfg: AxialTransformerConfig, x_BHWD: Array, num_layers: int,
@@ -189,7 +187,7 @@ class AxialClassifier(nn.Module):
     x_BHWD = _axial_stack(cfg, x_BHWD, cfg.num_layers, (ALONG_ROW, ALONG_COLUMN),
                           (False, False),
                           "layers", deterministic)
-    x_BHWD = make_norm(cfg.block.norm_type, eps=cfg.block.norm_eps, name="final_norm", **kw)(x_BHWD)
+    x_BHWD = cfg.block.make_norm("final_norm")(x_BHWD)
     pooled_BD = x_BHWD.mean(axis=(1, 2))
     return dense(cfg.num_classes, axes.EMBED, axes.VOCAB, use_bias=True,
                  kernel_init=nn.initializers.lecun_normal(), name="head",
@@ -229,7 +227,7 @@ class AxialTransformer(nn.Module):
     num_inner = cfg.num_layers if cfg.num_inner_layers is None else cfg.num_inner_layers
     h_BHWD = _axial_stack(cfg, h_BHWD, num_inner, (ALONG_ROW,), (True,), "inner",
                           deterministic)
-    h_BHWD = make_norm(cfg.block.norm_type, eps=cfg.block.norm_eps, name="final_norm", **kw)(h_BHWD)
+    h_BHWD = cfg.block.make_norm("final_norm")(h_BHWD)
     return dense(cfg.num_clusters, axes.EMBED, axes.VOCAB, use_bias=True,
                  kernel_init=nn.initializers.lecun_normal(), name="head",
                  **kw)(h_BHWD).astype(jnp.float32)

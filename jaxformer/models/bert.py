@@ -17,6 +17,7 @@ out["logits"]      # [B, num_classes] float32                               if n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -24,10 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer import axes
+from jaxformer.attention import masks
 from jaxformer.layers import embeddings
 from jaxformer.layers.blocks import BlockConfig, EncoderBlock, Stack
 from jaxformer.layers.mlp import ACTIVATIONS, dense
-from jaxformer.layers.norms import make_norm
 from jaxformer.models import common
 
 Array = jax.Array
@@ -95,6 +96,19 @@ class BERTConfig:
     return 0.02 if self.block.init_stddev is None else self.block.init_stddev
 
 
+def untrained_params(section: Mapping[str, Any]) -> tuple[str, ...]:
+  """Top-level parameters a run with this model section never gave a gradient.
+
+  The ``pooler`` (tanh(dense(h[CLS]))) is read only by the NSP head or a classifier on
+  "cls" pooling; after MLM-only pre-training it is still its random init (and with
+  other poolings there is none). A fine-tuning run that starts from such a run trains
+  it as part of its head rather than loading it.
+  """
+  if section.get("pooling", "cls") != "cls":
+    return ("pooler",)
+  return () if section.get("nsp_head") or section.get("num_classes") else ("pooler",)
+
+
 def masked_pool(x_BLD: Array, valid_BL: Array, kind: str) -> Array:
   """Mean or max of ``x [B, L, D]`` over positions where ``valid [B, L]`` is True.
 
@@ -154,7 +168,6 @@ class BERT(nn.Module):
       positions = embeddings.default_positions(input_ids_BL)
     init = nn.initializers.normal(cfg.init_stddev)
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
-    norm = dict(eps=block.norm_eps, **kw)
     drop = nn.Dropout(block.dropout_rate)
 
     embed = common.token_embedding(cfg, cfg.vocab_size, stddev=cfg.init_stddev,
@@ -166,11 +179,11 @@ class BERT(nn.Module):
           cfg.type_vocab_size, cfg.embed_dim, embedding_init=init,
           name="token_type_embedding", **kw)(token_type_ids)
     if block.norm == "post":
-      x_BLD = make_norm(block.norm_type, name="embedding_norm", **norm)(x_BLD)
+      x_BLD = block.make_norm("embedding_norm")(x_BLD)
     x_BLD = drop(x_BLD, deterministic=deterministic)
     x_BLD = common.constrain(x_BLD)
 
-    mask_B11L = valid_BL[:, None, None, :]          # keys: real tokens only
+    mask_B11L = masks.make_key_mask(valid_BL)       # keys: real tokens only
     h_BLD = Stack(EncoderBlock, dataclasses.replace(block, init_stddev=cfg.init_stddev),
                   cfg.num_layers, remat=cfg.remat, scan=cfg.scan_layers,
                   block_kwargs={"rotary": cfg.positions == "rotary"}, name="encoder")(
@@ -193,7 +206,7 @@ class BERT(nn.Module):
       m_BPD = dense(cfg.embed_dim, axes.EMBED, axes.MLP, use_bias=True, kernel_init=init,
                     name="mlm_transform", **kw)(m_BPD)
       m_BPD = ACTIVATIONS[block.activation][0](m_BPD)
-      m_BPD = make_norm(block.norm_type, name="mlm_norm", **norm)(m_BPD)
+      m_BPD = block.make_norm("mlm_norm")(m_BPD)
       bias_V = self.param("mlm_bias", nn.with_logical_partitioning(
           nn.initializers.zeros, (axes.VOCAB,)), (cfg.vocab_size,), block.param_dtype)
       out["mlm_logits"] = embed.attend(m_BPD) + bias_V.astype(jnp.float32)[None, None, :]

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer import axes
+from jaxformer.attention import masks
 from jaxformer.layers import embeddings
 from jaxformer.layers.blocks import BlockConfig, DecoderBlock, EncoderBlock, Stack
 from jaxformer.layers.mlp import dense
@@ -152,7 +153,7 @@ class EncoderDecoder(nn.Module):
     x_BSD = self._add_positions(self.source_embedding(source_BS), source_positions,
                                 getattr(self, "source_positions", None))
     x_BSD = common.constrain(self.embedding_dropout(x_BSD, deterministic=deterministic))
-    mask = None if source_mask is None else source_mask.astype(bool)[:, None, None, :]
+    mask = None if source_mask is None else masks.make_key_mask(source_mask)
     return self.encoder(x_BSD, mask, source_segment_ids, source_positions,
                         deterministic=deterministic)
 
@@ -177,8 +178,7 @@ class EncoderDecoder(nn.Module):
     y_BTD = self._add_positions(self.target_embedding(target_inputs_BT), target_positions,
                                 getattr(self, "target_positions", None))
     y_BTD = common.constrain(self.embedding_dropout(y_BTD, deterministic=deterministic))
-    cross_mask = (None if source_mask is None
-                  else source_mask.astype(bool)[:, None, None, :])
+    cross_mask = None if source_mask is None else masks.make_key_mask(source_mask)
     y_BTD = self.decoder(y_BTD, encoded_BSD, None, cross_mask, target_segment_ids,
                          source_segment_ids, target_positions,
                          deterministic=deterministic)

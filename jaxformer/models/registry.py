@@ -40,6 +40,11 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "axial_classifier": (axial.AxialTransformerConfig, axial.AxialClassifier),
 }
 
+# model name -> (a run's model section -> top-level parameters that run never trained)
+UNTRAINED: dict[str, Callable[[Mapping[str, Any]], tuple[str, ...]]] = {
+    "bert": bert.untrained_params,
+}
+
 # preset name -> (model name, preset function)
 PRESETS: dict[str, tuple[str, Callable[..., Any]]] = {
     **{fn.__name__: ("gpt", fn) for fn in (
@@ -168,6 +173,14 @@ def build_model(section: Mapping[str, Any]) -> tuple[Any, nn.Module]:
   name = section.get("name")
   cfg = config_from_dict(name, section)
   return cfg, MODELS[name][1](cfg)
+
+
+def untrained_params(section: Mapping[str, Any]) -> tuple[str, ...]:
+  """Top-level parameters that a run with the model section ``section`` (as stored
+  with its checkpoints) never gave a gradient, so that a run starting from it trains
+  them as part of its head (:data:`UNTRAINED`; none for most models)."""
+  fn = UNTRAINED.get(section["name"] if "name" in section else None)
+  return fn(section) if fn else ()
 
 
 def num_params(cfg: Any, params: Any) -> int:

@@ -20,7 +20,6 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from jaxformer import axes
 from jaxformer.pretrained import checkpoint as ckpt_lib
 from jaxformer.pretrained import families
 from jaxformer.pretrained import mapping
@@ -134,6 +133,26 @@ def load_params(directory: str, abstract: Any, *, shardings: Any = None,
   return traverse_util.unflatten_dict(out)
 
 
+def missing_names(directory: str, abstract: Any,
+                  spec: families.Spec | None = None) -> tuple[str, ...]:
+  """Top-level names of ``abstract`` (our parameters) that the checkpoint has no
+  tensors for (optional heads, e.g. a pooler a checkpoint was saved without): they
+  keep their fresh values in :func:`load_params` with a ``fallback``. Reads no
+  tensor."""
+  spec = spec or spec_of(directory)
+  ckpt = ckpt_lib.Checkpoint(directory)
+  rules = mapping.RULES[spec.family](spec)
+  reader = _Reader(ckpt, spec)
+  out = []
+  for path, leaf in traverse_util.flatten_dict(abstract).items():
+    layer_rules = _layer_rules(rules, path, leaf.shape[0] if leaf.shape else 0)
+    found = [rules[path]] if path in rules else layer_rules
+    if (path[0] in mapping.OPTIONAL and path[0] not in out
+        and (found is None or not all(reader.available(r) for r in found))):
+      out.append(path[0])
+  return tuple(out)
+
+
 def _pad_vocab(value: np.ndarray, shape: Shape, rule: mapping.Rule | None) -> np.ndarray:
   """Zero rows up to our padded vocabulary (``vocab_pad_multiple``), else unchanged."""
   axis = rule.vocab_axis if rule is not None else None
@@ -177,8 +196,8 @@ def abstract_variables(model: nn.Module, model_name: str, cfg: Any) -> Any:
                         jax.random.key(0))
 
 
-def from_huggingface(directory: str, *, mesh: jax.sharding.Mesh | None = None,
-                     rules: Any = None, overrides: Mapping[str, Any] | None = None,
+def from_huggingface(directory: str, *, sharding: Any = None,
+                     overrides: Mapping[str, Any] | None = None,
                      seed: int = 0) -> tuple[nn.Module, Any]:
   """Loads a Hugging Face checkpoint: ``(model, params)``.
 
@@ -188,9 +207,9 @@ def from_huggingface(directory: str, *, mesh: jax.sharding.Mesh | None = None,
       BertForPreTraining, BertForNextSentencePrediction, BertForSequenceClassification),
       DistilBERT (DistilBertModel, DistilBertForMaskedLM), ViT (ViTModel,
       ViTForImageClassification).
-    mesh, rules: place every parameter in its sharding on ``mesh`` under the logical
-      axis ``rules`` (default ``jaxformer.axes.rules_for()``, as training uses);
-      mesh None: the default device.
+    sharding: a :class:`jaxformer.training.sharding.Sharding` (the mesh and its
+      logical-axis rules): every parameter is placed in its sharding; None: the
+      default device.
     overrides: model fields the weights do not fix (``dropout_rate``, ``dtype``,
       ``scan_layers``, ``remat``, ``attention_impl``, ...), as in a model section.
     seed: initialises what the checkpoint lacks but the model has (BERT's pooler in a
@@ -203,14 +222,12 @@ def from_huggingface(directory: str, *, mesh: jax.sharding.Mesh | None = None,
   spec = spec_of(directory)
   section = families.model_section(spec, overrides)
   cfg, model = families.build(section)
-  if mesh is None:
+  if sharding is None:
     abstract, shardings = abstract_variables(model, spec.model, cfg), None
   else:
-    rules = axes.rules_for(fsdp=True, tensor=True) if rules is None else rules
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding.activate():
       abstract = abstract_variables(model, spec.model, cfg)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract["params"]),
-                                            mesh, rules)
+    shardings = sharding.logical_shardings(abstract["params"])
   abstract = nn.meta.unbox(abstract["params"])
   fallback = _fallback(directory, spec, abstract, shardings, seed)
   params = load_params(directory, abstract, shardings=shardings, fallback=fallback,

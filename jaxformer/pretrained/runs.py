@@ -1,18 +1,22 @@
 """``config.init.pretrained=DIR``: a training run that starts from a Hugging Face checkpoint.
 
-:func:`configure` rewrites a run's config before anything is built: the model section
-takes the checkpoint's architecture (sizes, activation, norms, epsilons, tables) and
-keeps what the task chooses (heads such as ``num_classes``, dropout, dtypes, remat,
-attention implementation); the tokenizer becomes the checkpoint's
-(``data.tokenizer="pretrained"``) when the directory has vocabulary files.
-:func:`load_into_state` then replaces the freshly created parameters, in their
-shardings, by the checkpoint's: the whole body, and each head whose shape matches
-(a classifier with another number of labels stays fresh).
+:class:`HuggingFaceOrigin` is the ``"huggingface"`` origin of
+:mod:`jaxformer.training.init`:
+
+* ``configure``: the model section takes the checkpoint's architecture (sizes,
+  activation, norms, epsilons, tables) and keeps what the task chooses (heads such as
+  ``num_classes``, dropout, dtypes, remat, attention implementation);
+* ``tokenizer``: the checkpoint's, when the directory has vocabulary files and the data
+  are text (``data.tokenizer`` set);
+* ``load``: the freshly created parameters, in their shardings, are replaced by the
+  checkpoint's: the whole body, and each head whose shape matches (a classifier with
+  another number of labels stays fresh);
+* ``untrained``: what the checkpoint has no tensors for (e.g. a pooler it was saved
+  without) joins the head, so ``finetune.freeze_body`` never freezes a random layer.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -22,63 +26,45 @@ import jax
 from jaxformer.pretrained import families
 from jaxformer.pretrained import loading
 from jaxformer.pretrained import tokenizers
+from jaxformer.training import init as init_lib
 
 log = logging.getLogger(__name__)
-TOKENIZER = "pretrained"
 
 
-def directory(config: Mapping[str, Any]) -> str | None:
-  """``config.init.pretrained`` (None when unset or when there is no ``init``)."""
-  init = config.get("init") if hasattr(config, "get") else None
-  return (init or {}).get("pretrained") or None
+class HuggingFaceOrigin(init_lib.Origin):
+  """Parameters (and tokenizer) from a Hugging Face checkpoint directory."""
+
+  def __init__(self, config: init_lib.InitConfig):
+    super().__init__(config)
+    self.spec = loading.spec_of(config.path)
+
+  def configure(self, model: Mapping[str, Any]) -> dict[str, Any]:
+    section = families.model_section(self.spec, model, with_heads=False)
+    log.warning("init.pretrained=%s: %s (%s)", self.config.path, self.spec.hf_class,
+                self.spec.family)
+    return section
+
+  def tokenizer(self, data: Any) -> tokenizers.HuggingFaceTokenizer | None:
+    if data.tokenizer is None or not tokenizers.has_tokenizer(self.config.path):
+      return None
+    return tokenizers.load_tokenizer(self.config.path)
+
+  def untrained(self, abstract_params: Any) -> tuple[str, ...]:
+    return loading.missing_names(self.config.path, _shapes(abstract_params), self.spec)
+
+  def load(self, state: Any, param_shardings: Any) -> Any:
+    """Each parameter is read, converted and placed into its sharding on its own (see
+    :func:`jaxformer.pretrained.load_params`), on every process; parameters the
+    checkpoint lacks or has in another shape keep their fresh values if they are
+    heads."""
+    params = loading.load_params(self.config.path, _shapes(state.params),
+                                 shardings=param_shardings, fallback=state.params,
+                                 spec=self.spec)
+    return state.replace(params=params)
+
+  def where(self) -> str:
+    return f"{self.config.path} ({self.spec.hf_class})"
 
 
-def configure(config: Any) -> Any:
-  """A copy of ``config`` set up for ``init.pretrained`` (``config`` itself if unset)."""
-  path = directory(config)
-  if not path:
-    return config
-  spec = loading.spec_of(path)
-  section = families.model_section(spec, config["model"], with_heads=False)
-  new = copy.deepcopy(config)
-  unlocked = getattr(new, "unlocked", None)
-  with unlocked() if unlocked else _nothing():
-    new["model"] = type(config["model"])(section) if hasattr(
-        config["model"], "to_dict") else section
-    if tokenizers.has_tokenizer(path) and new["data"].get("tokenizer") is not None:
-      new["data"]["tokenizer"] = TOKENIZER
-  log.warning("init.pretrained=%s: %s (%s), tokenizer %s", path, spec.hf_class,
-              spec.family, new["data"].get("tokenizer"))
-  return new
-
-
-class _nothing:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
-
-
-def tokenizer(config: Mapping[str, Any]) -> tokenizers.HuggingFaceTokenizer | None:
-  """The checkpoint's tokenizer when :func:`configure` chose it, else None."""
-  path = directory(config)
-  if path and config["data"].get("tokenizer") == TOKENIZER:
-    return tokenizers.load_tokenizer(path)
-  return None
-
-
-def load_into_state(state: Any, param_shardings: Any, config: Mapping[str, Any]) -> Any:
-  """``state`` with its parameters loaded from ``init.pretrained`` (unchanged if unset).
-
-  Each parameter is read, converted and placed into its sharding on its own (see
-  :func:`jaxformer.pretrained.load_params`), on every process; parameters the
-  checkpoint lacks or has in another shape keep their fresh values if they are heads.
-  """
-  path = directory(config)
-  if not path:
-    return state
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
-  params = loading.load_params(path, abstract, shardings=param_shardings,
-                               fallback=state.params)
-  return state.replace(params=params)
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

@@ -1,8 +1,9 @@
 """Tasks: one module per task, each owning its data, model inputs, loss, evals, sample.
 
-``config.task`` names one of :data:`TASKS`; ``config.task_options`` are its options.
-To add a task, subclass :class:`~jaxformer.tasks.base.Task` in a new module and add it
-here.
+``config.task`` names one of :data:`TASKS`; ``config.task_options`` are its options
+(the task's ``Options`` dataclass) and ``config.data`` its data (the task's ``Data``,
+:class:`~jaxformer.data.config.DataConfig` plus the fields only it reads). To add a
+task, subclass :class:`~jaxformer.tasks.base.Task` in a new module and add it here.
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ def task_class(name: str) -> type[Task]:
 
 def check_task(config: Mapping[str, Any]) -> None:
   """ValueError unless ``config.task`` and ``config.task_options`` are valid."""
-  task_class(config["task"]).check_options(config.get("task_options"))
+  task_class(config["task"]).parse_options(_options(config))
 
 
 def build_task(config: Mapping[str, Any], *, tokenizer: Any = None,
                model_config: Any = None) -> Task:
-  """The run's task from ``config.task``, ``task_options`` and ``data``."""
+  """The run's task from ``config.task``, ``task_options`` and ``data`` (an experiment
+  config, or the parsed :class:`jaxformer.training.config.RunConfig`)."""
   cls = task_class(config["task"])
-  return cls(config["data"], config.get("task_options"), tokenizer=tokenizer,
+  return cls(config["data"], _options(config), tokenizer=tokenizer,
              model_config=model_config)
+
+
+def _options(config: Mapping[str, Any]) -> Any:
+  return config["task_options"] if "task_options" in config else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 
 from jaxformer.data import pipeline
 from jaxformer.data import tokenizers as tok_lib
+from jaxformer.data.config import DataConfig
 from jaxformer.generation import decode as generation
 from jaxformer.objectives import causal_lm
 from jaxformer.tasks import base
@@ -33,16 +35,34 @@ def unigram_bits(batches: list[Mapping[str, np.ndarray]]) -> float:
   return float(-(p * np.log2(p)).sum())
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMData(DataConfig):
+  """``data`` of language modelling: ``pack`` several documents per row (segment ids)
+  or one chunk per row; ``seq_len`` tokens per row."""
+
+  seq_len: int = dataclasses.field()  # required (the base class has a default)
+  pack: bool = True
+
+
 class CausalLM(base.Task):
   """Next-token prediction on packed documents (a decoder-only LM such as GPT).
 
   Batches: ``inputs``/``targets``/``segment_ids``/``positions``/``weights`` ``[B, L]``
-  (:func:`jaxformer.data.pipeline.lm_pipeline`; ``data.pack``). Model:
+  (:func:`jaxformer.data.pipeline.read_lm`; ``data.pack``). Model:
   ``(inputs_BL, segment_ids, positions) -> logits_BLV``. Eval adds, for a byte
-  tokenizer, ``bits_per_byte`` and the ``unigram_bits_per_byte`` baseline.
+  tokenizer, ``bits_per_byte`` and the ``unigram_bits_per_byte`` baseline. Options:
+  a text sample at the end of the run, ``sample_tokens`` (0: none) continuing
+  ``sample_prompt`` at ``sample_temperature``.
   """
 
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Options:
+    sample_tokens: int = 0
+    sample_prompt: str = ""
+    sample_temperature: float = 1.0
+
   name = "causal_lm"
+  Data = LMData
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -51,13 +71,12 @@ class CausalLM(base.Task):
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
     # Eval: one dense stream in a fixed order, repeating (every process can always
     # take the same number of batches).
-    return pipeline.lm_pipeline(
-        self.source(train), self.tokenizer, seq_len=self.data["seq_len"],
-        batch_size=batch_size, seed=seed if train else 0,
-        shard_index=jax.process_index(), shard_count=jax.process_count(),
-        pack=self.data.get("pack", True), shuffle=train,
-        streams=None if train else 1,
-        prefetch=self.data.get("prefetch", 0) if train else 0)
+    options = self.read_options(batch_size=batch_size, seed=seed if train else 0,
+                                train=train)
+    return pipeline.read_lm(self.source(train), self.tokenizer, options,
+                            seq_len=self.data.seq_len, pack=self.data.pack,
+                            text_key=self.data.text_key,
+                            streams=None if train else 1)
 
   def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:
     return batch["inputs"], batch.get("segment_ids"), batch.get("positions")
@@ -79,15 +98,17 @@ class CausalLM(base.Task):
             "unigram_bits_per_byte": self._unigram}
 
   def sample(self, params: Any, runtime: base.Runtime,
-             train: Mapping[str, Any]) -> str | None:
-    if train.get("sample_tokens", 0) <= 0 or self.tokenizer is None:
+             seed: int) -> tuple[str, str] | None:
+    opts = self.options
+    if opts.sample_tokens <= 0 or self.tokenizer is None:
       return None
-    max_len = getattr(self.model_config, "max_len", self.data["seq_len"])
-    return sample_text(runtime, params, self.tokenizer,
-                       prompt=train.get("sample_prompt", ""),
-                       max_new_tokens=train["sample_tokens"],
-                       temperature=train.get("sample_temperature", 1.0),
-                       seed=train["seed"], max_len=max_len)
+    max_len = getattr(self.model_config, "max_len", self.data.seq_len)
+    text = sample_text(runtime, params, self.tokenizer, prompt=opts.sample_prompt,
+                       max_new_tokens=opts.sample_tokens,
+                       temperature=opts.sample_temperature, seed=seed,
+                       max_len=max_len)
+    return text, (f"sample (prompt {opts.sample_prompt!r}, temperature "
+                  f"{opts.sample_temperature})")
 
 
 def sample_text(runtime: base.Runtime, params: Any, tokenizer: tok_lib.Tokenizer, *,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 
 from jaxformer.data import pipeline
+from jaxformer.data.config import DataConfig
 from jaxformer.objectives import classification
 from jaxformer.tasks import base
 from jaxformer.tasks import masked_lm
@@ -21,25 +23,50 @@ def _loss(logits_BC: jax.Array, batch: base.Batch,
   return loss, metrics
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Smoothing:
+  """Options of the classification tasks."""
+  label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextClassData(DataConfig):
+  """``data`` of text classification: ``seq_len`` tokens per text, the records' label
+  feature."""
+  seq_len: int = dataclasses.field()  # required (the base class has a default)
+  label_key: str = "label"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageData(DataConfig):
+  """``data`` of image tasks: the image and label features, and the per-channel
+  ``mean`` / ``std`` pixels in [0, 1] are normalised with."""
+  image_key: str = "image"
+  label_key: str = "label"
+  mean: tuple[float, ...] = (0.5,)
+  std: tuple[float, ...] = (0.5,)
+
+
 class Classification(base.Task):
   """Softmax classification of texts with a BERT (``model.num_classes > 0``).
 
-  Batches: :func:`jaxformer.data.pipeline.classification_pipeline` (``[CLS] text
-  [SEP]``, as BERT's tokenizer and the masked-LM pre-training frame text; ``data.text_key``,
-  ``label_key``). Model: ``(inputs, token_types,
+  Batches: :class:`jaxformer.data.pipeline.EncodeClassification` (``[CLS] text
+  [SEP]``, as BERT's tokenizer and the masked-LM pre-training frame text;
+  ``data.text_key``, ``label_key``). Model: ``(inputs, token_types,
   attention_mask) -> {"logits": [B, C]}``. Metrics: ``loss``, ``nll``, ``accuracy``,
   ``num_tokens`` (= real examples).
   """
 
   name = "classification"
-  OPTIONS = dict(label_smoothing=0.0)
+  Options = Smoothing
+  Data = TextClassData
 
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
-    return pipeline.classification_pipeline(
-        self.source(train), self.tokenizer, seq_len=self.data["seq_len"],
-        text_key=self.data.get("text_key", "text"),
-        label_key=self.data.get("label_key", "label"),
-        **self.example_kwargs(batch_size=batch_size, seed=seed, train=train))
+    data = self.data
+    encode = pipeline.EncodeClassification(self.tokenizer, data.seq_len,
+                                           data.text_key, data.label_key)
+    return pipeline.read(self.source(train), encode, self.read_options(
+        batch_size=batch_size, seed=seed, train=train))
 
   def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:
     return batch["inputs"], None, masked_lm.valid_mask(batch)
@@ -50,19 +77,20 @@ class Classification(base.Task):
     out = self.apply(model, params, batch, rng, deterministic)
     if "logits" not in out:
       raise ValueError("task='classification' needs a BERT with model.num_classes > 0")
-    return _loss(out["logits"], batch, self.options["label_smoothing"])
+    return _loss(out["logits"], batch, self.options.label_smoothing)
 
 
 class ImageClassification(base.Task):
   """Softmax classification of images (``ViT``, ``AxialClassifier``).
 
-  Batches: :func:`jaxformer.data.pipeline.image_pipeline` (``data.mean``/``std``,
+  Batches: :class:`jaxformer.data.pipeline.NormalizeImage` (``data.mean``/``std``,
   ``image_key``, ``label_key``). Model: ``image [B, H, W, C] -> logits [B, C]``.
   Metrics as :class:`Classification`.
   """
 
   name = "image_classification"
-  OPTIONS = dict(label_smoothing=0.0)
+  Options = Smoothing
+  Data = ImageData
 
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
     return image_batches(self, batch_size=batch_size, seed=seed, train=train)
@@ -77,17 +105,16 @@ class ImageClassification(base.Task):
            rng: jax.Array | None, deterministic: bool
            ) -> tuple[jax.Array, base.Metrics]:
     logits_BC = self.apply(model, params, batch, rng, deterministic)
-    return _loss(logits_BC, batch, self.options["label_smoothing"])
+    return _loss(logits_BC, batch, self.options.label_smoothing)
 
 
 def image_batches(task: base.Task, *, batch_size: int, seed: int, train: bool) -> Any:
-  """Normalised images and labels of ``task``'s data (``data.mean``/``data.std``)."""
+  """Normalised images and labels of ``task``'s data (an :class:`ImageData`)."""
   data = task.data
-  return pipeline.image_pipeline(
-      task.source(train), mean=tuple(data.get("mean", (0.5,))),
-      std=tuple(data.get("std", (0.5,))), image_key=data.get("image_key", "image"),
-      label_key=data.get("label_key", "label"),
-      **task.example_kwargs(batch_size=batch_size, seed=seed, train=train))
+  normalize = pipeline.NormalizeImage.of(data.mean, data.std, data.image_key,
+                                         data.label_key)
+  return pipeline.read(task.source(train), normalize, task.read_options(
+      batch_size=batch_size, seed=seed, train=train))
 
 
 def image_length(model_config: Any) -> int:

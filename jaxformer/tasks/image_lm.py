@@ -10,6 +10,7 @@ ImageGPT (``image_lm``: a GPT over the flattened ids) or the Axial Transformer
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -64,8 +65,12 @@ def _pixel_weights(batch: base.Batch, shape: tuple[int, int]) -> jax.Array:
 class ImageLM(base.Task):
   """ImageGPT: next-pixel prediction over palette ids in raster order."""
 
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Options:
+    levels: int = 4
+
   name = "image_lm"
-  OPTIONS = dict(levels=4)
+  Data = classification.ImageData
 
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
     return classification.image_batches(self, batch_size=batch_size, seed=seed,
@@ -76,7 +81,7 @@ class ImageLM(base.Task):
 
   def ids(self, batch: base.Batch) -> jax.Array:
     """The batch's images as palette ids ``[B, H, W]``."""
-    return quantize_images(jnp.asarray(batch["image"]), levels=self.options["levels"],
+    return quantize_images(jnp.asarray(batch["image"]), levels=self.options.levels,
                            num_clusters=self.model_config.num_clusters)
 
   def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:

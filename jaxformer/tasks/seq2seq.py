@@ -14,6 +14,7 @@ logged once and there is no ``eval_bleu``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxformer.data import pipeline
+from jaxformer.data.config import DataConfig
 from jaxformer.generation import metrics as gen_metrics
 from jaxformer.generation import seq2seq as seq2seq_gen
 from jaxformer.objectives import seq2seq
@@ -98,10 +100,26 @@ def _sacrebleu_tokenizers() -> tuple[str, ...] | None:
   return None if names is None else tuple(names)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Seq2SeqData(DataConfig):
+  """``data`` of sequence to sequence: the source and target features and their
+  lengths in tokens (``EOS`` included)."""
+  source_len: int
+  target_len: int
+  source_key: str = "source"
+  target_key: str = "target"
+
+  def __post_init__(self):
+    super().__post_init__()
+    for name in ("source_len", "target_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"data.{name}={getattr(self, name)!r} must be an int >= 1")
+
+
 class Seq2Seq(base.Task):
   """Encoder-decoder training with teacher forcing and label smoothing.
 
-  Batches: :func:`jaxformer.data.pipeline.seq2seq_pipeline` (``data.source_len``,
+  Batches: :class:`jaxformer.data.pipeline.EncodeSeq2Seq` (``data.source_len``,
   ``target_len``, ``source_key``, ``target_key``). Model: ``EncoderDecoder``,
   ``(inputs, decoder_inputs, inputs_mask) -> logits_BTV``.
   Options: ``label_smoothing``; ``bleu_batches`` (0: no BLEU), ``bleu_tokenize``.
@@ -109,13 +127,19 @@ class Seq2Seq(base.Task):
   ``num_tokens``; eval adds ``bleu``.
   """
 
+  @dataclasses.dataclass(frozen=True, kw_only=True)
+  class Options:
+    label_smoothing: float = 0.1
+    bleu_batches: int = 0
+    bleu_tokenize: str | None = None
+
   name = "seq2seq"
-  OPTIONS = dict(label_smoothing=0.1, bleu_batches=0, bleu_tokenize=None)
+  Data = Seq2SeqData
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    num = self.options["bleu_batches"]
-    if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+    num = self.options.bleu_batches
+    if num < 0:
       raise ValueError(f"task_options.bleu_batches={num!r} must be an int >= 0 "
                        "(0 = no BLEU)")
     self._bleu = num > 0
@@ -125,7 +149,7 @@ class Seq2Seq(base.Task):
       log.warning("task_options.bleu_batches=%d but sacrebleu is not installed: no "
                   "eval_bleu (pip install 'sacrebleu>=2.4')", num)
       self._bleu = False
-    tokenize = self.options["bleu_tokenize"]
+    tokenize = self.options.bleu_tokenize
     if self._bleu and tokenize is not None:
       known = _sacrebleu_tokenizers()
       if known is not None and tokenize not in known:
@@ -134,14 +158,13 @@ class Seq2Seq(base.Task):
 
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
     data = self.data
-    return pipeline.seq2seq_pipeline(
-        self.source(train), self.tokenizer, source_len=data["source_len"],
-        target_len=data["target_len"], source_key=data.get("source_key", "source"),
-        target_key=data.get("target_key", "target"),
-        **self.example_kwargs(batch_size=batch_size, seed=seed, train=train))
+    encode = pipeline.EncodeSeq2Seq(self.tokenizer, data.source_len, data.target_len,
+                                    data.source_key, data.target_key)
+    return pipeline.read(self.source(train), encode, self.read_options(
+        batch_size=batch_size, seed=seed, train=train))
 
   def example_length(self) -> int:
-    return self.data["source_len"] + self.data["target_len"]
+    return self.data.source_len + self.data.target_len
 
   def model_inputs(self, batch: base.Batch) -> tuple[Any, ...]:
     return batch["inputs"], batch["decoder_inputs"], batch["inputs_mask"]
@@ -151,18 +174,18 @@ class Seq2Seq(base.Task):
            ) -> tuple[jax.Array, base.Metrics]:
     logits_BTV = self.apply(model, params, batch, rng, deterministic)
     return seq2seq.loss(logits_BTV, batch["targets"], batch["weights"],
-                        label_smoothing=self.options["label_smoothing"])
+                        label_smoothing=self.options.label_smoothing)
 
   def eval_metrics(self, params: Any, batches: list[base.Batch],
                    metrics: Mapping[str, float],
                    runtime: base.Runtime) -> dict[str, float]:
     if not self._bleu:
       return {}
-    max_new_tokens = int(self.data["target_len"])
+    max_new_tokens = int(self.data.target_len)
     max_len = getattr(self.model_config, "max_len", None)
     if isinstance(max_len, int):
       max_new_tokens = min(max_new_tokens, max_len)
-    score = bleu_of_batches(runtime, params, batches[:self.options["bleu_batches"]],
+    score = bleu_of_batches(runtime, params, batches[:self.options.bleu_batches],
                             self.tokenizer, max_new_tokens=max_new_tokens,
-                            tokenize=self.options["bleu_tokenize"])
+                            tokenize=self.options.bleu_tokenize)
     return {"bleu": score}

@@ -28,6 +28,7 @@ else touches JAX devices.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -35,9 +36,31 @@ from typing import Any
 
 import jax
 
+from jaxformer import configs
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "always", "never")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+  """The ``distributed`` section (the module docstring): ``initialize`` is one of
+  :data:`MODES`; the three others are given all together or not at all."""
+
+  initialize: str = "auto"
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def __post_init__(self):
+    if self.initialize not in MODES:
+      raise ValueError(
+          f"distributed.initialize={self.initialize!r} is not one of {MODES}")
+
+  @classmethod
+  def parse(cls, section: Any) -> DistributedConfig:
+    return configs.parse(cls, section, "distributed")
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -62,24 +85,21 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:
   return None
 
 
-def initialize_kwargs(config: Mapping[str, Any],
+def initialize_kwargs(config: DistributedConfig | Mapping[str, Any] | None,
                       env: Mapping[str, str] | None = None
                       ) -> dict[str, Any] | None:
   """Arguments for ``jax.distributed.initialize``, or None for a single process.
 
   Args:
-    config: the ``distributed`` config section (``initialize``, ``coordinator_address``,
-      ``num_processes``, ``process_id``).
+    config: the ``distributed`` config section (a :class:`DistributedConfig`, or a
+      mapping of its fields).
     env: environment (default ``os.environ``).
   """
   env = os.environ if env is None else env
-  mode = config.get("initialize", "auto")
-  if mode not in MODES:
-    raise ValueError(
-        f"distributed.initialize={mode!r} is not one of {MODES}")
-  address = config.get("coordinator_address") or None
-  num = config.get("num_processes")
-  pid = config.get("process_id")
+  config = DistributedConfig.parse(config)
+  mode = config.initialize
+  address = config.coordinator_address or None
+  num, pid = config.num_processes, config.process_id
   if address is None and num is None and pid is None and env.get(
       "JAX_COORDINATOR_ADDRESS"):
     address = env["JAX_COORDINATOR_ADDRESS"]
@@ -107,7 +127,8 @@ def initialize_kwargs(config: Mapping[str, Any],
   return None
 
 
-def maybe_initialize(config: Mapping[str, Any] | None = None) -> bool:
+def maybe_initialize(config: DistributedConfig | Mapping[str, Any] | None = None
+                     ) -> bool:
   """Calls ``jax.distributed.initialize`` when config or environment says so.
 
   Args:
@@ -115,7 +136,7 @@ def maybe_initialize(config: Mapping[str, Any] | None = None) -> bool:
   Returns:
     True if this process is part of a multi-process run.
   """
-  kwargs = initialize_kwargs(config or {})
+  kwargs = initialize_kwargs(config)
   if kwargs is None:
     return False
   if jax.distributed.is_initialized():

@@ -1,62 +1,37 @@
-"""Fine-tuning: a pretrained body from a training workdir, a fresh head, optional freezing.
+"""Starting from one of our runs: its body, a fresh head, optional freezing.
 
-A config with a ``finetune`` section turns an ordinary run into fine-tuning::
-
-  finetune.pretrained_workdir = "runs/bert_mlm"   # a workdir written by the loop
-  finetune.step = None          # None: its newest checkpoint
-  finetune.head = ("classifier",)   # top-level param names that start fresh
-  finetune.freeze_body = False  # True: body params get zero updates (set_to_zero)
+A config with ``finetune.pretrained_workdir`` (a workdir written by the loop) starts
+from that run's checkpoint (``finetune.step``, None: the newest): :class:`RunOrigin`,
+the ``"run"`` origin of :mod:`jaxformer.training.init`.
 
 At step 0 every *body* parameter (everything not under a ``head`` name) is replaced by
 the pretrained value at the same path, which must exist with the same shape; only the
 ``params`` of the pretrained state are read (orbax partial restore: no optimizer state).
-Pretrained params the new model does not have (e.g. BERT's MLM and NSP heads) are
-ignored. With ``freeze_body`` the optimizer zeroes the body's gradients before ``tx``
-and its updates after (:func:`freeze_body`), so the body stays bit-identical to the
-checkpoint; gradient clipping then sees only the head's gradients.
-Resuming a fine-tuning run restores its own checkpoint, not the pretrained one.
-
-BERT's ``pooler`` (tanh(dense(h[CLS]))) only gets a gradient from NSP or a classifier on
-"cls" pooling; after MLM-only pre-training it is still its random init. Loading it as
-body (and freezing it) would fit the head on a random frozen projection, so
-:func:`resolve` adds ``"pooler"`` to the head (fresh and trainable) whenever the
-pretrained run never trained it or does not have it, and says so in the log.
+Pretrained params the new model does not have (e.g. pre-training heads) are
+ignored. The head gains the parameters the pretrained run never trained (its stored
+model section says which: :func:`jaxformer.models.registry.untrained_params`), so a
+frozen body never freezes a random layer. Resuming a fine-tuning run restores its own
+checkpoint, not the pretrained one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import init as init_lib
+from jaxformer.training.init import freeze_body  # noqa: F401 (re-exported)
+from jaxformer.training.init import param_labels  # noqa: F401 (re-exported)
 
-HEAD, BODY = "head", "body"
-POOLER = "pooler"
-
-
-def _check_head(head: Sequence[str]) -> tuple[str, ...]:
-  if isinstance(head, str) or not all(isinstance(h, str) for h in head):
-    raise TypeError(f"finetune.head={head!r} must be a sequence of top-level "
-                    "parameter names, e.g. ('classifier',)")
-  return tuple(head)
-
-
-def _top_name(path: tuple[Any, ...]) -> Any:
-  return getattr(path[0], "key", path[0]) if path else None
-
-
-def param_labels(params: Any, head: Sequence[str]) -> Any:
-  """A tree like ``params`` of ``"head"`` (top-level name in ``head``) / ``"body"``."""
-  head = _check_head(head)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: HEAD if _top_name(path) in head else BODY, params)
+_check_head = init_lib._check_head  # pylint: disable=protected-access
 
 
 def pretrained_step(workdir: str, step: int | None = None) -> int:
@@ -178,49 +153,20 @@ def body_paths(params: Any, pretrained: Any, *, head: Sequence[str],
   return body
 
 
-def freeze_body(tx: optax.GradientTransformation,
-                head: Sequence[str]) -> optax.GradientTransformation:
-  """``tx`` with the body's gradients and updates set to zero.
+def init_from_pretrained(state: Any, param_shardings: Any, workdir: str,
+                         step: int | None, head: Sequence[str],
+                         optional: Sequence[str] = ()) -> Any:
+  """A fresh ``TrainState`` with its body replaced by the params of a loop checkpoint.
 
-  ``chain(zero body grads, tx, zero body updates)``: clipping and Adam see the head's
-  gradients only (the body's moments stay zero), and decoupled weight decay, which
-  ``tx`` adds to every update, is removed from the body's again, so the body's
-  parameters never change. (Unlike ``optax.multi_transform`` this keeps ``tx``'s state
-  shaped like the params, which the state's sharding derivation relies on.)
+  The body (every parameter not under a ``head`` name; ``optional`` head names may be
+  absent from the model) is restored straight into ``param_shardings`` (each process
+  reads only its own shards; works with any number of processes); the head keeps its
+  fresh values. The optimizer state need not change: it was initialised from the
+  shapes only (zero moments).
   """
-  head = _check_head(head)
-
-  def is_body(params):
-    return jax.tree.map(lambda label: label == BODY, param_labels(params, head))
-
-  zero_body = optax.masked(optax.set_to_zero(), is_body)
-  return optax.chain(zero_body, tx, zero_body)
-
-
-def wrap_optimizer(tx: optax.GradientTransformation,
-                   section: Mapping[str, Any] | None) -> optax.GradientTransformation:
-  """``tx``, or :func:`freeze_body` of it when ``section.freeze_body`` is set."""
-  if section and section.get("freeze_body", False):
-    return freeze_body(tx, section["head"])
-  return tx
-
-
-def init_from_pretrained(state: Any, param_shardings: Any,
-                         section: Mapping[str, Any] | None) -> Any:
-  """A fresh ``TrainState`` with its body replaced by the pretrained params.
-
-  Does nothing unless ``section.pretrained_workdir`` is set. The body is restored
-  straight into ``param_shardings`` (each process reads only its own shards; works
-  with any number of processes); the head keeps its fresh values. The optimizer
-  state need not change: it was initialised from the shapes only (zero moments).
-  """
-  if not section or not section.get("pretrained_workdir"):
-    return state
-  workdir, step = section["pretrained_workdir"], section.get("step")
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = _params_metadata(checkpointer, _state_path(workdir, step))
-  paths = body_paths(state.params, metadata, head=section["head"],
-                     optional=section.get("auto_head", ()))
+  paths = body_paths(state.params, metadata, head=head, optional=optional)
   flat = traverse_util.flatten_dict(state.params)
   flat_sh = traverse_util.flatten_dict(param_shardings)
   target = traverse_util.unflatten_dict({
@@ -229,18 +175,6 @@ def init_from_pretrained(state: Any, param_shardings: Any,
   flat.update(traverse_util.flatten_dict(
       load_pretrained_params(workdir, step, target=target)))
   return state.replace(params=traverse_util.unflatten_dict(flat))
-
-
-def pooler_trained(stored_config: Mapping[str, Any] | None) -> bool:
-  """Whether a run with this stored config gave BERT's ``pooler`` a gradient.
-
-  Only the NSP head or a classifier on "cls" pooling reads the pooler; MLM alone never
-  does, and other poolings have no pooler at all.
-  """
-  model = (stored_config or {}).get("model") or {}
-  if model.get("pooling", "cls") != "cls":
-    return False
-  return bool(model.get("nsp_head")) or bool(model.get("num_classes"))
 
 
 def stored_config(workdir: str, step: int) -> dict[str, Any]:
@@ -255,55 +189,22 @@ def stored_config(workdir: str, step: int) -> dict[str, Any]:
     checkpointer.close()
 
 
-def resolve(section: Mapping[str, Any] | None) -> dict[str, Any] | None:
-  """``section`` with ``"pooler"`` added to ``head`` when the pretrained run never
-  trained it (:func:`pooler_trained` of its stored config) or has no pooler params.
+class RunOrigin(init_lib.Origin):
+  """The ``"run"`` origin: the body of a loop checkpoint (the module docstring)."""
 
-  The added names are listed under ``auto_head`` (they may be absent from the
-  fine-tuning model, e.g. with ``pooling="max"``). Without ``pretrained_workdir`` the
-  section is returned as a plain dict, unchanged.
-  """
-  if not section:
-    return None
-  section = dict(section)
-  section["head"] = _check_head(section.get("head", ()))
-  if not section.get("pretrained_workdir") or POOLER in section["head"]:
-    return section
-  workdir = section["pretrained_workdir"]
-  step = pretrained_step(workdir, section.get("step"))
-  stored = stored_config(workdir, step)
-  with ocp.PyTreeCheckpointer() as reader:
-    has_pooler = POOLER in _params_metadata(reader, _state_path(workdir, step))
-  if not has_pooler or not pooler_trained(stored):
-    section["head"] += (POOLER,)
-    section["auto_head"] = (POOLER,)
-  return section
+  def __init__(self, config: init_lib.InitConfig):
+    super().__init__(config)
+    self._step = pretrained_step(config.path, config.step)
 
+  def untrained(self, abstract_params: Any) -> tuple[str, ...]:
+    """What the pretrained run never trained (its stored model section says)."""
+    del abstract_params
+    stored = stored_config(self.config.path, self._step)
+    return registry.untrained_params(stored["model"]) if stored.get("model") else ()
 
-def trainable(params: Any, section: Mapping[str, Any] | None) -> list[str]:
-  """The top-level names of ``params`` that the optimizer updates."""
-  names = sorted({_top_name(path) for path, _ in
-                  jax.tree_util.tree_flatten_with_path(params)[0]})
-  if not section or not section.get("freeze_body"):
-    return names
-  return [n for n in names if n in tuple(section["head"])]
+  def load(self, state: Any, param_shardings: Any) -> Any:
+    return init_from_pretrained(state, param_shardings, self.config.path, self._step,
+                                self.head(state.params), optional=self._added)
 
-
-def describe(section: Mapping[str, Any] | None, params: Any = None) -> str:
-  """One log line about the fine-tuning setup ("" when there is none); with
-  ``params``, also the trainable top-level names and their parameter count."""
-  if not section or not section.get("pretrained_workdir"):
-    return ""
-  line = (f"fine-tuning: body from {section['pretrained_workdir']} (step "
-          f"{section.get('step') or 'newest'}), fresh head "
-          f"{tuple(section['head'])}, body "
-          f"{'frozen' if section.get('freeze_body') else 'trained'}")
-  if section.get("auto_head"):
-    line += (f" ({', '.join(section['auto_head'])} added to the head: the pretrained "
-             "run never trained it)")
-  if params is not None:
-    names = trainable(params, section)
-    count = sum(int(np.prod(np.shape(x))) for n in names
-                for x in jax.tree.leaves(params[n]))
-    line += f" | trainable: {', '.join(names)} ({count:,} params)"
-  return line
+  def where(self) -> str:
+    return f"{self.config.path} (step {self._step})"

@@ -23,8 +23,9 @@ from typing import Any
 HARMLESS: tuple[str, ...] = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
-    "train.progress", "train.tensorboard", "train.sample_prompt", "train.sample_tokens",
-    "train.sample_temperature", "train.bleu_batches", "train.allow_config_changes",
+    "train.progress", "train.tensorboard", "task_options.sample_prompt",
+    "task_options.sample_tokens", "task_options.sample_temperature",
+    "train.bleu_batches", "train.allow_config_changes",
     "train.max_consecutive_skipped", "data.prefetch", "data.eval_batch_size",
     "sharding", "distributed",
 )
@@ -60,8 +61,15 @@ def config_changes(stored: Any, current: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def allowed_changes(config: Mapping[str, Any]) -> tuple[str, ...]:
+  """``train.allow_config_changes`` of a config (JSON data or a ``ConfigDict``),
+  checked: a tuple of dotted config keys."""
+  train = config["train"] if "train" in config else {}
+  names = train["allow_config_changes"] if "allow_config_changes" in train else ()
+  return check_allowed(names or ())
+
+
+def check_allowed(names: Any) -> tuple[str, ...]:
   """``train.allow_config_changes`` checked: a tuple of dotted config keys."""
-  names = config.get("train", {}).get("allow_config_changes") or ()
   if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
     raise ValueError(f"train.allow_config_changes={names!r} must be a tuple of dotted "
                      "config keys, e.g. ('optimizer.learning_rate',)")
@@ -103,8 +111,8 @@ def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
   return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def log_changes(logger: Any, start: int,
-                        changes: dict[str, Any], config: Any) -> None:
+def log_changes(logger: Any, start: int, changes: dict[str, Any],
+                config: Mapping[str, Any]) -> None:
   """Logs the changes :func:`check_resume` allowed (``changes``: its two dicts under
   ``"harmless"`` and ``"allowed"``); records deliberate ones in the metrics as a
   ``{"step": start, "config_changes": {key: {"old", "new"}}}`` row.
@@ -113,7 +121,7 @@ def log_changes(logger: Any, start: int,
     logger: a :class:`jaxformer.training.metrics_logger.MetricsLogger`.
     start: the step resumed from.
     changes: as above (empty for a run from scratch).
-    config: the new config (for the note on ``train.num_steps``).
+    config: the new config as JSON data (for the note on ``train.num_steps``).
   """
   harmless, allowed = changes.get("harmless"), changes.get("allowed")
   if harmless:

@@ -18,8 +18,9 @@ from flax import linen as nn
 
 from jaxformer.data import tokenizers as tok_lib
 from jaxformer.data import vocab
-from jaxformer.pretrained import runs as pretrained_runs
+from jaxformer.pretrained import tokenizers as hf_tokenizers
 from jaxformer.training import finetune
+from jaxformer.training import init as init_lib
 from jaxformer.training import loop
 
 
@@ -37,12 +38,16 @@ class SavedRun:
 
 
 def run_tokenizer(config: dict[str, Any], workdir: str) -> tok_lib.Tokenizer | None:
-  """The tokenizer the run in ``workdir`` trained with (never fits a new one)."""
-  hf = pretrained_runs.tokenizer(config)
-  if hf is not None:
-    return hf
+  """The tokenizer the run in ``workdir`` trained with (never fits a new one): the
+  Hugging Face checkpoint's when the run started from one, else ``data.tokenizer``'s.
+
+  ``config`` is the stored config (JSON data, the edge: read as such)."""
   data = config.get("data") or {}
   kind = data.get("tokenizer")
+  init = init_lib.InitConfig.parse(config.get("init"), config.get("finetune"))
+  if (init.origin == "huggingface" and kind is not None
+      and hf_tokenizers.has_tokenizer(init.path)):
+    return hf_tokenizers.load_tokenizer(init.path)
   if kind in vocab.FILES:
     path = os.path.join(workdir, "tokenizer", vocab.FILES[kind])
     if not os.path.exists(path):

@@ -1,8 +1,14 @@
 """Device mesh, logical-axis rules and the shardings of state and batches.
 
-The mesh always has the three axes ``("data", "fsdp", "tensor")``; the config's
-``mesh_shape`` sizes them (one entry may be -1 = the remaining devices). One device,
-data parallel, FSDP and tensor parallel are the same code with different shapes::
+One value, :class:`Sharding`, built once from :class:`ShardingConfig` (the config's
+``sharding`` section) and the devices, owns the mesh and its logical-axis rules and
+offers what the rest of training needs: ``shard_batch``, ``activate``,
+``state_shardings``, ``check_shardable``. It travels wherever a mesh and rules would.
+
+The mesh has the axes :data:`jaxformer.axes.MESH_AXES` (``("data", "fsdp",
+"tensor")``); the config's ``mesh_shape`` sizes them (one entry may be -1 = the
+remaining devices). One device, data parallel, FSDP and tensor parallel are the same
+code with different shapes::
 
   mesh_shape=(1, 1, 1)     one device
   mesh_shape=(-1, 1, 1)    data parallel (params replicated)
@@ -11,12 +17,13 @@ data parallel, FSDP and tensor parallel are the same code with different shapes:
 
 Batches are sharded over ``("data", "fsdp")`` along their leading axis. The model's
 ``nn.with_logical_constraint`` calls need the mesh and rules in context while tracing:
-wrap tracing/calls in :func:`activate`.
+wrap tracing/calls in ``Sharding.activate()``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,11 +37,48 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxformer import axes
+from jaxformer import configs
+from jaxformer.models import registry
+from jaxformer.training import state as state_lib
 
 log = logging.getLogger(__name__)
 
 MESH_AXES = axes.MESH_AXES
 BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardingConfig:
+  """The ``sharding`` section.
+
+  Attributes:
+    mesh_shape: sizes of the mesh axes :data:`MESH_AXES`; at most one -1 (= the
+      remaining devices).
+    fsdp: rules shard parameters' ``embed`` axis over ``fsdp``.
+    tensor: rules shard heads / mlp / vocab over ``tensor``.
+    cpu_devices: CPU only: split the host into this many JAX devices (one per core);
+      -1 = auto (cores dividing the batch), 0 = JAX's default single CPU device.
+  """
+
+  mesh_shape: tuple[int, ...] = (-1,) + (1,) * (len(MESH_AXES) - 1)
+  fsdp: bool = True
+  tensor: bool = True
+  cpu_devices: int = 0
+
+  def __post_init__(self):
+    shape = self.mesh_shape
+    if (len(shape) != len(MESH_AXES) or shape.count(-1) > 1
+        or any(s == 0 or s < -1 for s in shape)):
+      raise ValueError(f"sharding.mesh_shape={shape!r} must be {len(MESH_AXES)} ints "
+                       f"{MESH_AXES}, positive, with at most one -1 (= the remaining "
+                       "devices)")
+    if self.cpu_devices < -1:
+      raise ValueError(f"sharding.cpu_devices={self.cpu_devices!r} must be -1 (auto), "
+                       "0 (JAX default) or a positive device count")
+
+  @classmethod
+  def parse(cls, section: Any) -> ShardingConfig:
+    return configs.parse(cls, section, "sharding")
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int],
@@ -82,7 +126,7 @@ def configure_cpu_devices(count: int, batch_size: int) -> int | None:
   XLA:CPU parallelises one small model's ops poorly across cores, but runs one device
   per core well: with ``count`` CPU devices the usual data-parallel mesh
   (``mesh_shape=(-1, 1, 1)``) gives each core its own slice of the batch (on 2 cores,
-  the gpt_bytes step takes about half the time). Only the CPU backend is affected; on
+  a small model's step takes about half the time). Only the CPU backend is affected; on
   GPU/TPU hosts the accelerator stays the default backend.
 
   Args:
@@ -174,6 +218,80 @@ def to_host(tree: Any) -> Any:
   if jax.process_count() > 1:
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """The mesh and its logical-axis rules, as one value (see the module docstring).
+
+  Build it with :meth:`build` (from a :class:`ShardingConfig` and the devices) or
+  directly from a ``Mesh`` and rules.
+  """
+
+  mesh: Mesh
+  rules: axes.Rules = axes.DEFAULT_RULES
+
+  @classmethod
+  def build(cls, config: ShardingConfig | None = None,
+            devices: Sequence[jax.Device] | None = None) -> Sharding:
+    """The mesh ``config.mesh_shape`` over ``devices`` (default: all) with the rules
+    ``config.fsdp`` / ``config.tensor`` choose."""
+    config = config or ShardingConfig()
+    return cls(make_mesh(config.mesh_shape, devices),
+               make_rules(fsdp=config.fsdp, tensor=config.tensor))
+
+  @property
+  def shape(self) -> dict[str, int]:
+    """``{mesh axis: size}``."""
+    return dict(self.mesh.shape)
+
+  @property
+  def batch_divisor(self) -> int:
+    """The global batch size must be a multiple of this."""
+    return batch_divisor(self.mesh)
+
+  def activate(self) -> contextlib.AbstractContextManager[None]:
+    """Mesh + logical rules in context, for tracing models with logical constraints."""
+    return activate(self.mesh, self.rules)
+
+  def batch_sharding(self) -> NamedSharding:
+    return batch_sharding(self.mesh)
+
+  def replicated(self) -> NamedSharding:
+    return replicated(self.mesh)
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays sharded over the batch axes."""
+    return shard_batch(batch, self.mesh)
+
+  def logical_shardings(self, abstract_tree: Any) -> Any:
+    return logical_shardings(abstract_tree, self.mesh, self.rules)
+
+  @staticmethod
+  def to_host(tree: Any) -> Any:
+    """Device values -> numpy on every process (see :func:`to_host`)."""
+    return to_host(tree)
+
+  def state_shardings(self, init_fn: state_lib.InitFn,
+                      tx: Any) -> state_lib.TrainState:
+    """A ``TrainState`` of ``NamedSharding`` leaves (no computation, no memory).
+
+    Parameters get the shardings their logical axis names map to; optimizer moments
+    and accumulators follow their parameters; scalars and keys are replicated.
+    """
+    with self.activate():
+      abstract_vars = jax.eval_shape(init_fn, jax.random.key(0))
+    return state_lib.state_shardings_from(abstract_vars, tx, self.logical_shardings(
+        abstract_vars["params"]), self.replicated())
+
+  def check_shardable(self, model_name: str, model_config: Any) -> None:
+    """ValueError naming the model field whose dimension the mesh cannot split."""
+    registry.check_shardable(model_name, model_config,
+                             registry.logical_axis_sizes(self.rules, self.shape))
+
+  def per_process_batch(self, global_batch: int, field: str) -> int:
+    """This process's share of ``field`` (see :func:`per_process_batch`)."""
+    return per_process_batch(global_batch, self.batch_divisor, field)
 
 
 def per_process_batch(global_batch: int, divisor: int, field: str) -> int:

@@ -4,9 +4,9 @@
 donates and checkpoints as one tree. It is created directly in its final sharding::
 
   jax.eval_shape(init)                     -> abstract params with logical axis names
-  nn.get_partition_spec                    -> logical PartitionSpecs
-  nn.logical_to_mesh_sharding(mesh, rules) -> NamedShardings (optimizer state follows
-                                              its parameters via optax.tree_map_params)
+  sharding.state_shardings(init, tx)       -> NamedShardings (the mesh and rules of the
+                                              run's ``Sharding``; optimizer state
+                                              follows its parameters)
   jax.jit(init, out_shardings=...)         -> state, born sharded (no host copy)
 """
 
@@ -20,10 +20,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.sharding import Mesh
-
-from jaxformer import axes
-from jaxformer.training import sharding as sharding_lib
 
 InitFn = Callable[[jax.Array], dict[str, Any]]  # rng -> flax variables (boxed)
 
@@ -71,42 +67,33 @@ def _init_state(init_fn: InitFn, tx: optax.GradientTransformation,
   )
 
 
-def state_shardings(init_fn: InitFn, tx: optax.GradientTransformation,
-                    mesh: Mesh, rules: axes.Rules) -> TrainState:
-  """A ``TrainState`` of ``NamedSharding`` leaves (no computation, no memory).
-
-  Parameters get the shardings their logical axis names map to; optimizer moments and
-  accumulators follow their parameters; scalars and keys are replicated.
-  """
-  rng = jax.random.key(0)
-  with sharding_lib.activate(mesh, rules):
-    abstract_vars = jax.eval_shape(init_fn, rng)
-  param_shardings = sharding_lib.logical_shardings(
-      abstract_vars["params"], mesh, rules)
+def state_shardings_from(abstract_vars: Any, tx: optax.GradientTransformation,
+                         param_shardings: Any, replicated: Any) -> TrainState:
+  """A ``TrainState`` of shardings: ``param_shardings`` for the parameters, optimizer
+  moments and accumulators following their parameters, ``replicated`` for the rest."""
   abstract_params = nn.meta.unbox(abstract_vars["params"])
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  repl = sharding_lib.replicated(mesh)
   opt_shardings = optax.tree_map_params(
       tx,
       lambda _, s: s,
       abstract_opt,
       param_shardings,
-      transform_non_params=lambda _: repl,
+      transform_non_params=lambda _: replicated,
   )
   return TrainState(
-      step=repl,
+      step=replicated,
       params=param_shardings,
       opt_state=opt_shardings,
-      rng=repl,
-      skipped_steps=repl,
-      loss_ema=repl,
-      spike_run=repl,
+      rng=replicated,
+      skipped_steps=replicated,
+      loss_ema=replicated,
+      spike_run=replicated,
   )
 
 
 def create_train_state(init_fn: InitFn, tx: optax.GradientTransformation,
-                       rng: jax.Array, mesh: Mesh,
-                       rules: axes.Rules) -> tuple[TrainState, TrainState]:
+                       rng: jax.Array,
+                       sharding: Any) -> tuple[TrainState, TrainState]:
   """Initialises the state directly in its sharding.
 
   Args:
@@ -114,23 +101,22 @@ def create_train_state(init_fn: InitFn, tx: optax.GradientTransformation,
       carry logical axis names via ``nn.with_logical_partitioning``.
     tx: the optimizer.
     rng: typed PRNG key (``jax.random.key(seed)``).
-    mesh: the device mesh.
-    rules: logical-axis rules.
+    sharding: the run's :class:`jaxformer.training.sharding.Sharding`.
   Returns:
     ``(state, shardings)``, shardings being a ``TrainState`` of ``NamedSharding``.
   """
-  shardings = state_shardings(init_fn, tx, mesh, rules)
-  with sharding_lib.activate(mesh, rules):
+  shardings = sharding.state_shardings(init_fn, tx)
+  with sharding.activate():
     state = jax.jit(lambda r: _init_state(init_fn, tx, r),
                     out_shardings=shardings)(rng)
   return state, shardings
 
 
 def abstract_train_state(init_fn: InitFn, tx: optax.GradientTransformation,
-                         mesh: Mesh, rules: axes.Rules) -> TrainState:
+                         sharding: Any) -> TrainState:
   """``jax.ShapeDtypeStruct`` leaves with shardings: the target for a sharded restore."""
-  shardings = state_shardings(init_fn, tx, mesh, rules)
-  with sharding_lib.activate(mesh, rules):
+  shardings = sharding.state_shardings(init_fn, tx)
+  with sharding.activate():
     shapes = jax.eval_shape(lambda r: _init_state(init_fn, tx, r),
                             jax.random.key(0))
   return jax.tree.map(

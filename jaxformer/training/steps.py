@@ -23,11 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
 
-from jaxformer import axes
-from jaxformer.training import sharding as sharding_lib
 from jaxformer.training.optimizer import OptimizerConfig
+from jaxformer.training.sharding import Sharding
 from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -141,12 +139,11 @@ def reduce_eval_metrics(per_batch: list[dict[str, Any]]) -> dict[str, float]:
   return out
 
 
-def _with_context(fn: Callable[..., Any], mesh: Mesh,
-                  rules: axes.Rules) -> Callable[..., Any]:
+def _with_context(fn: Callable[..., Any], sharding: Sharding) -> Callable[..., Any]:
   """Calls (and therefore traces) ``fn`` with the mesh and logical rules active."""
 
   def wrapped(*args):
-    with sharding_lib.activate(mesh, rules):
+    with sharding.activate():
       return fn(*args)
 
   wrapped.jitted = fn  # for .lower(...) (cost analysis, benchmarks)
@@ -155,7 +152,7 @@ def _with_context(fn: Callable[..., Any], mesh: Mesh,
 
 def make_train_step(*, model: nn.Module, task: TaskFn,
                     tx: optax.GradientTransformation, opt_config: OptimizerConfig,
-                    mesh: Mesh, rules: axes.Rules, shardings: TrainState,
+                    sharding: Sharding, shardings: TrainState,
                     schedule: optax.Schedule | None = None,
                     donate: bool = True) -> Callable[[TrainState, Batch],
                                                      tuple[TrainState, Metrics]]:
@@ -167,15 +164,14 @@ def make_train_step(*, model: nn.Module, task: TaskFn,
 
   jitted = jax.jit(
       step,
-      in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, sharding_lib.replicated(mesh)),
+      in_shardings=(shardings, sharding.batch_sharding()),
+      out_shardings=(shardings, sharding.replicated()),
       donate_argnums=(0,) if donate else (),
   )
-  return _with_context(jitted, mesh, rules)
+  return _with_context(jitted, sharding)
 
 
-def make_eval_step(*, model: nn.Module, task: TaskFn, mesh: Mesh,
-                   rules: axes.Rules,
+def make_eval_step(*, model: nn.Module, task: TaskFn, sharding: Sharding,
                    param_shardings: Any) -> Callable[[Any, Batch], Metrics]:
   """``eval_step`` jitted with param/batch shardings (params not donated)."""
 
@@ -184,7 +180,7 @@ def make_eval_step(*, model: nn.Module, task: TaskFn, mesh: Mesh,
 
   jitted = jax.jit(
       step,
-      in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh)),
-      out_shardings=sharding_lib.replicated(mesh),
+      in_shardings=(param_shardings, sharding.batch_sharding()),
+      out_shardings=sharding.replicated(),
   )
-  return _with_context(jitted, mesh, rules)
+  return _with_context(jitted, sharding)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxformer.attention import (combine_masks, dot_product_attention, make_causal_mask,
-                                 make_padding_mask, make_segment_mask)
+                                 make_key_mask, make_padding_mask, make_prefix_mask,
+                                 make_segment_mask)
 
 
 class MasksTest(parameterized.TestCase):
@@ -29,6 +30,21 @@ class MasksTest(parameterized.TestCase):
     cross = make_padding_mask(tokens != 0, np.ones((2, 4), bool))
     self.assertEqual(cross.shape, (2, 1, 3, 4))
     np.testing.assert_array_equal(cross[0, 0, 2], False)
+
+  def test_key_and_prefix_masks(self):
+    valid = np.array([[1, 1, 0], [1, 0, 0]])
+    got = make_key_mask(valid)
+    self.assertEqual(got.shape, (2, 1, 1, 3))
+    np.testing.assert_array_equal(got[:, 0, 0], valid.astype(bool))
+    with pytest.raises(ValueError, match=r"make_key_mask: kv_valid must be"):
+      make_key_mask(np.ones(3))
+    # queries at positions 2 and 3 of 6 key slots: keys up to their own position
+    got = make_prefix_mask(jnp.asarray([2, 3]), 6)
+    want = np.arange(6)[None, :] <= np.array([2, 3])[:, None]
+    np.testing.assert_array_equal(got, want[None, None])
+    # all queries at the end of the keys: the bottom-right causal mask
+    np.testing.assert_array_equal(make_prefix_mask(jnp.arange(2, 5), 5),
+                                  make_causal_mask(3, 5))
 
   def test_segment(self):
     ids = np.array([[1, 1, 2, 2, 0]])

@@ -106,3 +106,31 @@ def test_example_pipeline_shards_cover_once():
                                            num_epochs=1):
       seen += batch["x"][batch["weights"] > 0].tolist()
   assert sorted(seen) == list(range(10))
+
+
+def test_one_reader_applies_a_transform_with_the_read_options():
+  """``read(source, transform, ReadOptions)`` is what every ``*_pipeline`` is; the
+  read options are checked once, naming the field."""
+  source = [{"text": "ab", "label": i % 2} for i in range(6)]
+  encode = pipeline.EncodeClassification(TOK, seq_len=4)
+  options = pipeline.ReadOptions(batch_size=4, seed=3, num_epochs=1)
+  got = list(pipeline.read(source, encode, options))
+  want = list(pipeline.classification_pipeline(source, TOK, seq_len=4, batch_size=4,
+                                               seed=3, num_epochs=1))
+  assert len(got) == len(want) == 2
+  for g, w in zip(got, want):
+    for key in w:
+      np.testing.assert_array_equal(g[key], w[key])
+  np.testing.assert_array_equal(got[1]["weights"], [1, 1, 0, 0])
+  lm = next(pipeline.read_lm([{"text": "abcdef"}] * 3, TOK, options, seq_len=5))
+  assert lm["inputs"].shape == (4, 5)
+  for kwargs, match in [(dict(batch_size=0), "batch_size must be an int >= 1"),
+                        (dict(batch_size=2, shard_index=2, shard_count=2),
+                         r"shard_index must be in \[0, shard_count=2\)"),
+                        (dict(batch_size=2, prefetch=-1), "prefetch must be")]:
+    with pytest.raises(ValueError, match=match):
+      pipeline.ReadOptions(**kwargs)
+  with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
+    pipeline.EncodeClassification(TOK, seq_len=0)
+  with pytest.raises(TypeError, match="random access"):
+    pipeline.read(iter(source), encode, options)

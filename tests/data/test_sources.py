@@ -85,7 +85,7 @@ def test_text_files_split_by_document(tmp_path):
                                                            for i in range(8)]
   assert [validation[i]["text"] for i in range(2)] == [b"doc 8", b"doc 9"]
   assert list(validation.texts()) == [b"doc 8", b"doc 9"]
-  with pytest.raises(ValueError, match="data.path is not set"):
+  with pytest.raises(ValueError, match="data.source_options.path is not set"):
     sources.get_source("text_files", "train", path=None)
   with pytest.raises(ValueError, match="validation_fraction=1.5"):
     sources.get_source("text_files", "train", path=str(tmp_path),

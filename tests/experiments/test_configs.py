@@ -30,7 +30,9 @@ from flax import traverse_util
 from jaxformer import tasks
 from jaxformer.data import vocab
 from jaxformer.models import registry
+from jaxformer.training import config as config_lib
 from jaxformer.training import finetune
+from jaxformer.training import init as init_lib
 from jaxformer.training import loop
 
 CONFIGS = {
@@ -117,10 +119,10 @@ def test_image_configs(tmp_path, name):
     assert summary["eval_num_tokens"] == 4 * 64  # pixels
 
 
-def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
+def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path, capsys):
   """From the bert_mlm checkpoint, body frozen: after training, the body is exactly
   the pretrained one (see tests/training/test_finetune.py for step 0). NSP trained the
-  pooler, so it stays in the frozen body."""
+  pooler, so it stays in the frozen body; the log says what trains."""
   pretrained_dir, _ = bert_mlm_run
   c = quick("imdb_finetune", source="imdb_reviews", eval_split="test")
   c.model.num_classes = 2
@@ -131,7 +133,10 @@ def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path):
   pretrained = traverse_util.flatten_dict(
       finetune.load_pretrained_params(pretrained_dir))
   tuned = traverse_util.flatten_dict(finetune.load_pretrained_params(str(tmp_path)))
-  assert finetune.resolve(c.finetune)["head"] == ("classifier",)
+  origin = config_lib.make_origin(init_lib.InitConfig.parse(c.init, c.finetune))
+  assert origin.head(traverse_util.unflatten_dict(tuned)) == ("classifier",)
+  count = sum(v.size for k, v in tuned.items() if k[0] == "classifier")
+  assert f"| trainable: classifier ({count:,} params)" in capsys.readouterr().out
   body = [k for k in tuned if k[0] != "classifier"]
   assert body and {k[0] for k in body} >= {"encoder", "pooler", "token_embedding"}
   for path in body:
@@ -151,17 +156,17 @@ def test_real_size_config_reads_its_data(name, monkeypatch):
     c.data.source_options = {}
     c.model.num_classes = 3
   loop.validate_config(c)
+  if name == "bert_mlm":
+    c.data.segment_separator = " "  # mock texts are random words, not sentences
   model_cfg, _ = registry.build_model(c.model)
   tokenizer = vocab.build_tokenizer(c.data)
   task = tasks.build_task(c, tokenizer=tokenizer, model_config=model_cfg)
   assert task.example_length() >= 64
-  if name == "bert_mlm":
-    c.data.segment_separator = " "  # mock texts are random words, not sentences
   with tfds.testing.mock_data(num_examples=4):
     batch = next(task.batches(batch_size=2, seed=0, train=True))
   lead = {np.shape(v)[0] for v in batch.values()}
   assert lead == {2}
-  if "seq_len" in c.data:
+  if c.data.get("seq_len"):
     assert batch["inputs"].shape == (2, c.data.seq_len)
   if "image" in batch:
     size = model_cfg.image_size

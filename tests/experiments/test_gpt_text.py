@@ -23,15 +23,16 @@ TEXT = "".join(f"{i}: the {w} fox jumps over the lazy dog, said {n}.\n"
 
 def _config(path, tokenizer, **train):
   c = gpt_text.get_config("tiny")
-  c.data.path = str(path)
+  c.data.source_options.path = str(path)
   c.data.tokenizer = tokenizer
   c.data.vocab_size = 64
   c.model.update(dict(num_layers=1, embed_dim=16, max_len=16))
   c.model.block.update(dict(num_heads=2, mlp_dim=32))
   c.data.update(dict(seq_len=16, batch_size=4, eval_batch_size=4, prefetch=0))
+  c.task_options.sample_tokens = train.pop("sample_tokens", 4)
   c.train.update({**dict(num_steps=2, log_every=1, eval_every=2, eval_batches=1,
                         checkpoint_every=2, progress=False, tensorboard=False,
-                        async_checkpoint=False, sample_tokens=4), **train})
+                        async_checkpoint=False), **train})
   c.sharding.cpu_devices = 0
   return c
 
@@ -77,7 +78,7 @@ def test_readme_command(tmp_path):
   (tmp_path / "b.txt").write_text(TEXT[::-1])
   workdir = str(tmp_path / "run")
   args = ["-m", "experiments.train", "--config=experiments/configs/gpt_text.py:tiny",
-          f"--config.data.path={tmp_path}/*.txt", f"--workdir={workdir}",
+          f"--config.data.source_options.path={tmp_path}/*.txt", f"--workdir={workdir}",
           "--config.data.tokenizer=chars", "--config.train.num_steps=3",
           "--config.train.tensorboard=False", "--config.train.checkpoint_every=3",
           "--config.sharding.cpu_devices=0"]
@@ -88,7 +89,7 @@ def test_readme_command(tmp_path):
   assert "resuming at step 3" in again.stdout
   missing = _cli([args[0], args[1], args[2], f"--workdir={workdir}x"])
   assert missing.returncode == 1
-  assert "data.path is not set" in missing.stderr
+  assert "data.source_options.path is not set" in missing.stderr
   assert "Traceback" not in missing.stderr
   assert not os.path.exists(f"{workdir}x")
   typo = _cli([*args[:4], "--config.model.block.num_head=3"])
@@ -98,14 +99,15 @@ def test_readme_command(tmp_path):
 
 def test_validation_names_data_path(tmp_path):
   config = _config(tmp_path / "book.txt", "chars")
-  with pytest.raises(ValueError, match=r"data.path=.*book\.txt.* matches no files"):
+  with pytest.raises(ValueError,
+                     match=r"data.source_options.path=.*book\.txt.* matches no files"):
     loop.validate_config(config)
-  config.data.path = None
-  with pytest.raises(ValueError, match="data.path is not set"):
+  config.data.source_options.path = None
+  with pytest.raises(ValueError, match="data.source_options.path is not set"):
     loop.validate_config(config)
-  config.data.path = str(tmp_path)
+  config.data.source_options.path = str(tmp_path)
   (tmp_path / "a.txt").write_text(TEXT)
   loop.validate_config(config)
-  config.data.validation_fraction = 0.0
-  with pytest.raises(ValueError, match="data.validation_fraction=0.0"):
+  config.data.source_options.validation_fraction = 0.0
+  with pytest.raises(ValueError, match="data.source_options.validation_fraction=0.0"):
     loop.validate_config(config)

@@ -223,7 +223,7 @@ def test_with_overrides_keeps_field_references():
 def test_notebook_settings_are_quiet_and_synchronous():
   config = common.notebook_settings(gpt_bytes.get_config("tiny"))
   assert config.train.progress is False and config.train.tensorboard is False
-  assert config.train.async_checkpoint is False and config.train.sample_tokens == 0
+  assert config.train.async_checkpoint is False and config.task_options.sample_tokens == 0
   assert config.train.checkpoint_every == config.train.num_steps
 
 

@@ -11,6 +11,15 @@ the test process only (the kernels are unchanged):
     and `plgpu.layout_cast` (no CPU lowering): the identity;
   * wgmma with the A operand in registers (P in P @ V) and operands seen
     through `transpose_ref` (K^T in Q @ K^T): read, transposed, multiplied.
+And wgmma is asynchronous here, as on the GPU (jax's interpreter runs it at
+issue): a wgmma's SMEM operands are read, and its product accumulated, only
+when the issuing warpgroup waits for it (`wgmma_wait(n)`, an accumulator
+read with `wait_n`, the end of `pl.run_state`, the end of the thread), i.e.
+at the latest moment the hardware may read them. A kernel that releases an
+operand's slot (a barrier arrive) before waiting for the wgmmas reading it
+then races with the producer's next write into that slot, and the race
+detector reports it (`_pending_wgmmas`; jax's own wgmma reads are not
+race-checked at all, these are).
 Three changes to how the interpreter runs, also test-only:
   * each simulated warpgroup's body is evaluated eagerly, one primitive at a
     time in its own Python thread, instead of being compiled per call into an
@@ -98,6 +107,7 @@ def _run_state_as_scoped(outer_avals, *args, jaxpr, is_initialized, **_):
         state_primitives.ref_set(ref, (), args[i])
       refs[i] = ref
     jax_core.eval_jaxpr(jaxpr, (), *refs)
+    _wgmma_wait(0)  # run_state awaits all outstanding wgmmas
     return [ref[...] for ref in scoped]
 
   finals = pallas_primitives.run_scoped(body, *types)
@@ -121,6 +131,10 @@ def _rewrite_eval(jaxpr, consts, *args):
     elif eqn.primitive is state_discharge.run_state_p:
       outs = _run_state_as_scoped([v.aval for v in eqn.invars],
                                     *invals, **eqn.params)
+    elif eqn.primitive is gpu_primitives.wgmma_wait_p:
+      # jax 0.10 binds n as an operand, jax 0.11 as a parameter.
+      _wgmma_wait(eqn.params["n"] if "n" in eqn.params else invals[0])
+      outs = []
     else:
       outs = eqn.primitive.bind(*invals, **eqn.params)
       outs = outs if eqn.primitive.multiple_results else [outs]
@@ -130,7 +144,7 @@ def _rewrite_eval(jaxpr, consts, *args):
 
 def _interpret(self, jaxpr, token, *args):
   lacking = (gpu_primitives.load_p, state_discharge.run_state_p,
-             gpu_core.layout_cast_p)
+             gpu_core.layout_cast_p, gpu_primitives.wgmma_wait_p)
   if not any(eqn.primitive in lacking for eqn in jaxpr.eqns):
     return _ORIGINAL_INTERPRET(self, jaxpr, token, *args)
   n_consts = len(jaxpr.constvars)
@@ -153,9 +167,13 @@ def _read_operand(memory, key_array, transforms, thread, logging_info):
                                state_types.TransposeTransform)):
     raise NotImplementedError(f"wgmma operand transforms {transforms}")
   key = gpu_callbacks.HostAllocationKey.from_array(key_array)
-  value, _, _ = memory.get_buffer_content(
-      key, interpret_utils.to_range(jax.tree.map(int, indexers)), thread,
-      logging_info=logging_info)
+  rng = interpret_utils.to_range(jax.tree.map(int, indexers))
+  value, _, clock = memory.get_buffer_content(key, rng, thread,
+                                              logging_info=logging_info)
+  if memory.detect_races and clock is not None:  # jax's wgmma checks none
+    gpu_callbacks.get_races().check_read(
+        logging_info.device_id, logging_info.thread_id, clock, key, rng,
+        source_info=logging_info.source_info)
   for perm in perms:
     value = np.transpose(value, perm)
   return value
@@ -178,6 +196,43 @@ def _accumulate(memory, acc_key, acc_range, a, b, acc_dtype, thread, info):
                               logging_info=info)
 
 
+# -- Asynchronous wgmma. -------------------------------------------------------
+#
+# Each simulated thread is a Python thread (see `_eval_eagerly`), so its
+# wgmma groups in flight are a thread-local FIFO of deferred matmuls.
+
+_wgmma_state = threading.local()
+
+
+def _pending_wgmmas() -> list:
+  if not hasattr(_wgmma_state, "pending"):
+    _wgmma_state.pending = []
+  return _wgmma_state.pending
+
+
+def _complete_wgmmas(keep: int | None):
+  """Runs the oldest pending wgmmas until at most `keep` are in flight."""
+  if keep is None:  # an accumulator read that does not wait
+    return
+  pending = _pending_wgmmas()
+  while len(pending) > keep:
+    pending.pop(0)()
+
+
+def _wgmma_wait(n: int):
+  """`wgmma_wait(n)` traced into a thread's body: a callback at run time."""
+  callback.io_callback(functools.partial(_complete_wgmmas, int(n)), None,
+                       ordered=False)
+
+
+_DEREF = gpu_callbacks.wgmma_accumulator_deref
+
+
+def _wgmma_accumulator_deref(*args, wait_n, **kwargs):
+  _complete_wgmmas(wait_n)
+  return _DEREF(*args, wait_n=wait_n, **kwargs)
+
+
 def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
                     acc_transforms, a_transforms, b_transforms, *,
                     a_in_registers: bool, acc_dtype, source_info):
@@ -190,13 +245,18 @@ def _wgmma_callback(token, device_id, grid_point_coords, thread_id, acc, a, b,
       thread_id=thread_id, source_info=source_info)
   read = functools.partial(_read_operand, memory, thread=thread,
                            logging_info=info)
-  a = np.asarray(a) if a_in_registers else read(a, a_transforms)
-  b = read(b, b_transforms)
+  a_regs = np.array(a) if a_in_registers else None  # registers: read now
   acc_key = gpu_callbacks.HostAllocationKey.from_array(acc)
   acc_range = interpret_utils.to_range(
       jax.tree.map(int, gpu_callbacks._remove_noop_transforms(  # noqa
           acc_transforms)))
-  _accumulate(memory, acc_key, acc_range, a, b, acc_dtype, thread, info)
+
+  def complete():  # SMEM operands: read when waited for
+    a_val = a_regs if a_in_registers else read(a, a_transforms)
+    _accumulate(memory, acc_key, acc_range, a_val, read(b, b_transforms),
+                acc_dtype, thread, info)
+
+  _pending_wgmmas().append(complete)
   return token
 
 
@@ -214,15 +274,31 @@ def _wgmma_callback_mesh(*, token, mesh_location, thread, acc, a, b,
     return key, memory.access(key, transforms)
 
   def read(key_array, transforms):
-    key, acc_range = access(key_array, transforms)
-    value, _, _ = memory.get_buffer_content(key, acc_range, thread,
-                                            logging_info=info)
+    key, rng = access(key_array, transforms)
+    value, _, clock = memory.get_buffer_content(key, rng, thread,
+                                                logging_info=info)
+    if memory.detect_races and clock is not None:  # jax's wgmma checks none
+      # wgmma reads SMEM through the async proxy (as jax 0.11's tcgen05_mma
+      # does), at a new tick of the thread's own clock: later events of the
+      # thread (a release after the wait) are ordered after it, earlier ones
+      # (a release before the wait) are not.
+      with memory.lock:
+        own = memory.clocks[thread]
+        own.inc(memory.thread_to_vc_position(thread))
+        clock = own.async_smem_clock.copy()
+      gpu_callbacks.get_races().check_read(thread, clock, key, rng,
+                                           source_info=source_info)
     return value
 
-  a = np.asarray(a) if a_in_registers else read(a, a_transforms)
-  b = read(b, b_transforms)
+  a_regs = np.array(a) if a_in_registers else None  # registers: read now
   acc_key, acc_range = access(acc, acc_transforms)
-  _accumulate(memory, acc_key, acc_range, a, b, acc_dtype, thread, info)
+
+  def complete():  # SMEM operands: read when waited for
+    a_val = a_regs if a_in_registers else read(a, a_transforms)
+    _accumulate(memory, acc_key, acc_range, a_val, read(b, b_transforms),
+                acc_dtype, thread, info)
+
+  _pending_wgmmas().append(complete)
   return token
 
 
@@ -416,12 +492,16 @@ def _run_thread(jaxpr, consts, *args):
   """`thread_map._run_jaxpr`: one simulated thread's body, eagerly."""
   if isinstance(jaxpr, jax_core.ClosedJaxpr):  # jax >= 0.11 passes it closed
     jaxpr = jaxpr.jaxpr
+  _pending_wgmmas().clear()
   try:
     _eval_eagerly(jaxpr, consts, args)
+    _complete_wgmmas(0)  # a thread's last wgmmas complete before it ends
   except BaseException as e:
     if not _abort.is_set():
       _abort_kernel(f"{type(e).__name__}: {str(e)[:2000]}")
     raise
+  finally:
+    _pending_wgmmas().clear()
 
 
 _TO_INT = getattr(shared_memory, "_to_int", None)  # jax >= 0.11
@@ -491,6 +571,8 @@ def interpret_context(detect_races: bool = True):
              (shared_memory.Barrier, "wait", _barrier_timed_wait),
              (shared_memory.Barrier, "deallocate", _barrier_deallocate),
              (gpu_callbacks, "jnp", _NumpyArrays("jnp")),
+             (gpu_callbacks, "wgmma_accumulator_deref",
+              _wgmma_accumulator_deref),
              (gpu_callbacks, "_initialize_shared_memory", init_and_collect)]
   if _TO_INT is not None:
     patches.append((shared_memory, "_to_int", _to_int))

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import re
 import sys
@@ -39,6 +40,7 @@ from kernels.flash_attention import BlockSizes
 from kernels.flash_attention import api
 from kernels.flash_attention import flash_attention
 from kernels.flash_attention import mosaic_gpu
+from kernels.flash_attention import mosaic_gpu_vjp
 from tests.kernels import mosaic_gpu_interpret
 from tests.kernels.test_flash_attention import FlashAttentionTestBase
 
@@ -115,6 +117,20 @@ class MosaicGpuInterpretTest(InterpretedTestCase, FlashAttentionTestBase):
   def test_case(self, kwargs):
     self.check(**kwargs)
 
+  def test_persistent_forward_runs_several_items_per_cta(self):
+    # Non-causal forwards are persistent: on 2 CTAs, each runs 2 of the 4
+    # (head, query program) items, its K/V ring (4 key tiles per item, with
+    # segment ids: fewer, varying per item) running on across them.
+    self.enter_context(mock.patch.object(mosaic_gpu, "PERSISTENT_CTAS", 2))
+    self.check(q_len=200, num_heads=2, head_dim=64, segments=2)
+
+  def test_forward_three_stage_ring(self):
+    # BlockSizes.num_stages = 3: a 3-slot K/V ring, wrapping around with 4
+    # key tiles (forward only: the backward rings pick their own depth).
+    self.BLOCKS = dataclasses.replace(TINY_MGPU, num_stages=3)
+    self.check(q_len=200, num_heads=1, head_dim=64, is_causal=True,
+               grads=False)
+
 
 def _copy_kernel(body, **scratch):
   """A 2-thread kernel copying 128 floats through `body`."""
@@ -143,6 +159,55 @@ class MosaicGpuHarnessTest(parameterized.TestCase):
     with mosaic_gpu_interpret.interpret_context() as races:
       np.asarray(_copy_kernel(body, smem=plgpu.SMEM((128,), jnp.float32)))
       self.assertTrue(races())
+
+  @parameterized.parameters(True, False)
+  def test_releasing_a_wgmma_operand_before_waiting_is_a_race(self, early):
+    # wgmma is asynchronous: its SMEM operand may only be overwritten once
+    # the wgmma has been waited for. Thread 0 multiplies, then releases b's
+    # buffer to thread 1, which overwrites it: a race when released before
+    # the wait, whichever thread the simulation happens to run first.
+    x = jnp.eye(64, dtype=jnp.float16)
+    t = mosaic_gpu.smem_transforms(jnp.float16)
+
+    def body(x_ref, o_ref, a_smem, b_smem, free):
+      wg = lax.axis_index("wg")
+
+      @pl.when(wg == 0)
+      def _():
+        a_smem[...] = x_ref[...]
+        b_smem[...] = x_ref[...]
+        plgpu.commit_smem()  # generic stores before the async proxy's reads
+
+        def product(acc_ref):
+          plgpu.wgmma(acc_ref, a_smem, b_smem)
+          if early:
+            plgpu.barrier_arrive(free)
+          plgpu.wgmma_wait(0)
+          if not early:
+            plgpu.barrier_arrive(free)
+          return acc_ref[...]
+
+        o_ref[...] = pl.run_scoped(product,
+                                   plgpu.ACC((64, 64), jnp.float32))
+
+      @pl.when(wg == 1)
+      def _():
+        plgpu.barrier_wait(free)
+        b_smem[...] = jnp.zeros((64, 64), jnp.float16)
+
+    with mosaic_gpu_interpret.interpret_context() as races:
+      out = jax.jit(plgpu.kernel(
+          body, out_type=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+          scratch_types=dict(a_smem=plgpu.SMEM((64, 64), jnp.float16,
+                                               transforms=t),
+                             b_smem=plgpu.SMEM((64, 64), jnp.float16,
+                                               transforms=t),
+                             free=plgpu.Barrier()),
+          num_threads=2, thread_name="wg"))(x)
+      out = np.asarray(out)
+      self.assertEqual(races(), early)
+      if not early:  # else b may have been overwritten before it was read
+        np.testing.assert_array_equal(out, np.eye(64))
 
   def test_barrier_nobody_arrives_at_times_out(self):
     def body(x_ref, o_ref, never):
@@ -197,9 +262,72 @@ class MosaicGpuApiTest(parameterized.TestCase):
   def test_default_tiles_fit_shared_memory(self):
     for head_dim in (64, 128, 256):
       blocks = BlockSizes.get_default("mosaic_gpu", head_dim)
+      stages = mosaic_gpu.num_stages(blocks, head_dim, head_dim, jnp.bfloat16)
       self.assertLessEqual(
           mosaic_gpu.smem_bytes(blocks.block_q // 2, blocks.block_k, head_dim,
-                                head_dim), mosaic_gpu.SMEM_BYTES)
+                                head_dim, stages), mosaic_gpu.SMEM_BYTES)
+      # The backward rings: 2 slots up to head dim 128, 1 at 256.
+      (dkv_q, dkv_k), (dq_q, dq_k) = blocks.dkv, blocks.dq
+      stages = 2 if head_dim <= 128 else 1
+      self.assertLessEqual(mosaic_gpu_vjp.smem_bytes_dkv(
+          dkv_q, dkv_k // 2, head_dim, head_dim, stages),
+                           mosaic_gpu.SMEM_BYTES)
+      self.assertLessEqual(mosaic_gpu_vjp.smem_bytes_dq(
+          dq_q // 2, dq_k, head_dim, head_dim, stages), mosaic_gpu.SMEM_BYTES)
+
+  def test_persistent_grid_size(self):
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200",
+                                         platform="gpu", num_cores=7)
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), (), abstract_device=device)):
+      self.assertEqual(mosaic_gpu.num_sms(), 7)  # the traced-for device's
+      with mock.patch.object(mosaic_gpu, "PERSISTENT_CTAS", 2):
+        self.assertEqual(mosaic_gpu.num_sms(), 2)
+    if jax.devices()[0].platform != "gpu":  # no device to ask: an H100's
+      self.assertEqual(mosaic_gpu.num_sms(), mosaic_gpu.SMS_H100)
+
+  def test_num_stages(self):
+    blocks = BlockSizes.get_default("mosaic_gpu", 128)
+    self.assertEqual(mosaic_gpu.num_stages(blocks, 128, 128, jnp.bfloat16), 2)
+    three = dataclasses.replace(blocks, num_stages=3)
+    self.assertEqual(mosaic_gpu.num_stages(three, 128, 128, jnp.bfloat16), 3)
+    with self.assertRaisesRegex(ValueError, "num_stages = 4 .* shared memory"):
+      mosaic_gpu.num_stages(dataclasses.replace(blocks, num_stages=4), 128,
+                            128, jnp.bfloat16)
+    with self.assertRaisesRegex(ValueError, r"num_stages = 5 must be in"):
+      mosaic_gpu.num_stages(dataclasses.replace(blocks, num_stages=5), 64, 64,
+                            jnp.bfloat16)
+
+  @parameterized.parameters(
+      (256, 256, 128, 64, True), (200, 200, 128, 64, True),
+      (40, 210, 128, 64, True), (210, 40, 128, 64, True),
+      (300, 130, 256, 128, False), (130, 300, 128, 64, False),
+      (1, 1, 128, 64, True), (64, 640, 128, 64, True))
+  def test_in_kernel_tile_ranges_match_the_xla_prepass(self, q_len, kv_len,
+                                                       rows, cols, causal):
+    # Without segment ids the kernels compute their tile ranges themselves
+    # (kv_range, q_range); they must equal what the XLA pre-pass gives.
+    # Padded lengths hold more tiles than the real ones (lcm padding).
+    p = api.common.Problem(
+        q_len=q_len, kv_len=kv_len, q_len_padded=-(-q_len // 256) * 256,
+        kv_len_padded=-(-kv_len // 256) * 256, causal=causal, scale=1.0,
+        has_segments=False)
+    for block_q, block_k, transpose, ranges_of in (
+        (rows, cols, False, mosaic_gpu.kv_range),
+        (cols, rows, True, mosaic_gpu.q_range)):
+
+      @jax.jit  # one small program instead of many eager ops
+      def both():
+        overlap = mosaic_gpu.tile_overlap(p, None, None, batch=1,
+                                          block_q=block_q, block_k=block_k)
+        if transpose:
+          overlap = jnp.swapaxes(overlap, 1, 2)
+        want = mosaic_gpu.tile_ranges(overlap)[0]
+        lo, hi = ranges_of(p, jnp.arange(want.shape[0]), block_q, block_k)
+        return want, jnp.stack(jnp.broadcast_arrays(lo, hi), -1)
+
+      want, got = both()
+      np.testing.assert_array_equal(got, want, err_msg=ranges_of.__name__)
 
   @parameterized.parameters(
       ("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", True),

@@ -2,7 +2,7 @@
 
   python tests/pretrained/multiprocess_worker.py PID PORT WORKDIR
 
-Loads the tiny GPT-2 fixture with ``from_huggingface(mesh=...)`` onto an FSDP x tensor
+Loads the tiny GPT-2 fixture with ``from_huggingface(sharding=...)`` onto an FSDP x tensor
 mesh over the 4 devices of both processes, checks each process's shards against the
 checkpoint, runs the model, then saves the params with orbax and restores them as a
 fine-tuning body (``finetune.init_from_pretrained``) into a fresh sharded state. Prints
@@ -35,9 +35,8 @@ def main(pid: int, port: int, workdir: str) -> None:
   here = os.path.dirname(os.path.abspath(__file__))
   directory = os.path.join(here, "fixtures", "gpt2_lm")
   assert jax.process_count() == 2 and jax.device_count() == 4
-  mesh = sharding.make_mesh((1, 2, 2))
-  rules = sharding.make_rules()
-  model, params = from_huggingface(directory, mesh=mesh, rules=rules)
+  mesh = sharding.Sharding.build(sharding.ShardingConfig(mesh_shape=(1, 2, 2)))
+  model, params = from_huggingface(directory, sharding=mesh)
 
   # Each process holds only its own shards, and they are the checkpoint's values.
   hf = load_file(os.path.join(directory, "model.safetensors"))
@@ -51,9 +50,9 @@ def main(pid: int, port: int, workdir: str) -> None:
   ref = dict(np.load(os.path.join(directory, "reference.npz")))
   ids = jnp.asarray(ref["input_input_ids"], jnp.int32)
   mask = jnp.asarray(ref["input_attention_mask"], bool)[:, None, None, :]
-  with sharding.activate(mesh, rules):
+  with mesh.activate():
     logits = jax.jit(lambda p: model.apply({"params": p}, ids, mask=mask),
-                     out_shardings=sharding.replicated(mesh))(params)
+                     out_shardings=mesh.replicated())(params)
   err = float(np.abs(np.asarray(logits.addressable_shards[0].data)
                      - ref["logits"]).max())
 
@@ -63,10 +62,8 @@ def main(pid: int, port: int, workdir: str) -> None:
   ckpt.close()
   tx = opt_lib.make_optimizer(opt_lib.OptimizerConfig(), 10)
   init_fn = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))  # noqa: E731
-  state, shardings = state_lib.create_train_state(init_fn, tx, jax.random.key(1), mesh,
-                                                  rules)
-  state = finetune.init_from_pretrained(state, shardings.params,
-                                        {"pretrained_workdir": workdir, "head": ()})
+  state, shardings = state_lib.create_train_state(init_fn, tx, jax.random.key(1), mesh)
+  state = finetune.init_from_pretrained(state, shardings.params, workdir, None, ())
   flat_new = traverse_util.flatten_dict(state.params)
   flat_old = traverse_util.flatten_dict(params)
   body_ok = all(

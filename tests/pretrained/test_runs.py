@@ -18,13 +18,28 @@ import helpers as h
 from experiments import perplexity as perplexity_cli
 from experiments import sample as sample_cli
 from experiments.configs import gpt_bytes, imdb_finetune
+from jaxformer import tasks
 from jaxformer.models import registry
 from jaxformer.pretrained import from_huggingface, runs
+from jaxformer.training import config as run_config
+from jaxformer.training import init as init_lib
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import sharding as sharding_lib
 from jaxformer.training import state as state_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(h.HERE))
+
+
+def updated_names(origin, params):
+  """Top-level names whose one-step updates are nonzero under the origin's tx."""
+  base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
+  tx = origin.optimizer(base, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  for _ in range(2):
+    updates, opt_state = tx.update(grads, opt_state, params)
+  return sorted(name for name, tree in updates.items()
+                if any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree)))
 
 
 @pytest.fixture(scope="module")
@@ -39,38 +54,51 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def _origin(config):
+  return run_config.make_origin(init_lib.InitConfig.parse(config.init,
+                                                          config.get("finetune")))
+
+
 def test_configure_takes_the_checkpoints_model_and_tokenizer():
   config = gpt_bytes.get_config("tiny")
-  assert runs.configure(config) is config  # init.pretrained unset: unchanged
-  with config.unlocked():
-    config.init.pretrained = h.fixture("gpt2_lm")
-  new = runs.configure(config)
+  data = tasks.CausalLM.parse_data(config.data)
+  scratch = _origin(config)  # init.pretrained unset: the config's own
+  assert scratch.configure(config.model) == config.model.to_dict()
+  assert scratch.tokenizer(data) is None
+  config.init.pretrained = h.fixture("gpt2_lm")
+  origin = _origin(config)
+  assert isinstance(origin, runs.HuggingFaceOrigin)
+  model = origin.configure(config.model)
   hf = h.hf_config("gpt2_lm")
-  assert new.model.vocab_size == hf["vocab_size"] and new.model.max_len == 64
-  assert new.model.block.num_heads == 2 and new.model.block.norm_eps == 1e-5
-  assert new.model.remat == config.model.remat       # the run's own choices stay
-  assert new.data.tokenizer == "pretrained" and config.data.tokenizer == "bytes"
-  assert runs.tokenizer(new).vocab_size == hf["vocab_size"]
-  with config.unlocked():
-    config.init.pretrained = h.fixture("bert_model")
+  assert model["vocab_size"] == hf["vocab_size"] and model["max_len"] == 64
+  assert model["block"]["num_heads"] == 2 and model["block"]["norm_eps"] == 1e-5
+  assert model["remat"] == config.model.remat       # the run's own choices stay
+  assert origin.tokenizer(data).vocab_size == hf["vocab_size"]
+  parsed = run_config.parse(config)  # the stored config has the checkpoint's model
+  assert parsed.stored["model"]["vocab_size"] == hf["vocab_size"]
+  config.init.pretrained = h.fixture("bert_model")
   with pytest.raises(ValueError, match="model.name='gpt' cannot take a bert checkpoint"):
-    runs.configure(config)
+    _origin(config).configure(config.model)
+
+
+def _state(config, origin):
+  model_section = origin.configure(config.model)
+  cfg, model = registry.build_model(model_section)
+  mesh = sharding_lib.Sharding.build(sharding_lib.ShardingConfig(mesh_shape=(1, 1, 1)),
+                                     jax.devices()[:1])
+  tx = opt_lib.make_optimizer(opt_lib.OptimizerConfig(), 10)
+  init_fn = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))  # noqa: E731
+  state, shardings = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh)
+  return cfg, state, shardings
 
 
 def test_load_into_state_body_and_matching_heads():
   config = imdb_finetune.get_config("tiny")
-  with config.unlocked():
-    config.init.pretrained = h.fixture("bert_pretraining")
-  config = runs.configure(config)
-  cfg, model = registry.build_model(
-      {**config.model.to_dict(), "block": dict(config.model.block)})
+  config.init.pretrained = h.fixture("bert_pretraining")
+  origin = _origin(config)
+  cfg, state, shardings = _state(config, origin)
   assert cfg.num_classes == 3 and not cfg.mlm_head
-  mesh = sharding_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-  tx = opt_lib.make_optimizer(opt_lib.OptimizerConfig(), 10)
-  init_fn = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))  # noqa: E731
-  state, shardings = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh,
-                                                  sharding_lib.make_rules())
-  loaded = runs.load_into_state(state, shardings.params, config)
+  loaded = origin.load(state, shardings.params)
   hf = load_file(os.path.join(h.fixture("bert_pretraining"), "model.safetensors"))
   np.testing.assert_array_equal(loaded.params["pooler"]["kernel"],
                                 hf["bert.pooler.dense.weight"].T)
@@ -80,6 +108,33 @@ def test_load_into_state_body_and_matching_heads():
                                 state.params["classifier"]["kernel"])   # fresh head
   assert loaded.params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"].sharding == (
       shardings.params["encoder"]["layers_0"]["mlp"]["wi"]["kernel"])
+  assert origin.head(state.params) == ("classifier",)  # the checkpoint has a pooler
+
+
+def test_frozen_body_from_a_checkpoint_without_pooler_trains_the_pooler():
+  """BertForMaskedLM keeps no pooler: the fresh one joins the head (it trains), the
+  rest of the body stays frozen, and the log line says what trains."""
+  config = imdb_finetune.get_config("tiny")
+  config.init.pretrained = h.fixture("bert_mlm")
+  config.finetune.freeze_body = True
+  origin = _origin(config)
+  _, state, shardings = _state(config, origin)
+  assert origin.head(state.params) == ("classifier", "pooler")
+  loaded = origin.load(state, shardings.params)
+  np.testing.assert_array_equal(loaded.params["pooler"]["kernel"],
+                                state.params["pooler"]["kernel"])  # fresh
+  assert origin.trains(loaded.params) == ["classifier", "pooler"]
+  assert updated_names(origin, loaded.params) == ["classifier", "pooler"]
+  line = origin.describe(loaded.params)
+  count = sum(x.size for n in ("classifier", "pooler")
+              for x in jax.tree.leaves(loaded.params[n]))
+  assert line.endswith(f"| trainable: classifier, pooler ({count:,} params)"), line
+  assert "pooler added to the head" in line and "body frozen" in line
+  # A checkpoint with a pooler: it is loaded and frozen with the body.
+  config.init.pretrained = h.fixture("bert_pretraining")
+  with_pooler = _origin(config)
+  assert with_pooler.head(state.params) == ("classifier",)
+  assert updated_names(with_pooler, loaded.params) == ["classifier"]
 
 
 def test_sample_greedy_equals_full_forward(gpt2):

@@ -71,11 +71,8 @@ def setup():
   hyps = [seq2seq_eval.ids_to_text(row[1:], TOK) for row in np.asarray(tokens_BT)]
   # Never stops early (so char 4-grams exist), and the outputs depend on the source.
   assert all(len(h) == MAX_LEN for h in hyps) and len(set(hyps)) > 1, hyps
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  rules = sharding.make_rules()
-  runtime = tasks.Runtime(model=model, shard=lambda b: sharding.shard_batch(b, mesh),
-                          to_host=sharding.to_host,
-                          activate=lambda: sharding.activate(mesh, rules))
+  runtime = tasks.Runtime(model=model, sharding=sharding.Sharding.build(
+      sharding.ShardingConfig(mesh_shape=(1, 1, 1)), jax.devices()[:1]))
   return runtime, params, cfg, hyps
 
 
@@ -116,7 +113,9 @@ def test_padding_rows_are_left_out(setup):
 
 
 def _task(cfg, **options):
-  return tasks.TASKS["seq2seq"]({"target_len": TARGET_LEN},
+  data = dict(source="reversal", source_len=SOURCE_LEN, target_len=TARGET_LEN,
+              batch_size=4, eval_batch_size=4)
+  return tasks.TASKS["seq2seq"](data,
                                 {"bleu_tokenize": "char", **options}, tokenizer=TOK,
                                 model_config=cfg)
 

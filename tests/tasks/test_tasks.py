@@ -233,8 +233,8 @@ class RegistryTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "not a known task.*masked_lm"):
       tasks.task_class("mlm")
     task = _task("masked_lm", {"nsp": True})
-    self.assertEqual(task.options, dict(nsp=True, mask_rate=0.15, replace_mask=0.8,
-                                        replace_random=0.1))
+    self.assertEqual(dataclasses.asdict(task.options), dict(
+        nsp=True, mask_rate=0.15, replace_mask=0.8, replace_random=0.1))
 
   def test_init_from_model_inputs_matches_model_init(self):
     cfg = bert_lib.bert_tiny(vocab_size=16, mlm_head=True, num_layers=1)
@@ -248,21 +248,21 @@ class RegistryTest(parameterized.TestCase):
   def test_causal_lm_model_inputs_and_bits_per_byte(self):
     batch = {"inputs": np.ones((2, 4), np.int32), "targets": np.ones((2, 4), np.int32),
              "weights": np.ones((2, 4), np.float32)}
-    task = tasks.TASKS["causal_lm"]({"seq_len": 4}, None,
-                                    tokenizer=tokenizers.ByteTokenizer())
+    data = dict(source="stdlib_text", seq_len=4, batch_size=2, eval_batch_size=2)
+    task = tasks.TASKS["causal_lm"](data, None, tokenizer=tokenizers.ByteTokenizer())
     self.assertEqual(task.model_inputs(batch)[1:], (None, None))
     extra = task.eval_metrics(None, [batch], {"nll": np.log(2.0)}, None)
     self.assertEqual(extra, {"bits_per_byte": 1.0, "unigram_bits_per_byte": 0.0})
-    chars = tasks.TASKS["causal_lm"]({"seq_len": 4}, None, tokenizer=TOK)
+    chars = tasks.TASKS["causal_lm"](data, None, tokenizer=TOK)
     self.assertEqual(chars.eval_metrics(None, [batch], {"nll": 1.0}, None), {})
 
 
 def test_masked_lm_on_packed_text_and_build_task():
   data = dict(source="stdlib_text", pipeline="lm", seq_len=16,
-              train_split="validation")
+              train_split="validation", batch_size=2, eval_batch_size=2)
   config = {"task": "masked_lm", "task_options": {"mask_rate": 0.2}, "data": data}
   task = tasks.build_task(config, tokenizer=tokenizers.ByteTokenizer())
-  assert isinstance(task, tasks.TASKS["masked_lm"]) and task.options["mask_rate"] == 0.2
+  assert isinstance(task, tasks.TASKS["masked_lm"]) and task.options.mask_rate == 0.2
   batch = next(task.batches(batch_size=2, seed=0, train=True))
   inputs, token_types, mask = task.model_inputs(batch)
   assert inputs.shape == (2, 16) and token_types is None

@@ -28,13 +28,12 @@ def _steps(mesh_shape, devices, *, num_steps=3):
   model = gpt.GPT(gpt.gpt_tiny(num_layers=1))
   cfg = opt.OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
   tx = opt.make_optimizer(cfg, 10)
-  mesh = sharding.make_mesh(mesh_shape, devices)
-  rules = sharding.make_rules()
+  mesh = sharding.Sharding.build(sharding.ShardingConfig(mesh_shape=mesh_shape),
+                                 devices)
   init_fn = lambda r: model.init(r, jnp.zeros((1, 16), jnp.int32))
-  state, shard = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh,
-                                              rules)
+  state, shard = state_lib.create_train_state(init_fn, tx, jax.random.key(0), mesh)
   step = steps.make_train_step(model=model, task=tasks.CausalLM({}), tx=tx,
-                               opt_config=cfg, mesh=mesh, rules=rules,
+                               opt_config=cfg, sharding=mesh,
                                shardings=shard)
   losses = []
   rng = np.random.default_rng(0)
@@ -47,7 +46,7 @@ def _steps(mesh_shape, devices, *, num_steps=3):
       n = 8 // jax.process_count()
       i = jax.process_index()
       batch = {k: v[i * n:(i + 1) * n] for k, v in batch.items()}
-    state, metrics = step(state, sharding.shard_batch(batch, mesh))
+    state, metrics = step(state, mesh.shard_batch(batch))
     losses.append(float(metrics["loss"]))
   def describe(x):
     return {"shape": list(x.shape), "spec": [str(s) for s in x.sharding.spec],

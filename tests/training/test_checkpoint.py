@@ -39,11 +39,11 @@ def _tmpdir(test) -> str:
 def _state():
   model = th.TinyLM()
   tx = opt.make_optimizer(opt.OptimizerConfig(), 10)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  rules = sharding.make_rules()
+  mesh = sharding.Sharding.build(sharding.ShardingConfig(mesh_shape=(1, 1, 1)),
+                                 jax.devices()[:1])
   init_fn = th.tiny_init_fn(model)
-  state, _ = state_lib.create_train_state(init_fn, tx, jax.random.key(3), mesh, rules)
-  return state, state_lib.abstract_train_state(init_fn, tx, mesh, rules)
+  state, _ = state_lib.create_train_state(init_fn, tx, jax.random.key(3), mesh)
+  return state, state_lib.abstract_train_state(init_fn, tx, mesh)
 
 
 class CheckpointerTest(parameterized.TestCase):

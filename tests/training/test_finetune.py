@@ -1,5 +1,6 @@
-"""Fine-tuning: the pretrained body is restored exactly (step 0), frozen params get zero
-updates, the head starts fresh; mismatches are named."""
+"""Starting from our run (the "run" origin): the pretrained body is restored exactly
+(step 0), frozen params get zero updates, the head starts fresh (with what the
+pretrained run never trained); mismatches are named. The init config's edge."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from flax import traverse_util
 from experiments.configs import imdb_finetune
 from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
+from jaxformer.training import config as config_lib
 from jaxformer.training import finetune
+from jaxformer.training import init as init_lib
 from jaxformer.training import optimizer as opt_lib
 from jaxformer.training import sharding as sharding_lib
 from jaxformer.training import state as state_lib
@@ -44,13 +47,18 @@ def _finetune_config(pretrained_workdir: str | None, freeze: bool):
 def _init_state(model_section, seed, tx=None):
   """A TrainState of the model in ``model_section``, as the loop creates it."""
   _, model = registry.build_model(model_section)
-  mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  rules = sharding_lib.make_rules()
+  mesh = sharding_lib.Sharding.build(sharding_lib.ShardingConfig(mesh_shape=(1, 1, 1)),
+                                     jax.devices()[:1])
   inputs = jnp.zeros((1, SMALL["max_len"]), jnp.int32)
   tx = tx or optax.adam(1e-3)
   state, shardings = state_lib.create_train_state(
-      lambda rng: model.init(rng, inputs), tx, jax.random.key(seed), mesh, rules)
+      lambda rng: model.init(rng, inputs), tx, jax.random.key(seed), mesh)
   return state, shardings
+
+
+def _origin(c):
+  """The origin the config ``c`` chooses, as the loop gets it."""
+  return config_lib.make_origin(init_lib.InitConfig.parse(c.init, c.finetune))
 
 
 def _write_pretrained(workdir, nsp):
@@ -97,7 +105,9 @@ def test_step0_body_equals_pretrained_head_is_fresh(pretrained):
   c = _finetune_config(workdir, False)
   state, shardings = _init_state(c.model, seed=0)
   fresh = jax.device_get(state.params)
-  state = finetune.init_from_pretrained(state, shardings.params, c.finetune)
+  origin = _origin(c)
+  assert isinstance(origin, finetune.RunOrigin)
+  state = origin.load(state, shardings.params)
   got = jax.device_get(state.params)
   want_body = _body(params)
   got_body = _body(got)
@@ -106,8 +116,8 @@ def test_step0_body_equals_pretrained_head_is_fresh(pretrained):
     np.testing.assert_array_equal(value, want_body[path], err_msg=str(path))
     assert not np.array_equal(value, _body(fresh)[path])  # really replaced
   chex.assert_trees_all_equal(got["classifier"], fresh["classifier"])
-  # Nothing configured: the state is untouched.
-  assert finetune.init_from_pretrained(state, shardings.params, {}) is state
+  # From scratch: the state is untouched.
+  assert _origin(_finetune_config(None, False)).load(state, shardings.params) is state
 
 
 def test_merge_pretrained_names_mismatches():
@@ -127,13 +137,17 @@ def test_merge_pretrained_names_mismatches():
     finetune.param_labels(params, "classifier")
 
 
+def _scratch(freeze):
+  return init_lib.Origin(init_lib.InitConfig(head=HEAD, freeze_body=freeze))
+
+
 def test_freeze_body_zero_updates_for_body_only():
   params = {"encoder": {"k": jnp.ones((2, 3))}, "classifier": {"k": jnp.ones(3)}}
   assert finetune.param_labels(params, HEAD) == {"encoder": {"k": "body"},
                                                  "classifier": {"k": "head"}}
   base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
-  assert finetune.wrap_optimizer(base, {"freeze_body": False, "head": HEAD}) is base
-  tx = finetune.wrap_optimizer(base, {"freeze_body": True, "head": HEAD})
+  assert _scratch(False).optimizer(base, params) is base
+  tx = _scratch(True).optimizer(base, params)
   grads = jax.tree.map(jnp.ones_like, params)
   opt_state = tx.init(params)
   for _ in range(2):  # warmup-free schedule: lr > 0 from the first update
@@ -142,10 +156,10 @@ def test_freeze_body_zero_updates_for_body_only():
   assert np.all(np.asarray(updates["classifier"]["k"]) != 0.0)
 
 
-def _updated_names(section, params):
-  """Top-level names whose one-step updates are nonzero under the section's tx."""
+def updated_names(origin, params):
+  """Top-level names whose one-step updates are nonzero under the origin's tx."""
   base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
-  tx = finetune.wrap_optimizer(base, section)
+  tx = origin.optimizer(base, params)
   grads = jax.tree.map(jnp.ones_like, params)
   opt_state = tx.init(params)
   for _ in range(2):
@@ -162,33 +176,49 @@ def test_frozen_body_trains_exactly_the_head(nsp, want_head, pretrained,
   trainable); after NSP it is loaded and frozen. The optimizer updates exactly the head."""
   workdir, params = pretrained if nsp else pretrained_mlm_only
   c = _finetune_config(workdir, True)
-  section = finetune.resolve(c.finetune)
-  assert section["head"] == want_head
+  origin = _origin(c)
   state, shardings = _init_state(c.model, seed=0)
   fresh = jax.device_get(state.params)
-  state = finetune.init_from_pretrained(state, shardings.params, section)
+  assert origin.head(state.params) == want_head
+  state = origin.load(state, shardings.params)
   got = jax.device_get(state.params)
   chex.assert_trees_all_equal(got["encoder"], params["encoder"])
   pooler_source = params if nsp else fresh
   chex.assert_trees_all_equal(got["pooler"], pooler_source["pooler"])
-  assert finetune.trainable(got, section) == list(want_head)
-  assert _updated_names(section, got) == list(want_head)
-  assert "trainable: " + ", ".join(want_head) in finetune.describe(section, got)
+  assert origin.trains(got) == list(want_head)
+  assert updated_names(origin, got) == list(want_head)
+  assert "trainable: " + ", ".join(want_head) in origin.describe(got)
   # Not frozen: everything trains; an explicit pooler in the head is kept as given.
-  assert finetune.trainable(got, {**section, "freeze_body": False}) == sorted(got)
-  explicit = finetune.resolve({**c.finetune, "head": ("classifier", "pooler")})
-  assert explicit["head"] == ("classifier", "pooler") and "auto_head" not in explicit
+  assert _origin(_finetune_config(workdir, False)).trains(got) == sorted(got)
+  c.finetune.head = ("classifier", "pooler")
+  explicit = _origin(c)
+  assert explicit.head(got) == ("classifier", "pooler")
+  assert "added to the head" not in explicit.describe(got)
 
 
-def test_describe():
-  c = _finetune_config("runs/bert", True)
-  assert finetune.describe(c.finetune) == (
-      "fine-tuning: body from runs/bert (step newest), fresh head ('classifier',), "
-      "body frozen")
-  assert finetune.resolve(None) is None
-  assert finetune.resolve(_finetune_config(None, True).finetune)["head"] == HEAD
-  assert finetune.describe(_finetune_config(None, True).finetune) == ""
-  assert finetune.describe(None) == ""
+def test_describe_and_the_init_edge(pretrained_mlm_only):
+  workdir, params = pretrained_mlm_only
+  origin = _origin(_finetune_config(workdir, True))
+  head_params = {k: v for k, v in params.items() if k != "nsp"}
+  head_params["classifier"] = {"kernel": np.zeros((16, 3), np.float32)}
+  count = sum(x.size for n in ("classifier", "pooler")
+              for x in jax.tree.leaves(head_params[n]))
+  assert origin.describe(head_params) == (
+      f"init: {workdir} (step 7), fresh head ('classifier', 'pooler'), body frozen "
+      "(pooler added to the head: the origin never trained it) | trainable: "
+      f"classifier, pooler ({count:,} params)")
+  scratch = _origin(_finetune_config(None, False))
+  assert scratch.describe({"a": np.zeros(3)}) == "init: scratch | trainable: a (3 params)"
+  c = _finetune_config(workdir, False)
+  c.init.pretrained = "some/hf_dir"
+  with pytest.raises(ValueError, match="two origins"):
+    init_lib.InitConfig.parse(c.init, c.finetune)
+  with pytest.raises(ValueError, match=r"finetune\.head='classifier' must be a tuple"):
+    init_lib.InitConfig.parse(None, {"head": "classifier"})
+  with pytest.raises(ValueError, match=r"finetune\.freeze_body=1 must be a bool"):
+    init_lib.InitConfig.parse(None, {"freeze_body": 1})
+  with pytest.raises(ValueError, match=r"finetune\.pretrained_dir is not a field"):
+    init_lib.InitConfig.parse(None, {"pretrained_dir": "x"})
 
 
 # The loop end to end with a frozen body (the body is bit-identical after training):

@@ -161,7 +161,7 @@ def test_cli_sigterm_saves_and_exits_then_resumes(tmp_path):
   args = ["-m", "experiments.train",
           "--config=experiments/configs/gpt_bytes.py:tiny", f"--workdir={workdir}",
           "--config.train.num_steps=100000", "--config.train.log_every=1",
-          "--config.train.tensorboard=False", "--config.train.sample_tokens=0",
+          "--config.train.tensorboard=False", "--config.task_options.sample_tokens=0",
           "--config.train.eval_every=100000", "--config.train.checkpoint_every=100000"]
   env = dict(os.environ)
   env["PYTHONPATH"] = th.REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")

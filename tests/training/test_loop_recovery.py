@@ -126,7 +126,7 @@ def test_cli_second_run_refused_and_ctrl_c_during_async_saves(tmp_path):
   args = ["-m", "experiments.train",
           "--config=experiments/configs/gpt_bytes.py:tiny", f"--workdir={workdir}",
           "--config.train.num_steps=100000", "--config.train.log_every=1",
-          "--config.train.tensorboard=False", "--config.train.sample_tokens=0",
+          "--config.train.tensorboard=False", "--config.task_options.sample_tokens=0",
           "--config.train.eval_every=100000", "--config.train.checkpoint_every=1",
           "--config.sharding.cpu_devices=0"]
   env = dict(os.environ)

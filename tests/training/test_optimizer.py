@@ -183,8 +183,8 @@ class GradAccumulationTest(chex.TestCase):
 
   def test_two_micro_batches_equal_one_large_batch(self):
     model = th.TinyLM()
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    rules = sharding.make_rules()
+    mesh = sharding.Sharding.build(sharding.ShardingConfig(mesh_shape=(1, 1, 1)),
+                                   jax.devices()[:1])
     big = th.make_batch(0, batch=8)
     halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
     results = {}
@@ -193,10 +193,10 @@ class GradAccumulationTest(chex.TestCase):
                                 grad_accum_steps=k)
       tx = opt.make_optimizer(cfg, total_steps=10 * k)
       state, shard = state_lib.create_train_state(
-          th.tiny_init_fn(model), tx, jax.random.key(0), mesh, rules)
+          th.tiny_init_fn(model), tx, jax.random.key(0), mesh)
       init_params = jax.device_get(state.params)
       step = steps.make_train_step(model=model, task=th.tiny_task, tx=tx,
-                                   opt_config=cfg, mesh=mesh, rules=rules,
+                                   opt_config=cfg, sharding=mesh,
                                    shardings=shard)
       if k == 1:
         state, _ = step(state, big)

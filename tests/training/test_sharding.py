@@ -82,6 +82,36 @@ class MeshShapeTest(parameterized.TestCase):
     self.assertEqual(tuple(nn.get_logical_axis_rules()), ())
 
 
+def test_sharding_value_owns_mesh_and_rules():
+  """One value from ShardingConfig + devices: mesh, rules, batches, state shardings,
+  divisibility checks, and its config errors naming the field."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxformer.models import gpt  # pylint: disable=g-import-not-at-top
+  value = sharding.Sharding.build(
+      sharding.ShardingConfig(mesh_shape=(1, 1, 1), fsdp=False), jax.devices()[:1])
+  assert value.mesh.axis_names == axes.MESH_AXES and value.batch_divisor == 1
+  assert value.shape == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert value.rules == axes.rules_for(fsdp=False, tensor=True)
+  with value.activate():
+    assert dict(nn.get_logical_axis_rules())[axes.EMBED] is None
+  batch = value.shard_batch({"x": np.arange(8.0).reshape(4, 2)})
+  assert batch["x"].sharding.spec == P(("data", "fsdp"))
+  np.testing.assert_array_equal(value.to_host(batch)["x"], np.arange(8.0).reshape(4, 2))
+  model = th.TinyLM()
+  shardings = value.state_shardings(th.tiny_init_fn(model), optax.adam(1e-3))
+  assert shardings.params["hidden"]["kernel"].spec == P(None, "tensor")
+  assert shardings.step.spec == P()
+  cfg = gpt.gpt_tiny(num_layers=1, vocab_size=30)
+  value.check_shardable("gpt", cfg)   # a 1 x 1 x 1 mesh divides everything
+  assert value.per_process_batch(4, "data.batch_size") == 4
+  assert sharding.ShardingConfig().mesh_shape == (-1,) + (1,) * (len(axes.MESH_AXES) - 1)
+  with pytest.raises(ValueError, match=r"sharding\.mesh_shape=\(1, 1\) must be 3 ints"):
+    sharding.ShardingConfig(mesh_shape=(1, 1))
+  with pytest.raises(ValueError, match=r"sharding\.fsdp='yes' must be a bool"):
+    sharding.ShardingConfig.parse({"fsdp": "yes"})
+
+
 @pytest.mark.parametrize("batch,cores,want", [
     (12, 2, 2), (12, 16, 12), (12, 5, 4), (7, 4, 1), (8, 1, 1)])
 def test_auto_cpu_devices_divides_the_batch(batch, cores, want):

@@ -25,11 +25,11 @@ def _setup(cfg=None, total_steps=50):
   model = th.TinyLM()
   cfg = cfg or opt.OptimizerConfig(learning_rate=3e-2, warmup_steps=0)
   tx = opt.make_optimizer(cfg, total_steps)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  rules = sharding.make_rules()
+  mesh = sharding.Sharding.build(sharding.ShardingConfig(mesh_shape=(1, 1, 1)),
+                                 jax.devices()[:1])
   state, shard = state_lib.create_train_state(th.tiny_init_fn(model), tx,
-                                              jax.random.key(0), mesh, rules)
-  return model, cfg, tx, mesh, rules, state, shard
+                                              jax.random.key(0), mesh)
+  return model, cfg, tx, mesh, state, shard
 
 
 def _jnp_batch(seed, **kw):
@@ -40,7 +40,7 @@ class TrainStepTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_learns_a_fixed_batch(self):
-    model, cfg, tx, _, _, state, _ = _setup()
+    model, cfg, tx, _, state, _ = _setup()
     step = self.variant(functools.partial(steps.train_step, model=model,
                                           task=th.tiny_task, tx=tx, opt_config=cfg))
     batch = _jnp_batch(0)
@@ -56,7 +56,7 @@ class TrainStepTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_nan_loss_is_skipped_and_counted(self):
-    model, cfg, tx, _, _, state, _ = _setup()
+    model, cfg, tx, _, state, _ = _setup()
     step = self.variant(functools.partial(steps.train_step, model=model,
                                           task=th.tiny_task, tx=tx, opt_config=cfg))
     bad = _jnp_batch(0)
@@ -77,7 +77,7 @@ class TrainStepTest(chex.TestCase):
                                     before[0]["out"]["kernel"]))
 
   def test_inf_gradient_is_skipped(self):
-    model, cfg, tx, _, _, state, _ = _setup()
+    model, cfg, tx, _, state, _ = _setup()
 
     def inf_grad_task(model, params, batch, rng, deterministic):
       loss, metrics = th.tiny_task(model, params, batch, rng, deterministic)
@@ -93,7 +93,7 @@ class TrainStepTest(chex.TestCase):
   def test_loss_spike_is_skipped_until_max_consecutive(self):
     cfg = opt.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, spike_factor=2.0,
                               spike_warmup_steps=0, max_consecutive_spikes=2)
-    model, cfg, tx, _, _, state, _ = _setup(cfg)
+    model, cfg, tx, _, state, _ = _setup(cfg)
     step = jax.jit(functools.partial(steps.train_step, model=model,
                                      task=th.tiny_task, tx=tx, opt_config=cfg))
     # pretend the running mean loss is tiny: every real loss (~3.5) is a spike
@@ -106,7 +106,7 @@ class TrainStepTest(chex.TestCase):
     self.assertEqual(int(state.skipped_steps), 3)
 
   def test_no_spike_check_by_default(self):
-    model, cfg, tx, _, _, state, _ = _setup()
+    model, cfg, tx, _, state, _ = _setup()
     state = state.replace(loss_ema=jnp.float32(0.1))
     step = jax.jit(functools.partial(steps.train_step, model=model,
                                      task=th.tiny_task, tx=tx, opt_config=cfg))
@@ -125,10 +125,10 @@ class TrainStepTest(chex.TestCase):
     self.assertFalse(np.array_equal(k0, k1))
 
   def test_jitted_step_donates_state_and_logs_learning_rate(self):
-    model, cfg, tx, mesh, rules, state, shard = _setup(
+    model, cfg, tx, mesh, state, shard = _setup(
         opt.OptimizerConfig(learning_rate=1.0, warmup_steps=4, schedule="constant"))
     step = steps.make_train_step(model=model, task=th.tiny_task, tx=tx,
-                                 opt_config=cfg, mesh=mesh, rules=rules,
+                                 opt_config=cfg, sharding=mesh,
                                  shardings=shard,
                                  schedule=opt.make_schedule(cfg, 50))
     old_kernel = state.params["out"]["kernel"]
@@ -144,7 +144,7 @@ class EvalStepTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_averaging_over_batches_is_exact(self):
-    model, _, _, _, _, state, _ = _setup()
+    model, _, _, _, state, _ = _setup()
     a = th.make_batch(0)
     b = th.make_batch(1)
     b["weights"][:, 5:] = 0.0  # fewer counted tokens in the second batch

@@ -81,13 +81,15 @@ def tiny_init_fn(model: nn.Module, length: int = 8):
 
 
 def tiny_config(**train_overrides: Any):
-  """The gpt_bytes tiny variant, quiet (no bar, no TensorBoard, no sample)."""
+  """The gpt_bytes tiny variant, quiet (no bar, no TensorBoard, no sample unless
+  ``sample_tokens`` is given)."""
   from experiments.configs import gpt_bytes  # pylint: disable=g-import-not-at-top
   c = gpt_bytes.get_config("tiny")
   c.model.update(dict(num_layers=1, embed_dim=16, max_len=16))
   c.model.block.update(dict(num_heads=2, mlp_dim=32))
   c.data.update(dict(seq_len=16, batch_size=4, eval_batch_size=4, prefetch=2))
-  c.train.update(dict(progress=False, tensorboard=False, sample_tokens=0,
+  c.task_options.sample_tokens = train_overrides.pop("sample_tokens", 0)
+  c.train.update(dict(progress=False, tensorboard=False,
                       eval_batches=1, num_steps=6, log_every=1, eval_every=1000,
                       checkpoint_every=1000))
   c.train.update(train_overrides)
