@@ -269,7 +269,13 @@ def test_notebook_runs_at_tiny_size(name, tmp_path):
     losses = {r["run"]: float(r["eval_loss"]) for r in rows}
     assert all(0.0 < v < 4.5 for v in losses.values()), losses   # ln(263) = 5.57 at init
     assert sorted(losses) == sorted([
-        "baseline", "post_ln", "pos_sinusoidal", "pos_rotary", "beta_0.1x", "beta_10x",
-        "hard", "impl_xla", "impl_chunked", "impl_pallas"]), sorted(losses)
+        "baseline", "post_ln", "pos_sinusoidal", "pos_sinusoidal_unscaled",
+        "pos_learned_scaled", "pos_rotary", "beta_0.1x", "beta_10x", "hard", "hard_st",
+        "impl_xla", "impl_chunked", "impl_pallas"]), sorted(losses)
+    # Both embedding conventions and both hard-attention variants are arms.
+    arms = {r["run"]: r for r in rows}
+    assert arms["pos_sinusoidal"]["embeddings"] != arms["pos_sinusoidal_unscaled"][
+        "embeddings"]
+    assert "straight-through" in arms["hard_st"]["attention"]
     # Every arm's row carries the unigram baseline it is to be read against.
     assert all(float(r["unigram_bits_per_byte"]) > 0 for r in rows), rows
