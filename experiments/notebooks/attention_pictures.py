@@ -70,6 +70,11 @@ if SIZE == "tiny":
   gpt_config = common.with_overrides(gpt_config, {
       "train.num_steps": 300, "train.log_every": 50, "train.eval_every": 300,
       "train.eval_batches": 4, "optimizer.warmup_steps": 20})
+if SIZE != "full":
+  # One CPU device, not gpt_bytes' one per core: the two-device all-reduce can stall
+  # past XLA:CPU's rendezvous timeout inside a notebook kernel on a loaded machine
+  # (the kernel then dies), as ablation_architecture notes.
+  gpt_config = common.with_overrides(gpt_config, {"sharding.cpu_devices": 0})
 summary = common.train_run(gpt_config, RUNS / "gpt")
 rows.append(dict(model="gpt_bytes", eval_loss=summary.get("eval_loss"),
                  seconds=round(summary["run_seconds"], 1)))
