@@ -157,8 +157,8 @@ common.show_table(plotting.results_table(
 # %% [markdown]
 # **What the numbers show (cpu size, 3 seeds; mean ± sample std; a difference only
 # under the README's rule, `*`).** The MLM bodies (first table) reach 0.287 ± 0.006
-# masked-byte accuracy after 600 steps: they learned little (see `ablation_bert`),
-# which bounds what any comparison here can show.
+# masked-byte accuracy after 600 steps: they are early in training (see
+# `ablation_bert`), which bounds what any comparison here can show.
 #
 # * **Pretrained vs from scratch**: with cls pooling the pretrained body ends at
 #   0.744 ± 0.015 against 0.708 ± 0.030, paired +0.036 ± 0.020; with max pooling
