@@ -1,6 +1,11 @@
-"""Attention benchmark: correctness, then speed and memory, every peer.
+"""Attention benchmark, the long optional sweep: correctness, then speed and memory, every peer.
 
     python -m experiments.benchmarks.attention --out experiments/benchmarks/results --device-kind gpu
+
+The short command that fits one GPU call (8 minutes: on-device correctness of every
+backend, the kernel table the dispatcher reads, training MFU) is
+``experiments.benchmarks.gpu_check``; this sweep is longer (20-40 minutes on an H100:
+every peer, seq 512..16k, torch and tokamax) and optional.
 
 GPU (`--device-kind gpu`, or `auto` on a GPU machine): the FlashAttention-3
 paper's shapes (head dim 64/128, seq 512..16k at 16k tokens per batch, hidden

@@ -10,8 +10,11 @@ Run (rerunning with the same workdir resumes)::
 ``data.source_options.path`` is a text file, a folder (every file under it) or a glob
 (``'~/books/*.txt'``). ``data.source_options.validation_fraction`` of the text is held
 out: the last files (sorted by path) when there are several, the tail of the file when
-there is one. A single file is read as random windows of
-``data.source_options.window_bytes`` bytes, not in order.
+there is one. A single file is read as nanoGPT reads it: each split is one token
+stream, and each example a random contiguous window of ``seq_len + 1`` tokens (no
+separators, no packing); evaluation uses the same fixed random windows of the
+validation split on every run. Several files keep their document boundaries (packed
+documents).
 
 ``data.tokenizer``: ``bytes`` (256 bytes + 7 specials), ``chars`` (the characters of the
 train split) or ``sentencepiece`` (``data.vocab_size`` pieces trained on the train

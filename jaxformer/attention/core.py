@@ -11,8 +11,12 @@
 |             |                   |           | weights / dropout, bf16/fp16 only              |
 
 An option that the chosen path cannot do never changes the math: with
-``implementation=None`` the dispatcher falls back to a path that can (and logs why at
-INFO level); when the caller names a path, it raises ``ValueError`` instead.
+``implementation=None`` the dispatcher falls back to a path that can (and logs why: at
+INFO level, or as a WARNING, once per shape, when a GPU/TPU call lands on the O(N^2)
+``xla`` or the ``chunked`` path, a fallback nobody asked for); when the caller names a
+path, it raises ``ValueError`` instead. cuDNN is never handed a call it rejects
+(``_cannot``): the rules of JAX's own checks (``jax/_src/cudnn/fused_attention_stablehlo.py``:
+``check_layout``, ``check_is_flash_attention``) are applied before choosing it.
 
 ``implementation=None`` on a GPU is never slower than cuDNN by assumption: it picks
 cuDNN wherever cuDNN computes the call, and the Pallas kernel there only where this
@@ -48,6 +52,13 @@ IMPLEMENTATIONS = validation.IMPLEMENTATIONS
 CHUNKED_MIN_SCORES = 1024 * 1024
 
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+
+# cuDNN flash attention's head dim: JAX's check_is_flash_attention allows <= 256 on
+# compute capability >= 9.0 (<= 128 below), whatever the cuDNN version; cuDNN releases
+# before 9.13 had Hopper backward bugs for large head dims (introduced in 9.11, fixed in
+# 9.13, per cudnn-frontend 1.14.1's notes) and older ones are unchecked here, so heads
+# above 128 go to cuDNN from 9.13 on.
+CUDNN_HEAD_DIM_256_MIN_VERSION = 91300
 
 
 def dot_product_attention(
@@ -259,7 +270,14 @@ def _cudnn_attention(query, key, value, *, mask, bias, is_causal, q_segment_ids,
   native_causal = is_causal and q_len == kv_len
   allowed = _combined_mask(mask, is_causal and not native_causal, q_segment_ids,
                            kv_segment_ids, q_len, kv_len)
-  out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=allowed,
+  # JAX's cuDNN layout check wants the bias (and the mask, which becomes one) at full
+  # [.., Lq, Lk]; batch and head axes may stay broadcast (size 1).
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (q_len, kv_len))
+  cudnn_mask = allowed
+  if cudnn_mask is not None:
+    cudnn_mask = jnp.broadcast_to(cudnn_mask, cudnn_mask.shape[:2] + (q_len, kv_len))
+  out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=cudnn_mask,
                                      scale=scale, is_causal=native_causal,
                                      implementation="cudnn")
   if allowed is not None:
@@ -278,6 +296,34 @@ def _cudnn_attention(query, key, value, *, mask, bias, is_causal, q_segment_ids,
 
 def _platform() -> str:
   return jax.default_backend()
+
+
+def _gpu_capability() -> tuple[int, ...] | None:
+  """The first device's CUDA compute capability, e.g. (9, 0), or None."""
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return tuple(int(x) for x in str(capability).split("."))
+  except ValueError:
+    return None
+
+
+def _cudnn_version() -> int | None:
+  """cuDNN's version as JAX reports it (91300 = 9.13.0), or None without cuDNN."""
+  try:
+    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+    return None if cuda_versions is None else int(cuda_versions.cudnn_get_version())
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def cudnn_max_head_dim() -> tuple[int, str]:
+  """The largest head dim handed to cuDNN here, and why (``CUDNN_HEAD_DIM_256_MIN_VERSION``)."""
+  capability, version = _gpu_capability(), _cudnn_version()
+  if capability is None or capability < (9, 0):
+    return 128, f"compute capability {capability} < 9.0"
+  if version is None or version < CUDNN_HEAD_DIM_256_MIN_VERSION:
+    return 128, f"cuDNN {version} < {CUDNN_HEAD_DIM_256_MIN_VERSION}"
+  return 256, f"compute capability {capability}, cuDNN {version}"
 
 
 def _load_pallas():
@@ -313,8 +359,18 @@ def _cannot(impl: str, query, key, value, q_seg, kv_seg, is_causal, *, has_mask,
     if query.shape[-1] != value.shape[-1]:
       return (f"cuDNN attention needs Dqk == Dv, got {query.shape[-1]} and "
               f"{value.shape[-1]}")
-    if query.shape[-1] > 128 or query.shape[-1] % 8:
-      return f"cuDNN attention needs head_dim <= 128 and a multiple of 8, got {query.shape[-1]}"
+    max_head_dim, why = cudnn_max_head_dim()
+    if query.shape[-1] > max_head_dim or query.shape[-1] % 8:
+      return (f"cuDNN attention needs head_dim <= {max_head_dim} ({why}) and a multiple"
+              f" of 8, got {query.shape[-1]}")
+    q_len, kv_len = query.shape[1], key.shape[1]
+    as_bias = [name for name, on in (
+        ("bias", has_bias), ("mask", has_mask), ("segment_ids", q_seg is not None),
+        ("bottom-right causal", is_causal and q_len != kv_len)) if on]
+    if as_bias and (q_len % 2 or kv_len % 2):
+      return (f"cuDNN's backward takes a bias ({', '.join(as_bias)} reach cuDNN as one)"
+              f" only with even lengths (JAX raises under grad), got Lq={q_len},"
+              f" Lk={kv_len}")
     return None
   if impl == "pallas":
     try:
@@ -368,13 +424,28 @@ def _choose_implementation(query, key, value, q_seg, kv_seg, is_causal, **opts) 
     candidates = []
   if query.shape[1] * key.shape[1] >= CHUNKED_MIN_SCORES:
     candidates.append("chunked")
+  accelerated = platform in _GPU_PLATFORMS + ("tpu",)
   for impl in candidates:
     reason = _cannot(impl, query, key, value, q_seg, kv_seg, is_causal, **opts)
     if reason is None:
       if reasons:
-        logger.info("dot_product_attention: using %r (%s)", impl, "; ".join(reasons))
+        _log_fallback(accelerated and impl == "chunked", impl, reasons, query, key)
       return impl
     reasons.append(f"not {impl!r}: {reason}")
   if reasons:
-    logger.info("dot_product_attention: using 'xla' (%s)", "; ".join(reasons))
+    _log_fallback(accelerated, "xla", reasons, query, key)
   return "xla"
+
+
+_WARNED: set = set()
+
+
+def _log_fallback(warn: bool, impl: str, reasons: list[str], query, key) -> None:
+  """INFO; a WARNING once per shape and reason when a GPU/TPU call gets no fused kernel."""
+  message = f"dot_product_attention: using {impl!r} ({'; '.join(reasons)})"
+  shape_key = (impl, query.shape, key.shape, str(query.dtype), message)
+  if warn and shape_key not in _WARNED:
+    _WARNED.add(shape_key)
+    logger.warning("%s for query %s, key %s", message, query.shape, key.shape)
+  else:
+    logger.info("%s", message)

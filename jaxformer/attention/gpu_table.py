@@ -1,6 +1,7 @@
 """The GPU default follows measurements: cuDNN unless a benchmark table says ours wins.
 
-``experiments/benchmarks/attention.py`` writes, per device kind, a machine-readable
+``experiments/benchmarks/gpu_check.py`` (the one GPU call; also the long sweep
+``attention.py``) writes, per device kind, a machine-readable
 table ``attention-dispatch-<device>.json`` beside its results
 (``experiments/benchmarks/results/``, committed). ``dot_product_attention`` with
 ``implementation=None`` on a GPU reads the table of the device it runs on and picks the
@@ -16,7 +17,8 @@ a wheel: pyproject packages the JSON), found without importing its modules.
 
 File format: ``{"format": 1, "device_kind": str, "environment": {...}, "cases":
 [{"seq_bucket": int, "dtype": str, "causal": bool, "head_dim": int, "mode": "fwd" |
-"fwd+bwd", "ms": {"pallas": float, "cudnn": float}}]}``.
+"fwd+bwd", "ms": {"pallas": float, "cudnn": float, ...}}]}`` (other keys of ``ms``,
+e.g. ``"xla"``, are kept for reading and ignored by the choice).
 """
 
 from __future__ import annotations

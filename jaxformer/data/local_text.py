@@ -8,8 +8,11 @@
 * Several files: split by document. The files are sorted by path and the last
   ``round(validation_fraction * n)`` of them (at least one) are the validation split.
 * One file: split by its tail. The last ``validation_fraction`` of its bytes are the
-  validation split. A single long file is not read in order: a train record is a
-  window of ``window_bytes`` bytes at a random offset (record ``i`` drawn with
+  validation split. The causal LM reads each split as one token stream
+  (:mod:`jaxformer.data.token_windows`, nanoGPT's way: random windows of
+  ``seq_len + 1`` tokens, :attr:`TextWindowsSource.text`). As records (other tasks),
+  a single long file is not read in order: a train record is a window of
+  ``window_bytes`` bytes at a random offset (record ``i`` drawn with
   ``default_rng([seed, i])``, so the source stays random access and resumable), and
   the validation records are the tail's consecutive windows, in order.
 """
@@ -112,6 +115,11 @@ class TextWindowsSource:
     else:
       start = index * self._window
     return {"text": self._text[start:start + self._window]}
+
+  @property
+  def text(self) -> bytes:
+    """The whole split (the causal LM reads it as one token stream)."""
+    return self._text
 
   def texts(self) -> Iterator[bytes]:
     yield self._text

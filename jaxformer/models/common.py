@@ -115,8 +115,26 @@ def replace(cfg: Any, **overrides: Any) -> Any:
   return dataclasses.replace(cfg, block=block, **own)
 
 
-def padded_size(size: int, multiple: int) -> int:
-  """``size`` rounded up to a multiple of ``multiple`` (vocabulary padding)."""
+# Vocabulary rows on GPU/TPU are padded to a multiple of this: matmuls tile well and
+# every tensor-parallel size divides it.
+ACCELERATOR_VOCAB_MULTIPLE = 128
+
+
+def vocab_pad_multiple(platform: str, vocab_shards: int = 1) -> int:
+  """What a vocabulary is padded to a multiple of on ``platform`` when its rows are
+  split ``vocab_shards`` ways: 128 (and the shards) on GPU/TPU; only the shard count
+  on a CPU, where padding buys no speed (1 = none)."""
+  shards = max(int(vocab_shards), 1)
+  if platform == "cpu":
+    return shards
+  return math.lcm(ACCELERATOR_VOCAB_MULTIPLE, shards)
+
+
+def padded_size(size: int, multiple: int | None) -> int:
+  """``size`` rounded up to a multiple of ``multiple`` (vocabulary padding); None:
+  :func:`vocab_pad_multiple` of the default backend, unsharded."""
+  if multiple is None:
+    multiple = vocab_pad_multiple(jax.default_backend())
   return -(-size // multiple) * multiple
 
 

@@ -55,9 +55,13 @@ class GPTConfig:
       num_layers)`` as GPT-2 and nanoGPT do (GPT-2: yes); False = like the rest (or
       ``block.residual_init_stddev`` when set, which must then be None here).
     vocab_pad_multiple: the embedding table and the output projection get their rows
-      rounded up to a multiple of this (128, as nanoGPT and MaxText: every tensor-parallel
-      size divides it and matmuls tile well); 1 = no padding. The padded rows are never
-      looked up and the logits are sliced back to the real vocabulary, so losses and
+      rounded up to a multiple of this; 1 = no padding; None (the default) = what the
+      hardware and the mesh need (:func:`jaxformer.models.common.vocab_pad_multiple`):
+      128 on GPU/TPU (matmuls tile well, every tensor-parallel size divides it), on a
+      CPU only the vocabulary's tensor-parallel split, if any. The training loop
+      resolves None for its mesh (and records the number with the run); a model built
+      on its own uses the default backend, unsharded. The padded rows are never looked
+      up and the logits are sliced back to the real vocabulary, so losses and
       sampling never see them. :func:`jaxformer.models.num_params` reports the count
       without them.
     remat / scan_layers: ``nn.remat`` each block / ``nn.scan`` over blocks.
@@ -75,7 +79,7 @@ class GPTConfig:
   tie_embeddings: bool = True
   output_vocab_size: int | None = None
   scaled_residual_init: bool = True
-  vocab_pad_multiple: int = 128
+  vocab_pad_multiple: int | None = None
   remat: bool = False
   scan_layers: bool = False
   block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
@@ -83,7 +87,9 @@ class GPTConfig:
 
   def __post_init__(self):
     common.check_common(self)
-    common.check_positive(self, "vocab_size", "max_len", "vocab_pad_multiple")
+    common.check_positive(self, "vocab_size", "max_len")
+    if self.vocab_pad_multiple is not None:
+      common.check_positive(self, "vocab_pad_multiple")
     if not isinstance(self.num_layers, int) or self.num_layers < 0:
       raise ValueError(f"GPTConfig.num_layers={self.num_layers!r}: expected an int >= 0")
     if not isinstance(self.scaled_residual_init, bool):
@@ -107,7 +113,7 @@ class GPTConfig:
     return self.output_vocab_size or self.vocab_size
 
   def padded(self, size: int) -> int:
-    """``size`` rounded up to ``vocab_pad_multiple``."""
+    """``size`` rounded up to ``vocab_pad_multiple`` (None: see its docstring)."""
     return common.padded_size(size, self.vocab_pad_multiple)
 
   def num_padding_params(self) -> int:

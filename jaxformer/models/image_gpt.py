@@ -54,7 +54,7 @@ class ImageGPTConfig:
   positions: str = "learned"
   scale_embeddings: bool | None = None
   scaled_residual_init: bool = True
-  vocab_pad_multiple: int = 128
+  vocab_pad_multiple: int | None = None
   remat: bool = False
   scan_layers: bool = False
   block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(

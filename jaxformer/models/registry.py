@@ -257,9 +257,10 @@ def check_shardable(model_name: str, cfg: Any, axis_sizes: Mapping[str, int], *,
         continue
       fields = [k for k, v in values.items()
                 if isinstance(v, int) and not isinstance(v, bool) and v == dim]
-      padded = getattr(cfg, "vocab_pad_multiple", None)
+      padded = getattr(cfg, "vocab_pad_multiple", 0)
       hint = (f"; {prefix}.vocab_pad_multiple={padded} rounds the vocabulary up, pick a "
-              f"multiple of {ways}") if padded and axis == "vocab" else ""
+              f"multiple of {ways} (None: the training loop picks one for its mesh)"
+              ) if padded != 0 and axis == "vocab" else ""
       where = " or ".join(f"{f}={dim}" for f in fields) or f"a dimension of size {dim}"
       raise ValueError(
           f"{where} is not divisible by the {ways}-way sharding of the logical axis "

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer.data import local_text
 from jaxformer.data import pipeline
+from jaxformer.data import token_windows
 from jaxformer.data import tokenizers as tok_lib
 from jaxformer.data.config import DataConfig
 from jaxformer.generation import decode as generation
@@ -29,6 +31,7 @@ def unigram_bits(batches: list[Mapping[str, np.ndarray]]) -> float:
   """
   targets = np.concatenate([np.asarray(b["targets"]).reshape(-1) for b in batches])
   weights = np.concatenate([np.asarray(b["weights"], np.float64).reshape(-1)
+                            if "weights" in b else np.ones(np.size(b["targets"]))
                             for b in batches])
   counts = np.bincount(targets, weights=weights)
   p = counts[counts > 0] / counts.sum()
@@ -48,7 +51,10 @@ class CausalLM(base.Task):
   """Next-token prediction on packed documents (a decoder-only LM such as GPT).
 
   Batches: ``inputs``/``targets``/``segment_ids``/``positions``/``weights`` ``[B, L]``
-  (:func:`jaxformer.data.pipeline.read_lm`; ``data.pack``). Model:
+  (:func:`jaxformer.data.pipeline.read_lm`; ``data.pack``); one text (a single
+  file's split, ``data.source="text_files"``) is read as nanoGPT reads it instead:
+  one token stream, each row a random contiguous window, only ``inputs``/``targets``
+  (:mod:`jaxformer.data.token_windows`). Model:
   ``(inputs_BL, segment_ids, positions) -> logits_BLV``. Eval adds, for a byte
   tokenizer, ``bits_per_byte`` and the ``unigram_bits_per_byte`` baseline. Options:
   a text sample at the end of the run, ``sample_tokens`` (0: none) continuing
@@ -67,13 +73,24 @@ class CausalLM(base.Task):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self._unigram: float | None = None
+    self._streams: dict[bool, np.ndarray] = {}   # train? -> one text's tokens
 
   def batches(self, *, batch_size: int, seed: int, train: bool) -> Any:
-    # Eval: one dense stream in a fixed order, repeating (every process can always
-    # take the same number of batches).
+    source = self.source(train)
     options = self.read_options(batch_size=batch_size, seed=seed if train else 0,
                                 train=train)
-    return pipeline.read_lm(self.source(train), self.tokenizer, options,
+    if isinstance(source, local_text.TextWindowsSource):
+      # One text: a single token stream, random windows (eval: seed 0, fixed).
+      if train not in self._streams:
+        self._streams[train] = self.tokenizer.encode_array(source.text)
+      return token_windows.window_pipeline(
+          self._streams[train], seq_len=self.data.seq_len, batch_size=batch_size,
+          seed=options.seed, shard_index=options.shard_index,
+          shard_count=options.shard_count, prefetch=options.prefetch,
+          name=repr(source))
+    # Eval: one dense stream in a fixed order, repeating (every process can always
+    # take the same number of batches).
+    return pipeline.read_lm(source, self.tokenizer, options,
                             seq_len=self.data.seq_len, pack=self.data.pack,
                             text_key=self.data.text_key,
                             streams=None if train else 1)

@@ -16,8 +16,10 @@ Everything that depends on what is learned is the task's (:mod:`jaxformer.tasks`
 everything that depends on where the parameters start is the origin's: the loop names
 no task, model or source.
 
-The host never waits for the device except at log/eval/checkpoint steps: step n+1 is
-dispatched before step n's metrics are read (and only at log steps).
+The host reads device values only at log/eval/checkpoint steps: step n+1 is
+dispatched before step n's metrics are read (and only at log steps). On several CPU
+devices one step is in flight at a time (``_Steps.settle``), with the next batch
+already made and transferred while the step runs.
 
 Around it: one run per workdir (:mod:`~jaxformer.training.workdir_lock`), the whole
 config checked on resume (:mod:`~jaxformer.training.resume_check`), a fallback past
@@ -42,6 +44,7 @@ import numpy as np
 from jaxformer import configs
 from jaxformer import tasks as tasks_lib
 from jaxformer.data import vocab
+from jaxformer.models import common as model_common
 from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import config as config_lib
@@ -60,11 +63,17 @@ __all__ = ["train", "validate_config", "Evaluator", "build_model"]
 validate_config = config_lib.parse
 
 
-def build_model(config: Any, tokenizer: Any) -> tuple[Any, Any]:
+def build_model(config: Any, tokenizer: Any, *, platform: str | None = None,
+                vocab_shards: int = 1) -> tuple[Any, Any]:
   """``(model_config, module)`` of ``config.model`` (an experiment or stored config);
   an unset ``model.vocab_size`` becomes the tokenizer's (a vocabulary fitted on the
-  run's text)."""
+  run's text), and with ``platform`` an unset ``model.vocab_pad_multiple`` what that
+  platform and ``vocab_shards`` (the vocabulary's tensor-parallel split) need."""
   section = configs.plain(config["model"])
+  if platform is not None and section.get("vocab_pad_multiple", 0) is None:
+    # Padding follows the hardware and the mesh (none on a CPU without tensor axis).
+    section["vocab_pad_multiple"] = model_common.vocab_pad_multiple(platform,
+                                                                    vocab_shards)
   if tokenizer is not None and "vocab_size" in section:
     if section["vocab_size"] is None:
       section["vocab_size"] = tokenizer.vocab_size
@@ -176,7 +185,10 @@ def _build(run: config_lib.RunConfig, workdir: str,
   sharding = sharding_lib.Sharding.build(run.sharding)
   tokenizer = (run.origin.tokenizer(run.data)
                or vocab.build_tokenizer(run.data, workdir))
-  model_cfg, model = build_model(run.stored, tokenizer)
+  model_cfg, model = build_model(
+      run.stored, tokenizer, platform=sharding.mesh.devices.flat[0].platform,
+      vocab_shards=registry.logical_axis_sizes(sharding.rules,
+                                               sharding.shape).get("vocab", 1))
   # Every sharded dimension must divide its mesh axes: say which field, before tracing.
   sharding.check_shardable(run.model["name"], model_cfg)
   task = run.build_task(tokenizer=tokenizer, model_config=model_cfg)
@@ -199,8 +211,9 @@ def _build(run: config_lib.RunConfig, workdir: str,
   schedule = opt_lib.make_schedule(
       run.optimizer, max(num_steps // run.optimizer.grad_accum_steps, 1))
   stored = dict(run.stored, model=dict(run.stored["model"]))
-  if "vocab_size" in stored["model"]:
-    stored["model"]["vocab_size"] = getattr(model_cfg, "vocab_size", None)
+  for field in ("vocab_size", "vocab_pad_multiple"):  # as resolved for this run
+    if field in stored["model"]:
+      stored["model"][field] = getattr(model_cfg, field, None)
   checkpointer = resources.enter_context(ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=run.train.keep_checkpoints,
       save_every=run.train.checkpoint_every, async_save=run.train.async_checkpoint))
@@ -292,16 +305,33 @@ class _Steps:
     self.eval_seconds = 0.0
     self.t_begin = time.perf_counter()
     self.t_end = self.t_begin
+    mesh = b.sharding.mesh
+    self.one_in_flight = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
+
+  def settle(self, state: state_lib.TrainState) -> None:
+    """On several CPU devices, waits for the last step before launching a program.
+
+    XLA:CPU runs each device's part of a program on one shared thread pool, and the
+    parts meet at the gradients' all-reduce. A second program (the next step, an eval)
+    launched while a step is in flight can hold the thread the other device still
+    needs: the all-reduce then never completes (XLA aborts after 40 s; seen on a
+    loaded 2-core host). The next batch is made and transferred before this wait, so
+    the host's work still overlaps the step.
+    """
+    if self.one_in_flight:
+      jax.block_until_ready(state)
 
   def flush(self) -> None:
     if self.pending is not None:
-      self.last_row = self.logger.log_train(self.pending[0],
-                                            sharding_lib.to_host(self.pending[1]))
+      host = sharding_lib.to_host(self.pending[1])
+      host["consecutive_skipped"] = self.guard.read(self.pending[0])
+      self.last_row = self.logger.log_train(self.pending[0], host)
       self.pending = None
       self.guard.check(self.last_row["step"], self.last_row["consecutive_skipped"])
 
   def run_eval(self, state: state_lib.TrainState) -> None:
     self.flush()
+    self.settle(state)
     t0 = time.perf_counter()
     self.eval_row = self.logger.log_eval(self.step, self.evaluate(state.params))
     self.eval_step_done = self.step
@@ -319,7 +349,9 @@ class _Steps:
     self.step = start
     with ckpt_lib.Preemption() as preempt:
       while self.step < tc.num_steps:
-        state, metrics = train_step(state, b.sharding.shard_batch(next(b.train_it)))
+        batch = b.sharding.shard_batch(next(b.train_it))
+        self.settle(state)
+        state, metrics = train_step(state, batch)
         self.step += 1
         step = self.step
         guard.update(step, metrics)

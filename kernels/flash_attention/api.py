@@ -7,8 +7,9 @@ Mosaic kernel on tpu and to the Triton kernel in interpret mode elsewhere
 (CPU), via `jax.lax.platform_dependent` inside the custom_vjp's forward and
 backward rules (`hopper_gpu` says how the GPU is recognised at trace time).
 The custom_vjp's residuals are the *unpadded* operands, output and
-log-sum-exp, so every platform branch has the same residual shapes and
-does its own padding:
+log-sum-exp (in the units the backend's own backward reads: base 2 for Triton,
+natural for the Mosaic kernels; forward and backward run on the same branch), so
+every platform branch has the same residual shapes and does its own padding:
   * Triton reads lengths as they are (masked loads and stores at the ends);
     Mosaic TPU pads them to a multiple of the tiles; padded keys are masked
     in the kernels (`common.allowed`), padded query rows are sliced off (their
@@ -82,6 +83,71 @@ def hopper_gpu() -> bool:
   kind = str(getattr(device, "device_kind", "")).upper()
   return any(k in kind for k in _HOPPER_KINDS)
 
+# CUDA runtimes whose ptxas miscompiles causal Mosaic GPU attention: 12.8.0 up to
+# (not including) 12.9.1. JAX refuses causal `attention_mgpu` there for this reason
+# (jax/experimental/pallas/ops/gpu/attention_mgpu.py, `_attention_forward`); so do we.
+PTXAS_CAUSAL_BUG = (12080, 12091)
+
+
+def cuda_runtime_version() -> int | None:
+  """The CUDA runtime's version as an int (12080 = 12.8.0), or None without CUDA."""
+  try:
+    from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if cuda_versions is None:
+    return None
+  try:
+    return int(cuda_versions.cuda_runtime_get_version())
+  except Exception:  # pylint: disable=broad-except
+    return None  # no CUDA runtime loadable (a CPU host)
+
+
+def mosaic_gpu_causal_refused(is_causal: bool) -> str | None:
+  """Why compiled causal Mosaic GPU attention is refused here, or None.
+
+  On CUDA 12.8.0 to 12.9.0 ptxas miscompiles it (``PTXAS_CAUSAL_BUG``). An unknown
+  version (no CUDA runtime, e.g. exporting on a CPU host) is not refused.
+  """
+  version = cuda_runtime_version()
+  low, high = PTXAS_CAUSAL_BUG
+  if is_causal and version is not None and low <= version < high:
+    return (f"causal Mosaic GPU attention is refused on CUDA runtime {version} (12.8.0"
+            f" <= version < 12.9.1: a ptxas miscompile, as JAX's attention_mgpu says)")
+  return None
+
+
+_WARNED: set = set()
+
+
+def warn_once(key, message: str, *args) -> None:
+  """A WARNING for a fallback the caller did not ask for, once per ``key`` (shape)."""
+  if key in _WARNED:
+    return
+  _WARNED.add(key)
+  logger.warning(message, *args)
+
+
+def primary_backend(backend: str | None, dtype, is_causal: bool,
+                    platform: str | None = None) -> str:
+  """The kernel that runs on ``platform`` (default: the default backend's).
+
+  An explicit ``backend`` runs as given; otherwise Mosaic TPU on a TPU, Mosaic GPU on
+  a Hopper GPU for bf16/fp16 (unless ``mosaic_gpu_causal_refused``), Triton on other
+  GPUs and in interpret mode on a CPU.
+  """
+  if backend is not None:
+    return backend
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return "mosaic"
+  if (platform in ("gpu", "cuda") and hopper_gpu()
+      and jnp.dtype(dtype) in [jnp.dtype(d) for d in MOSAIC_GPU_DTYPES]
+      and mosaic_gpu_causal_refused(is_causal) is None):
+    return "mosaic_gpu"
+  return "triton"
+
+
 PRECISIONS = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
               "highest": lax.Precision.HIGHEST}
 
@@ -100,6 +166,7 @@ class _Config:
   interpret: bool | None
   backend: str | None
   precision: lax.Precision
+  primary: str = "triton"  # the kernel that runs on the default device
 
 
 def _pad_axis(x, axis: int, size: int, value=0):
@@ -125,8 +192,12 @@ def _plan(cfg: _Config, backend: str, interpret: bool, q_shape, k_shape,
     try:
       blocks.validate(backend, interpret=interpret)
     except ValueError:
-      # Tiles meant for another platform's branch (validated eagerly in
-      # flash_attention for the platform that runs): use this one's defaults.
+      if backend == cfg.primary:
+        raise  # an invalid explicit choice for the kernel that runs: an error
+      # Tiles for the kernel that runs here do not suit a branch traced for another
+      # platform (lax.platform_dependent traces every branch; this one never runs on
+      # this device): that branch takes its defaults. To export with given tiles for
+      # another platform, name its backend (backend=...), which makes it primary.
       blocks = None
   if blocks is None:
     blocks = BlockSizes.get_default(backend, max(head_dim, head_dim_v)).fit(
@@ -198,8 +269,16 @@ def _dispatch(run, cfg: _Config, *args):
     backends = {plat: cfg.backend for plat in NATIVE_PLATFORMS[cfg.backend]}
     default = cfg.backend
   else:
-    cuda = ("mosaic_gpu" if hopper_gpu() and jnp.dtype(args[0].dtype) in
-            [jnp.dtype(d) for d in MOSAIC_GPU_DTYPES] else "triton")
+    cuda = "triton"
+    if hopper_gpu() and jnp.dtype(args[0].dtype) in [jnp.dtype(d) for d in
+                                                      MOSAIC_GPU_DTYPES]:
+      refused = mosaic_gpu_causal_refused(cfg.is_causal)
+      if refused is None:
+        cuda = "mosaic_gpu"
+      else:
+        warn_once(("ptxas", args[0].shape, args[1].shape, args[0].dtype),
+                  "flash_attention: Triton instead of Mosaic GPU for q %s, k %s: %s.",
+                  args[0].shape, args[1].shape, refused)
     backends = {"cuda": cuda, "rocm": "triton", "tpu": "mosaic"}
     default = "triton"
   if cfg.interpret:  # everywhere in interpret mode: no dispatch needed
@@ -276,11 +355,14 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     scale: logits multiplier; default 1/sqrt(head_dim).
     block_sizes: tiles: a `BlockSizes`; or a `BlockTable` (tuned tiles read
       from JSON, see autotune.py), whose entry for this call is used; None,
-      or no entry, = `BlockSizes.get_default(backend, head_dim)`.
+      or no entry, = `BlockSizes.get_default(backend, head_dim)`. Tiles that
+      break the rules of the kernel that runs here (`primary_backend`: Mosaic
+      GPU on Hopper for bf16/fp16) raise ValueError; they are never replaced.
     interpret: None = compiled on GPU/TPU, Pallas interpret mode elsewhere
       (CPU); True = interpret mode everywhere; False = never interpret.
-    backend: None = Mosaic GPU on Hopper for bf16/fp16 (`hopper_gpu`),
-      Triton on other GPUs, Mosaic on TPU; "triton", "mosaic" or
+    backend: None = Mosaic GPU on Hopper for bf16/fp16 (`hopper_gpu`; causal
+      calls on CUDA 12.8.0-12.9.0 take Triton, with a WARNING once per shape:
+      `mosaic_gpu_causal_refused`), Triton on other GPUs, Mosaic on TPU; "triton", "mosaic" or
       "mosaic_gpu" forces one kernel (e.g. to test the Mosaic kernel in
       interpret mode on a CPU; "mosaic_gpu" interprets under jax's
       `force_gpu_interpret_mode`, see tests/kernels/mosaic_gpu_interpret.py).
@@ -319,11 +401,19 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     logger.warning("flash_attention: the BlockTable was tuned on %r, this"
                    " device is %r; its tiles may not suit it.",
                    block_sizes.device_kind, jax.devices()[0].device_kind)
+  platform = jax.default_backend()
+  if interpret is True and backend is None:  # _dispatch's interpret-mode branches
+    runs = "mosaic" if platform == "tpu" else "triton"
+  else:
+    runs = primary_backend(backend, query.dtype, is_causal)
+  if backend == "mosaic_gpu" and interpret is not True:
+    refused = mosaic_gpu_causal_refused(is_causal)
+    if refused is not None:
+      raise ValueError(f"flash_attention(backend='mosaic_gpu'): {refused}; use"
+                       f" backend='triton' or backend=None (which then picks Triton).")
   if isinstance(block_sizes, BlockSizes):
-    # The tiles must suit the kernel that runs on the default device; other
-    # platforms' branches of the dispatch fall back to their default tiles.
-    platform = jax.default_backend()
-    runs = backend or ("mosaic" if platform == "tpu" else "triton")
+    # The tiles must suit the kernel that runs on the default device (an error if
+    # not); branches traced for other platforms take their default tiles (_plan).
     block_sizes.fit(query.shape[1], key.shape[1], runs).validate(
         runs, interpret=bool(interpret) or (
             interpret is None and platform not in NATIVE_PLATFORMS[runs]))
@@ -339,5 +429,5 @@ def flash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     q_ids, kv_ids = q_ids.astype(jnp.int32), kv_ids.astype(jnp.int32)
   cfg = _Config(is_causal=bool(is_causal), scale=float(scale),
                 block_sizes=block_sizes, interpret=interpret, backend=backend,
-                precision=precision)
+                precision=precision, primary=runs)
   return _flash(query, key, value, q_ids, kv_ids, cfg)

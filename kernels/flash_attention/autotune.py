@@ -15,6 +15,7 @@ what a call computes never depends on which calls came before it.
 from __future__ import annotations
 
 import itertools
+import logging
 import statistics
 import time
 from typing import Iterable
@@ -23,17 +24,32 @@ import jax
 import jax.numpy as jnp
 
 from kernels.flash_attention import api
+from kernels.flash_attention import mosaic_gpu
 from kernels.flash_attention.block_sizes import BlockSizes
 from kernels.flash_attention.block_table import BlockTable
 from kernels.flash_attention.block_table import TableKey
 
 
+logger = logging.getLogger(__name__)
+
+
 def default_candidates(backend: str, head_dim: int) -> list[BlockSizes]:
-  """A small grid around the defaults (Triton: tiles x warps x stages)."""
+  """A small grid around the defaults (Triton: tiles x warps x stages).
+
+  Every candidate keeps its backend's rules (``BlockSizes.validate``). Mosaic GPU: the
+  CTA row counts (block_q, block_q_dq, block_k_dkv) stay 128, two consumer warpgroups
+  of 64 rows (the 128-row rule); the streamed tiles (block_k, block_q_dkv, block_k_dq)
+  take 64 or 128 (the forward's key tile also 256) where the forward's shared memory
+  (``mosaic_gpu.smem_bytes``) fits.
+  """
   if backend == "mosaic_gpu":
-    return [BlockSizes(block_q=bq, block_k=bk, block_q_dkv=64, block_k_dkv=bk,
-                       block_q_dq=bq, block_k_dq=64)
-            for bq, bk in itertools.product((64, 128), (64, 128))]
+    out = []
+    for bk, dkv_q, dq_k in itertools.product((64, 128, 256), (64, 128), (64, 128)):
+      if mosaic_gpu.smem_bytes(64, bk, head_dim, head_dim) > mosaic_gpu.SMEM_BYTES:
+        continue  # the forward's K/V ring would not fit
+      out.append(BlockSizes(block_q=128, block_k=bk, block_q_dkv=dkv_q,
+                            block_k_dkv=128, block_q_dq=128, block_k_dq=dq_k))
+    return out
   if backend == "mosaic":
     return [BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bq, block_k_dkv=bk,
                        block_q_dq=bq, block_k_dq=bk)
@@ -74,22 +90,38 @@ def autotune(query: jax.Array, key: jax.Array, value: jax.Array, *,
   Args:
     query, key, value, is_causal, segment_ids, scale: as `flash_attention`
       (concrete arrays: they are run).
-    candidates: BlockSizes to try; None = `default_candidates`. Candidates that
-      fail to compile or break the backend's rules are skipped.
+    candidates: BlockSizes to try; None = `default_candidates`. A candidate that
+      breaks the backend's rules is an error (ValueError, before anything runs); one
+      that fails to compile or run is skipped with a WARNING naming the error.
     include_backward: time forward + backward (value_and_grad) instead of the
       forward only.
     reps: timed repetitions per candidate (median after one warm-up call).
-    interpret, backend: as `flash_attention` (interpret mode for CPU tests).
+    interpret, backend: as `flash_attention` (interpret mode for CPU tests); None =
+      the kernel that `flash_attention(backend=None)` runs here (Mosaic GPU on a
+      Hopper GPU for bf16/fp16, so the tuned tiles are that kernel's).
     verbose: print each candidate's time.
   Returns:
     The fastest BlockSizes.
   Raises:
     ValueError: if no candidate runs.
   """
-  platform = jax.default_backend()
-  backend = backend or ("mosaic" if platform == "tpu" else "triton")
+  backend = api.primary_backend(backend, query.dtype, is_causal)
   if candidates is None:
-    candidates = default_candidates(backend, query.shape[-1])
+    candidates = default_candidates(backend, max(query.shape[-1], value.shape[-1]))
+  candidates = list(candidates)
+  platform = jax.default_backend()
+  in_interpret = bool(interpret) or (interpret is None and platform not in
+                                     api.NATIVE_PLATFORMS[backend])
+  broken = []
+  for blocks in candidates:
+    try:
+      blocks.fit(query.shape[1], key.shape[1], backend).validate(
+          backend, interpret=in_interpret)
+    except ValueError as e:
+      broken.append(str(e))
+  if broken:
+    raise ValueError(f"autotune: {len(broken)} candidate(s) break the {backend!r}"
+                     f" backend's rules: " + " | ".join(broken))
 
   def make(blocks):
     def loss(q, k, v):
@@ -107,8 +139,8 @@ def autotune(query: jax.Array, key: jax.Array, value: jax.Array, *,
     try:
       seconds = _median_seconds(make(blocks), (query, key, value), reps)
     except Exception as e:  # pylint: disable=broad-except
-      if verbose:
-        print(f"autotune: skip {blocks}: {type(e).__name__}: {e}"[:300])
+      logger.warning("autotune: skipped %s (%s backend): %s: %s", blocks, backend,
+                     type(e).__name__, str(e)[:300])
       continue
     if verbose:
       print(f"autotune: {seconds * 1e3:9.3f} ms  {blocks}")
@@ -130,20 +162,22 @@ def autotune_table(cases: Iterable[dict], *, table: BlockTable | None = None,
     table: a table to extend (its entries for other keys are kept); None =
       a new one for this device kind.
     path: where to save the table (None: not saved).
-    backend: as `flash_attention`; None = the platform's kernel.
+    backend: as `flash_attention`; None = per case, the kernel that
+      `flash_attention(backend=None)` runs here (`api.primary_backend`): Mosaic GPU
+      on Hopper for bf16/fp16, so the table's keys match that branch.
     **kwargs: passed to `autotune` (candidates, reps, include_backward, ...).
   Returns:
     The table; pass it as `flash_attention(block_sizes=table)`.
   """
-  backend = backend or ("mosaic" if jax.default_backend() == "tpu"
-                        else "triton")
   if table is None:
     table = BlockTable(device_kind=jax.devices()[0].device_kind)
   for case in cases:
     q, k, v = case["query"], case["key"], case["value"]
-    best = autotune(q, k, v, backend=backend, **case_options(case), **kwargs)
+    options = case_options(case)
+    runs = api.primary_backend(backend, q.dtype, options.get("is_causal", False))
+    best = autotune(q, k, v, backend=runs, **options, **kwargs)
     table = table.with_entry(TableKey.of(
-        backend, q.shape, k.shape, v.shape, q.dtype,
+        runs, q.shape, k.shape, v.shape, q.dtype,
         causal=case.get("is_causal", False),
         segments=case.get("segment_ids") is not None), best)
   if path is not None:

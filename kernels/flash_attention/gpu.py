@@ -6,8 +6,12 @@ masked store, so no padded copy of Q/K/V is made. Only head dims are padded
 (to a power of two, a Triton tensor rule; see api.py). Layout stays
 [batch, length, heads, dim]: grouped-query attention maps query head h to
 key/value head h // group in the index_map (no repeat of K/V), and the
-forward saves the natural-log log-sum-exp of the scaled logits per row for the
-backward pass (+inf for rows with no allowed key).
+forward saves the base-2 log-sum-exp of the scaled logits per row (log2 of
+sum 2^(s log2 e), in the units its running max works in) for the backward pass
+(+inf for rows with no allowed key). Base 2, not natural: converting the running
+max to natural log and back in the backward (m ln 2 log2 e) rounded the exponent
+of every P by up to an ulp of m, a systematic relative error in each row that
+reached dV at float32 (issue 18: tokamax's small_sequences case).
 
 Scheduling: the grid is (query head, batch, query tile). The fastest axis is
 the head, so neighbouring programs of one GQA group read the same K/V (L2
@@ -158,7 +162,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, q_bounds_ref,
   store_rows(o_ref, q_start, (acc / l_safe[:, None]).astype(o_ref.dtype),
              p.q_len, not p.q_padded)
   store_rows(lse_ref, q_start,
-             jnp.where(empty, jnp.inf, m * common.LN2 + jnp.log(l_safe)),
+             jnp.where(empty, jnp.inf, m + jnp.log2(l_safe)),
              p.q_len, not p.q_padded)
 
 

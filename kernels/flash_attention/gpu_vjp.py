@@ -12,7 +12,8 @@ unpadded lengths with masked loads/stores at the ends (see gpu.py):
 Both grids put the tile axis slowest, heavy tiles first under `causal` (key
 tile 0 is seen by every query tile; query tiles are reversed, as in the
 forward), and skip tile pairs with disjoint segment-id ranges.
-With s = scale * q.k and P = exp(s - lse):
+With s = scale * q.k and P = exp(s - lse) (computed in base 2 from the forward's
+base-2 lse, see `_probs`):
   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,
   dK = scale dS^T Q.
 """
@@ -32,11 +33,15 @@ from kernels.flash_attention import gpu
 from kernels.flash_attention.block_sizes import BlockSizes
 
 
-def _probs(p, q, k, lse, mask):
-  """P = exp(scale * q k^T - lse), zero where masked.  [bq, bk] float32."""
+def _probs(p, q, k, lse2, mask):
+  """P = exp2(scale log2(e) q k^T - lse2), zero where masked.  [bq, bk] float32.
+
+  ``lse2`` is the forward's base-2 log-sum-exp (gpu.py), computed from the same
+  ``s`` as here, so P matches the forward's normalisation to rounding.
+  """
   s = common.dot(q, k, trans_b=True, precision=p.precision) * (
       p.scale * common.LOG2E)
-  probs = jnp.exp2(s - (lse * common.LOG2E)[:, None])
+  probs = jnp.exp2(s - lse2[:, None])
   return probs if mask is None else jnp.where(mask, probs, 0.0)
 
 

@@ -444,6 +444,94 @@ class GpuDefaultTest(parameterized.TestCase):
     self.assertIn("not 'cudnn': cuDNN attention needs bfloat16/float16", log)
 
 
+class CudnnNeverRejectsTest(parameterized.TestCase):
+  """Issue 18: cuDNN is only handed what JAX's cuDNN checks accept (device kind, compute
+  capability and cuDNN version mocked; jax.nn's cuDNN call replaced by its XLA path)."""
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.enter_context(mock.patch.object(core, "_platform", lambda: "gpu"))
+    self.enter_context(mock.patch.object(core, "_device_kind", lambda: "NVIDIA H100"))
+    self.enter_context(mock.patch.dict(os.environ, {gpu_table.ENV_VAR: tmp.name}))
+    core._WARNED.clear()
+
+  def _choose(self, q_len=256, kv_len=None, head_dim=128, capability=(9, 0),
+              cudnn=91300, **opts):
+    q = jax.ShapeDtypeStruct((2, q_len, 4, head_dim), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, kv_len or q_len, 4, head_dim), jnp.bfloat16)
+    flags = dict(has_mask=False, has_bias=False, hard=False, return_weights=False,
+                 dropout=False)
+    flags.update(opts)
+    with mock.patch.object(core, "_gpu_capability", lambda: capability), \
+        mock.patch.object(core, "_cudnn_version", lambda: cudnn), \
+        self.assertLogs(core.logger, "INFO") as logs:
+      impl = core._choose_implementation(q, k, k, None, None, False, **flags)
+    return impl, logs
+
+  @parameterized.named_parameters(
+      ("hd256_sm90_cudnn_9_13", 256, (9, 0), 91300, "cudnn"),
+      ("hd256_sm90_cudnn_9_12", 256, (9, 0), 91200, "pallas"),
+      ("hd256_sm80", 256, (8, 0), 91300, "pallas"),
+      ("hd256_no_cudnn_version", 256, (9, 0), None, "pallas"),
+      ("hd128_sm80", 128, (8, 0), 90100, "cudnn"),
+      ("hd264_sm90", 264, (9, 0), 91300, "xla"))  # above every fused kernel
+  def test_head_dim_by_capability_and_version(self, head_dim, capability, cudnn, want):
+    impl, logs = self._choose(head_dim=head_dim, capability=capability, cudnn=cudnn)
+    self.assertEqual(impl, want, logs.output)
+    if want != "cudnn":
+      self.assertRegex("\n".join(logs.output), r"head_dim <= (128|256)")
+
+  def test_bias_with_odd_lengths_is_not_cudnn_and_the_fallback_warns_once(self):
+    self.assertEqual(self._choose(q_len=256, has_bias=True)[0], "cudnn")
+    for lengths in ((255, 256), (256, 255)):
+      impl, logs = self._choose(q_len=lengths[0], kv_len=lengths[1], has_bias=True)
+      self.assertEqual(impl, "xla")  # pallas and chunked take no bias
+      self.assertIn("only with even lengths", "\n".join(logs.output))
+      self.assertEqual([r.levelname for r in logs.records], ["WARNING"])
+      _, again = self._choose(q_len=lengths[0], kv_len=lengths[1], has_bias=True)
+      self.assertEqual([r.levelname for r in again.records], ["INFO"])  # once per shape
+    with self.assertRaisesRegex(ValueError, "'cudnn' cannot be used.*even lengths"):
+      q = jnp.ones((1, 7, 2, 8), jnp.bfloat16)
+      dot_product_attention(q, q, q, bias=jnp.zeros((7, 7)), implementation="cudnn")
+
+  @parameterized.named_parameters(
+      ("bias_broadcast_along_lq", (1, 4, 1, 12), None),
+      ("bias_broadcast_along_lk", (2, 1, 8, 1), None),
+      ("mask_broadcast_along_lq", None, (2, 1, 1, 12)),
+      ("both", (4, 1, 12), (1, 1, 8, 1)))
+  def test_broadcast_bias_and_mask_reach_cudnn_full_length(self, bias_shape, mask_shape):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 12, 4, 16)), jnp.float32) for _ in range(2))
+    bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape),
+                                                        jnp.float32)
+    mask = None if mask_shape is None else jnp.asarray(
+        rng.random(mask_shape) < 0.7).at[..., 0].set(True)
+    seen = []
+    original = jax.nn.dot_product_attention
+
+    def fake(*args, implementation=None, **kwargs):
+      for name in ("bias", "mask"):
+        if kwargs.get(name) is not None:  # JAX's cuDNN check_layout: full Lq and Lk
+          seen.append((name, kwargs[name].shape[-2:]))
+      return original(*args, implementation="xla", **kwargs)
+
+    with mock.patch.object(jax.nn, "dot_product_attention", fake):
+      out = core._cudnn_attention(q, k, v, mask=None if mask is None else
+                                  core._to_rank4(mask), bias=None if bias is None
+                                  else core._to_rank4(bias), is_causal=False,
+                                  q_segment_ids=None, kv_segment_ids=None,
+                                  scale=0.25)
+    self.assertTrue(seen)
+    self.assertTrue(all(shape == (8, 12) for _, shape in seen), seen)
+    want = core.xla_attention(
+        q, k, v, mask=None if mask is None else core._to_rank4(mask),
+        bias=None if bias is None else core._to_rank4(bias), scale=0.25)[0]
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.product(implementation=(None, "xla", "chunked", "pallas", "cudnn"),

@@ -66,6 +66,27 @@ def test_trains_on_a_text_file_with_each_tokenizer_and_resumes(tmp_path, tokeniz
   assert steps == [1, 2, 3, 4]
 
 
+def test_one_file_resumes_exactly_from_the_window_sampler_position(tmp_path):
+  """One file (nanoGPT's random windows): interrupted at step 2 and resumed ==
+  uninterrupted, step for step; the data state is the next batch's index."""
+  path = tmp_path / "book.txt"
+  path.write_text(TEXT)
+  config = _config(path, "bytes", num_steps=4, eval_every=4, checkpoint_every=100,
+                   sample_tokens=0)
+  full, split = str(tmp_path / "full"), str(tmp_path / "split")
+  a = loop.train(config, full)
+  assert loop.train(config, split, should_stop=lambda step: step == 2)["preempted"]
+  ckpt = ckpt_lib.Checkpointer(os.path.join(split, "checkpoints"))
+  assert ckpt.latest_step() == 2
+  b = loop.train(config, split)
+  assert b["step"] == 4 and b["eval_loss"] == a["eval_loss"]
+
+  def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+  assert losses(full) == losses(split) and len(losses(full)) == 4
+
+
 def _cli(args, timeout=300):
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
   return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import faulthandler
+import importlib
 import re
 import sys
 from unittest import mock
@@ -89,6 +90,10 @@ class MosaicGpuInterpretTest(InterpretedTestCase, FlashAttentionTestBase):
   BACKEND = "mosaic_gpu"
   BLOCKS = TINY_MGPU
   DTYPE = jnp.float16  # wgmma inputs: fp16/bf16 only
+  DTYPES = (jnp.float16, jnp.bfloat16)
+  # tokamax's cases: only small_sequences (the issue-18 case) in fp16 at tokamax's
+  # fp16 tolerances; the others would add minutes of interpretation each.
+  TOKAMAX_CASES = ("small_sequences",)
 
   CASES = (
       # 2 query CTAs x up to 4 key tiles (forward, dQ), up to 4 (q, dO)
@@ -410,6 +415,123 @@ class MosaicGpuExportTest(parameterized.TestCase):
     text = _export(lambda q: flash_attention(q, q, q), q32).mlir_module()
     self.assertIn(TRITON_CALL, text)
     self.assertNotIn("custom_call @mosaic_gpu", text)
+
+
+class NothingSilentlyReplacedTest(parameterized.TestCase):
+  """Issue 18 section 3: an invalid explicit choice is an error; a fallback nobody
+  asked for is a WARNING once per shape; autotune tunes the kernel that runs."""
+
+  def test_tiles_invalid_for_mosaic_gpu_are_an_error_on_hopper(self):
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    triton_tiles = BlockSizes(block_q=64, block_k=64)  # fine for Triton
+    with mock.patch.object(api, "hopper_gpu", return_value=True), \
+        mock.patch.object(jax, "default_backend", return_value="gpu"), \
+        self.assertRaisesRegex(ValueError, "block_q.*multiple of 128.*mosaic_gpu"):
+      flash_attention(q, q, q, block_sizes=triton_tiles)
+    # Below Hopper the same tiles suit the kernel that runs (Triton); the Mosaic GPU
+    # branch traced beside it (never run there) takes its defaults, without a word.
+    with mock.patch.object(api, "hopper_gpu", return_value=False):
+      out = jax.eval_shape(lambda q: flash_attention(q, q, q,
+                                                     block_sizes=triton_tiles), q)
+    self.assertEqual(out.shape, q.shape)
+
+  def test_plan_raises_for_the_primary_backend(self):
+    cfg = api._Config(is_causal=False, scale=1.0,  # pylint: disable=protected-access
+                      block_sizes=BlockSizes(block_q=64, block_k=64), interpret=False,
+                      backend=None, precision=lax.Precision.DEFAULT,
+                      primary="mosaic_gpu")
+    shape = (1, 256, 2, 64)
+    with self.assertRaisesRegex(ValueError, "multiple of 128"):
+      api._plan(cfg, "mosaic_gpu", False, shape, shape, shape,  # pylint: disable=protected-access
+                jnp.bfloat16, False)
+    blocks, *_ = api._plan(  # pylint: disable=protected-access
+        dataclasses.replace(cfg, primary="triton"), "mosaic_gpu", False, shape,
+        shape, shape, jnp.bfloat16, False)
+    self.assertEqual(blocks, BlockSizes.get_default("mosaic_gpu", 64).fit(
+        256, 256, "mosaic_gpu"))
+
+  @parameterized.parameters((None, False), (12079, False), (12080, True),
+                            (12090, True), (12091, False), (13000, False))
+  def test_ptxas_guard_versions(self, runtime, refused):
+    with mock.patch.object(api, "cuda_runtime_version", return_value=runtime):
+      self.assertEqual(api.mosaic_gpu_causal_refused(True) is not None, refused)
+      self.assertIsNone(api.mosaic_gpu_causal_refused(False))
+
+  def test_ptxas_guard_explicit_is_an_error_automatic_is_triton_with_a_warning(self):
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+    with mock.patch.object(api, "cuda_runtime_version", return_value=12085):
+      with self.assertRaisesRegex(ValueError, "ptxas"):
+        jax.eval_shape(lambda q: flash_attention(q, q, q, is_causal=True,
+                                                 backend="mosaic_gpu"), q)
+      api._WARNED.clear()  # pylint: disable=protected-access
+      with self.assertLogs(api.logger, "WARNING") as logs:
+        text = _export(lambda q: flash_attention(q, q, q, is_causal=True),
+                       q).mlir_module()
+        _export(lambda q: flash_attention(q, q, q, is_causal=True), q)
+      self.assertLen(logs.records, 1)  # once per shape
+      self.assertIn("ptxas", logs.output[0])
+      self.assertIn(TRITON_CALL, text)
+      self.assertNotIn("custom_call @mosaic_gpu", text)
+      text = _export(lambda q: flash_attention(q, q, q), q).mlir_module()
+      self.assertIn("custom_call @mosaic_gpu", text)  # non-causal: unaffected
+
+  @parameterized.parameters(
+      (jnp.bfloat16, False, None, "gpu", "mosaic_gpu"),
+      (jnp.float16, True, 12091, "gpu", "mosaic_gpu"),
+      (jnp.bfloat16, True, 12085, "gpu", "triton"),
+      (jnp.float32, False, None, "gpu", "triton"),
+      (jnp.bfloat16, False, None, "tpu", "mosaic"),
+      (jnp.bfloat16, False, None, "cpu", "triton"))
+  def test_primary_backend(self, dtype, causal, runtime, platform, want):
+    with mock.patch.object(api, "hopper_gpu", return_value=True), \
+        mock.patch.object(api, "cuda_runtime_version", return_value=runtime):
+      self.assertEqual(api.primary_backend(None, dtype, causal, platform), want)
+      self.assertEqual(api.primary_backend("triton", dtype, causal, platform),
+                       "triton")
+
+  def test_autotune_table_tunes_mosaic_gpu_on_hopper(self):
+    autotune_lib = importlib.import_module("kernels.flash_attention.autotune")
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    best = BlockSizes.get_default("mosaic_gpu", 64)
+    with mock.patch.object(api, "hopper_gpu", return_value=True), \
+        mock.patch.object(jax, "default_backend", return_value="gpu"), \
+        mock.patch.object(autotune_lib, "autotune", return_value=best) as tune:
+      table = autotune_lib.autotune_table([dict(query=q, key=q, value=q)])
+    self.assertEqual(tune.call_args.kwargs["backend"], "mosaic_gpu")
+    ((key, got),) = table.entries
+    self.assertEqual((key.backend, got), ("mosaic_gpu", best))
+
+  @parameterized.parameters(64, 128, 256)
+  def test_mosaic_gpu_candidates_keep_the_rules_and_fit(self, head_dim):
+    autotune_lib = importlib.import_module("kernels.flash_attention.autotune")
+    candidates = autotune_lib.default_candidates("mosaic_gpu", head_dim)
+    # Key tiles 64/128/256 x two backward tiles, as the forward's SMEM allows.
+    self.assertLen(candidates, {64: 12, 128: 8, 256: 4}[head_dim])
+    self.assertIn(BlockSizes.get_default("mosaic_gpu", head_dim), candidates)
+    for blocks in candidates:
+      blocks.validate("mosaic_gpu")
+      self.assertLessEqual(mosaic_gpu.smem_bytes(blocks.block_q // 2, blocks.block_k,
+                                                 head_dim, head_dim),
+                           mosaic_gpu.SMEM_BYTES)
+
+  def test_autotune_warns_for_a_candidate_that_fails_to_run(self):
+    autotune_lib = importlib.import_module("kernels.flash_attention.autotune")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 1, 16)), jnp.float32)
+    good, failing = BlockSizes(block_q=16, block_k=16), BlockSizes(block_q=32,
+                                                                   block_k=32)
+    real = api.flash_attention
+
+    def flaky(*args, block_sizes=None, **kwargs):
+      if block_sizes == failing:
+        raise RuntimeError("pretend compile failure")
+      return real(*args, block_sizes=block_sizes, **kwargs)
+
+    with mock.patch.object(autotune_lib.api, "flash_attention", flaky), \
+        self.assertLogs(autotune_lib.logger, "WARNING") as logs:
+      best = autotune_lib.autotune(x, x, x, candidates=[good, failing], reps=1,
+                                   include_backward=False, interpret=True)
+    self.assertEqual(best, good)
+    self.assertIn("pretend compile failure", logs.output[0])
 
 
 if __name__ == "__main__":

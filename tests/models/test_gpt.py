@@ -141,7 +141,7 @@ class GPTTest(chex.TestCase, parameterized.TestCase):
     self.assertGreater(np.abs(a - b).max(), 1e-4)
 
   def test_untied_head_and_presets(self):
-    cfg = gpt_tiny(num_layers=1, tie_embeddings=False)
+    cfg = gpt_tiny(num_layers=1, tie_embeddings=False, vocab_pad_multiple=128)
     shapes = jax.eval_shape(GPT(cfg).init, jax.random.key(0), _TOKENS)
     # [D, V] padded to a multiple of 128; the logits are sliced back to V = 64.
     self.assertEqual(shapes["params"]["lm_head"]["kernel"].value.shape, (32, 128))
@@ -206,7 +206,8 @@ class VocabPaddingTest(chex.TestCase, parameterized.TestCase):
   @parameterized.parameters(True, False)
   def test_padded_rows_are_invisible(self, tied):
     """Padding changes no logit and gets no gradient; the logits have the real vocab."""
-    cfg, variables = _params(tie_embeddings=tied, output_vocab_size=None if tied else 50)
+    cfg, variables = _params(tie_embeddings=tied, output_vocab_size=None if tied else 50,
+                             vocab_pad_multiple=128)
     out_vocab = 64 if tied else 50
     params = nn.unbox(variables)["params"]
     self.assertEqual(params["token_embedding"]["embedding"].shape, (128, 32))

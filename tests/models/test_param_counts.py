@@ -28,14 +28,44 @@ class ParamCountTest(parameterized.TestCase):
     self.assertEqual(_count(models.GPT(models.gpt2_small()), jnp.zeros((1, 8), jnp.int32)),
                      124_439_808)
 
+  def test_vocab_padding_follows_the_hardware_and_the_mesh(self):
+    pad = models.common.vocab_pad_multiple
+    self.assertEqual([pad("cpu"), pad("cpu", 2), pad("gpu"), pad("tpu", 3),
+                      pad("gpu", 256)], [1, 2, 128, 384, 256])
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    # None (the default): a model built on its own pads for the default backend.
+    gpt2 = models.gpt2_small()
+    self.assertIsNone(gpt2.vocab_pad_multiple)
+    self.assertEqual(_raw_count(models.GPT(gpt2), tokens),
+                     124_439_808 + (47 * 768 if jax.default_backend() != "cpu" else 0))
+    # The loop resolves None for its mesh; the reported count stays the published one.
+    from jaxformer.training import loop  # pylint: disable=g-import-not-at-top
+    cfg, module = loop.build_model({"model": models.preset_dict("gpt2_small")}, None,
+                                   platform="gpu")
+    self.assertEqual(cfg.padded(cfg.vocab_size), 50304)
+    self.assertEqual(_raw_count(module, tokens), 124_439_808 + 47 * 768)
+    self.assertEqual(_count(module, tokens), 124_439_808)
+    nano = {"model": models.preset_dict("gpt_nano")}        # 263 bytes + specials
+    for platform, shards, rows in (("cpu", 1, 263), ("cpu", 2, 264), ("gpu", 1, 384),
+                                   ("tpu", 4, 384)):
+      cfg, module = loop.build_model(nano, None, platform=platform,
+                                     vocab_shards=shards)
+      self.assertEqual(cfg.padded(cfg.vocab_size), rows, platform)
+      self.assertEqual(_raw_count(module, tokens) - _count(module, tokens),
+                       (rows - 263) * 128)
+    cfg, _ = loop.build_model({"model": models.preset_dict(
+        "gpt2_small", vocab_pad_multiple=64)}, None, platform="gpu")
+    self.assertEqual(cfg.vocab_pad_multiple, 64)   # a set value is kept
+
   def test_padding_is_stored_but_not_reported(self):
     tokens = jnp.zeros((1, 8), jnp.int32)
     # 50257 rows padded to 50304 = 393 * 128: 47 * 768 more stored parameters.
-    self.assertEqual(_raw_count(models.GPT(models.gpt2_small()), tokens),
-                     124_439_808 + 47 * 768)
+    self.assertEqual(_raw_count(models.GPT(models.gpt2_small(vocab_pad_multiple=128)),
+                                tokens), 124_439_808 + 47 * 768)
     self.assertEqual(_raw_count(models.GPT(models.gpt2_small(vocab_pad_multiple=1)),
                                 tokens), 124_439_808)
-    untied = models.gpt_tiny(tie_embeddings=False, output_vocab_size=100)
+    untied = models.gpt_tiny(tie_embeddings=False, output_vocab_size=100,
+                             vocab_pad_multiple=128)
     self.assertEqual(untied.num_padding_params(), (128 - 64 + 128 - 100) * 32)
     self.assertEqual(_count(models.GPT(untied), tokens),
                      _raw_count(models.GPT(untied), tokens) - (64 + 28) * 32)

@@ -92,20 +92,24 @@ class RegistryTest(parameterized.TestCase):
     sizes = models.logical_axis_sizes(axes.rules_for(), {"data": 2, "tensor": 2})
     self.assertEqual((sizes[axes.HEADS], sizes[axes.ACT_BATCH], sizes[axes.EMBED]),
                      (2, 2, 1))
-    models.check_shardable("gpt", models.gpt_tiny(), sizes)       # vocab 64 -> 128
+    models.check_shardable("gpt", models.gpt_tiny(vocab_pad_multiple=128), sizes)
     with self.assertRaisesRegex(ValueError, r"model\.block\.num_heads=3 .* 2-way .*'heads'"):
       models.check_shardable("gpt", models.gpt_tiny(num_heads=3, embed_dim=48), sizes)
     with self.assertRaisesRegex(ValueError, r"model\.vocab_size=263 .*vocab_pad_multiple"):
       models.check_shardable("gpt", models.gpt_nano(vocab_pad_multiple=1), sizes)
     with self.assertRaisesRegex(ValueError, r"model\.num_classes=3"):
       models.check_shardable("vit", models.vit_tiny(num_classes=3), sizes)
-    models.check_shardable("gpt", models.gpt_nano(), sizes)      # 263 -> 384
+    models.check_shardable("gpt", models.gpt_nano(vocab_pad_multiple=128), sizes)  # 384
+    # what the loop picks for a CPU mesh with the vocabulary split 2 ways: 263 -> 264
+    pad = models.common.vocab_pad_multiple("cpu", sizes[axes.VOCAB])
+    self.assertEqual(pad, 2)
+    models.check_shardable("gpt", models.gpt_nano(vocab_pad_multiple=pad), sizes)
 
 
 class NumParamsTest(parameterized.TestCase):
 
   def test_counts_boxed_or_plain_arrays(self):
-    cfg = models.gpt_tiny()
+    cfg = models.gpt_tiny(vocab_pad_multiple=128)
     variables = models.GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     plain = jax.tree.map(np.asarray, jax.tree.leaves(variables["params"]))
     raw = sum(x.size for x in plain)

@@ -1,4 +1,4 @@
-"""The divergence guard: consecutive skipped steps counted on device, the stop and its
+"""The divergence guard: consecutive skipped steps read only when asked, the stop and its
 message, checkpoints withheld while the newest step was skipped."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def _feed(guard, losses):
   for step, loss in enumerate(losses, start=1):
     metrics = {"loss": np.float32(loss), "skipped": np.float32(not np.isfinite(loss))}
     guard.update(step, metrics)
-    rows.append(int(np.asarray(metrics["consecutive_skipped"])))
+    rows.append(guard.read(step))
   return rows
 
 
@@ -44,6 +44,31 @@ def test_may_save_logs_once_per_run_and_none_disables_the_stop():
   guard.check(51, 50)  # None: never stops
   _feed(guard, [1.0])
   assert guard.may_save(53, logged.append)
+
+
+class _Unreadable:
+  """A device value that must not be read (fails if converted)."""
+
+  def __array__(self, *args, **kwargs):
+    raise AssertionError("read a value that should stay on the device")
+
+
+def test_update_reads_nothing_and_read_stops_at_its_step():
+  guard = divergence.DivergenceGuard(2)
+  _feed(guard, [1.0, float("nan")])
+  guard.update(3, {"loss": _Unreadable(), "skipped": _Unreadable()})  # in flight
+  assert guard.read(2) == 1   # step 3 stays unread
+  with pytest.raises(AssertionError, match="should stay on the device"):
+    guard.read(3)
+
+
+def test_unread_steps_are_bounded_and_counted_exactly():
+  guard = divergence.DivergenceGuard(None)
+  n = divergence._MAX_PENDING + 10
+  for step in range(1, n + 1):
+    guard.update(step, {"loss": np.float32(1.0), "skipped": np.float32(step > n - 7)})
+  assert len(guard._pending) <= divergence._MAX_PENDING
+  assert guard.read(n) == 7 and not guard._pending
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, True])
