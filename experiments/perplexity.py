@@ -6,7 +6,8 @@ The file is tokenized whole and cut into consecutive windows of the model's cont
 (``max_len``, 1024 for GPT-2); each window scores its tokens after the first, so every
 token but the first of each window is predicted with the window before it as context:
 ``perplexity = exp(sum of -log p / number of predicted tokens)``. Prints the perplexity
-and the token count. Everything it does is :func:`perplexity`.
+and the token count. Everything it does is :func:`perplexity`. A bad input prints one
+``error:`` line and exits with status 1 (``--verbose``: the traceback too).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from experiments import command_line
+from jaxformer.data import local_text
 from jaxformer.pretrained import from_huggingface
+from jaxformer.pretrained import spec_of
 from jaxformer.pretrained.tokenizers import load_tokenizer
 
 
@@ -37,6 +41,9 @@ def _window_nll(model, params, tokens_1L, weights_1L):
 def perplexity(directory: str, text: str, *, window: int | None = None,
                model_and_params=None) -> tuple[float, int]:
   """``(perplexity, predicted tokens)`` of ``text`` under the model in ``directory``."""
+  spec = spec_of(directory)
+  command_line.require_causal_lm(spec.model, f"{spec.hf_class} ({spec.family})",
+                                 f"perplexity under {directory}")
   model, params = model_and_params or from_huggingface(directory)
   ids = load_tokenizer(directory).encode(text)
   window = window or model.config.max_len
@@ -64,17 +71,19 @@ def _define_flags() -> None:
   flags.DEFINE_string("text", None, "UTF-8 text file to score.")
   flags.DEFINE_integer("window", None, "Tokens per window (default max_len).")
   flags.mark_flags_as_required(["pretrained", "text"])
+  command_line.define_verbose()
 
 
+@command_line.user_errors
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  with open(flags.FLAGS.text, encoding="utf-8") as f:
-    text = f.read()
+  text = local_text.read_text(flags.FLAGS.text,
+                              how="--text must be a UTF-8 text file")
   ppl, count = perplexity(flags.FLAGS.pretrained, text, window=flags.FLAGS.window)
   print(f"perplexity {ppl:.4f} over {count} predicted tokens ({flags.FLAGS.text})")
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

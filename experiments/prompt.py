@@ -14,6 +14,8 @@ tokenizer, its newest checkpoint, or ``--step``, gives the params; read-only);
 (``{"0": " bad", "1": " good"}``). ``--data`` is JSONL (``{"text", "label"}``) or TSV
 (``text<TAB>label``); numeric labels index a ``--labels`` list. Without ``--data``, the
 built-in :data:`jaxformer.data.labelled.SENTIMENT` set. Everything is :func:`evaluate`.
+A bad input prints one ``error:`` line and exits with status 1 (``--verbose``: the
+traceback too).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from experiments import command_line
 from jaxformer.data import labelled
 from jaxformer.generation.prompting import PromptClassifier
 from jaxformer.pretrained import from_huggingface
+from jaxformer.pretrained import spec_of
 from jaxformer.pretrained.tokenizers import load_tokenizer
 from jaxformer.training import saved_run
 
@@ -39,7 +43,12 @@ def parse_labels(spec: str) -> dict[str, str]:
   """The verbalizer of ``--labels``: a JSON object, or comma-separated words."""
   spec = spec.strip()
   if spec.startswith("{"):
-    mapping = json.loads(spec)
+    try:
+      mapping = json.loads(spec)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--labels={spec!r} is not a JSON object ({e})") from None
+    if not isinstance(mapping, dict) or len(mapping) < 2:
+      raise ValueError(f"--labels={spec!r} must map >= 2 labels to verbalizers")
     return {str(k): str(v) for k, v in mapping.items()}
   words = [w.strip() for w in spec.split(",") if w.strip()]
   if len(words) < 2:
@@ -60,8 +69,14 @@ def load_model(workdir: str | None, pretrained: str | None, step: int | None = N
   if bool(workdir) == bool(pretrained):
     raise ValueError("give exactly one of --workdir and --pretrained")
   if workdir:
-    run = saved_run.load_run(workdir, step)
+    def causal(config):
+      name = config["model"].get("name")
+      command_line.require_causal_lm(name, f"a {name!r} run", f"prompting {workdir}")
+    run = saved_run.load_run(workdir, step, check=causal)
     return run.model, run.params, run.tokenizer, run.model_config.max_len
+  spec = spec_of(pretrained)
+  command_line.require_causal_lm(spec.model, f"{spec.hf_class} ({spec.family})",
+                                 f"prompting {pretrained}")
   model, params = from_huggingface(pretrained)
   return model, params, load_tokenizer(pretrained), model.config.max_len
 
@@ -94,8 +109,10 @@ def _define_flags() -> None:
                       "Comma-separated label words, or a JSON label -> verbalizer map.")
   flags.DEFINE_string("data", None, "Labelled JSONL/TSV file (default: built-in set).")
   flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.")
+  command_line.define_verbose()
 
 
+@command_line.user_errors
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -114,4 +131,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -5,7 +5,8 @@
 
 ``--pretrained`` is a directory as ``save_pretrained`` writes it (``config.json``,
 ``model.safetensors``, ``vocab.json`` + ``merges.txt``). ``--temperature=0`` is greedy.
-Everything it does is :func:`sample`, importable from a notebook.
+Everything it does is :func:`sample`, importable from a notebook. A bad input prints
+one ``error:`` line and exits with status 1 (``--verbose``: the traceback too).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from experiments import command_line
 from jaxformer.generation import decode
 from jaxformer.pretrained import from_huggingface
+from jaxformer.pretrained import spec_of
 from jaxformer.pretrained.tokenizers import load_tokenizer
 
 
@@ -30,6 +33,11 @@ def sample(directory: str, prompt: str, *, max_new_tokens: int = 50,
   Stops at ``<|endoftext|>`` or after ``max_new_tokens`` (fewer if the context
   ``max_len`` would be exceeded). ``model_and_params`` reuses a loaded model.
   """
+  spec = spec_of(directory)
+  command_line.require_causal_lm(spec.model, f"{spec.hf_class} ({spec.family})",
+                                 f"sampling from {directory}")
+  if max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={max_new_tokens} must be >= 1")
   model, params = model_and_params or from_huggingface(directory)
   tokenizer = load_tokenizer(directory)
   ids = tokenizer.encode(prompt) or [tokenizer.bos_id]
@@ -56,8 +64,10 @@ def _define_flags() -> None:
   flags.DEFINE_float("top_p", None, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "PRNG seed.")
   flags.mark_flags_as_required(["pretrained"])
+  command_line.define_verbose()
 
 
+@command_line.user_errors
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -69,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)

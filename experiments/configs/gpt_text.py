@@ -20,6 +20,9 @@ documents).
 train split) or ``sentencepiece`` (``data.vocab_size`` pieces trained on the train
 split). A chars or SentencePiece vocabulary is fitted at the start, saved in
 ``<workdir>/tokenizer/`` and reused on resume; ``model.vocab_size`` follows it.
+The text must be UTF-8 for ``chars`` and ``sentencepiece`` (checked before step 1; a
+file that is not names its byte offset): ``data.source_options.encoding='latin-1'``
+(any Python codec) reads files in another encoding, ``bytes`` takes any file as is.
 
 Model, optimizer and schedule are ``gpt_bytes.py``'s (4 x 128, context 64, 2,000
 steps); ``:tiny`` is its smoke-test size.
@@ -44,6 +47,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       path=config_dict.placeholder(str),   # a file, a folder or a glob
       validation_fraction=0.05,
       window_bytes=c.data.seq_len * 4,     # one file: bytes per random window
+      encoding=config_dict.placeholder(str),  # the files' encoding if not UTF-8
       seed=c.train.get_ref("seed"),
   ))
   c.task_options.sample_prompt = ""

@@ -47,8 +47,12 @@ class DataConfig:
   prefetch: int = 0
 
   def __post_init__(self):
+    # A validation split of at least one window of seq_len + 1 tokens (bytes, at
+    # most): less is evaluated over the same few bytes repeated, or not at all.
+    needs = ({"min_validation_bytes": self.seq_len + 1}
+             if self.source == "text_files" and self.seq_len else {})
     object.__setattr__(self, "source_options",
-                       sources.check_options(self.source, self.source_options))
+                       sources.check_options(self.source, self.source_options, **needs))
     if self.tokenizer is not None and self.tokenizer not in vocab.TOKENIZERS:
       raise ValueError(f"data.tokenizer={self.tokenizer!r} is not one of "
                        f"{vocab.TOKENIZERS}")

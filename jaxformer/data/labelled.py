@@ -7,8 +7,11 @@ tiny built-in sentiment set (``negative`` / ``positive``, balanced) for a defaul
 
 from __future__ import annotations
 
+import io
 import json
 import os
+
+from jaxformer.data import local_text
 
 SENTIMENT: tuple[tuple[str, str], ...] = (
     ("A wonderful film, moving and beautifully acted.", "positive"),
@@ -36,24 +39,25 @@ def read_labelled(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
   path = os.fspath(path)
   jsonl = path.endswith((".jsonl", ".json"))
   texts, labels = [], []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      line = line.rstrip("\n")
-      if not line.strip():
-        continue
-      if jsonl:
-        try:
-          record = json.loads(line)
-          text, label = record["text"], record["label"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-          raise ValueError(f"{path}:{number} is not a JSON object with 'text' and "
-                           f"'label': {line[:80]!r}") from None
-      else:
-        text, tab, label = line.rpartition("\t")
-        if not tab:
-          raise ValueError(f"{path}:{number} is not 'text<TAB>label': {line[:80]!r}")
-      texts.append(str(text))
-      labels.append(str(label).strip())
+  content = local_text.read_text(
+      path, how="save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+  for number, line in enumerate(io.StringIO(content, newline=None), 1):
+    line = line.rstrip("\n")
+    if not line.strip():
+      continue
+    if jsonl:
+      try:
+        record = json.loads(line)
+        text, label = record["text"], record["label"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}:{number} is not a JSON object with 'text' and "
+                         f"'label': {line[:80]!r}") from None
+    else:
+      text, tab, label = line.rpartition("\t")
+      if not tab:
+        raise ValueError(f"{path}:{number} is not 'text<TAB>label': {line[:80]!r}")
+    texts.append(str(text))
+    labels.append(str(label).strip())
   if not texts:
     raise ValueError(f"{path} has no labelled lines")
   return texts, labels

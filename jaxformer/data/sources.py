@@ -131,8 +131,10 @@ def option_names(name: str) -> tuple[str, ...]:
                    and p.default is not p.empty))
 
 
-def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-  """``data.source_options`` checked against what the source ``name`` takes.
+def check_options(name: str, options: Mapping[str, Any],
+                  **requirements: Any) -> dict[str, Any]:
+  """``data.source_options`` checked against what the source ``name`` takes
+  (``requirements`` go to the source's check, e.g. ``min_validation_bytes``).
 
   Raises:
     ValueError: an unknown source, or an option the source does not take (naming
@@ -151,7 +153,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     params = inspect.signature(SOURCES[name]).parameters
     defaults = {n: None if p.default is p.empty else p.default
                 for n, p in params.items() if n in valid}
-    OPTION_CHECKS[name](**{**defaults, **options})
+    OPTION_CHECKS[name](**{**defaults, **options}, **requirements)
   return options
 
 

@@ -29,8 +29,20 @@ def read_config(directory: str) -> dict:
     raise ValueError(f"{directory!r} is not a Hugging Face checkpoint directory: it has "
                      f"no {CONFIG} (save_pretrained writes config.json + "
                      "model.safetensors)")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return read_json(path, "config.json as save_pretrained writes it")
+
+
+def read_json(path: str, what: str) -> dict:
+  """The JSON object in ``path``; ValueError naming the file when it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): expected {what}") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: "
+                     f"expected {what}")
+  return value
 
 
 class Checkpoint:
@@ -48,11 +60,17 @@ class Checkpoint:
     self._files: dict[str, str] = {}
     self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
     for path in files:
-      with safe_open(path, framework="numpy") as handle:
-        for name in handle.keys():
-          piece = handle.get_slice(name)
-          self._files[name] = path
-          self._meta[name] = (tuple(piece.get_shape()), piece.get_dtype())
+      try:
+        with safe_open(path, framework="numpy") as handle:
+          for name in handle.keys():
+            piece = handle.get_slice(name)
+            self._files[name] = path
+            self._meta[name] = (tuple(piece.get_shape()), piece.get_dtype())
+      except Exception as e:  # safetensors' SafetensorError (not exported everywhere)
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}; {os.path.getsize(path)} "
+            "bytes): it may be truncated or not safetensors at all; download or save "
+            "it again") from e
 
   @property
   def names(self) -> set[str]:

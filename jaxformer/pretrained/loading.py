@@ -282,6 +282,9 @@ def to_huggingface(model_config: Any, params: Any, directory: str) -> str:
   hf = families.hf_config(model_name, model_config, hf_class)
   spec = families.read_spec(hf)
   rules = mapping.RULES[spec.family](spec)
+  params = nn.meta.unbox(params)
+  if set(params) == {"params"}:  # the whole variables dict of model.init
+    params = params["params"]
   flat = traverse_util.flatten_dict(unstack_layer_params(dict(params)))
   tensors = {}
   for path, leaf in flat.items():

@@ -13,7 +13,6 @@ adding special tokens: the data pipelines add their own.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from jaxformer.data import special_tokens as st
 from jaxformer.data.tokenizers import Tokenizer
+from jaxformer.pretrained import checkpoint as ckpt_lib
 
 GPT2_FILES = ("vocab.json", "merges.txt")
 BERT_FILES = ("vocab.txt",)
@@ -101,12 +101,20 @@ def load_tokenizer(directory: str) -> HuggingFaceTokenizer:
   ``vocab.txt``); ValueError when it has neither."""
   path = lambda name: os.path.join(directory, name)  # noqa: E731
   if all(os.path.isfile(path(f)) for f in GPT2_FILES):
-    return gpt2_tokenizer(path("vocab.json"), path("merges.txt"))
+    ckpt_lib.read_json(path("vocab.json"), "GPT-2's token -> id vocabulary")
+    try:
+      return gpt2_tokenizer(path("vocab.json"), path("merges.txt"))
+    except Exception as e:  # the Rust tokenizers' own error type
+      if isinstance(e, ValueError) and ENDOFTEXT in str(e):
+        raise
+      raise ValueError(f"{path('merges.txt')} or {path('vocab.json')} do not make a "
+                       f"GPT-2 BPE tokenizer: {e}") from e
   if os.path.isfile(path("vocab.txt")):
     lowercase = True
     if os.path.isfile(path("tokenizer_config.json")):
-      with open(path("tokenizer_config.json"), encoding="utf-8") as f:
-        lowercase = bool(json.load(f).get("do_lower_case", True))
+      config = ckpt_lib.read_json(path("tokenizer_config.json"),
+                                  "tokenizer_config.json as save_pretrained writes it")
+      lowercase = bool(config.get("do_lower_case", True))
     return wordpiece_tokenizer(path("vocab.txt"), lowercase=lowercase)
   raise ValueError(f"{directory!r} has no tokenizer files: expected vocab.json + "
                    "merges.txt (GPT-2 BPE) or vocab.txt (BERT WordPiece)")

@@ -7,7 +7,8 @@ killed mid-save resumes from the last complete checkpoint.
 
 * ``state``: the ``TrainState`` (``StandardSave``; restored into an abstract target of
   ``jax.ShapeDtypeStruct(..., sharding=...)`` leaves, so it lands directly sharded).
-* ``data``: the data iterator's ``get_state()`` (``JsonSave``; bytes are base64-coded).
+* ``data``: the data iterator's ``get_state()`` (``JsonSave``; bytes are base64-coded)
+  and the data's fingerprint (:mod:`jaxformer.data.fingerprint`).
   With several processes, each reads its own shard in lockstep; the saved state is
   process 0's position, which is the same for all processes.
 * ``config``: the run's config as JSON (the loop compares it with the new one on
@@ -20,12 +21,15 @@ restores completely, moving damaged newer ones aside (kept, under ``<dir>.damage
 
 SIGTERM (preemption, ``scancel``, ``kill``) and SIGINT (Ctrl-C) only set a flag
 (:class:`Preemption`); the loop notices it between steps, saves, waits for the write to
-finish and exits cleanly. A second signal interrupts at once (``KeyboardInterrupt``).
+finish and exits cleanly. A repeated SIGTERM changes nothing (the save in flight is
+finished); a second Ctrl-C interrupts at once (``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -122,6 +126,7 @@ class Checkpointer:
     if jax.process_count() > 1 and not read_only:
       multihost_utils.sync_global_devices("jaxformer_checkpointer_init")
     self._closed = False
+    self._in_flight: int | None = None  # the step of an async save not known done
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -145,26 +150,97 @@ class Checkpointer:
     return step % self.save_every == 0 and step not in self._manager.all_steps()
 
   def save(self, step: int, state: Any, *, data_state: Any = None,
-           config: Mapping[str, Any] | None = None, force: bool = False) -> bool:
-    """Starts saving (asynchronously); returns whether a save was started."""
+           config: Mapping[str, Any] | None = None, force: bool = False,
+           fingerprint: Mapping[str, Any] | None = None) -> bool:
+    """Starts saving (asynchronously); returns whether a save was started.
+
+    ``fingerprint`` (:mod:`jaxformer.data.fingerprint`) is stored with the data
+    iterator's state (:meth:`stored_fingerprint` reads it back).
+
+    Raises:
+      OSError: this save, or the previous one still in flight, cannot be written
+        (``ENOSPC`` when the disk is full, before anything is written when the free
+        space is short of the checkpoint's size); it names the step's directory and
+        the last good checkpoint, which is kept.
+    """
     if not force and step % self.save_every:
       return False
     if step in self._manager.all_steps():
       return False
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_to_json({"iterator": data_state})),
-            config=ocp.args.JsonSave(_to_json(config or {})),
-        ),
-        force=True,
-    )
+    self._check_space(step, state)
+    with self._save_errors(step):
+      started = self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(_to_json({"iterator": data_state,
+                                               "fingerprint": fingerprint})),
+              config=ocp.args.JsonSave(_to_json(config or {})),
+          ),
+          force=True,
+      )
+    self._in_flight = step if started else None
+    return started
+
+  def _check_space(self, step: int, state: Any) -> None:
+    """ENOSPC before a save that cannot fit in the free space: orbax would find out
+    half-way, in its writer threads. A checkpoint needs about what the newest one
+    takes on disk (else the state's bytes), plus what the save in flight still has
+    to write. Process 0 measures; every process raises (a collective)."""
+    short = None
+    if jax.process_index() == 0:
+      short = _space_shortfall(os.fspath(self.directory), step, state, self._in_flight)
+    if any_process(short is not None):
+      raise self._kept_note(OSError(
+          errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {short or 'on process 0'}",
+          os.path.join(os.fspath(self.directory), str(step))))
+
+  @contextlib.contextmanager
+  def _save_errors(self, step: int | None):
+    """Errors of a save (this one or the one in flight) as one OSError (see save)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      failed = self._in_flight if self._in_flight is not None else step
+      self._in_flight = None
+      raise self._write_error(e, failed) from e
+
+  def _write_error(self, error: Exception, step: int | None) -> OSError:
+    text = f"{error}"
+    code = error.errno if isinstance(error, OSError) and error.errno else None
+    if code is None and ("No space left on device" in text or
+                         "os_error_code='28'" in text):
+      code = errno.ENOSPC
+    path = os.fspath(self.directory)
+    path = path if step is None else os.path.join(path, str(step))
+    if code is not None:
+      new = OSError(code, os.strerror(code), path)
+    else:
+      first = " ".join(f"{type(error).__name__}: {text}".split())[:300]
+      new = OSError(errno.EIO, f"saving a checkpoint failed ({first})", path)
+    if jax.process_index() == 0:  # the unfinished save: not a checkpoint, only space
+      _remove_tmp_dirs(os.fspath(self.directory))
+    return self._kept_note(new)
+
+  def _kept_note(self, error: OSError) -> OSError:
+    try:
+      kept = self._manager.latest_step()
+    except Exception:  # pylint: disable=broad-except
+      kept = None
+    error.add_note(f"the last good checkpoint, step {kept}, is kept" if kept is not None
+                   else "no checkpoint was written")
+    return error
 
   def stored_config(self, step: int) -> dict[str, Any]:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     return dict(restored["config"] or {})
+
+  def stored_fingerprint(self, step: int) -> dict[str, Any] | None:
+    """The data fingerprint saved with ``step`` (None for a checkpoint without one)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    return _from_json(restored["data"] or {}).get("fingerprint")
 
   def check_config(self, step: int, config: Mapping[str, Any]) -> None:
     """Raises ValueError naming fields where the stored config's checked sections
@@ -262,17 +338,24 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight (OSError as :meth:`save` when it failed)."""
+    with self._save_errors(None):
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    """Waits for the save in flight, then releases orbax's threads (idempotent)."""
+    """Waits for the save in flight, then releases orbax's threads (idempotent; an
+    OSError as :meth:`save` when the save failed, after the threads are released)."""
     if self._closed:
       return
     self._closed = True
     try:
-      self._manager.wait_until_finished()
+      self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        log.error("closing the checkpoint manager failed: %s", e)
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -285,6 +368,41 @@ class Checkpointer:
       self.close()
     except Exception as e:  # pylint: disable=broad-except
       log.error("closing the checkpointer after an error failed too: %s", e)
+
+
+def _space_shortfall(directory: str, step: int, state: Any,
+                     in_flight: int | None) -> str | None:
+  """``"<free> bytes free, checkpoint <step> needs about <n>"`` when a checkpoint will
+  not fit in ``directory``'s free space, else None (also when it cannot be told)."""
+  try:
+    names = os.listdir(directory)
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return None
+  done = [int(n) for n in names if n.isdigit()]
+  if done:
+    size = _disk_size(os.path.join(directory, str(max(done))))
+  else:
+    size = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+  written = sum(_disk_size(os.path.join(directory, n)) for n in names
+                if ".orbax-checkpoint-tmp" in n)
+  unfinished = in_flight is not None and str(in_flight) not in names
+  need = size + (max(size - written, 0) if unfinished else 0)
+  if need <= free:
+    return None
+  return f"{free:,} bytes free, checkpoint {step} needs about {need:,}"
+
+
+def _disk_size(path: str) -> int:
+  """Bytes the files under ``path`` take on disk (whole blocks)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.stat(os.path.join(root, name)).st_blocks * 512
+      except OSError:
+        pass
+  return total
 
 
 def _check_writable(directory: str) -> None:
@@ -311,7 +429,8 @@ def _remove_tmp_dirs(directory: str) -> None:
 class Preemption:
   """A SIGTERM / SIGINT flag: the handler only records the request; the loop acts on it.
 
-  A second signal raises ``KeyboardInterrupt`` at once (for a user who will not wait).
+  A second SIGINT raises ``KeyboardInterrupt`` at once (for a user who will not wait);
+  a second SIGTERM is only logged (schedulers repeat it: the save in flight finishes).
   Nested instances share the outer one's flag, so a signal that arrives before the loop
   (e.g. while compiling) still stops the loop at its first step.
 
@@ -339,8 +458,14 @@ class Preemption:
   def _handler(self, signum, frame):
     del frame
     if self._event.is_set():
-      raise KeyboardInterrupt(f"second signal {signum}: stopping now")
-    log.warning("received signal %d: will save a checkpoint and exit (send it again "
+      if signum == signal.SIGINT:  # a user at the keyboard who will not wait
+        raise KeyboardInterrupt(f"second signal {signum}: stopping now")
+      # A scheduler repeating SIGTERM: the save in flight is finished, then the
+      # run exits as after the first one (interrupting it would lose that save).
+      log.warning("received signal %d again: already saving a checkpoint and "
+                  "exiting", signum)
+      return
+    log.warning("received signal %d: will save a checkpoint and exit (Ctrl-C again "
                 "to stop at once)", signum)
     self._event.set()
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ import numpy as np
 
 from jaxformer import configs
 from jaxformer import tasks as tasks_lib
+from jaxformer.data import fingerprint as fingerprint_lib
 from jaxformer.data import vocab
 from jaxformer.models import common as model_common
 from jaxformer.models import registry
@@ -92,17 +92,26 @@ class Evaluator:
     self._task = task
     self._eval_step = eval_step
     self._runtime = runtime
-    self._num_batches = run.train.eval_batches
-    self._batch = runtime.sharding.per_process_batch(run.data.eval_batch_size,
-                                                     "data.eval_batch_size")
+    batch = runtime.sharding.per_process_batch(run.data.eval_batch_size,
+                                               "data.eval_batch_size")
+    # The same fixed batches at every eval, read now: a validation split that cannot
+    # give them fails before step 1, not after the first eval_every steps.
+    it = self._task.batches(batch_size=batch, seed=0, train=False)
+    self._batches = [next(it) for _ in range(run.train.eval_batches)]
 
   def __call__(self, params: Any) -> dict[str, float]:
-    it = self._task.batches(batch_size=self._batch, seed=0, train=False)
-    batches = [next(it) for _ in range(self._num_batches)]
+    batches = self._batches
     outs = [self._eval_step(params, self._runtime.shard(b)) for b in batches]
     metrics = steps_lib.reduce_eval_metrics(self._runtime.to_host(outs))
     metrics.update(self._task.eval_metrics(params, batches, metrics, self._runtime))
     return metrics
+
+
+def _check_layout(run: config_lib.RunConfig) -> None:
+  """The mesh fits the devices and divides the batches (ValueError naming the field)."""
+  sharding = sharding_lib.Sharding.build(run.sharding)
+  for field in ("batch_size", "eval_batch_size"):
+    sharding.per_process_batch(getattr(run.data, field), f"data.{field}")
 
 
 def train(config: Any, workdir: str, *,
@@ -130,7 +139,8 @@ def train(config: Any, workdir: str, *,
   run = config_lib.parse(config)
   sharding_lib.configure_cpu_devices(run.sharding.cpu_devices, run.data.batch_size)
   distributed.maybe_initialize(run.distributed)
-  os.makedirs(workdir, exist_ok=True)
+  _check_layout(run)  # before the workdir exists: nothing to clean up
+  workdir_lock.make_workdir(workdir)  # a file, read-only: one clear error
   # The lock, then resources closed whatever happens (the checkpointer waits for its
   # save in flight): nothing below runs without them.
   with workdir_lock.hold(workdir), ckpt_lib.Preemption(), \
@@ -149,14 +159,20 @@ def _train(run: config_lib.RunConfig, workdir: str, *,
       sharding=b.sharding, shardings=shardings, schedule=b.schedule)
   eval_step = steps_lib.make_eval_step(model=b.model, task=b.task, sharding=b.sharding,
                                        param_shardings=shardings.params)
-  logger, perf = _logger(run, b, workdir, start, state, resources)
+  evaluate = Evaluator(run, b.task, eval_step, b.runtime)  # reads its data now
+  # Unknown characters, after the data check of a resume (changed text: that error).
+  coverage = vocab.check_coverage(b.tokenizer, run.data)
+  logger, perf = _logger(run, b, workdir, start, state, resources, coverage)
   if start == 0:
     logger.log_text(run.origin.describe(state.params))  # what trains
   resume_check.log_changes(logger, start, changes, b.stored)
+  if changes.get("data"):
+    logger.log_text("resuming on changed data (train.allow_config_changes names it): "
+                    + "; ".join(changes["data"]))
   if start >= run.train.num_steps:
     return metrics_logger.finished_summary(logger, workdir, start, run.train.num_steps,
                                            perf.previous_row)
-  loop = _Steps(run, b, logger, Evaluator(run, b.task, eval_step, b.runtime))
+  loop = _Steps(run, b, logger, evaluate)
   state = loop.run(state, train_step, start, should_stop)
   return _summarize(run, b, loop, perf, state, workdir)
 
@@ -176,6 +192,8 @@ class _Built:
   checkpointer: ckpt_lib.Checkpointer
   stored: dict[str, Any]   # the config as stored with checkpoints
   seq_len: int
+  tokenizer: Any
+  fingerprint: dict[str, Any]   # of the data, stored with checkpoints
 
 
 def _build(run: config_lib.RunConfig, workdir: str,
@@ -221,7 +239,8 @@ def _build(run: config_lib.RunConfig, workdir: str,
                 runtime=tasks_lib.Runtime(model=model, sharding=sharding), tx=tx,
                 schedule=schedule, init_fn=init_fn, train_it=train_it,
                 checkpointer=checkpointer, stored=stored,
-                seq_len=task.example_length())
+                seq_len=task.example_length(), tokenizer=tokenizer,
+                fingerprint=fingerprint_lib.fingerprint(run.data, tokenizer))
 
 
 def _start(run: config_lib.RunConfig, b: _Built, workdir: str
@@ -233,6 +252,9 @@ def _start(run: config_lib.RunConfig, b: _Built, workdir: str
   def check(step, stored):
     changes["harmless"], changes["allowed"] = resume_check.check_resume(
         stored, b.stored, where=f"checkpoint {step} in {workdir}")
+    changes["data"] = fingerprint_lib.check_resume(
+        b.checkpointer.stored_fingerprint(step), b.fingerprint,
+        run.train.allow_config_changes, where=f"checkpoint {step} in {workdir}")
 
   def use_data_state(_, data_state):
     if data_state is not None:
@@ -259,8 +281,8 @@ class _Perf:
 
 
 def _logger(run: config_lib.RunConfig, b: _Built, workdir: str, start: int,
-            state: state_lib.TrainState, resources: contextlib.ExitStack
-            ) -> tuple[metrics_logger.MetricsLogger, _Perf]:
+            state: state_lib.TrainState, resources: contextlib.ExitStack,
+            coverage: str = "") -> tuple[metrics_logger.MetricsLogger, _Perf]:
   """The metrics logger (closed with ``resources``) and its header line."""
   logging_process = distributed.is_logging_process()
   previous_row = metrics_logger.resume_metrics(workdir, start)[0] if (
@@ -282,8 +304,9 @@ def _logger(run: config_lib.RunConfig, b: _Built, workdir: str, start: int,
       f"{type(b.model).__name__}: {num_params:,} params | mesh "
       f"{b.sharding.shape} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {run.data.batch_size} x "
-      f"{b.seq_len} | {b.task.describe_data()} | " + (f"resuming at step {start}" if start else
-                           f"from {run.origin.where()}"))
+      f"{b.seq_len} | {b.task.describe_data()} | " + (
+          f"resuming at step {start}" if start else f"from {run.origin.where()}")
+      + (f" | {coverage}" if coverage else ""))
   return logger, _Perf(num_params, tokens_per_step, flops_per_step, peak,
                        previous_row)
 
@@ -340,7 +363,8 @@ class _Steps:
 
   def save(self, state: state_lib.TrainState, force: bool = False) -> None:
     self.b.checkpointer.save(self.step, state, data_state=self.b.train_it.get_state(),
-                             config=self.b.stored, force=force)
+                             config=self.b.stored, force=force,
+                             fingerprint=self.b.fingerprint)
 
   def run(self, state: state_lib.TrainState, train_step: Any, start: int,
           should_stop: Callable[[int], bool] | None) -> state_lib.TrainState:
@@ -415,6 +439,5 @@ def _summarize(run: config_lib.RunConfig, b: _Built, loop: _Steps, perf: _Perf,
     loop.logger.log_text("summary | " + " | ".join(lines))
     if sample is not None:
       loop.logger.log_text(f"{sample[1]}:\n{sample[0]}")
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(metrics_logger.json_safe(summary), f, indent=2, allow_nan=False)
+    metrics_logger.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary

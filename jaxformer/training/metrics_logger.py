@@ -153,6 +153,7 @@ class MetricsLogger:
     self._last_step = start_step
     self._last_time = time.perf_counter()
     self._jsonl = None
+    self._failed = False
     self._tb = None
     self._bar = None
     if not enabled:
@@ -175,10 +176,27 @@ class MetricsLogger:
     self._last_step = step
     self._last_time = time.perf_counter()
 
-  def _write(self, row: Mapping[str, Any], prefix: str = "") -> None:
-    if self._jsonl is not None:
+  def _append(self, row: Mapping[str, Any]) -> None:
+    """One row to ``metrics.jsonl``, on disk when this returns.
+
+    Raises:
+      OSError: naming ``metrics.jsonl`` (a full disk: ``ENOSPC``); a partial row is
+        dropped when the run resumes from its last checkpoint.
+    """
+    if self._jsonl is None:
+      return
+    try:
       self._jsonl.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
       self._jsonl.flush()
+    except OSError as e:
+      self._failed = True
+      error = OSError(e.errno, e.strerror or str(e), self._jsonl.name)
+      error.add_note("the rows up to the last checkpoint are kept; free space and "
+                     "run again to resume")
+      raise error from e
+
+  def _write(self, row: Mapping[str, Any], prefix: str = "") -> None:
+    self._append(row)
     if self._tb is not None:
       step = int(row["step"])
       for k, v in row.items():
@@ -248,9 +266,7 @@ class MetricsLogger:
 
   def log_row(self, row: Mapping[str, Any]) -> None:
     """Writes a row that is neither train nor eval metrics (e.g. ``config_changes``)."""
-    if self._jsonl is not None:
-      self._jsonl.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-      self._jsonl.flush()
+    self._append(row)
 
   def log_text(self, text: str) -> None:
     if self.enabled:
@@ -260,12 +276,22 @@ class MetricsLogger:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+    errors = []  # both files are closed whatever happens; the first error is raised
     if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError as e:
+        errors.append(OSError(e.errno, e.strerror or str(e),
+                              os.path.join(self.workdir, "tensorboard")))
     if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
+      jsonl, self._jsonl = self._jsonl, None
+      try:
+        jsonl.close()
+      except OSError as e:
+        errors.append(OSError(e.errno, e.strerror or str(e), jsonl.name))
+    if errors and not self._failed:  # after a failed write: already raised, said
+      raise errors[0]
 
 
 def finished_summary(logger: MetricsLogger, workdir: str, start: int,
@@ -279,12 +305,29 @@ def finished_summary(logger: MetricsLogger, workdir: str, start: int,
       "another --workdir")
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      summary = json.load(f)
-    if summary.get("step") == start:
+    try:
+      with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      log.warning("%s is damaged (%s); rebuilt from checkpoint %d and metrics.jsonl",
+                  path, e, start)
+      summary = None
+    if isinstance(summary, dict) and summary.get("step") == start:
       return summary
   summary = {"step": start, "preempted": False, "loss": previous_row.get("loss")}
-  if logger.enabled:
-    with open(path, "w", encoding="utf-8") as f:  # killed before writing it
-      json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+  if logger.enabled:  # killed before writing it, or damaged
+    write_json(path, summary)
   return summary
+
+
+def write_json(path: str, row: Mapping[str, Any]) -> None:
+  """``row`` as JSON in ``path``, atomically (a kill leaves the old file or the new)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(json_safe(row), f, indent=2, allow_nan=False)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise OSError(e.errno, e.strerror or str(e), path) from e

@@ -3,8 +3,10 @@
 On resume the whole config saved with the checkpoint is compared with the new one:
 
 * changes that leave the training trajectory alone (``train.num_steps``, cadences,
-  logging, the progress bar, evaluation size, sharding and launch settings: the
-  :data:`HARMLESS` keys) are allowed and logged;
+  logging, the progress bar, evaluation size: the :data:`HARMLESS` keys) are allowed
+  and logged; so are sharding and launch settings, but logged (and recorded in
+  ``metrics.jsonl``) as changes that alter the trajectory (:data:`REORDERING`: another
+  device layout reduces in another order, ~1e-7 at first);
 * every other change (model, optimizer, data, seed, task, ...) would silently continue a
   different run from this one's state, so all of them are reported in one
   ``ValueError`` that lists each field as ``old -> new``;
@@ -29,6 +31,9 @@ HARMLESS: tuple[str, ...] = (
     "train.max_consecutive_skipped", "data.prefetch", "data.eval_batch_size",
     "sharding", "distributed",
 )
+# Harmless keys that still change the floating-point reduction order (the device
+# layout): the losses then differ from an unchanged resume at rounding level.
+REORDERING: tuple[str, ...] = ("sharding", "distributed")
 _MISSING = "<absent>"
 
 
@@ -114,7 +119,8 @@ def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
 def log_changes(logger: Any, start: int, changes: dict[str, Any],
                 config: Mapping[str, Any]) -> None:
   """Logs the changes :func:`check_resume` allowed (``changes``: its two dicts under
-  ``"harmless"`` and ``"allowed"``); records deliberate ones in the metrics as a
+  ``"harmless"`` and ``"allowed"``); records deliberate ones, and device-layout ones
+  (:data:`REORDERING`, with ``"alters_trajectory": true``), in the metrics as one
   ``{"step": start, "config_changes": {key: {"old", "new"}}}`` row.
 
   Args:
@@ -124,6 +130,14 @@ def log_changes(logger: Any, start: int, changes: dict[str, Any],
     config: the new config as JSON data (for the note on ``train.num_steps``).
   """
   harmless, allowed = changes.get("harmless"), changes.get("allowed")
+  reordering = {k: v for k, v in (harmless or {}).items() if _covered(k, REORDERING)}
+  harmless = {k: v for k, v in (harmless or {}).items() if k not in reordering}
+  if reordering:
+    logger.log_text(
+        f"resuming on another device layout: {describe(reordering)}. Allowed, but it "
+        "alters the trajectory: sums over the batch are reduced in another order, so "
+        "losses differ from an unchanged resume at float rounding level (~1e-7) and "
+        "the difference can grow")
   if harmless:
     note = (" (the learning-rate schedule now spans the new num_steps)"
             if "train.num_steps" in harmless
@@ -133,5 +147,8 @@ def log_changes(logger: Any, start: int, changes: dict[str, Any],
   if allowed:
     logger.log_text("resuming with deliberate config changes (train.allow_config_"
                     f"changes): {describe(allowed)}")
-    logger.log_row({"step": start, "config_changes": {
-        k: {"old": old, "new": new} for k, (old, new) in allowed.items()}})
+  row = {k: {"old": old, "new": new, "alters_trajectory": True}
+         for k, (old, new) in reordering.items()}
+  row.update({k: {"old": old, "new": new} for k, (old, new) in (allowed or {}).items()})
+  if row:
+    logger.log_row({"step": start, "config_changes": row})

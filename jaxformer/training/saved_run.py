@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 from flax import linen as nn
@@ -19,6 +20,7 @@ from flax import linen as nn
 from jaxformer.data import tokenizers as tok_lib
 from jaxformer.data import vocab
 from jaxformer.pretrained import tokenizers as hf_tokenizers
+from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import finetune
 from jaxformer.training import init as init_lib
 from jaxformer.training import loop
@@ -57,20 +59,58 @@ def run_tokenizer(config: dict[str, Any], workdir: str) -> tok_lib.Tokenizer | N
   return vocab.build_tokenizer(data)
 
 
-def load_run(workdir: str, step: int | None = None) -> SavedRun:
+def _step(workdir: str, step: int | None) -> int:
+  """The checkpoint ``step`` to read (newest if None); ValueError naming ``workdir``."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir!r} is a file, not a training run's directory")
+  directory = os.path.join(workdir, "checkpoints")
+  steps = ckpt_lib.Checkpointer(directory, max_to_keep=None, async_save=False,
+                                read_only=True)
+  try:
+    found = sorted(steps.all_steps())
+  finally:
+    steps.close()
+  if not found:
+    raise ValueError(f"--workdir={workdir!r} has no checkpoint under {directory}: "
+                     "give the workdir of a training run (experiments.train)")
+  if step is None:
+    return found[-1]
+  if step not in found:
+    raise ValueError(f"--step={step} is not a checkpoint of {workdir!r}; it has {found}")
+  return step
+
+
+def _damaged(workdir: str, step: int, error: Exception) -> ValueError:
+  where = os.path.join(workdir, "checkpoints", str(step))
+  reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+  return ValueError(f"checkpoint {where} is damaged and does not restore ({reason}); "
+                    "give another --step, or train again")
+
+
+def load_run(workdir: str, step: int | None = None, *,
+             check: Callable[[dict[str, Any]], None] | None = None) -> SavedRun:
   """The model, params and tokenizer of the checkpoint ``step`` (newest if None) of
-  the training run in ``workdir``.
+  the training run in ``workdir``. ``check(stored config)``, when given, may refuse
+  the run (raising) before anything is built or restored.
 
   Raises:
-    ValueError: ``workdir`` has no checkpoint (or not ``step``), or lacks its fitted
-      vocabulary.
+    ValueError: ``workdir`` has no checkpoint (or not ``step``), the checkpoint is
+      damaged, or the run lacks its fitted vocabulary.
   """
-  step = finetune.pretrained_step(workdir, step)
-  config = finetune.stored_config(workdir, step)
+  step = _step(workdir, step)
+  try:
+    config = finetune.stored_config(workdir, step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(workdir, step, e) from e
   if not config.get("model"):
     raise ValueError(f"checkpoint {step} of {workdir!r} stores no model config")
+  if check is not None:
+    check(config)
   tokenizer = run_tokenizer(config, workdir)
   model_config, model = loop.build_model(config, tokenizer)
-  params = finetune.load_pretrained_params(workdir, step)
+  try:
+    params = finetune.load_pretrained_params(workdir, step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _damaged(workdir, step, e) from e
   return SavedRun(config=config, model=model, model_config=model_config,
                   params=params, tokenizer=tokenizer, step=step)

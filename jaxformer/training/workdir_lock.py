@@ -37,6 +37,37 @@ class WorkdirLockedError(RuntimeError):
   """Another live run holds the workdir's lock."""
 
 
+def make_workdir(workdir: str) -> None:
+  """Creates ``workdir`` (and its parents) and checks that files can be written in it.
+
+  Raises:
+    ValueError: ``workdir`` is a file (or under one).
+    OSError: it cannot be created or written (a read-only file system: ``EROFS``;
+      no permission: ``EACCES``), naming the path.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} is a file, not a directory: give a directory "
+                     "(it is created if missing)")
+  above = os.path.dirname(os.path.abspath(workdir))
+  while not os.path.exists(above) and above != os.path.dirname(above):
+    above = os.path.dirname(above)
+  if not os.path.isdir(above):
+    raise ValueError(f"workdir {workdir!r} cannot be a directory: {above!r} is a file")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
+    with open(probe, "w", encoding="utf-8"):
+      pass
+    os.remove(probe)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise ValueError(f"workdir {workdir!r} cannot be a directory: "
+                     f"{e.filename or workdir!r} is a file") from e
+  except OSError as e:
+    error = OSError(e.errno, e.strerror or str(e), e.filename or workdir)
+    error.add_note(f"the workdir {workdir!r} must be writable")
+    raise error from e
+
+
 def _proc_start(pid: int) -> str | None:
   """The kernel's start time of ``pid`` (tells a reused pid apart), or None."""
   try:

@@ -55,10 +55,20 @@ def test_trains_on_a_text_file_with_each_tokenizer_and_resumes(tmp_path, tokeniz
     assert vocab_size == want_vocab
   files = os.listdir(os.path.join(workdir, "tokenizer")) if tokenizer != "bytes" else []
   assert len(files) == (0 if tokenizer == "bytes" else 1)
-  # Resume: the saved vocabulary is reused even when the text changes.
+  # Resume on changed text: refused (the data's fingerprint) unless allowed; the
+  # saved vocabulary is reused then.
   path.write_text(TEXT.upper())
-  second = loop.train(_config(path, tokenizer, num_steps=4, sample_tokens=0),
-                      workdir)
+  with pytest.raises(ValueError, match=r"the data changed since checkpoint 2 in .*: "
+                     r".*book.txt: content changed \(same size\)"):
+    loop.train(_config(path, tokenizer, num_steps=4, sample_tokens=0), workdir)
+  allowed = _config(path, tokenizer, num_steps=4, sample_tokens=0,
+                    allow_config_changes=("data",))
+  if tokenizer == "chars":  # capitals: not in the vocabulary fitted on this text
+    with pytest.raises(ValueError, match=r"characters \(\d+\.\d+%\) of the train and "
+                       r"validation text are not in the run's character vocabulary"):
+      loop.train(allowed, workdir)
+    path.write_text(TEXT[::-1])  # the same characters, another text
+  second = loop.train(allowed, workdir)
   assert second["step"] == 4
   assert ckpt.stored_config(4)["model"]["vocab_size"] == vocab_size
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

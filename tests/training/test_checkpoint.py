@@ -204,6 +204,17 @@ class CheckpointerTest(parameterized.TestCase):
         ck.restore_latest(abstract, check=check)
       self.assertEqual(ck.all_steps(), [3])  # not moved aside
 
+  def test_the_data_fingerprint_is_stored_with_the_data_state(self):
+    state, _ = _state()
+    d = _tmpdir(self)
+    fingerprint = {"files": [{"path": "a.txt", "size": 3, "sha256": "ab"}],
+                   "tokenizer": "cd"}
+    with ckpt_lib.Checkpointer(d, async_save=False) as ck:
+      ck.save(1, state, data_state=b"\x00pos", fingerprint=fingerprint)
+      ck.save(2, state, data_state=b"\x00pos")
+      self.assertEqual(ck.stored_fingerprint(1), fingerprint)
+      self.assertIsNone(ck.stored_fingerprint(2))  # as in checkpoints from before
+
   def test_unwritable_directory_fails_at_once_naming_path_and_reason(self):
     d = _tmpdir(self)
     blocker = os.path.join(d, "checkpoints")
@@ -282,6 +293,16 @@ class PreemptionTest(chex.TestCase):
         with self.assertRaises(KeyboardInterrupt):
           os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: stop now
     self.assertIs(signal.getsignal(signal.SIGINT), before)
+
+  def test_a_repeated_sigterm_waits(self):
+    if threading.current_thread() is not threading.main_thread():
+      self.skipTest("signal handlers can only be installed from the main thread")
+    with ckpt_lib.Preemption() as p:
+      os.kill(os.getpid(), signal.SIGTERM)
+      with self.assertLogs(ckpt_lib.log, logging.WARNING) as logs:
+        os.kill(os.getpid(), signal.SIGTERM)  # no KeyboardInterrupt: the save finishes
+      self.assertTrue(p.requested)
+    self.assertIn("received signal 15 again: already saving", logs.output[0])
 
   def test_any_process_single(self):
     self.assertTrue(ckpt_lib.any_process(True))

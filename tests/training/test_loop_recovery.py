@@ -1,6 +1,7 @@
 """The loop when things go wrong: a changed config on resume, a run killed before its
 first checkpoint, a finished run rerun, a damaged checkpoint and metrics line, a
-diverged run, Ctrl-C during an async save, and a second run on the same workdir."""
+diverged run, Ctrl-C and SIGTERM during an async save, and a second run on the same
+workdir."""
 
 from __future__ import annotations
 
@@ -146,12 +147,15 @@ def test_cli_second_run_refused_and_ctrl_c_during_async_saves(tmp_path):
     assert second.returncode != 0
     assert f"in use by another run (pid {first.pid} on host" in second.stderr
     first.send_signal(signal.SIGINT)  # Ctrl-C, with an async save in flight
+    time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)  # and a scheduler's SIGTERM within 50 ms
     t0 = time.time()
     stdout, stderr = first.communicate(timeout=120)
   finally:
     if first.poll() is None:
       first.kill()
   assert first.returncode == 0, stderr[-3000:]
+  assert "Traceback" not in stderr and "received signal 15 again" in stderr, stderr
   assert time.time() - t0 < 60 and "preempted" in stdout
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
