@@ -81,18 +81,20 @@ def plot_attention_heads(weights: Mapping[str, Any], *, labels: Sequence[str] | 
   num_heads = max(w.shape[0] for w in maps.values())
   length = max(w.shape[-1] for w in maps.values())
   cell = max(2.2, min(0.22 * length, 6.0))
-  fig, axes = plt.subplots(num_layers, num_heads, squeeze=False,
-                           figsize=(cell * num_heads + 0.6, cell * num_layers + 0.6))
+  fig, axes = plt.subplots(num_layers, num_heads, squeeze=False, layout="constrained",
+                           figsize=(cell * num_heads + 1.4, cell * num_layers + 0.8))
+  # One square-root colour scale for every panel (weights near 1, e.g. the first causal
+  # row, do not wash out the rest), shown by the colour bar.
+  norm = colors.PowerNorm(0.5, vmin=0.0,
+                          vmax=max(max(float(w.max()) for w in maps.values()), 1e-6))
+  image = None
   for r, (name, w) in enumerate(maps.items()):
     for h in range(num_heads):
       ax = axes[r, h]
       if h >= w.shape[0]:
         ax.axis("off")
         continue
-      # A square-root colour scale: weights near 1 (e.g. the first causal row) do not
-      # wash out the rest.
-      ax.imshow(w[h], cmap="viridis", interpolation="nearest",
-                norm=colors.PowerNorm(0.5, vmin=0.0, vmax=max(float(w[h].max()), 1e-6)))
+      image = ax.imshow(w[h], cmap="viridis", interpolation="nearest", norm=norm)
       ax.set_title(f"{name.replace('/self_attention', '')} · head {h}", fontsize=7)
       if labels is not None and len(labels) == w.shape[-1]:
         ticks = np.arange(w.shape[-1])
@@ -106,9 +108,10 @@ def plot_attention_heads(weights: Mapping[str, Any], *, labels: Sequence[str] | 
   ax0 = axes[0, 0]
   ax0.set_ylabel("query", fontsize=7)
   axes[-1, 0].set_xlabel("key", fontsize=7)
+  if image is not None:
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (√ scale)")
   if title:
     fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
   return _save(fig, path)
 
 
@@ -137,14 +140,18 @@ def plot_rollout_overlay(images: Any, rollouts: Any, *, titles: Sequence[str] | 
   if h % gh or w % gw:
     raise ValueError(f"plot_rollout_overlay: image {h}x{w} is not a multiple of the "
                      f"grid {gh}x{gw}")
-  fig, axes = plt.subplots(2, n, squeeze=False, figsize=(2.0 * n, 4.2))
+  fig, axes = plt.subplots(2, n, squeeze=False, figsize=(2.0 * n + 1.0, 4.2),
+                           layout="constrained")
+  norm = colors.Normalize(0.0, max(float(rollouts.max()), 1e-6))
+  overlay = None
   for i in range(n):
     img = images[i]
     img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
     up = np.kron(rollouts[i], np.ones((h // gh, w // gw), np.float32))
     axes[0, i].imshow(img, cmap="gray", interpolation="nearest")
     axes[1, i].imshow(img, cmap="gray", interpolation="nearest")
-    axes[1, i].imshow(up, cmap="inferno", alpha=alpha, interpolation="nearest")
+    overlay = axes[1, i].imshow(up, cmap="inferno", alpha=alpha, interpolation="nearest",
+                                norm=norm)
     for ax in axes[:, i]:
       ax.set_xticks([])
       ax.set_yticks([])
@@ -152,41 +159,57 @@ def plot_rollout_overlay(images: Any, rollouts: Any, *, titles: Sequence[str] | 
       axes[0, i].set_title(titles[i], fontsize=8)
   axes[0, 0].set_ylabel("image", fontsize=8)
   axes[1, 0].set_ylabel("rollout", fontsize=8)
-  fig.tight_layout()
+  fig.colorbar(overlay, ax=axes[1, :], shrink=0.8, label="rollout weight")
   return _save(fig, path)
 
 
 def plot_image_maps(maps: Any, *, titles: Sequence[str] | None = None,
                     marks: Sequence[tuple[int, int] | None] | None = None,
-                    suptitle: str | None = None,
+                    suptitle: str | None = None, colorbar_label: str = "attention weight",
+                    image: Any = None, image_title: str = "image",
                     path: str | os.PathLike[str] | None = None) -> Figure:
-  """A row of 2-D maps (e.g. axial attention of one pixel), optionally marking a pixel.
+  """A row of 2-D maps (e.g. axial attention of one pixel) on one colour scale (with its
+  colour bar), optionally after the image they belong to and marking a pixel.
 
   Args:
     maps: ``[N, H, W]``.
     titles: one per map.
     marks: a ``(row, col)`` to circle in each map (the query pixel), or None.
     suptitle: figure title.
+    colorbar_label: what the colours measure.
+    image: an ``[H, W]`` image drawn first, in grey and outside the colour scale (its
+      pixels are not what the colour bar measures); marked with ``marks[0]``.
+    image_title: its title.
     path: where to write the PNG.
   """
   maps = np.asarray(maps, np.float32)
   if maps.ndim != 3:
     raise ValueError(f"plot_image_maps: maps must be [N, H, W], got {maps.shape}")
   n = maps.shape[0]
-  fig, axes = plt.subplots(1, n, squeeze=False, figsize=(2.2 * n, 2.4))
-  for i in range(n):
-    ax = axes[0, i]
-    ax.imshow(maps[i], cmap="viridis", interpolation="nearest")
-    if marks is not None and marks[i] is not None:
-      r, c = marks[i]
+  extra = int(image is not None)
+  fig, axes = plt.subplots(1, n + extra, squeeze=False,
+                           figsize=(2.2 * (n + extra) + 1.0, 2.6), layout="constrained")
+  norm = colors.Normalize(min(float(maps.min()), 0.0), max(float(maps.max()), 1e-6))
+  drawn = None
+  panels = ([(np.asarray(image, np.float32), image_title, "gray", None)] if extra else [])
+  panels += [(maps[i], None if titles is None else titles[i], "viridis", norm)
+             for i in range(n)]
+  for k, (values, title, cmap, panel_norm) in enumerate(panels):
+    ax = axes[0, k]
+    shown = ax.imshow(values, cmap=cmap, interpolation="nearest", norm=panel_norm)
+    if panel_norm is not None:
+      drawn = shown
+    mark = None if marks is None else marks[max(k - extra, 0)]
+    if mark is not None:
+      r, c = mark
       ax.scatter([c], [r], s=60, facecolors="none", edgecolors="red", linewidths=1.5)
     ax.set_xticks([])
     ax.set_yticks([])
-    if titles is not None:
-      ax.set_title(titles[i], fontsize=8)
+    if title is not None:
+      ax.set_title(title, fontsize=8)
+  fig.colorbar(drawn, ax=axes[0, extra:], shrink=0.8, label=colorbar_label)
   if suptitle:
     fig.suptitle(suptitle, fontsize=9)
-  fig.tight_layout()
   return _save(fig, path)
 
 
@@ -225,9 +248,22 @@ def _mean_band(runs: Sequence[Sequence[Mapping[str, Any]]], key: str
   return np.asarray(common_steps), values.mean(0), std
 
 
+def _axis_label(key: str, units: Mapping[str, str] | str | None) -> str:
+  """``key (unit)``: ``units`` maps keys to units (or is one unit for every key); by
+  default losses and NLLs are in nats, accuracies are fractions."""
+  unit = units.get(key) if isinstance(units, Mapping) else units
+  if unit is None:
+    if "loss" in key or "nll" in key:
+      unit = "nats"
+    elif "accuracy" in key:
+      unit = "fraction"
+  return f"{key} ({unit})" if unit else key
+
+
 def plot_loss_curves(runs: Mapping[str, Any], *,
                      keys: Sequence[str] = ("loss", "eval_loss"),
                      title: str | None = None, log_y: bool = False,
+                     units: Mapping[str, str] | str | None = None,
                      path: str | os.PathLike[str] | None = None) -> Figure:
   """Several runs' curves on one plot per key (train loss, eval loss, ...).
 
@@ -237,13 +273,16 @@ def plot_loss_curves(runs: Mapping[str, Any], *,
     keys: metrics to plot, one panel each.
     title: figure title.
     log_y: log-scale y axes.
+    units: the y axes' units: ``{key: unit}`` or one for all (default: nats for
+      losses, e.g. "nats per token" for a language model's).
     path: where to write the PNG.
   """
   if not runs:
     raise ValueError("plot_loss_curves: runs is empty")
   data = {label: [read_metrics(q) for q in p] if isinstance(p, (list, tuple))
           else [read_metrics(p)] for label, p in runs.items()}
-  fig, axes = plt.subplots(1, len(keys), squeeze=False, figsize=(4.6 * len(keys), 3.4))
+  fig, axes = plt.subplots(1, len(keys), squeeze=False, figsize=(4.6 * len(keys), 3.6),
+                           layout="constrained")
   for ax, key in zip(axes[0], keys):
     for label, seeds in data.items():
       steps, mean, std = _mean_band(seeds, key)
@@ -255,26 +294,43 @@ def plot_loss_curves(runs: Mapping[str, Any], *,
           ax.fill_between(steps, mean - std, mean + std, color=line.get_color(),
                           alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
-    ax.set_ylabel(key)
+    ax.set_ylabel(_axis_label(key, units))
     if log_y:
       ax.set_yscale("log")
+    else:
+      ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
   return _save(fig, path)
 
 
 def plot_sweep(xs: Sequence[float], ys: Mapping[str, Sequence[float]], *, xlabel: str,
                ylabel: str, log_x: bool = False, title: str | None = None,
                errors: Mapping[str, Sequence[float]] | None = None,
+               points: Mapping[str, tuple[float, float]] | None = None,
                path: str | os.PathLike[str] | None = None) -> Figure:
   """One line per series over a swept value (e.g. eval loss against beta).
 
   ``errors``: ``{series: [std per x]}`` drawn as error bars (e.g. over seeds).
+  ``points``: ``{label: (value, std)}`` of arms that have no swept value (e.g. hard
+  attention beside a β sweep): drawn as separate points in a panel of their own, on the
+  same y axis, never as a line across the sweep.
   """
-  fig, ax = plt.subplots(figsize=(4.6, 3.4))
+  if points:
+    fig, (ax, ax_points) = plt.subplots(
+        1, 2, figsize=(4.6 + 0.8 * len(points) + 0.8, 3.6), sharey=True,
+        layout="constrained", gridspec_kw={"width_ratios": [4.6, 0.8 * len(points) + 0.8]})
+    names = list(points)
+    ax_points.errorbar(np.arange(len(names)), [points[k][0] for k in names],
+                       yerr=[points[k][1] for k in names], fmt="s", color="tab:red",
+                       capsize=3)
+    ax_points.set_xticks(np.arange(len(names)), names, fontsize=7, rotation=20)
+    ax_points.set_xlim(-0.6, len(names) - 0.4)
+    ax_points.grid(alpha=0.3)
+  else:
+    fig, ax = plt.subplots(figsize=(4.6, 3.6), layout="constrained")
   for label, values in ys.items():
     err = (errors or {}).get(label)
     if err is None:
@@ -290,8 +346,7 @@ def plot_sweep(xs: Sequence[float], ys: Mapping[str, Sequence[float]], *, xlabel
   if len(ys) > 1:
     ax.legend(fontsize=7)
   if title:
-    ax.set_title(title, fontsize=10)
-  fig.tight_layout()
+    fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 
 
@@ -299,7 +354,8 @@ def plot_bars(values: Mapping[str, float], *, ylabel: str, title: str | None = N
               errors: Mapping[str, float] | None = None,
               path: str | os.PathLike[str] | None = None) -> Figure:
   """A bar per labelled value (e.g. step time per attention kind); ``errors``: ±std."""
-  fig, ax = plt.subplots(figsize=(max(3.0, 1.1 * len(values) + 1.0), 3.2))
+  fig, ax = plt.subplots(figsize=(max(3.0, 1.1 * len(values) + 1.0), 3.4),
+                         layout="constrained")
   labels = list(values)
   yerr = None if errors is None else [float(errors.get(k, 0.0)) for k in labels]
   ax.bar(np.arange(len(labels)), [float(values[k]) for k in labels], color="tab:blue",
@@ -309,7 +365,6 @@ def plot_bars(values: Mapping[str, float], *, ylabel: str, title: str | None = N
   if title:
     ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
   return _save(fig, path)
 
 
@@ -324,7 +379,8 @@ def _fmt(value: Any) -> str:
 
 
 def _is_std_of(key: str, row: Mapping[str, Any]) -> bool:
-  return key.endswith("_std") and key[:-len("_std")] in row
+  return ((key.endswith("_std") and key[:-len("_std")] in row)
+          or (key.endswith("_sig") and key[:-len("_sig")] in row))
 
 
 def _cell(row: Mapping[str, Any], column: str) -> str:
@@ -332,7 +388,59 @@ def _cell(row: Mapping[str, Any], column: str) -> str:
   std = row.get(f"{column}_std")
   if isinstance(std, float) and not math.isnan(std) and text:
     text += f" ± {std:.2g}"
+  if row.get(f"{column}_sig") and text:
+    text += " *"
   return text
+
+
+# --------------------------------------------------------------------------------------
+# The one rule for "a difference" (experiments/notebooks/README.md).
+# --------------------------------------------------------------------------------------
+
+SIGNIFICANCE_LEVEL = 0.05
+# Columns holding per-seed paired differences (arm minus reference, same seed).
+PAIRED_PREFIXES = ("d_", "delta_")
+
+
+def paired_test(differences: Sequence[float]) -> dict[str, float | bool]:
+  """The notebooks' rule for a difference: a two-sided paired t-test at 5 %.
+
+  ``differences``: one arm minus its reference, one value per seed (paired: the two
+  runs of a seed share its initialisation and data order). A difference is claimed
+  (``significant``) when ``p < 0.05``, i.e. ``|mean| > t_{0.975, n-1} * std / sqrt(n)``
+  with the sample std; with n = 3 seeds that is ``|mean| > 2.48 * std`` (t > 4.30).
+  Fewer than 2 values, or all equal to zero, are never significant.
+
+  Returns:
+    ``{"n", "mean", "std", "t", "p", "significant"}`` (std, t and p nan when n < 2).
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
+  values = np.asarray([float(x) for x in differences], np.float64)
+  n = len(values)
+  if n == 0:
+    raise ValueError("paired_test: no differences")
+  mean = float(values.mean())
+  if n < 2:
+    return dict(n=n, mean=mean, std=math.nan, t=math.nan, p=math.nan,
+                significant=False)
+  std = float(values.std(ddof=1))
+  if std == 0.0:
+    t = math.inf if mean else 0.0
+    p = 0.0 if mean else 1.0
+  else:
+    t = mean / (std / math.sqrt(n))
+    p = float(2.0 * stats.t.sf(abs(t), df=n - 1))
+  return dict(n=n, mean=mean, std=std, t=float(t), p=p,
+              significant=bool(p < SIGNIFICANCE_LEVEL))
+
+
+def paired_threshold(n: int) -> float:
+  """``k`` such that the rule claims a difference iff ``|mean| > k * std`` (n seeds)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if n < 2:
+    raise ValueError(f"paired_threshold: n={n}; needs n >= 2")
+  return float(stats.t.ppf(1.0 - SIGNIFICANCE_LEVEL / 2.0, df=n - 1) / math.sqrt(n))
 
 
 def mean_std_row(per_seed: Sequence[Mapping[str, Any]], keys: Sequence[str],
@@ -341,7 +449,9 @@ def mean_std_row(per_seed: Sequence[Mapping[str, Any]], keys: Sequence[str],
 
   ``columns`` (labels: run, arm, ...) are copied; ``n`` is the number of seeds. With
   one seed the std is nan (printed as the bare mean). Missing or None values are
-  skipped; a key no seed has is left out.
+  skipped; a key no seed has is left out. A key that holds paired differences
+  (``d_*``, ``delta_*``) also gets ``key_sig``: :func:`paired_test`'s verdict, which
+  :func:`results_table` prints as a ``*`` after the value.
   """
   if not per_seed:
     raise ValueError("mean_std_row: no per-seed rows")
@@ -352,6 +462,8 @@ def mean_std_row(per_seed: Sequence[Mapping[str, Any]], keys: Sequence[str],
       continue
     row[key] = float(np.mean(values))
     row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    if key.startswith(PAIRED_PREFIXES):
+      row[f"{key}_sig"] = paired_test(values)["significant"]
   return row
 
 
@@ -361,7 +473,9 @@ def results_table(rows: Sequence[Mapping[str, Any]], *,
   """A markdown table of ``rows`` (and a CSV beside it when ``path`` ends in ``.md``).
 
   A column ``c`` whose row also has ``c_std`` (see ``mean_std_row``) prints as
-  ``mean ± std``; the CSV keeps both as numbers (``c``, ``c_std``).
+  ``mean ± std``, followed by `` *`` where ``c_sig`` is true (a paired difference that
+  passes :func:`paired_test`); the CSV keeps them as columns (``c``, ``c_std``,
+  ``c_sig``).
 
   Args:
     rows: one mapping per run; missing values print as empty cells.
@@ -382,8 +496,9 @@ def results_table(rows: Sequence[Mapping[str, Any]], *,
   csv_columns = []
   for c in columns:
     csv_columns.append(c)
-    if any(f"{c}_std" in row for row in rows):
-      csv_columns.append(f"{c}_std")
+    for suffix in ("_std", "_sig"):
+      if any(f"{c}{suffix}" in row for row in rows):
+        csv_columns.append(f"{c}{suffix}")
   text = "\n".join(lines) + "\n"
   if path is not None:
     path = os.fspath(path)

@@ -43,6 +43,10 @@ def _placeholders(d: dict[str, Any], cls: type) -> dict[str, Any]:
   for key, value in d.items():
     if key == "block" and isinstance(value, dict):
       value = _placeholders(value, BlockConfig)
+    elif key == "attention_hard":
+      # False | True | "straight_through": typed object so that either kind can be set
+      # (the CLI still reads "True"/"false" as bools).
+      value = config_dict.FieldReference(value, field_type=object)
     elif value is None:
       words = types.get(key, "").replace("|", " ").replace("[", " ").split()
       kind = next((t for name, t in _TYPES if name in words), object)

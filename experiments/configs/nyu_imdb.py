@@ -7,22 +7,34 @@ W_q/W_k/W_v and a bias on W_h, and the output ``max over time of Linear(h_t)``
 (``--config.model.pooling=cls|max|mean|max_of_logits``), as are the other position
 encodings (``--config.model.positions=sinusoidal|learned|rotary``).
 
+Two choices differ from the notes, both on purpose: the max over time skips padding
+(the notes take it over all positions, padding included; the masked max cannot be moved
+by how much a review is padded), and the token embeddings follow the Transformer's
+convention that goes with sinusoidal positions (table at stddev d^-½, looked up × √d;
+``model.scale_embeddings``, on by default with sinusoids), so the unit-amplitude
+sinusoids do not swamp them. Both are defined, and documented, in the preset
+(``jaxformer.models.bert.nyu_imdb_classifier``).
+
 Data and vocabulary:
 
-* When ``imdb_reviews`` is prepared for ``tfds.data_source`` (TFDS' default data dir,
-  or ``$TFDS_DATA_DIR``) at config time: IMDB (train 25k / test 25k, 2 classes), with a
+* Real size: IMDB (``imdb_reviews``: train 25k / test 25k, 2 classes), with a
   SentencePiece vocabulary of exactly 50,002 pieces fitted on the train reviews (the
   notes keep the 50,000 most frequent words + 2 specials; a fitted subword vocabulary
   of the same size is the closest analogue that needs no word list), so the model's
-  embedding table is the notes' 50,002 x 32.
-* Otherwise (and always for ``:tiny``): the local ``stdlib_line_kinds`` set (lines of
-  the embedded standard library labelled comment / definition / code, 3 classes, no
-  download) with the byte tokenizer. The model keeps ``vocab_size=50,002`` so it is
-  the notes' model parameter for parameter; only the first 259 rows (bytes +
-  specials) are ever looked up. Force a choice with ``--config.data.source=...``
-  (and ``--config.model.num_classes``, ``--config.data.tokenizer``).
+  embedding table is the notes' 50,002 x 32. IMDB must be prepared for
+  ``tfds.data_source`` (TFDS' default data dir or ``$TFDS_DATA_DIR``); where it is not,
+  the run stops at its start with an error that says how to prepare it. It never
+  trains on something else unless told to: ``--config.data.source=stdlib_line_kinds
+  --config.data.tokenizer=bytes --config.data.eval_split=validation
+  --config.model.num_classes=3`` trains the same model on the local set.
+* ``:tiny``: the local ``stdlib_line_kinds`` set (lines of the embedded standard
+  library labelled comment / definition / code, 3 classes, no download) with the byte
+  tokenizer. The model keeps ``vocab_size=50,002`` so it is the notes' model parameter
+  for parameter; only the first 259 rows (bytes + specials) are ever looked up.
 
-Real size (IMDB when prepared, else the local set)::
+Every run's first log line names its data source and splits.
+
+Real size (prepared IMDB)::
 
   python -m experiments.train --config=experiments/configs/nyu_imdb.py \\
       --workdir=runs/nyu_imdb [--config.model.pooling=cls]
@@ -44,7 +56,10 @@ IMDB = "imdb_reviews"
 
 
 def imdb_prepared(data_dir: str | None = None) -> bool:
-  """Whether ``imdb_reviews`` can be read with ``tfds.data_source`` (no download)."""
+  """Whether ``imdb_reviews`` can be read with ``tfds.data_source`` (no download).
+
+  Informational (the config does not depend on it): a run on unprepared IMDB stops
+  with ``sources.tfds_source``'s error, which says how to prepare it."""
   try:
     sources.tfds_source(IMDB, "train", data_dir=data_dir)
   except (ValueError, ImportError):
@@ -55,7 +70,7 @@ def imdb_prepared(data_dir: str | None = None) -> bool:
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   """The config; ``arg="tiny"`` (alias ``"runlocal"``) is the CPU variant."""
   tiny = common.variant(arg, "nyu_imdb") == "tiny"
-  imdb = not tiny and imdb_prepared()
+  imdb = not tiny   # never a silent fallback: unprepared IMDB is an error at run start
   c = config_dict.ConfigDict()
   c.task = "classification"
   c.task_options = common.task_options(c.task)

@@ -70,6 +70,11 @@ if SIZE == "tiny":
   gpt_config = common.with_overrides(gpt_config, {
       "train.num_steps": 300, "train.log_every": 50, "train.eval_every": 300,
       "train.eval_batches": 4, "optimizer.warmup_steps": 20})
+if SIZE != "full":
+  # One CPU device, not gpt_bytes' one per core: the two-device all-reduce can stall
+  # past XLA:CPU's rendezvous timeout inside a notebook kernel on a loaded machine
+  # (the kernel then dies), as ablation_architecture notes.
+  gpt_config = common.with_overrides(gpt_config, {"sharding.cpu_devices": 0})
 summary = common.train_run(gpt_config, RUNS / "gpt")
 rows.append(dict(model="gpt_bytes", eval_loss=summary.get("eval_loss"),
                  seconds=round(summary["run_seconds"], 1)))
@@ -161,9 +166,9 @@ row_line[i, :] = np.asarray(row_maps)[example, i, :, j, :].mean(0)
 col_line = np.zeros_like(img)
 col_line[:, j] = np.asarray(col_maps)[example, j, :, i, :].mean(0)
 plotting.plot_image_maps(
-    np.stack([img, row_line, col_line, pixel_map]),
-    titles=["image", "row attention", "column attention", "rows then columns"],
-    marks=[query] * 4, suptitle=f"axial attention of pixel {query} (layer 0, mean of heads)",
+    np.stack([row_line, col_line, pixel_map]), image=img,
+    titles=["row attention", "column attention", "rows then columns"],
+    marks=[query] * 3, suptitle=f"axial attention of pixel {query} (layer 0, mean of heads)",
     path=OUT / "axial_pixel.png")
 plotting.plot_attention_heads(
     {f"row {i}": np.asarray(row_maps)[example, i], f"column {j}":

@@ -59,8 +59,12 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 def build(out_dir: pathlib.Path, names: Sequence[str] = (), *, execute: bool = False,
           size: str = "tiny", runs_dir: pathlib.Path | None = None,
-          timeout: int = 1800) -> list[pathlib.Path]:
-  """Converts (and optionally executes) the notebooks; returns the ``.ipynb`` paths."""
+          timeout: int = 7200) -> list[pathlib.Path]:
+  """Converts (and optionally executes) the notebooks; returns the ``.ipynb`` paths.
+
+  ``timeout``: seconds per cell (a cpu-size cell that trains every arm can take well
+  over half an hour on a shared machine).
+  """
   import jupytext  # pylint: disable=g-import-not-at-top
   out_dir.mkdir(parents=True, exist_ok=True)
   runs_dir = runs_dir or NOTEBOOK_DIR / "out" / "runs"

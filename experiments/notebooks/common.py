@@ -194,6 +194,39 @@ def trained_model(config: config_dict.ConfigDict, workdir: str | os.PathLike[str
   return model, load_params(workdir)
 
 
+def token_baselines(config: config_dict.ConfigDict,
+                    num_batches: int | None = None) -> dict[str, float]:
+  """What a model that ignores the context gets on the held-out tokens of ``config``.
+
+  Over the real, non-special tokens of ``num_batches`` (default ``train.eval_batches``)
+  eval batches (the positions a masked-LM scores are drawn uniformly from these):
+  ``unigram_entropy_nats``, the entropy of their own frequencies (the loss of the best
+  context-free predictor), and ``most_frequent_accuracy`` / ``most_frequent_token``,
+  the accuracy of always guessing the commonest one.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  model_cfg, _ = registry.build_model(config.model)
+  tokenizer = vocab.build_tokenizer(config.data)
+  task = tasks.task_class(config.task)(config.data, dict(config.get("task_options") or {}),
+                                       tokenizer=tokenizer, model_config=model_cfg)
+  batches = task.batches(batch_size=config.data.eval_batch_size, seed=0, train=False)
+  special = set(int(i) for i in tokenizer.special_ids)
+  counts: dict[int, int] = {}
+  for _ in range(num_batches or config.train.eval_batches):
+    batch = next(batches)
+    ids = np.asarray(batch["inputs"])
+    valid = np.asarray(batch.get("inputs_mask", np.ones(ids.shape, bool)), bool)
+    for token, n in zip(*np.unique(ids[valid], return_counts=True)):
+      if int(token) not in special:
+        counts[int(token)] = counts.get(int(token), 0) + int(n)
+  freq = np.asarray(list(counts.values()), np.float64)
+  p = freq / freq.sum()
+  top = max(counts, key=counts.get)
+  return {"unigram_entropy_nats": float(-(p * np.log(p)).sum()),
+          "most_frequent_accuracy": float(p.max()), "most_frequent_token": top,
+          "num_tokens": int(freq.sum())}
+
+
 def evaluate(config: config_dict.ConfigDict, params: Any, *,
              task_options: Mapping[str, Any] | None = None,
              num_batches: int | None = None) -> dict[str, float]:

@@ -2,8 +2,12 @@
 
 The chosen axis is moved next to the batch, the other axes are folded into the batch,
 ``MultiHeadAttention`` runs on ``[B * rest, L_axis, D]`` and the result is folded back.
-A stack of such layers, one per axis (rows, then columns, ...), lets every position see
-every other one in ``len(axes)`` steps at ``O(N * sum(L_axis))`` cost.
+A stack of such layers, one per axis in the order given, lets every position see every
+other one in ``len(axes)`` steps at ``O(N * sum(L_axis))`` cost. On images
+``[B, H, W, D]``, attending along axis 1 (H) mixes the pixels of one *column* ("column
+attention") and along axis 2 (W) those of one *row* ("row attention"), as in
+``jaxformer.models.axial_transformer``; :func:`axial_attention_stack` goes from the
+last spatial axis to the first: rows, then columns, as those models do.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ class AxialAttention(nn.Module):
   use_bias: bool = True
   dropout_rate: float = 0.0
   scale: float | None = None
-  hard: bool = False
+  hard: bool | str = False
   rotary_base: float | None = None
   implementation: str | None = None
   dtype: Any = jnp.float32
@@ -90,11 +94,12 @@ class AxialAttention(nn.Module):
 
 
 class AxialAttentionStack(nn.Module):
-  """One ``AxialAttention`` per axis, applied in order (e.g. rows, then columns).
+  """One ``AxialAttention`` per axis, applied in the order of ``axes``.
 
   Attributes:
     num_heads: heads of every layer.
-    axes: the axes to attend along, in order; e.g. ``(1, 2)`` for ``[B, H, W, D]``.
+    axes: the axes to attend along, in order; e.g. ``(1, 2)`` for ``[B, H, W, D]``:
+      along H first (within each column), then along W (within each row).
     is_causal: one flag for all layers or one per axis.
     mha_kwargs: further ``AxialAttention`` attributes (``head_dim``, ``dtype``, ...).
   """
@@ -121,19 +126,23 @@ class AxialAttentionStack(nn.Module):
 def axial_attention_stack(num_heads: int, num_spatial_axes: int, *,
                           is_causal: bool | Sequence[bool] = False,
                           **mha_kwargs: Any) -> AxialAttentionStack:
-  """``AxialAttentionStack`` over every spatial axis of ``[B, *axes, D]``, in order.
+  """``AxialAttentionStack`` over every spatial axis of ``[B, *axes, D]``, last first.
+
+  On images ``[B, H, W, D]`` the first layer attends along W (axis 2: within each row,
+  row attention), the second along H (axis 1: within each column, column attention),
+  the order of ``jaxformer.models.axial_transformer``.
 
   Args:
     num_heads: heads per layer.
     num_spatial_axes: number of axes between batch and features (2 for images).
-    is_causal: one flag or one per axis.
+    is_causal: one flag, or one per layer (in the layers' order: last axis first).
     **mha_kwargs: further ``AxialAttention`` attributes.
   """
   if num_spatial_axes < 1:
     raise ValueError(f"axial_attention_stack: num_spatial_axes={num_spatial_axes}; "
                      f"expected >= 1")
   return AxialAttentionStack(num_heads=num_heads,
-                             axes=tuple(range(1, num_spatial_axes + 1)),
+                             axes=tuple(range(num_spatial_axes, 0, -1)),
                              is_causal=(is_causal if isinstance(is_causal, bool)
                                         else tuple(is_causal)),
                              mha_kwargs=mha_kwargs or None)

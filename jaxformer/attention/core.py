@@ -72,7 +72,7 @@ def dot_product_attention(
     is_causal: bool = False,
     segment_ids: Array | tuple[Array, Array] | None = None,
     scale: float | None = None,
-    hard: bool = False,
+    hard: bool | str = False,
     return_weights: bool = False,
     implementation: str | None = None,
     dropout_rate: float = 0.0,
@@ -95,7 +95,10 @@ def dot_product_attention(
       special).
     scale: multiplies the logits (inverse temperature); default ``1 / sqrt(Dqk)``.
     hard: arg-max attention: the weights are the one-hot of the best allowed key (first
-      on ties) and the output is that key's value. Gradients reach ``value`` only.
+      on ties) and the output is that key's value. ``True``: gradients reach ``value``
+      only (the one-hot is a step function of ``q·k``). ``"straight_through"``: the
+      same one-hot forward, with the softmax's gradient (of ``scale * q k^T + bias``)
+      in the backward pass, so queries and keys train too. xla path only.
     return_weights: also return the ``[B, H, Lq, Lk]`` float32 weights (xla path).
     implementation: ``None`` (pick), ``"xla"``, ``"chunked"``, ``"pallas"``, ``"cudnn"``.
     dropout_rate: dropout on the attention weights (xla path); needs ``dropout_rng``.
@@ -117,6 +120,7 @@ def dot_product_attention(
   """
   validation.validate(query, key, value, mask, bias, segment_ids, implementation, scale,
                       dropout_rate, precision)
+  check_hard(hard)
   q_seg, kv_seg = validation.split_segment_ids(segment_ids)
   if mask is not None:
     mask = _to_rank4(jnp.asarray(mask))
@@ -165,6 +169,17 @@ def dot_product_attention(
   raise AssertionError(impl)  # unreachable: _validate checked the name
 
 
+HARD_MODES = (False, True, "straight_through")
+
+
+def check_hard(hard: bool | str, *, field: str = "hard") -> None:
+  """Raises ValueError unless ``hard`` is one of :data:`HARD_MODES`."""
+  if not (isinstance(hard, bool) or hard == "straight_through"):
+    raise ValueError(f"{field}={hard!r}: expected one of {HARD_MODES} (False: softmax; "
+                     "True: arg-max, gradients to the values only; 'straight_through': "
+                     "arg-max forward, the softmax's gradient)")
+
+
 # --------------------------------------------------------------------------------------
 # The reference path.
 # --------------------------------------------------------------------------------------
@@ -174,7 +189,7 @@ def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None 
                   bias: Array | None = None, is_causal: bool = False,
                   q_segment_ids: Array | None = None,
                   kv_segment_ids: Array | None = None, scale: float = 1.0,
-                  hard: bool = False, dropout_rate: float = 0.0,
+                  hard: bool | str = False, dropout_rate: float = 0.0,
                   dropout_rng: Array | None = None,
                   precision: str | jax.lax.Precision | None = None
                   ) -> tuple[Array, Array]:
@@ -204,6 +219,10 @@ def xla_attention(query: Array, key: Array, value: Array, *, mask: Array | None 
   if hard:
     best_BKGQ = jnp.argmax(logits_BKGQS, axis=-1)
     weights_BKGQS = jax.nn.one_hot(best_BKGQ, kv_len, dtype=jnp.float32)
+    if hard == "straight_through":
+      # Forward: exactly the one-hot (soft - soft is 0); backward: the softmax's.
+      soft_BKGQS = jax.nn.softmax(logits_BKGQS, axis=-1)
+      weights_BKGQS = weights_BKGQS + (soft_BKGQS - jax.lax.stop_gradient(soft_BKGQS))
   else:
     weights_BKGQS = jax.nn.softmax(logits_BKGQS, axis=-1)
   if allowed is not None:

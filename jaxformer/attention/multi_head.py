@@ -61,7 +61,7 @@ class MultiHeadAttention(nn.Module):
     out_bias: bias on the output projection ``out``; None = use_bias.
     dropout_rate: dropout on the attention weights (forces the xla path while active).
     scale: logit multiplier (inverse temperature); None = 1/sqrt(D).
-    hard: arg-max attention (see ``dot_product_attention``).
+    hard: False, True (arg-max) or "straight_through" (see ``dot_product_attention``).
     rotary_base: not None -> RoPE with this base on queries and keys.
     qk_norm: None, "layernorm" or "rmsnorm": normalise each head's query and key over
       ``head_dim`` (one learned scale per norm, shared by the heads) before RoPE and
@@ -90,7 +90,7 @@ class MultiHeadAttention(nn.Module):
   out_bias: bool | None = None
   dropout_rate: float = 0.0
   scale: float | None = None
-  hard: bool = False
+  hard: bool | str = False
   rotary_base: float | None = None
   qk_norm: str | None = None
   qk_norm_eps: float = 1e-6

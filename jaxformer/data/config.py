@@ -63,6 +63,15 @@ class DataConfig:
   def split(self, train: bool) -> str:
     return self.train_split if train else self.eval_split
 
+  def describe(self) -> str:
+    """What a run reads, for its header line: source, set options and both splits.
+
+    E.g. ``data 'imdb_reviews' (train split 'train', eval split 'test')``.
+    """
+    shown = {k: v for k, v in self.source_options.items() if v is not None}
+    return (f"data {self.source!r}" + (f" {shown}" if shown else "")
+            + f" (train split {self.train_split!r}, eval split {self.eval_split!r})")
+
   def read_source(self, train: bool) -> Any:
     """The train or eval split of the source (random access)."""
     return sources.get_source(self.source, self.split(train), **self.source_options)

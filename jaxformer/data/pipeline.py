@@ -234,7 +234,12 @@ def example_pipeline(source, transform: Callable[[dict[str, Any]], dict[str, Any
 
 @dataclasses.dataclass(frozen=True)
 class EncodeClassification:
-  """``record -> {"inputs", "inputs_mask", "labels"}`` with ``[CLS]`` first."""
+  """``record -> {"inputs", "inputs_mask", "labels"}``: ``[CLS] text [SEP]`` (add_cls).
+
+  With ``add_cls`` the text is cut to ``seq_len - 2`` tokens and framed as BERT's
+  tokenizer does and as the masked-LM pre-training (``[CLS] a [SEP] b [SEP]``) sees
+  it; without, the bare tokens cut to ``seq_len``.
+  """
 
   tokenizer: tok_lib.Tokenizer
   seq_len: int
@@ -249,7 +254,10 @@ class EncodeClassification:
     ids = self.tokenizer.encode_array(_get(record, self.text_key, "text_key"))
     tok_lib.check_ids(ids, self.tokenizer.vocab_size, "token ids of a text")
     if self.add_cls:
-      ids = np.concatenate([np.asarray([self.tokenizer.cls_id], np.int32), ids])
+      tok = self.tokenizer
+      ids = np.concatenate([np.asarray([tok.cls_id], np.int32),
+                            ids[:max(self.seq_len - 2, 0)],
+                            np.asarray([tok.sep_id], np.int32)])
     ids = ids[:self.seq_len]
     mask = np.zeros(self.seq_len, bool)
     mask[:len(ids)] = True
@@ -265,8 +273,8 @@ def classification_pipeline(source, tokenizer: tok_lib.Tokenizer, *, seq_len: in
   """Text classification batches (e.g. ``imdb_reviews``): :func:`read` of
   :class:`EncodeClassification` with the :class:`ReadOptions` fields as keywords.
 
-  Each text is tokenized, prefixed with ``[CLS]`` (``add_cls``), truncated to
-  ``seq_len`` and padded with ``[PAD]``.
+  Each text is tokenized, framed as ``[CLS] text [SEP]`` (``add_cls``; the text cut
+  so that both fit in ``seq_len``) and padded with ``[PAD]``.
 
   Returns:
     An iterator of dicts::

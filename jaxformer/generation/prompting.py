@@ -56,8 +56,10 @@ class PromptClassifier:
     verbalizer: maps each label to the string the model should continue with.
     batch_size: sequences per forward pass (the last batch is padded to this size).
     add_bos: prepend ``tokenizer.bos_id`` (the data pipeline starts documents with BOS).
-    max_length: if set, prompts are truncated from the left (after BOS) so that each
-      sequence fits; sequences are padded to a multiple of ``pad_multiple`` up to it.
+    max_length: if set, prompts are truncated from the left (after BOS) so that the
+      sequence with the longest verbalizer fits; every label is then scored after the
+      same prompt tokens. Sequences are padded to a multiple of ``pad_multiple`` up to
+      it.
     length_normalize: score by the mean instead of the sum of the verbalizer's token
       log-probs (matters only for verbalizers of different lengths).
     pad_multiple: round padded lengths up to this multiple (fewer recompilations).
@@ -115,13 +117,17 @@ class PromptClassifier:
     at the verbalizer's tokens.
     """
     rows = []
+    longest = max(len(v) for v in self.verbalizer_ids)
+    bos = int(self.add_bos)
     for text in texts:
       prompt = self._prompt_ids(text)
+      # One cut for every label (the longest verbalizer's), so that each label's score
+      # conditions on exactly the same prompt tokens.
+      if self.max_length is not None and len(prompt) + longest > self.max_length:
+        keep = self.max_length - longest - bos
+        body = prompt[bos:]
+        prompt = prompt[:bos] + body[len(body) - keep:]
       for verb in self.verbalizer_ids:
-        if self.max_length is not None and len(prompt) + len(verb) > self.max_length:
-          keep = self.max_length - len(verb) - int(self.add_bos)
-          body = prompt[int(self.add_bos):]
-          prompt = prompt[:int(self.add_bos)] + body[len(body) - keep:]
         rows.append((prompt, verb))
     length = max(len(p) + len(v) for p, v in rows)
     length = _round_up(length, self.pad_multiple)

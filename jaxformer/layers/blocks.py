@@ -65,8 +65,10 @@ class BlockConfig:
       sqrt(head_dim)`` (0 = uniform attention over the allowed keys; large = towards
       arg-max). 1.0 (default) is the standard scaled dot product.
     attention_hard: arg-max (hard) attention: each query takes the value of its
-      best-scoring allowed key. No gradient reaches the queries and keys (the weights
-      are a step function of them), only the values; runs on the xla path.
+      best-scoring allowed key; runs on the xla path. ``True``: no gradient reaches the
+      queries and keys (the weights are a step function of them), only the values.
+      ``"straight_through"``: the same forward with the softmax's gradient (at
+      ``attention_scale_multiplier``'s β), so queries and keys train too.
     decode: incremental decoding: causal self attention keeps a KV cache in 'cache'
       (the one decode switch of every model; see ``jaxformer.generation``).
     return_weights: sow attention weights into 'intermediates'.
@@ -96,7 +98,7 @@ class BlockConfig:
   rotary_base: float = 10_000.0
   attention_impl: str | None = None
   attention_scale_multiplier: float = 1.0
-  attention_hard: bool = False
+  attention_hard: bool | str = False
   decode: bool = False
   return_weights: bool = False
   init_stddev: float | None = None
@@ -126,7 +128,7 @@ class BlockConfig:
     if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
       raise ValueError(f"{own}.num_kv_heads={self.num_kv_heads}: expected a divisor of "
                        f"num_heads={self.num_heads}")
-    for name in ("use_bias", "qk_norm", "decode", "return_weights", "attention_hard"):
+    for name in ("use_bias", "qk_norm", "decode", "return_weights"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{own}.{name}={getattr(self, name)!r}: expected a bool")
     for name in ("qkv_bias", "out_bias"):
@@ -217,9 +219,11 @@ def check_attention_options(cfg: Any, owner: str) -> None:
     raise ValueError(f"{owner}.attention_scale_multiplier={multiplier!r}: expected a "
                      "finite float >= 0 (1.0 = the usual 1/sqrt(head_dim))")
   object.__setattr__(cfg, "attention_scale_multiplier", float(multiplier))
-  if not isinstance(cfg.attention_hard, bool):
-    raise TypeError(f"{owner}.attention_hard={cfg.attention_hard!r}: expected a bool")
-  if cfg.attention_hard and multiplier != 1.0:
+  if not (isinstance(cfg.attention_hard, bool)
+          or cfg.attention_hard == "straight_through"):
+    raise TypeError(f"{owner}.attention_hard={cfg.attention_hard!r}: expected a bool or "
+                    "'straight_through'")
+  if cfg.attention_hard is True and multiplier != 1.0:
     raise ValueError(f"{owner}.attention_hard=True with attention_scale_multiplier="
                      f"{multiplier!r}: the arg-max does not depend on the scale; leave "
                      "the multiplier at 1.0")

@@ -44,6 +44,9 @@ class BERTConfig:
     type_vocab_size: segment A/B table rows (0: no token-type embedding).
     num_layers / embed_dim: the encoder's depth and width.
     positions: "learned" (BERT) | "sinusoidal" | "rotary" | "none".
+    scale_embeddings: token table at stddev ``embed_dim**-0.5``, looked up times
+      ``sqrt(embed_dim)`` (the Transformer's convention); None (default) = on exactly
+      when ``positions == "sinusoidal"`` (see ``common.embeddings_scaled``).
     mlm_head: masked-LM head (dense + activation + LN transform, tied decoder + bias).
     nsp_head: next-sentence head on the pooled output -> [B, 2].
     num_classes: > 0 adds a classifier -> [B, num_classes].
@@ -63,6 +66,7 @@ class BERTConfig:
   num_layers: int = 12
   embed_dim: int = 768
   positions: str = "learned"
+  scale_embeddings: bool | None = None
   mlm_head: bool = False
   nsp_head: bool = False
   num_classes: int = 0
@@ -166,8 +170,8 @@ class BERT(nn.Module):
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
     drop = nn.Dropout(block.dropout_rate)
 
-    embed = embeddings.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=init,
-                             name="token_embedding", **kw)
+    embed = common.token_embedding(cfg, cfg.vocab_size, stddev=cfg.init_stddev,
+                                   name="token_embedding", **kw)
     x_BLD = embed(input_ids_BL)
     x_BLD = common.add_positions(x_BLD, positions, cfg, cfg.max_len)
     if cfg.type_vocab_size:
@@ -250,7 +254,19 @@ def nyu_imdb_classifier(**overrides: Any) -> BERTConfig:
   post-LN, and the output ``max over time of Linear(h_t)`` to 2 classes
   (``pooling="max_of_logits"``); no token types. Where the notes say nothing we keep
   BERT's choices: a LN on the embeddings (eps 1e-6 throughout), dropout 0.1, 512
-  positions, normal(0.02) init.
+  positions, normal(0.02) init of the other weights.
+
+  Two deliberate departures from the notes:
+
+  * The max over time is *masked*: it runs over the real tokens only (``masked_pool``),
+    while the notes take it over all positions, padding included. With padding in the
+    max, a review's logits depend on how much padding its batch gave it; the masked max
+    does not, and is what we keep.
+  * The token embeddings follow the Transformer's convention for sinusoidal positions
+    (``scale_embeddings``, on by default with sinusoids): table at stddev
+    ``32**-0.5``, looked up times ``sqrt(32)``, so tokens start at unit scale like the
+    sinusoids added to them. Unscaled (``scale_embeddings=False``), the unit-amplitude
+    sinusoids would swamp tokens drawn at stddev 0.02.
   """
   cfg = common.replace(
       BERTConfig(), vocab_size=50_002, max_len=512, type_vocab_size=0, num_layers=1,

@@ -49,6 +49,39 @@ def check_common(cfg: Any) -> None:
   if cfg.positions == "sinusoidal" and cfg.embed_dim % 2:
     raise ValueError(f"{name}.positions='sinusoidal' needs an even embed_dim, "
                      f"got {cfg.embed_dim}")
+  if getattr(cfg, "scale_embeddings", None) not in (None, True, False):
+    raise TypeError(f"{name}.scale_embeddings={cfg.scale_embeddings!r}: expected None "
+                    "(= on with sinusoidal positions) or a bool")
+
+
+def embeddings_scaled(cfg: Any) -> bool:
+  """``cfg.scale_embeddings`` resolved: None means on iff ``positions == "sinusoidal"``.
+
+  The one embedding-scale option of every model that adds positions to its inputs
+  (GPT, BERT, ViT, ImageGPT, EncoderDecoder): the Transformer's convention, input
+  embeddings initialised at stddev ``embed_dim**-0.5`` and multiplied by
+  ``sqrt(embed_dim)``, so that they start at unit scale like the sinusoids added to them
+  (at the usual 0.02 init, unit-amplitude sinusoids swamp the tokens).
+  """
+  value = getattr(cfg, "scale_embeddings", None)
+  return cfg.positions == "sinusoidal" if value is None else bool(value)
+
+
+def token_embedding(cfg: Any, num_embeddings: int, *, stddev: float, name: str | None,
+                    **kw: Any) -> embeddings.Embed:
+  """The token table of ``cfg``: normal(``stddev``), or with :func:`embeddings_scaled`
+  normal(``embed_dim**-0.5``) looked up times ``sqrt(embed_dim)``."""
+  scaled = embeddings_scaled(cfg)
+  init = nn.initializers.normal(cfg.embed_dim ** -0.5 if scaled else stddev)
+  return embeddings.Embed(num_embeddings, cfg.embed_dim, scale_by_sqrt_dim=scaled,
+                          embedding_init=init, name=name, **kw)
+
+
+def scale_input(x_BLD: Array, cfg: Any) -> Array:
+  """``x * sqrt(embed_dim)`` when :func:`embeddings_scaled` (inputs not from a table)."""
+  if not embeddings_scaled(cfg):
+    return x_BLD
+  return x_BLD * jnp.asarray(math.sqrt(cfg.embed_dim), x_BLD.dtype)
 
 
 def check_positive(cfg: Any, *fields: str) -> None:

@@ -49,7 +49,10 @@ class EncoderDecoderConfig:
     max_len: longest source/target (learned positions; the error check for inputs).
     num_encoder_layers / num_decoder_layers / embed_dim: depths and width.
     positions: "sinusoidal" (paper) | "learned" | "rotary" | "none".
-    scale_embeddings: multiply embeddings by sqrt(embed_dim) (paper; init stddev d^-0.5).
+    scale_embeddings: token tables at stddev ``embed_dim**-0.5``, looked up times
+      ``sqrt(embed_dim)`` (the paper; the option every model shares, see
+      ``common.embeddings_scaled``); True by default here whatever the positions (the
+      paper's choice), False = normal(0.02) unscaled, None = on exactly with sinusoids.
     remat / scan_layers: as GPTConfig.
     block: ONE block config for the encoder and the decoder blocks (the paper uses the
       same sizes for both); relu, post-LN (no final LN; "pre" adds one to each stack),
@@ -66,7 +69,7 @@ class EncoderDecoderConfig:
   num_decoder_layers: int = 6
   embed_dim: int = 512
   positions: str = "sinusoidal"
-  scale_embeddings: bool = True
+  scale_embeddings: bool | None = True
   remat: bool = False
   scan_layers: bool = False
   block: BlockConfig = dataclasses.field(default_factory=lambda: BlockConfig(
@@ -101,16 +104,13 @@ class EncoderDecoder(nn.Module):
   def setup(self):
     cfg = self.config
     kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
-    init = nn.initializers.normal(cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02)
-    self.source_embedding = embeddings.Embed(
-        cfg.src_vocab, cfg.embed_dim, scale_by_sqrt_dim=cfg.scale_embeddings,
-        embedding_init=init, **kw)
+    self.source_embedding = common.token_embedding(cfg, cfg.src_vocab, stddev=0.02,
+                                                   name=None, **kw)
     if cfg.share_embeddings:
       self.target_embedding = self.source_embedding
     else:
-      self.target_embedding = embeddings.Embed(
-          cfg.tgt_vocab, cfg.embed_dim, scale_by_sqrt_dim=cfg.scale_embeddings,
-          embedding_init=init, **kw)
+      self.target_embedding = common.token_embedding(cfg, cfg.tgt_vocab, stddev=0.02,
+                                                     name=None, **kw)
     if cfg.positions == "learned":
       self.source_positions = embeddings.LearnedPositionEmbed(cfg.max_len, cfg.embed_dim,
                                                               **kw)

@@ -45,6 +45,9 @@ class GPTConfig:
     num_layers / embed_dim: depth and width.
     positions: "learned" | "sinusoidal" | "rotary" (RoPE in attention, base
       ``block.rotary_base``) | "none".
+    scale_embeddings: token table at stddev ``embed_dim**-0.5``, looked up times
+      ``sqrt(embed_dim)`` (the Transformer's convention); None (default) = on exactly
+      when ``positions == "sinusoidal"`` (see ``common.embeddings_scaled``).
     tie_embeddings: LM head = token embedding transposed (GPT-2: yes).
     output_vocab_size: rows of an untied head (None = vocab_size); only when untied.
     scaled_residual_init: initialise the residual-output projections (attention ``out``,
@@ -72,6 +75,7 @@ class GPTConfig:
   num_layers: int = 12
   embed_dim: int = 768
   positions: str = "learned"
+  scale_embeddings: bool | None = None
   tie_embeddings: bool = True
   output_vocab_size: int | None = None
   scaled_residual_init: bool = True
@@ -168,8 +172,8 @@ class GPT(nn.Module):
 
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
     init = nn.initializers.normal(cfg.init_stddev)
-    embed = embeddings.Embed(cfg.padded(cfg.vocab_size), cfg.embed_dim,
-                             embedding_init=init, name="token_embedding", **kw)
+    embed = common.token_embedding(cfg, cfg.padded(cfg.vocab_size),
+                                   stddev=cfg.init_stddev, name="token_embedding", **kw)
     x_BLD = common.add_positions(embed(inputs_BL), positions, cfg, cfg.max_len)
     x_BLD = nn.Dropout(block.dropout_rate)(x_BLD, deterministic=deterministic)
     x_BLD = common.constrain(x_BLD)

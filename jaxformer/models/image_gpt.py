@@ -42,6 +42,7 @@ class ImageGPTConfig:
       (id ``num_clusters``).
     num_layers / embed_dim: the decoder's depth and width.
     positions: "learned" (iGPT) | "sinusoidal" | "rotary" | "none".
+    scale_embeddings: as GPTConfig (None: on exactly with sinusoidal positions).
     scaled_residual_init, vocab_pad_multiple, remat, scan_layers: as GPTConfig.
     block: the decoder blocks (GPT-2 blocks, pre-LN), as GPTConfig.block; its
       ``decode`` switches on KV-cache sampling.
@@ -51,6 +52,7 @@ class ImageGPTConfig:
   num_layers: int = 24
   embed_dim: int = 512
   positions: str = "learned"
+  scale_embeddings: bool | None = None
   scaled_residual_init: bool = True
   vocab_pad_multiple: int | None = None
   remat: bool = False
@@ -92,6 +94,7 @@ class ImageGPTConfig:
         vocab_size=self.num_clusters + 1, output_vocab_size=self.num_clusters,
         tie_embeddings=False, max_len=self.seq_len, num_layers=self.num_layers,
         embed_dim=self.embed_dim, positions=self.positions,
+        scale_embeddings=self.scale_embeddings,
         scaled_residual_init=self.scaled_residual_init,
         vocab_pad_multiple=self.vocab_pad_multiple, remat=self.remat,
         scan_layers=self.scan_layers, block=self.block)

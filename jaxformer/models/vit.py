@@ -38,6 +38,11 @@ class ViTConfig:
     num_classes: head outputs (0: no head, return pooled features [B, D]).
     num_layers / embed_dim: the encoder's depth and width.
     positions: "learned" (ViT; one row per patch + CLS) | "sinusoidal" | "rotary" | "none".
+    scale_embeddings: the Transformer's convention on the patch projection: its kernel
+      initialised ``sqrt(embed_dim)`` times smaller than lecun-normal and its output
+      multiplied by ``sqrt(embed_dim)`` (same scale at init as without; the projection
+      then learns at the scaled rate, as a scaled token table does). None (default) = on
+      exactly when ``positions == "sinusoidal"`` (see ``common.embeddings_scaled``).
     pooling: "cls" ([CLS] token, ViT) | "mean" (global average pool, no CLS token).
     head_zero_init: zero-initialised head (big_vision's fine-tuning default).
     remat / scan_layers: as GPTConfig.
@@ -52,6 +57,7 @@ class ViTConfig:
   num_layers: int = 12
   embed_dim: int = 768
   positions: str = "learned"
+  scale_embeddings: bool | None = None
   pooling: str = "cls"
   head_zero_init: bool = True
   remat: bool = False
@@ -93,8 +99,12 @@ class ViT(nn.Module):
       raise ValueError(f"ViT: images must be [batch, {expected[0]}, {expected[1]}, "
                        f"{expected[2]}] for this config, got shape {images_BHWC.shape}")
     kw = dict(dtype=cfg.block.dtype, param_dtype=cfg.block.param_dtype)
+    kernel_init = (nn.initializers.variance_scaling(1.0 / cfg.embed_dim, "fan_in",
+                                                    "truncated_normal")
+                   if common.embeddings_scaled(cfg) else nn.initializers.lecun_normal())
     x_BND = embeddings.PatchEmbed(cfg.patch_size, cfg.embed_dim, name="patch_embedding",
-                                  **kw)(images_BHWC)
+                                  kernel_init=kernel_init, **kw)(images_BHWC)
+    x_BND = common.scale_input(x_BND, cfg)
     batch = x_BND.shape[0]
     if cfg.pooling == "cls":
       cls_11D = self.param("cls_token", nn.with_logical_partitioning(

@@ -290,6 +290,10 @@ def export_class(cfg: Any) -> tuple[str, str]:
     if value not in (None, want):
       raise ValueError(f"to_huggingface: block.{field}={value!r} cannot be written "
                        f"(a Hugging Face {name} checkpoint has {want!r})")
+  if getattr(cfg, "scale_embeddings", None):
+    raise ValueError(f"to_huggingface: scale_embeddings={cfg.scale_embeddings!r} cannot "
+                     f"be written (a Hugging Face {name} checkpoint has unscaled "
+                     "embeddings; it needs None or False)")
   if b.activation not in ("gelu", "gelu_exact", "relu"):
     raise ValueError(f"to_huggingface: activation={b.activation!r}; expected one of "
                      "'gelu', 'gelu_exact', 'relu'")

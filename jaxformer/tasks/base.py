@@ -118,6 +118,10 @@ class Task:
     """The train or eval split of ``data.source`` (``data.source_options``)."""
     return self.data.read_source(train)
 
+  def describe_data(self) -> str:
+    """The run's data for its header line (:meth:`DataConfig.describe`)."""
+    return "data: none" if self.data is None else self.data.describe()
+
   def read_options(self, *, batch_size: int, seed: int,
                    train: bool) -> pipeline_lib.ReadOptions:
     """How this process reads its shard: train shuffled with prefetch, eval in order."""

@@ -50,8 +50,9 @@ class ImageData(DataConfig):
 class Classification(base.Task):
   """Softmax classification of texts with a BERT (``model.num_classes > 0``).
 
-  Batches: :class:`jaxformer.data.pipeline.EncodeClassification` (``[CLS]`` +
-  tokens; ``data.text_key``, ``label_key``). Model: ``(inputs, token_types,
+  Batches: :class:`jaxformer.data.pipeline.EncodeClassification` (``[CLS] text
+  [SEP]``, as BERT's tokenizer and the masked-LM pre-training frame text;
+  ``data.text_key``, ``label_key``). Model: ``(inputs, token_types,
   attention_mask) -> {"logits": [B, C]}``. Metrics: ``loss``, ``nll``, ``accuracy``,
   ``num_tokens`` (= real examples).
   """

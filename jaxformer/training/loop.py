@@ -304,8 +304,8 @@ def _logger(run: config_lib.RunConfig, b: _Built, workdir: str, start: int,
       f"{type(b.model).__name__}: {num_params:,} params | mesh "
       f"{b.sharding.shape} on {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es) | batch {run.data.batch_size} x "
-      f"{b.seq_len} | " + (f"resuming at step {start}" if start else
-                           f"from {run.origin.where()}")
+      f"{b.seq_len} | {b.task.describe_data()} | " + (
+          f"resuming at step {start}" if start else f"from {run.origin.where()}")
       + (f" | {coverage}" if coverage else ""))
   return logger, _Perf(num_params, tokens_per_step, flops_per_step, peak,
                        previous_row)

@@ -234,6 +234,43 @@ class XlaOnlyOptionsTest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(grads[2], want_grads[2], atol=ATOL)
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_straight_through_hard_attention(self):
+    """One-hot forward (as hard=True); q and k get the softmax's gradients, v the
+    one-hot's: all against the float64 reference."""
+    c = Case(7, 11, heads=4, kv_heads=2, dv=5, is_causal=True)
+    q, k, v, d_out, _ = make_inputs(c)
+    scale = 0.7
+
+    def loss(q, k, v, hard):
+      out, w = dot_product_attention(q, k, v, is_causal=True, hard=hard, scale=scale,
+                                     return_weights=True)
+      return jnp.sum(out * d_out.astype(np.float32)), (out, w)
+
+    grad = lambda hard: self.variant(jax.value_and_grad(  # noqa: E731
+        functools.partial(loss, hard=hard), (0, 1, 2), has_aux=True))(q, k, v)
+    (_, (out, w)), grads = grad("straight_through")
+    (_, (hard_out, hard_w)), hard_grads = grad(True)
+    want, want_w, want_grads = ref.attention(q, k, v, is_causal=True, scale=scale,
+                                             hard="straight_through", d_out=d_out)
+    _, _, soft_grads = ref.attention(q, k, v, is_causal=True, scale=scale, d_out=d_out)
+    np.testing.assert_array_equal(w, want_w)                # exactly one-hot
+    np.testing.assert_array_equal(w, hard_w)
+    np.testing.assert_array_equal(out, hard_out)
+    np.testing.assert_allclose(out, want, atol=ATOL)
+    for i in (0, 1):   # q, k: the softmax's gradient, not zero
+      self.assertGreater(float(np.abs(grads[i]).max()), 1e-3)
+      np.testing.assert_allclose(grads[i], soft_grads[i], atol=ATOL, rtol=RTOL)
+      np.testing.assert_allclose(grads[i], want_grads[i], atol=ATOL, rtol=RTOL)
+      np.testing.assert_array_equal(hard_grads[i], 0.0)       # hard=True: still zero
+    np.testing.assert_allclose(grads[2], want_grads[2], atol=ATOL)
+    np.testing.assert_allclose(grads[2], hard_grads[2], atol=ATOL)
+
+  def test_bad_hard_value(self):
+    q, k, v, _, _ = make_inputs(Case(4))
+    with self.assertRaisesRegex(ValueError, r"hard='argmax'.*straight_through"):
+      dot_product_attention(q, k, v, hard="argmax")
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_return_weights(self):
     c = Case(7, 13, heads=4, kv_heads=2, segments="pair")
     q, k, v, _, seg = make_inputs(c)

@@ -73,6 +73,27 @@ class AxialTest(chex.TestCase, parameterized.TestCase):
     self.assertGreater(float(jnp.abs(params["qkv"]["kernel"].value).max()), 0.0)
     np.testing.assert_array_equal(layer.apply({"params": {"attention": params}}, x), 0.0)
 
+  def test_stack_attends_within_rows_first_then_within_columns(self):
+    """As its docstring says: the first layer of axial_attention_stack mixes only the
+    pixels of a row (along W), the second only those of a column (along H)."""
+    x = _image()
+    stack = axial_attention_stack(2, 2)
+    p = stack.init(jax.random.key(0), x)["params"]
+    first = AxialAttention(num_heads=2, axis=stack.axes[0])
+    second = AxialAttention(num_heads=2, axis=stack.axes[1])
+    bumped = x.at[:, 1, 2].add(1.0)       # one pixel: row 1, column 2
+    self.assertEqual(tuple(stack.axes), (2, 1))
+    for layer, params, kept in ((first, p["axis_0"], "row"),
+                                (second, p["axis_1"], "column")):
+      changed = np.abs(np.asarray(layer.apply({"params": params}, bumped)
+                                  - layer.apply({"params": params}, x))).max(-1) > 0
+      want = np.zeros(changed.shape, bool)
+      if kept == "column":
+        want[:, :, 2] = True               # every row of column 2, nothing else
+      else:
+        want[:, 1, :] = True               # every column of row 1, nothing else
+      np.testing.assert_array_equal(changed, want, err_msg=kept)
+
   def test_stack_is_rows_then_columns(self):
     x = _image()
     stack = axial_attention_stack(2, 2, is_causal=(True, False))
@@ -80,8 +101,8 @@ class AxialTest(chex.TestCase, parameterized.TestCase):
     variables = stack.init(jax.random.key(0), x)
     got = stack.apply(variables, x)
     p = variables["params"]
-    rows = AxialAttention(num_heads=2, axis=1, is_causal=True)
-    cols = AxialAttention(num_heads=2, axis=2, is_causal=False)
+    rows = AxialAttention(num_heads=2, axis=2, is_causal=True)     # along W
+    cols = AxialAttention(num_heads=2, axis=1, is_causal=False)    # along H
     want = cols.apply({"params": p["axis_1"]}, rows.apply({"params": p["axis_0"]}, x))
     np.testing.assert_allclose(got, want, atol=1e-6)
 

@@ -20,13 +20,35 @@ def test_classification_encoding_and_padding():
   batches = list(pipeline.classification_pipeline(
       source, TOK, seq_len=6, batch_size=2, seed=0, num_epochs=1, shuffle=False))
   first, last = batches
-  np.testing.assert_array_equal(first["inputs"][0], [TOK.cls_id, 97, 98] + [TOK.pad_id] * 3)
-  np.testing.assert_array_equal(first["inputs_mask"][0], [1, 1, 1, 0, 0, 0])
-  np.testing.assert_array_equal(first["inputs"][1], [TOK.cls_id] + [ord("x")] * 5)
+  # [CLS] text [SEP], the text cut so that both fit.
+  np.testing.assert_array_equal(first["inputs"][0],
+                                [TOK.cls_id, 97, 98, TOK.sep_id] + [TOK.pad_id] * 2)
+  np.testing.assert_array_equal(first["inputs_mask"][0], [1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(first["inputs"][1],
+                                [TOK.cls_id] + [ord("x")] * 4 + [TOK.sep_id])
   np.testing.assert_array_equal(first["labels"], [1, 0])
   np.testing.assert_array_equal(last["weights"], [1.0, 0.0])  # padded last batch
-  np.testing.assert_array_equal(last["inputs"][0, :3], [TOK.cls_id, 0xC3, 0xA9])
+  np.testing.assert_array_equal(last["inputs"][0, :4], [TOK.cls_id, 0xC3, 0xA9, TOK.sep_id])
   assert last["inputs_mask"].dtype == bool and last["labels"].dtype == np.int32
+  bare = next(pipeline.classification_pipeline(
+      source, TOK, seq_len=6, batch_size=2, seed=0, num_epochs=1, shuffle=False,
+      add_cls=False))
+  np.testing.assert_array_equal(bare["inputs"][1], [ord("x")] * 6)
+
+
+def test_classification_with_wordpiece_is_cls_text_sep(tmp_path):
+  """A WordPiece tokenizer's texts are framed as BERT's tokenizer frames them."""
+  pytest.importorskip("tokenizers")
+  from jaxformer.pretrained import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "film", "bad", "##s"]
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+  tok = hf_tokenizers.wordpiece_tokenizer(str(tmp_path / "vocab.txt"))
+  batch = next(pipeline.classification_pipeline(
+      [{"text": "Good films", "label": 1}], tok, seq_len=7, batch_size=1, seed=0,
+      num_epochs=1, shuffle=False))
+  cls, sep, pad = tok.cls_id, tok.sep_id, tok.pad_id
+  assert (cls, sep, pad) == (2, 3, 0)
+  np.testing.assert_array_equal(batch["inputs"][0], [cls, 5, 6, 8, sep, pad, pad])
 
 
 def test_seq2seq_teacher_forcing_layout():

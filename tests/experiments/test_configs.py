@@ -147,9 +147,14 @@ def test_imdb_finetune_frozen_on_mock_imdb(bert_mlm_run, tmp_path, capsys):
 def test_real_size_config_reads_its_data(name, monkeypatch):
   """The default (accelerator) config validates, builds its model config and reads a
   batch of its TFDS data (mocked), without compiling anything."""
-  # nyu_imdb picks IMDB only where it is prepared: the local set here, on any machine.
-  monkeypatch.setattr(nyu_imdb, "imdb_prepared", lambda *a, **k: False)
   c = CONFIGS[name].get_config()
+  if name == "nyu_imdb":
+    # IMDB with a fitted 50k vocabulary cannot be mocked; the documented explicit
+    # override to the local set (test_nyu_imdb_without_imdb_stops covers IMDB).
+    c.data.update(dict(source="stdlib_line_kinds", tokenizer="bytes",
+                       eval_split="validation", seq_len=128))
+    c.data.source_options = {}
+    c.model.num_classes = 3
   loop.validate_config(c)
   if name == "bert_mlm":
     c.data.segment_separator = " "  # mock texts are random words, not sentences
@@ -181,6 +186,23 @@ def test_classifier_cli_sets_positions_and_pooling(name):
   assert (model_cfg.positions, model_cfg.pooling) == ("sinusoidal", "mean")
 
 
+def test_cli_sets_hard_attention_and_embedding_scale():
+  """``attention_hard`` takes a bool or "straight_through" from the command line;
+  ``scale_embeddings`` a bool (unset: on exactly with sinusoidal positions)."""
+  for text, want in (("straight_through", "straight_through"), ("True", True),
+                     ("false", False)):
+    argv = ["prog", "--config=experiments/configs/gpt_bytes.py:tiny",
+            f"--config.model.block.attention_hard={text}",
+            "--config.model.positions=sinusoidal", "--config.model.scale_embeddings=False"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+    fv(argv)
+    model_cfg, _ = registry.build_model(fv.config.model)
+    assert model_cfg.block.attention_hard == want and type(
+        model_cfg.block.attention_hard) is type(want)
+    assert model_cfg.scale_embeddings is False
+
+
 @pytest.mark.slow  # ~20 s on 2 cores (compilation)
 def test_nyu_imdb_tiny(tmp_path):
   """The notes' classifier on the local labelled set, 2 steps (accuracy of 3 classes)."""
@@ -188,11 +210,26 @@ def test_nyu_imdb_tiny(tmp_path):
   assert 0.0 <= summary["eval_accuracy"] <= 1.0
 
 
-def test_nyu_imdb_on_imdb_when_prepared(monkeypatch):
-  assert not nyu_imdb.imdb_prepared(data_dir="/nonexistent")
+def test_nyu_imdb_without_imdb_stops(tmp_path):
+  """Real size never falls back to another data set: on unprepared IMDB the run's
+  start (fitting the vocabulary on the train reviews) stops and says how to prepare
+  it; every run's header names its data and splits."""
+  assert not nyu_imdb.imdb_prepared(data_dir=str(tmp_path / "none"))
+  c = nyu_imdb.get_config()
+  assert (c.data.source, c.model.num_classes) == ("imdb_reviews", 2)
+  c.data.source_options.data_dir = str(tmp_path / "none")
+  with pytest.raises(ValueError, match=r"(?s)'imdb_reviews'.*tfds build imdb_reviews"):
+    vocab.build_tokenizer(c.data, workdir=str(tmp_path / "run"))
+  model_cfg, _ = registry.build_model(c.model)
+  task = tasks.build_task(c, tokenizer=None, model_config=model_cfg)
+  assert task.describe_data() == (
+      f"data 'imdb_reviews' {{'data_dir': {str(tmp_path / 'none')!r}}} "
+      "(train split 'train', eval split 'test')")
+
+
+def test_nyu_imdb_on_imdb_when_prepared():
   with tfds.testing.mock_data(num_examples=2):
     assert nyu_imdb.imdb_prepared()
-  monkeypatch.setattr(nyu_imdb, "imdb_prepared", lambda *a, **k: True)
   c = nyu_imdb.get_config()
   loop.validate_config(c)
   assert (c.data.source, c.data.tokenizer, c.data.vocab_size) == (

@@ -44,6 +44,13 @@ def test_plot_loss_curves_draws_each_run(tmp_path):
   assert [line.get_label() for line in train_ax.lines] == ["a", "b"]
   np.testing.assert_allclose(train_ax.lines[1].get_ydata(), [3.1, 2.4])
   np.testing.assert_allclose(eval_ax.lines[0].get_ydata(), [2.7])
+  # Units on the loss axes; no offset on a linear axis (a near-constant curve reads as
+  # its values, not as "1e-5 + 2.4284").
+  assert train_ax.get_ylabel() == "loss (nats)" and eval_ax.get_ylabel() == "eval_loss (nats)"
+  assert not train_ax.yaxis.get_major_formatter().get_useOffset()
+  fig = plotting.plot_loss_curves({"a": tmp_path / "a"}, keys=("loss",),
+                                  units="nats per byte")
+  assert fig.axes[0].get_ylabel() == "loss (nats per byte)"
   with pytest.raises(ValueError, match="empty"):
     plotting.plot_loss_curves({})
 
@@ -68,8 +75,10 @@ def test_plot_attention_heads_grid(tmp_path):
   fig = plotting.plot_attention_heads({"layers_0": w, "layers_1": w[0, :2]},
                                       labels=list("abcd"), path=tmp_path / "h.png")
   assert (tmp_path / "h.png").read_bytes()[:8] == PNG
-  assert len(fig.axes) == 6
+  assert len(fig.axes) == 7               # 2 x 3 heads + one colour bar for all
   assert not fig.axes[5].axison          # layer 1 has two heads: third cell empty
+  assert fig.axes[6].get_ylabel() == "attention weight (√ scale)"
+  assert fig.axes[0].images[0].norm is fig.axes[1].images[0].norm   # one scale
   np.testing.assert_allclose(fig.axes[1].images[0].get_array(), w[0, 1])
   assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list("abcd")
   with pytest.raises(ValueError, match="expected"):
@@ -85,6 +94,7 @@ def test_plot_rollout_overlay_upsamples_the_grid(tmp_path):
   overlay = fig.axes[3].images[1].get_array()   # second image's overlay
   assert overlay.shape == (8, 8)
   np.testing.assert_allclose(overlay[:4, 4:], 5.0)
+  assert fig.axes[-1].get_ylabel() == "rollout weight"        # its colour bar
   with pytest.raises(ValueError, match="multiple"):
     plotting.plot_rollout_overlay(images, np.ones((2, 3, 3)))
 
@@ -102,7 +112,20 @@ def test_loss_curves_over_seeds_draw_mean_and_band(tmp_path):
 def test_plot_image_maps_sweep_and_bars(tmp_path):
   fig = plotting.plot_image_maps(np.ones((2, 3, 3)), titles=["a", "b"],
                                  marks=[(1, 2), None], path=tmp_path / "m.png")
-  assert len(fig.axes) == 2 and len(fig.axes[0].collections) == 1
+  assert len(fig.axes) == 3 and len(fig.axes[0].collections) == 1   # + the colour bar
+  assert fig.axes[2].get_ylabel() == "attention weight"
+  # An image before the maps: grey, outside the maps' colour scale.
+  maps = np.stack([np.full((3, 3), 0.2), np.full((3, 3), 0.6)])
+  fig = plotting.plot_image_maps(maps, image=np.full((3, 3), 200.0), marks=[(0, 0)] * 2)
+  assert [ax.get_title() for ax in fig.axes[:3]] == ["image", "", ""]
+  assert fig.axes[1].images[0].norm is fig.axes[2].images[0].norm
+  assert fig.axes[1].images[0].norm.vmax == pytest.approx(0.6)
+  assert len(fig.axes[0].collections) == 1        # the image is marked too
+  # Arms without a swept value: points in a panel of their own, no line across x.
+  fig = plotting.plot_sweep([0.1, 1.0], {"soft": [3.0, 2.0]}, xlabel="b", ylabel="y",
+                            points={"hard": (2.5, 0.1), "st": (2.2, 0.05)})
+  assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 1
+  assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["hard", "st"]
   fig = plotting.plot_sweep([1, 2, 4], {"s": [3.0, 2.0, 1.0]}, xlabel="x", ylabel="y",
                             log_x=True, path=tmp_path / "s.png")
   np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [3.0, 2.0, 1.0])

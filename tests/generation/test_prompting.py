@@ -93,6 +93,24 @@ class PromptClassifierTest(parameterized.TestCase):
     np.testing.assert_array_equal(weights[1], [0, 0, 0, 1])
     self.assertEqual(clf.predict(["abcdef!"]), ["pos"])
 
+  def test_every_label_is_scored_on_the_same_prompt_tokens(self):
+    """Verbalizers of 1 and 3 tokens, max_length 6: both labels see the same prompt
+    (BOS + the last 2 prompt tokens, cut for the longest), and the scores are those
+    of that one prompt (float64 bigram reference)."""
+    params = _bigram_params()
+    clf = prompting.PromptClassifier(BigramFixture(TOK.vocab_size), params, TOK,
+                                     "{text}", {"short": "-", "long": "+x+"},
+                                     max_length=6)
+    inputs, weights = clf.sequences(["abcd?!"])
+    prompts = [list(row[:int(np.argmax(w))]) for row, w in zip(inputs, weights)]
+    self.assertEqual(prompts[0], prompts[1])
+    self.assertEqual(prompts[0], [TOK.bos_id, ord("?"), ord("!")])
+    logp = _log_softmax64(np.asarray(params["table"]))
+    chain = lambda word: [ord("!")] + [ord(c) for c in word]  # noqa: E731
+    want = [sum(logp[a, b] for a, b in zip(chain(w)[:-1], chain(w)[1:]))
+            for w in ("-", "+x+")]
+    np.testing.assert_allclose(clf.score(["abcd?!"])[0], want, rtol=1e-5, atol=1e-5)
+
   def test_matches_full_forward_of_gpt(self):
     from jaxformer.models.gpt import GPT, gpt_tiny  # pylint: disable=g-import-not-at-top
     cfg = gpt_tiny(vocab_size=TOK.vocab_size, max_len=32, init_stddev=0.3)

@@ -169,3 +169,25 @@ class HardGradientTest(chex.TestCase):
     np.testing.assert_array_equal(qkv["kernel"][:, :2], 0.0)   # query, key
     np.testing.assert_array_equal(qkv["bias"][:2], 0.0)
     self.assertGreater(float(jnp.max(jnp.abs(qkv["kernel"][:, 2]))), 0.0)   # value
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_straight_through_trains_queries_and_keys(self):
+    """attention_hard="straight_through": the same one-hot forward as True, and the
+    query/key projections get gradients (hard=True gives them none, above)."""
+    tokens = jnp.asarray(_TOKENS)
+    hard = models.GPT(models.gpt_tiny(attention_hard=True, num_layers=1))
+    st = models.GPT(models.gpt_tiny(attention_hard="straight_through", num_layers=1,
+                                    attention_scale_multiplier=2.0))
+    variables = nn.unbox(st.init(jax.random.key(0), tokens))
+    st_one = models.GPT(models.gpt_tiny(attention_hard="straight_through", num_layers=1))
+    np.testing.assert_array_equal(hard.apply(variables, tokens),
+                                  st_one.apply(variables, tokens))
+
+    def loss(params):
+      logits = st.apply({"params": params}, tokens)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    grads = self.variant(jax.grad(loss))(variables["params"])
+    qkv = grads["decoder"]["layers_0"]["self_attention"]["qkv"]
+    for i in range(3):   # query, key, value
+      self.assertGreater(float(jnp.max(jnp.abs(qkv["kernel"][:, i]))), 0.0)

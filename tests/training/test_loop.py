@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,6 +188,9 @@ def test_cli_sigterm_saves_and_exits_then_resumes(tmp_path):
                         *args[5:]], timeout=180)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"resuming at step {summary['step']}" in done.stdout
+  # The header line names the data source and both splits.
+  assert re.search(r"\| data '\w+'.*\(train split '[^']+', eval split '[^']+'\) \|",
+                   done.stdout), done.stdout[:2000]
 
 
 if __name__ == "__main__":
