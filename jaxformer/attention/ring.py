@@ -560,14 +560,18 @@ def _ring_loop(cfg: _Ring, q, kv0, step_fn, state0, send_state):
   return state
 
 
+def _empty(q, dv: int):
+  """The accumulator before the first merge: out 0 [B, Lq, H, dv] and lse -inf
+  [B, H, Lq], so that the first block merged into it is taken as it is."""
+  return (jnp.zeros(q.shape[:3] + (dv,), jnp.float32),
+          jnp.full((q.shape[0], q.shape[2], q.shape[1]), _NEG, jnp.float32))
+
+
 def _ring_forward(cfg: _Ring, q, k, v, qs, ks):
   def step(kind, kv, acc):
     return _merge(acc, _step_fwd(cfg, kind, q, qs, kv))
 
-  # The first merge has no accumulator: start from an all-empty one (same structure).
-  empty = (jnp.zeros(q.shape[:3] + (v.shape[-1],), jnp.float32),
-           jnp.full((q.shape[0], q.shape[2], q.shape[1]), _NEG, jnp.float32))
-  acc = _ring_loop(cfg, q, (k, v, ks), step, empty, lambda s: s)
+  acc = _ring_loop(cfg, q, (k, v, ks), step, _empty(q, v.shape[-1]), lambda s: s)
   return _finish(cfg, q, acc)
 
 
@@ -635,9 +639,7 @@ def _gathered_forward(cfg: _Ring, q, k_all, v_all, qs, ks_all):
     kv = (_slice(k_all, start, size), _slice(v_all, start, size), _slice(ks_all, start, size))
     return _merge(acc, _step_fwd(cfg, kind, q, qs, kv))
 
-  empty = (jnp.zeros(q.shape[:3] + (v_all.shape[-1],), jnp.float32),
-           jnp.full((q.shape[0], q.shape[2], q.shape[1]), _NEG, jnp.float32))
-  return _finish(cfg, q, _gathered_loop(cfg, k_all, step, empty))
+  return _finish(cfg, q, _gathered_loop(cfg, k_all, step, _empty(q, v_all.shape[-1])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.training.training_helpers import updated_names
+
 import helpers as h
 from experiments import perplexity as perplexity_cli
 from experiments import sample as sample_cli
@@ -28,18 +30,6 @@ from jaxformer.training import sharding as sharding_lib
 from jaxformer.training import state as state_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(h.HERE))
-
-
-def updated_names(origin, params):
-  """Top-level names whose one-step updates are nonzero under the origin's tx."""
-  base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
-  tx = origin.optimizer(base, params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  opt_state = tx.init(params)
-  for _ in range(2):
-    updates, opt_state = tx.update(grads, opt_state, params)
-  return sorted(name for name, tree in updates.items()
-                if any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree)))
 
 
 @pytest.fixture(scope="module")

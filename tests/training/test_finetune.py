@@ -15,6 +15,7 @@ import pytest
 from flax import traverse_util
 
 from experiments.configs import imdb_finetune
+from tests.training.training_helpers import updated_names
 from jaxformer.models import registry
 from jaxformer.training import checkpoint as ckpt_lib
 from jaxformer.training import config as config_lib
@@ -154,18 +155,6 @@ def test_freeze_body_zero_updates_for_body_only():
     updates, opt_state = tx.update(grads, opt_state, params)
   np.testing.assert_array_equal(updates["encoder"]["k"], 0.0)
   assert np.all(np.asarray(updates["classifier"]["k"]) != 0.0)
-
-
-def updated_names(origin, params):
-  """Top-level names whose one-step updates are nonzero under the origin's tx."""
-  base = opt_lib.make_optimizer(opt_lib.OptimizerConfig(learning_rate=0.1), 10)
-  tx = origin.optimizer(base, params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  opt_state = tx.init(params)
-  for _ in range(2):
-    updates, opt_state = tx.update(grads, opt_state, params)
-  return sorted(name for name, tree in updates.items()
-                if any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.parametrize("nsp,want_head", [(True, ("classifier",)),

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer import axes
+from jaxformer.training import optimizer as optimizer_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
@@ -107,3 +108,15 @@ def run_python(code_or_args: list[str], *, env: dict[str, str] | None = None,
   return subprocess.run([sys.executable, *code_or_args], cwd=REPO_ROOT,
                         env=full_env, capture_output=True, text=True,
                         timeout=timeout, check=False, **kwargs)
+
+
+def updated_names(origin, params):
+  """Top-level names whose one-step updates are nonzero under the origin's tx."""
+  base = optimizer_lib.make_optimizer(optimizer_lib.OptimizerConfig(learning_rate=0.1), 10)
+  tx = origin.optimizer(base, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  for _ in range(2):
+    updates, opt_state = tx.update(grads, opt_state, params)
+  return sorted(name for name, tree in updates.items()
+                if any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(tree)))
