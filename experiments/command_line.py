@@ -1,4 +1,5 @@
-"""What every command (``train``, ``prompt``, ``sample``, ``perplexity``) does with errors.
+"""What every command (``train``, ``prompt``, ``sample``, ``perplexity``) does with errors,
+and the compilation cache each turns on (:mod:`jaxformer.compilation_cache`).
 
 A problem the user can fix (a bad flag, config value or input file, a full disk, a
 workdir in use) ends the command with one line, ``error: ...``, as its last line on
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from absl import flags
 from absl import logging as absl_logging
 
+from jaxformer import compilation_cache
 from jaxformer.training import divergence
 from jaxformer.training import workdir_lock
 
@@ -106,13 +108,14 @@ def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
 
 def user_errors(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """``main`` with :data:`USER_ERRORS` reported in one line and exit status 1 (an
-  interrupt: status 130)."""
+  interrupt: status 130), and JAX's persistent compilation cache on."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     if not _verbose():
       absl_logging.set_verbosity(absl_logging.WARNING)  # the library's info: not here
       absl_logging.get_absl_handler().addFilter(_no_orbax_tracebacks)
+    compilation_cache.use_compilation_cache()
     try:
       main(argv)
     except USER_ERRORS as e:

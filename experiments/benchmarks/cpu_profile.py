@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   overrides = [f"--config.train.num_steps={args.steps}",
                "--config.train.eval_every=100000",
                "--config.train.checkpoint_every=100000",
-               "--config.train.tensorboard=False", "--config.train.sample_tokens=0",
+               "--config.train.tensorboard=False", "--config.task_options.sample_tokens=0",
                "--config.train.progress=False", *args.override]
   config = _config(args.config, overrides)
   import jax  # pylint: disable=g-import-not-at-top

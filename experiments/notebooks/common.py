@@ -26,6 +26,7 @@ import jax
 from ml_collections import config_dict
 
 from experiments import plotting
+from jaxformer import compilation_cache
 from jaxformer import tasks
 from jaxformer.data import vocab
 from jaxformer.models import registry
@@ -63,18 +64,12 @@ def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> None:
   Default ``experiments/notebooks/out/jax_cache`` (git-ignored); every compilation is
   cached, however short, since a notebook's runs repeat the same programs. A cache
   already configured by the environment (``JAX_COMPILATION_CACHE_DIR``, as the test
-  suite sets for the notebooks it runs) is kept. The size limit turns on the cache's
-  file lock, so notebooks run side by side never read an entry being written.
+  suite sets for the notebooks it runs) is kept
+  (:func:`jaxformer.compilation_cache.use_compilation_cache`).
   """
-  if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return
-  path = pathlib.Path(path or REPO_ROOT / "experiments" / "notebooks" / "out" /
-                      "jax_cache")
-  path.mkdir(parents=True, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+  compilation_cache.use_compilation_cache(
+      path or REPO_ROOT / "experiments" / "notebooks" / "out" / "jax_cache",
+      min_compile_secs=0.0, max_bytes=4 << 30)
 
 
 def show_table(text: str) -> None:

@@ -95,6 +95,31 @@ def config_mismatches(stored: Mapping[str, Any], current: Mapping[str, Any],
   return out
 
 
+def _no_replica_slices_on_cpu() -> None:
+  """On CPU, orbax writes each replicated array whole, from one replica.
+
+  Its default (replica-parallel saving) cuts every replicated array into one slice a
+  replica with an eager ``lax.slice_in_dim`` per array and replica: on a 2-device
+  CPU run that is 314 small dispatched programs (and 20 compiles) a save for a
+  4 x 128 GPT's state, about 0.4 s of the host's time, with nothing gained, since all
+  CPU devices of a process share its memory. GPU and TPU keep orbax's default.
+  """
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if jax.default_backend() != "cpu" or (
+      isinstance(handler, ocp.type_handlers.ArrayHandler)
+      and not getattr(handler, "_use_replica_parallel", True)):
+    return
+  absl_logger = logging.getLogger("absl")   # orbax warns of the override: expected
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+        override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
 class Checkpointer:
   """Saves / restores ``(state, data iterator state, config)`` under ``directory``.
 
@@ -116,6 +141,7 @@ class Checkpointer:
       raise ValueError(f"save_every={save_every!r} must be >= 1")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep!r} must be >= 1 or None")
+    _no_replica_slices_on_cpu()
     # orbax's tensorstore writer rejects relative paths; resolve against the cwd.
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
     self.save_every = save_every

@@ -16,6 +16,7 @@ import time
 import chex
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl.testing import parameterized
 
@@ -66,6 +67,13 @@ class CheckpointerTest(parameterized.TestCase):
     leaf = restored.params["hidden"]["kernel"]
     self.assertEqual(leaf.sharding, abstract.params["hidden"]["kernel"].sharding)
     ck.close()
+
+  def test_cpu_writes_each_replicated_array_from_one_replica(self):
+    """On CPU no array is cut into per-replica slices to save (see the function)."""
+    ckpt_lib.Checkpointer(_tmpdir(self)).close()
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    self.assertIsInstance(handler, ocp.type_handlers.ArrayHandler)
+    self.assertFalse(handler._use_replica_parallel)  # pylint: disable=protected-access
 
   def test_relative_directory_is_resolved(self):
     # `make demo` passes --workdir=runs/demo; orbax's writer rejects relative paths.
