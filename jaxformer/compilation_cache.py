@@ -10,9 +10,9 @@ compile would give: results do not depend on whether the cache was warm.
 
 Where it goes, first match:
 
-1. ``JAX_COMPILATION_CACHE_DIR`` in the environment: jax's own setting, left as is
+1. the ``path`` argument (the notebooks keep theirs under ``experiments/notebooks/out``);
+2. ``JAX_COMPILATION_CACHE_DIR`` in the environment: jax's own setting, left as is
    (the test suite points it at its own folder);
-2. the ``path`` argument (the notebooks keep theirs under ``experiments/notebooks/out``);
 3. ``$JAXFORMER_COMPILATION_CACHE``: a folder, or ``off`` (also ``0``, ``false``,
    ``none`` or empty) for no cache;
 4. ``$XDG_CACHE_HOME/jaxformer/jax``, else ``~/.cache/jaxformer/jax``.
@@ -48,13 +48,13 @@ def use_compilation_cache(path: str | os.PathLike[str] | None = None, *,
   """Turns the persistent cache on (see the module docstring for where).
 
   Args:
-    path: the folder, unless the environment names jax's own.
+    path: the folder (None: the environment's or the default).
     min_compile_secs: programs that compile faster are not stored (0: all).
     max_bytes: the cache's size limit.
   Returns:
     The folder in use, or None when the cache is off.
   """
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return os.environ["JAX_COMPILATION_CACHE_DIR"]
   if path is None:
     chosen = os.environ.get(ENV)

@@ -27,10 +27,14 @@ def updates(monkeypatch):
   return made
 
 
-def test_jax_own_setting_is_kept(updates, monkeypatch, tmp_path):
+def test_jax_own_setting_is_kept_unless_a_folder_is_given(updates, monkeypatch,
+                                                          tmp_path):
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
-  assert cc.use_compilation_cache(tmp_path / "mine") == str(tmp_path / "jax")
-  assert updates == {} and not (tmp_path / "mine").exists()
+  monkeypatch.setenv(cc.ENV, str(tmp_path / "var"))
+  assert cc.use_compilation_cache() == str(tmp_path / "jax")
+  assert updates == {} and not (tmp_path / "var").exists()
+  assert cc.use_compilation_cache(tmp_path / "mine") == str(tmp_path / "mine")
+  assert updates["jax_compilation_cache_dir"] == str(tmp_path / "mine")
 
 
 def test_argument_then_variable_then_default(updates, monkeypatch, tmp_path):

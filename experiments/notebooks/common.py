@@ -67,6 +67,8 @@ def use_compilation_cache(path: str | os.PathLike[str] | None = None) -> None:
   suite sets for the notebooks it runs) is kept
   (:func:`jaxformer.compilation_cache.use_compilation_cache`).
   """
+  if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
   compilation_cache.use_compilation_cache(
       path or REPO_ROOT / "experiments" / "notebooks" / "out" / "jax_cache",
       min_compile_secs=0.0, max_bytes=4 << 30)
