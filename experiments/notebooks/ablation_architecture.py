@@ -174,12 +174,12 @@ curves({"pre-LN": "baseline", "post-LN": "post_ln"}, "norm placement", OUT / "no
 # %% [markdown]
 # **What the numbers show** (cpu size, 3 seeds; the rule of
 # `experiments/notebooks/README.md`: a paired two-sided t-test at 5 %, `*` in the
-# tables). The baseline ends at 2.765 ± 0.085 bits/byte, far below the unigram
+# tables). The baseline ends at 2.769 ± 0.091 bits/byte, far below the unigram
 # baseline of the same eval bytes (`unigram_bits_per_byte`, 4.179): at this size the
-# model is well past the unigram stage. Post-LN ends at 2.965 ± 0.19; paired by seed it
-# is +0.20 ± 0.11 bits/byte, which the rule does not call a difference (no `*`): no
-# difference between pre- and post-LN is shown at n = 3 at this learning rate
-# (3e-3, 50 warmup steps).
+# model is well past the unigram stage. Post-LN ends at 2.954 ± 0.16; paired by seed it
+# is +0.185 ± 0.079 bits/byte, which the rule does not call a difference (no `*`;
+# 2.48 × 0.079 = 0.196): no difference between pre- and post-LN is shown at n = 3 at
+# this learning rate (3e-3, 50 warmup steps).
 
 # %% [markdown]
 # ## 2. Learned vs sinusoidal vs rotary positions, with both embedding conventions
@@ -216,23 +216,24 @@ for arm, ref in (("pos_sinusoidal_unscaled", "pos_sinusoidal"),
 
 # %% [markdown]
 # **What the numbers show** (cpu size, 3 seeds; `*`: a difference under the README's
-# rule). All four differences below pass the rule.
+# rule).
 #
 # * **The embedding scale decides what sinusoids look like.** Added to GPT's unscaled
-#   table (std 0.02), sinusoids are far worse than learned positions (3.697 ± 0.066
-#   bits/byte, +0.93 ± 0.15 `*` paired). With the Transformer's convention (the default
-#   now wherever positions are sinusoidal) they reach 2.947 ± 0.040: the scaling alone
-#   is worth 0.751 ± 0.106 bits/byte paired (printed above, `*`). So most of the old
-#   "+0.93 for sinusoidal" was the amplitude mismatch, not the positions.
-# * **Scaled sinusoids are still behind GPT's learned positions** at this size
-#   (+0.18 ± 0.06 `*`), but **ahead of learned positions with the same scaled
-#   embeddings** (−0.171 ± 0.050 paired, printed above, `*`): the ranking of the two
-#   position kinds depends on the embedding convention they are paired with.
-# * **The Transformer's scaling hurts learned positions** here: +0.35 ± 0.07 `*`
-#   (3.117 ± 0.036). The scaling changes more than the input scale: the table is tied
+#   table (std 0.02), sinusoids are far worse than learned positions (3.677 ± 0.088
+#   bits/byte, +0.908 ± 0.17 `*` paired). With the Transformer's convention (the
+#   default now wherever positions are sinusoidal) they reach 2.955 ± 0.034: the
+#   scaling alone is worth 0.722 ± 0.117 bits/byte paired (printed above, `*`). So most
+#   of the old "+0.93 for sinusoidal" was the amplitude mismatch, not the positions.
+# * **Scaled sinusoids against GPT's learned positions: no difference shown**
+#   (+0.187 ± 0.087, not `*`: 2.48 × 0.087 = 0.216). They are **ahead of learned
+#   positions with the same scaled embeddings** (−0.172 ± 0.062 paired, printed above,
+#   `*`): the ranking of the two position kinds depends on the embedding convention
+#   they are paired with.
+# * **The Transformer's scaling hurts learned positions** here: +0.359 ± 0.076 `*`
+#   (3.128 ± 0.035). The scaling changes more than the input scale: the table is tied
 #   to the output layer (logits against a table at std d^-½ instead of 0.02) and its
 #   updates are multiplied by √d; these runs do not separate those effects.
-# * **Rotary positions beat learned ones**: −0.121 ± 0.029 `*` (2.644 ± 0.11). Unpaired,
+# * **Rotary positions beat learned ones**: −0.130 ± 0.025 `*` (2.639 ± 0.11). Unpaired,
 #   the two arms' ranges overlap; the difference shows only because the arms share their
 #   seeds.
 #
@@ -291,17 +292,17 @@ print(f"hard_st - hard: {t['mean']:+.3f} ± {t['std']:.3f} bits/byte paired "
 # **What the numbers show** (cpu size, 3 seeds; `*`: a difference under the README's
 # rule):
 #
-# * **β**: both non-default temperatures are worse than β = 1x: 10x by +0.363 ± 0.018
-#   `*`, 0.1x by a small but clear +0.076 ± 0.002 `*` (unpaired, 2.841 ± 0.086 lies
-#   within the baseline's spread; the paired test separates it).
+# * **β**: both non-default temperatures are worse than β = 1x: 10x by
+#   +0.349 ± 0.040 `*`, 0.1x by a small but clear +0.072 ± 0.006 `*` (unpaired,
+#   2.84 ± 0.086 lies within the baseline's spread; the paired test separates it).
 # * **Hard attention, values only** (`attention_hard=True`, query and key projections
-#   frozen at their random initialisation): 3.288 ± 0.095, +0.52 ± 0.08 `*` against
+#   frozen at their random initialisation): 3.283 ± 0.086, +0.514 ± 0.085 `*` against
 #   soft attention, yet far below the unigram baseline (4.179): the values, MLPs and
 #   embeddings learn much of the next-byte statistics through fixed random patterns.
 # * **Hard attention, straight-through** (`attention_hard="straight_through"`, hard
-#   attention trained end to end): 3.142 ± 0.081, +0.38 ± 0.04 `*` against soft
-#   attention. Against the values-only variant it is −0.146 ± 0.113 paired (printed
-#   above, p = 0.155): lower in the mean, but no difference between the two hard
+#   attention trained end to end): 3.159 ± 0.06, +0.391 ± 0.038 `*` against soft
+#   attention. Against the values-only variant it is −0.123 ± 0.090 paired (printed
+#   above, p = 0.140): lower in the mean, but no difference between the two hard
 #   variants is shown at n = 3.
 #
 # In the plot, the hard arms sit in a panel of their own: they have no β.

@@ -258,7 +258,7 @@ if TIMED:
 # %% [markdown]
 # **What the numbers show** (memory: XLA's analysis, deterministic; batch 8). At the
 # runs' 8 x 8 images (64 pixels) the three paths need alike amounts of temporary
-# buffers (6.8 to 8.5 MiB). From there full attention's `N^2` scores take over: at
+# buffers (6.8 to 8.0 MiB). From there full attention's `N^2` scores take over: at
 # 32 x 32 (1024 pixels) the xla path needs 1087 MiB, axial attention 157.5 MiB, and the
 # chunked path, which streams over key blocks, 177.9 MiB while still computing all
 # `N^2` scores. The wall times in the same table were measured once each on a shared,
@@ -299,8 +299,8 @@ print(f"notebook time: {time.perf_counter() - START:.0f} s at size {SIZE}")
 # attention arm, paired by seed; a difference only under the README's rule, `*`):
 #
 # * **Generative**: the Axial Transformer reaches 0.540 ± 0.004 bits per pixel, ImageGPT
-#   0.608 ± 0.007; paired −0.068 ± 0.007 `*`, a difference under the rule. It also
-#   needs less temporary memory at the run size (28.15 against 37.21 MiB). The axial
+#   0.602 ± 0.012; paired −0.062 ± 0.009 `*`, a difference under the rule. It also
+#   needs less temporary memory at the run size (28.15 against 35.23 MiB). The axial
 #   model has more parameters (86,404 against 71,744), so this compares two
 #   configurations of similar width and depth, not parameter-matched models.
 # * **Classification** (8 x 8 shapes with noise std 60, 300 steps): the axial

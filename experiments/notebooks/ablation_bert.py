@@ -212,8 +212,8 @@ _ = plotting.plot_bars({"MLM": nsp_rows[0]["ft_accuracy"],
 # NSP is *not* at chance: the NSP head reaches 0.647 ± 0.012 held-out accuracy, so the
 # pairs carry a learnable signal. It costs MLM quality: scored at the same masks, the
 # MLM loss is higher with NSP by `d_mlm_loss_at_15` = +0.058 ± 0.008 nats paired
-# (last table), a difference under the rule. The fine-tuned accuracy, 0.745 ± 0.026
-# without NSP and 0.728 ± 0.053 with it, paired −0.017 ± 0.050: no difference shown
+# (last table), a difference under the rule. The fine-tuned accuracy, 0.744 ± 0.015
+# without NSP and 0.747 ± 0.033 with it, paired +0.003 ± 0.030: no difference shown
 # at n = 3, with bodies this early in training (see above). This does not show that
 # NSP is useless downstream, only that these runs cannot see an effect.
 
@@ -258,8 +258,8 @@ _ = plotting.plot_loss_curves(
 # With a fixed budget of 600 steps, more masking means more predictions per step,
 # which can outweigh the lost context early in training (Wettig et al. 2022, "Should
 # you mask 15 % in MLM?"); these runs support that for 50 % only, and only on the MLM
-# accuracy. Downstream the rates do not separate: 0.745 ± 0.026, 0.767 ± 0.010,
-# 0.762 ± 0.041 (paired +0.022 ± 0.017, +0.017 ± 0.032): no difference shown.
+# accuracy. Downstream the rates do not separate: 0.744 ± 0.015, 0.743 ± 0.020,
+# 0.759 ± 0.047 (paired −0.002 ± 0.006, +0.015 ± 0.038): no difference shown.
 
 # %% [markdown]
 # ## 3. 80/10/10 vs 100 % [MASK]
@@ -290,8 +290,8 @@ _ = plotting.plot_bars({r["replacement"]: r["ft_accuracy"] for r in repl_rows},
 # It never saw a random or an unmasked token at a scored position, so it has no
 # reason to trust, or copy, a real byte there. Scored on all-[MASK] inputs the bare
 # means are 3.169 ± 0.034 vs 3.216 ± 0.11 (not tested paired: no difference claimed).
-# Downstream, where no input has a [MASK]: 0.748 ± 0.044 vs 0.745 ± 0.026, paired
-# +0.003 ± 0.019: no difference shown. The mismatch that 80/10/10 is meant to fix is
+# Downstream, where no input has a [MASK]: 0.761 ± 0.034 vs 0.744 ± 0.015, paired
+# +0.017 ± 0.019: no difference shown. The mismatch that 80/10/10 is meant to fix is
 # real for the MLM head on unmasked input; these runs show no effect of it on the
 # fine-tuned accuracy.
 

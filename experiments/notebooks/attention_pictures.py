@@ -181,8 +181,9 @@ plotting.plot_attention_heads(
 #
 # `analysis.nearest_neighbours` ranks rows of the token table by cosine similarity (the
 # angle, not the length, which mostly tracks frequency). Only the printable ASCII bytes
-# (plus newline and tab) are compared: the other 160-odd byte rows and the padding rows
-# never occur in the training text and keep their initialisation. A table that learned
+# (plus newline and tab) are compared: the other 160-odd byte rows (and the padding
+# rows, where the hardware pads the vocabulary) never occur in the training text and
+# keep their initialisation. A table that learned
 # something puts bytes used alike (lower-case letters, digits, brackets) near each other;
 # the last column measures that against the share a random neighbour would have.
 
@@ -225,7 +226,7 @@ rows.append(dict(model="gpt_bytes embeddings",
 # `gpt_bytes` run the table is organised by use, not by code point: each vowel's nearest
 # bytes are the other vowels (`e` → `a i o y`, `E` → `A O I`), the digits' five nearest
 # are all digits (100 % against 9 % for a random byte), the opening brackets `( [ {`
-# sit together, and so do operators (`=` → `+ ! < >`) and the punctuation that ends an
+# sit together, and so do operators (`=` → `+ ! < & >`) and the punctuation that ends an
 # expression (`,` → `) : .`). Among the whitespace bytes, space and newline are each
 # other's nearest, while tab (rare in the standard library, which indents with spaces)
 # is in neither's five nearest: hence the low same-kind share of that row.
