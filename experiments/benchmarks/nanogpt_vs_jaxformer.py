@@ -26,7 +26,7 @@ val loss`` line (the mean over ``eval_iters`` random validation batches), our
 windows of the validation split). Those two readings differ by their windows alone
 by about 0.015, so after each run (outside its timing) the script also scores each
 side's final checkpoint, through that side's own model code and vocabulary, on the
-same ``--windows`` held-out windows (:func:`common_windows`); the loss target is
+same ``--windows`` held-out windows (:mod:`experiments.benchmarks.same_windows`); the loss target is
 judged on that figure. Our CLI keeps a persistent compilation cache
 (:mod:`jaxformer.compilation_cache`); with ``--cache=fresh`` (default) it starts
 empty, so our first run compiles everything, as on a new machine, and the later runs
@@ -67,6 +67,9 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from experiments.benchmarks import same_windows
+from jaxformer import compilation_cache
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 # karpathy/nanoGPT master as of 2026-12 ("Update README to mention nanochat ...").
@@ -133,91 +136,6 @@ def read_ours(workdir: str) -> dict[str, Any]:
           "ms_per_step": summary.get("step_time_ms"),
           "num_params": summary.get("num_params"),
           "wall_time_in_loop_s": summary.get("wall_time_s")}
-
-
-COMMON_WINDOWS = 12_000
-WINDOW_SEED = 20261206
-SCORE_BATCH = 240
-# Run by nanoGPT's Python (torch) with argv: nanoGPT's tree, windows JSON. Reads the
-# checkpoint nanoGPT's train.py left and its own character vocabulary (meta.pkl).
-_SCORE_NANOGPT = r"""
-import json, pickle, sys
-import numpy as np, torch
-nano, windows_path, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-sys.path.insert(0, nano)
-from model import GPT, GPTConfig
-ck = torch.load(f"{nano}/out-shakespeare-char/ckpt.pt", map_location="cpu")
-model = GPT(GPTConfig(**ck["model_args"]))
-model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()})
-model.eval()
-with open(f"{nano}/data/shakespeare_char/meta.pkl", "rb") as f:
-  stoi = pickle.load(f)["stoi"]
-with open(windows_path, encoding="utf-8") as f:
-  ids = np.array([[stoi[c] for c in w] for w in json.load(f)], dtype=np.int64)
-total = 0.0
-with torch.no_grad():
-  for b in range(0, len(ids), batch):
-    x = torch.from_numpy(ids[b:b + batch])
-    _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
-    total += loss.item() * len(x)
-print(json.dumps({"step": int(ck["iter_num"]), "loss": total / len(ids)}))
-"""
-
-
-def common_windows(text: bytes, count: int = COMMON_WINDOWS, length: int = 65,
-                   seed: int = WINDOW_SEED) -> list[str]:
-  """``count`` windows of ``length`` characters (a context of 64 and its targets) at
-  fixed random places in the held-out tail that neither side trains on.
-
-  That tail is our validation split (the last 10 %, ``local_text``'s rule); nanoGPT
-  holds out ``text[int(0.9 n):]``, which starts at or before it. The same text, seed
-  and count give the same windows on every run.
-  """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from jaxformer.data import local_text  # pylint: disable=import-outside-toplevel
-  tail = text[local_text._tail_start(text, 0.1):].decode("utf-8")  # pylint: disable=protected-access
-  if len(tail) < length:
-    raise ValueError(f"the validation tail has {len(tail)} characters, fewer than "
-                     f"one window of {length}")
-  starts = np.random.default_rng(seed).integers(0, len(tail) - length + 1, size=count)
-  return [tail[s:s + length] for s in starts]
-
-
-def score_ours(workdir: str, windows: Sequence[str],
-               batch: int = SCORE_BATCH) -> dict[str, Any]:
-  """Our final checkpoint's mean next-character loss (nats) over ``windows``: the
-  loss of each window's characters 2..65 given the ones before them."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jaxformer.training.saved_run import load_run
-  run = load_run(workdir)
-  ids = np.stack([run.tokenizer.encode_array(w) for w in windows])
-  if ids.shape != (len(windows), len(windows[0])):
-    raise ValueError(f"the run's tokenizer does not give one token per character "
-                     f"({ids.shape})")
-
-  @jax.jit
-  def nll_sum(params, w_BL):
-    logits = run.model.apply({"params": params}, w_BL[:, :-1])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return -jnp.take_along_axis(logp, w_BL[:, 1:, None], axis=-1).sum()
-
-  total = sum(float(nll_sum(run.params, ids[b:b + batch]))
-              for b in range(0, len(ids), batch))
-  return {"step": run.step, "loss": total / (ids.shape[0] * (ids.shape[1] - 1))}
-
-
-def score_nanogpt(nano_dir: str, windows_path: str, python: str,
-                  batch: int = SCORE_BATCH) -> dict[str, Any]:
-  """nanoGPT's final checkpoint on the windows in ``windows_path`` (JSON), through
-  its own ``model.py`` and vocabulary, with ``python`` (torch)."""
-  done = subprocess.run([python, "-c", _SCORE_NANOGPT, nano_dir, windows_path,
-                         str(batch)], capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    raise RuntimeError(f"scoring nanoGPT's checkpoint failed:\n{done.stderr[-2000:]}")
-  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def read_input(spec: str) -> bytes:
@@ -295,12 +213,14 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   out["pair_wall_ratios"] = [p["ours"]["wall_s"] / p["nanogpt"]["wall_s"]
                              for _, p in sorted(pairs.items()) if len(p) == 2]
   # our first run compiles everything; the later ones read the compilation cache
-  warm = [p["ours"]["wall_s"] / p["nanogpt"]["wall_s"] for k, p in sorted(pairs.items())
-          if len(p) == 2 and p["ours"].get("compile_cache") == "warm"]
-  cold = [p["ours"]["wall_s"] / p["nanogpt"]["wall_s"] for k, p in sorted(pairs.items())
-          if len(p) == 2 and p["ours"].get("compile_cache") == "cold"]
-  out["cold_wall_ratio"] = cold[0] if cold else None
-  out["warm_wall_ratio"] = statistics.median(warm) if warm else None
+  by_cache: dict[str, list[float]] = {}
+  for _, p in sorted(pairs.items()):
+    if len(p) == 2 and p["ours"].get("compile_cache"):
+      by_cache.setdefault(p["ours"]["compile_cache"], []).append(
+          p["ours"]["wall_s"] / p["nanogpt"]["wall_s"])
+  out["cold_wall_ratio"] = by_cache["cold"][0] if "cold" in by_cache else None
+  out["warm_wall_ratio"] = (statistics.median(by_cache["warm"]) if "warm" in by_cache
+                            else None)
   o, n = out["ours"], out["nanogpt"]
   out["wall_ratio"] = (o["wall_s"] / n["wall_s"]) if o["wall_s"] and n["wall_s"] \
       else None
@@ -409,7 +329,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--cache", choices=("fresh", "user"), default="fresh",
                  help="our compilation cache: a new empty folder (our first run "
                  "compiles, later ones read it) or the user's own")
-  p.add_argument("--windows", type=int, default=COMMON_WINDOWS,
+  p.add_argument("--windows", type=int, default=same_windows.COMMON_WINDOWS,
                  help="held-out windows both final checkpoints are scored on")
   p.add_argument("--first", choices=SIDES, default="nanogpt",
                  help="which side runs first in each pair")
@@ -443,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               args.nanogpt_python)
     input_path = os.path.join(scratch, "input.txt")
     pathlib.Path(input_path).write_bytes(text)
-    windows = common_windows(text, args.windows)
+    windows = same_windows.common_windows(text, args.windows)
     windows_path = os.path.join(scratch, "windows.json")
     pathlib.Path(windows_path).write_text(json.dumps(windows), encoding="utf-8")
     order = [args.first, next(s for s in SIDES if s != args.first)]
@@ -451,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if args.cache == "fresh":   # cold for our first run, as on a new machine
-      env["JAXFORMER_COMPILATION_CACHE"] = os.path.join(scratch, "jax_cache")
+      env[compilation_cache.ENV] = os.path.join(scratch, "jax_cache")
     for pair in range(1, args.pairs + 1):
       for side in order:
         log = os.path.join(scratch, f"{side}-{pair}.log")
@@ -470,10 +390,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if row["returncode"] == 0:
           if side == "nanogpt":
             row.update(parse_nanogpt_log(pathlib.Path(log).read_text()))
-            scored = score_nanogpt(nano_dir, windows_path, args.nanogpt_python)
+            scored = same_windows.score_nanogpt(nano_dir, windows_path,
+                                                args.nanogpt_python)
           else:
             row.update(read_ours(workdir))
-            scored = score_ours(workdir, windows)
+            scored = same_windows.score_ours(workdir, windows)
           row.update(common_loss=scored["loss"], common_step=scored["step"])
         else:
           row["log_tail"] = pathlib.Path(log).read_text()[-3000:]
@@ -496,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           sys.argv[1:] if argv is None else argv),
       "nanogpt_commit": args.nanogpt_commit, "jaxformer_commit": head or "unknown",
       "input_bytes": len(text), "steps": args.steps, "pairs": args.pairs,
-      "common_windows": args.windows, "window_seed": WINDOW_SEED,
+      "common_windows": args.windows, "window_seed": same_windows.WINDOW_SEED,
       "compile_cache": args.cache,
       "order": order, "machine": machine, "torch": torch_version,
       "jax": _version(sys.executable, "jax"),

@@ -1,8 +1,6 @@
 """experiments/benchmarks/nanogpt_vs_jaxformer.py without torch or nanoGPT: its
 commands, nanoGPT's log parsed, the export + prepare step on a stand-in repository,
-the medians and ratios, the report, and the common-windows score (ours against a
-float64 NumPy reference; nanoGPT's only where it fails, since torch is not a test
-dependency)."""
+the medians and ratios, the report (the same-windows score: test_same_windows.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +9,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from experiments.benchmarks import nanogpt_vs_jaxformer as nv
-from jaxformer.data import local_text
-from jaxformer.training import loop
-from jaxformer.training.saved_run import load_run
-from tests.experiments.test_gpt_text import _config
+from experiments.benchmarks import same_windows
 
 LOG = """tokens per iteration will be: 768
 step 0: train loss 4.2000, val loss 4.1900
@@ -82,7 +76,7 @@ def test_summary_medians_and_ratios_and_report():
   assert s["ours"]["runs"] == 2 and s["cpu_ratio"] == pytest.approx(175 / 195)
   results = {"summary": s, "runs": runs, "date_utc": "2026-12-06T09:00:00+00:00",
              "input_bytes": 1115394, "steps": 2000, "pairs": 2,
-             "common_windows": 12000, "window_seed": nv.WINDOW_SEED,
+             "common_windows": 12000, "window_seed": same_windows.WINDOW_SEED,
              "order": ["nanogpt", "ours"], "nanogpt_commit": nv.NANOGPT_COMMIT,
              "jaxformer_commit": "abc", "torch": "2.13.0", "jax": "0.10.2",
              "command": "python -m ...",
@@ -129,44 +123,3 @@ def test_read_ours(tmp_path):
 def test_bad_arguments():
   with pytest.raises(SystemExit):
     nv.parse_args(["--nanogpt=x", "--input=y", "--out=z", "--pairs=0"])
-
-
-def test_common_windows_are_fixed_and_held_out():
-  text = ("".join(chr(97 + (i * 7) % 26) for i in range(5000))).encode()
-  tail = text[local_text._tail_start(text, 0.1):].decode()
-  windows = nv.common_windows(text, count=50, length=65)
-  assert windows == nv.common_windows(text, count=50, length=65)
-  assert windows != nv.common_windows(text, count=50, length=65, seed=1)
-  assert len(windows) == 50 and {len(w) for w in windows} == {65}
-  assert all(w in tail for w in windows)
-  # nanoGPT holds out text[int(0.9 n):], which contains our tail
-  assert tail in text[int(0.9 * len(text)):].decode()
-  with pytest.raises(ValueError, match="fewer than one window"):
-    nv.common_windows(text[:300], count=1, length=65)
-
-
-def test_score_ours_is_the_mean_next_character_loss(tmp_path):
-  """A 2-step chars run scored on windows: against the float64 log-softmax of the
-  same model's logits, over every predicted character, any batch size."""
-  path = tmp_path / "book.txt"
-  path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-  workdir = str(tmp_path / "run")
-  loop.train(_config(path, "chars", sample_tokens=0), workdir)
-  windows = nv.common_windows(path.read_bytes(), count=6, length=17)
-  got = nv.score_ours(workdir, windows, batch=4)
-  assert got["step"] == 2
-  run = load_run(workdir)
-  ids = np.stack([run.tokenizer.encode_array(w) for w in windows])
-  logits = np.asarray(run.model.apply({"params": run.params}, ids[:, :-1]), np.float64)
-  logp = logits - logits.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-  want = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
-  assert got["loss"] == pytest.approx(want, rel=1e-5)
-  assert nv.score_ours(workdir, windows, batch=6)["loss"] == pytest.approx(want, rel=1e-5)
-
-
-def test_score_nanogpt_failure_names_it(tmp_path):
-  """Without a nanoGPT checkpoint (or torch) the scoring says so, with its error."""
-  (tmp_path / "w.json").write_text("[]")
-  with pytest.raises(RuntimeError, match="scoring nanoGPT's checkpoint failed"):
-    nv.score_nanogpt(str(tmp_path), str(tmp_path / "w.json"), sys.executable)
